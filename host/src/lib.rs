@@ -1,0 +1,30 @@
+//! Meridian's edge node: an OpenAI- and Anthropic-compatible gateway in front of managed LLM APIs,
+//! with a prompt cache, per-request accounting and Prometheus metrics.
+//!
+//! The request path (see `DESIGN.md`): [`tenant`] authenticates, [`api`] normalizes the body to
+//! [`chat::ChatRequest`], [`cache`] answers repeats, [`edge`] dispatches to [`upstream`] targets in
+//! fallback order and streams the answer back in the client's shape, and [`accounting`] with
+//! [`metrics`] record what it cost.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = meridian::config::Config::load(std::path::Path::new("regions/local/edge.toml"))?;
+//! let server = meridian::server::Server::bind(config).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod accounting;
+pub mod api;
+pub mod cache;
+pub mod chat;
+pub mod config;
+pub mod edge;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod sse;
+pub mod tenant;
+pub mod upstream;

@@ -1,0 +1,557 @@
+//! The edge node's TOML configuration: one file per node, validated at start.
+//!
+//! Every error names the key it is about (`targets.openai.base_url: …`), so that a bad file is fixed
+//! from the message alone. See the README's config reference for every key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::accounting::PriceModel;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a wrong type (the message names key and line).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value that parsed but makes no sense.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The key, e.g. `models[0].targets[1].target`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+/// A secret from the environment; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's text, for building an upstream request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The whole node configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener and limits.
+    #[serde(default)]
+    pub node: NodeConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The prompt cache.
+    #[serde(default)]
+    pub cache: CacheConfig,
+    /// Tenants and their API keys.
+    #[serde(default)]
+    pub tenants: Vec<TenantConfig>,
+    /// Upstream targets by name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// The models clients may name, each with its ordered targets.
+    #[serde(default)]
+    pub models: Vec<ModelConfig>,
+}
+
+/// `[node]`: where and how the edge listens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// This node's region name.
+    pub region: String,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Requests served at once before answering 503.
+    pub max_in_flight: usize,
+    /// Time allowed for a request's headers.
+    pub header_read_timeout_ms: u64,
+    /// Time allowed for a request's body.
+    pub body_read_timeout_ms: u64,
+    /// Serve HTTPS with this certificate and key.
+    pub tls: Option<TlsConfig>,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            region: "local".into(),
+            max_body_bytes: 4 << 20,
+            max_in_flight: 10_000,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            tls: None,
+        }
+    }
+}
+
+/// `[node.tls]`: PEM files for HTTPS.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `meridian=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { format: LogFormat::Text, level: "info".into() }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// `[cache]`: the edge prompt cache.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Turn the cache on or off for every tenant.
+    pub enabled: bool,
+    /// Upper bound of cached answers' size.
+    pub max_bytes: u64,
+    /// How long an answer stays.
+    pub ttl_secs: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig { enabled: true, max_bytes: 256 << 20, ttl_secs: 600 }
+    }
+}
+
+/// `[[tenants]]`: who may call, and how.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Its name (a metrics label).
+    pub name: String,
+    /// SHA-256 of each API key, as `sha256:<hex>` (`meridian key hash KEY` prints it).
+    pub keys: Vec<String>,
+    /// When answers are cached.
+    #[serde(default)]
+    pub cache: CachePolicy,
+    /// Sustained request rate; unlimited when absent.
+    pub requests_per_second: Option<u32>,
+    /// Requests allowed in a burst above the rate (defaults to the rate).
+    pub burst: Option<u32>,
+}
+
+/// A tenant's cache policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CachePolicy {
+    /// Cache deterministic answers (temperature 0, or a seed).
+    #[default]
+    Auto,
+    /// Cache every answer.
+    Always,
+    /// Never cache.
+    Never,
+}
+
+/// The wire protocol a target speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetApi {
+    /// OpenAI chat completions (OpenAI, OpenRouter, vLLM, serverless endpoints…).
+    Openai,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// How capacity behind a target is bought; routers weigh it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetKind {
+    /// Pay per token.
+    #[default]
+    Managed,
+    /// Pay per GPU-second while busy.
+    Serverless,
+    /// Pay per hour, busy or not.
+    Dedicated,
+}
+
+/// `[targets.NAME]`: one upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// Its wire protocol.
+    pub api: TargetApi,
+    /// Base URL: OpenAI-style with `/v1` (`https://api.openai.com/v1`), Anthropic-style without
+    /// (`https://api.anthropic.com`), as each vendor's SDK takes it.
+    pub base_url: String,
+    /// API key; `${VAR}` takes it from the environment.
+    pub api_key: Option<String>,
+    /// How its capacity is bought.
+    #[serde(default)]
+    pub kind: TargetKind,
+    /// Where it runs.
+    pub region: Option<String>,
+    /// Its price model; a model route may override it.
+    pub price: Option<PriceModel>,
+    /// TCP + TLS connect limit.
+    #[serde(default = "defaults::connect_ms")]
+    pub connect_timeout_ms: u64,
+    /// Limit until the response head arrives.
+    #[serde(default = "defaults::first_byte_ms")]
+    pub first_byte_timeout_ms: u64,
+    /// Limit between two body chunks.
+    #[serde(default = "defaults::chunk_ms")]
+    pub chunk_timeout_ms: u64,
+    /// Extra headers (OpenRouter's `HTTP-Referer`…); values may use `${VAR}`.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// `anthropic-version` header for Anthropic targets.
+    #[serde(default = "defaults::anthropic_version")]
+    pub anthropic_version: String,
+}
+
+mod defaults {
+    pub fn connect_ms() -> u64 {
+        5_000
+    }
+    pub fn first_byte_ms() -> u64 {
+        60_000
+    }
+    pub fn chunk_ms() -> u64 {
+        30_000
+    }
+    pub fn anthropic_version() -> String {
+        "2023-06-01".into()
+    }
+    pub fn max_tokens() -> u32 {
+        4096
+    }
+}
+
+impl TargetConfig {
+    /// Connect limit.
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    /// First-byte limit.
+    pub fn first_byte_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_byte_timeout_ms)
+    }
+    /// Between-chunk limit.
+    pub fn chunk_timeout(&self) -> Duration {
+        Duration::from_millis(self.chunk_timeout_ms)
+    }
+}
+
+/// `[[models]]`: a model name clients use and where it is served, in fallback order.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The name clients send.
+    pub name: String,
+    /// Targets, primary first.
+    pub targets: Vec<RouteConfig>,
+    /// Output limit sent to upstreams that require one (Anthropic) when the client gave none.
+    #[serde(default = "defaults::max_tokens")]
+    pub default_max_tokens: u32,
+}
+
+/// One entry of a model's target list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A key of `[targets]`.
+    pub target: String,
+    /// The model's name at that target; defaults to the client-facing name.
+    pub model: Option<String>,
+    /// Price of this model on that target, overriding the target's.
+    pub price: Option<PriceModel>,
+}
+
+/// Resolved secrets and headers of a target, after `${VAR}` expansion.
+#[derive(Debug, Clone)]
+pub struct TargetSecrets {
+    /// The API key, if any.
+    pub api_key: Option<Secret>,
+    /// Extra headers, expanded.
+    pub headers: Vec<(String, Secret)>,
+}
+
+impl Config {
+    /// Reads, parses and validates a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        let config = Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Expands a target's `${VAR}` references; a variable that is not set is an error naming the key.
+    pub fn target_secrets(&self, name: &str) -> Result<TargetSecrets, ConfigError> {
+        let target = self.targets.get(name).ok_or_else(|| invalid(format!("targets.{name}"), "no such target"))?;
+        let api_key = target
+            .api_key
+            .as_deref()
+            .map(|v| expand_env(v, &format!("targets.{name}.api_key")).map(Secret))
+            .transpose()?;
+        let headers = target
+            .headers
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), Secret(expand_env(v, &format!("targets.{name}.headers.{k}"))?))))
+            .collect::<Result<_, ConfigError>>()?;
+        Ok(TargetSecrets { api_key, headers })
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let n = &self.node;
+        if n.max_body_bytes == 0 {
+            return Err(invalid("node.max_body_bytes", "must be greater than 0"));
+        }
+        if n.max_in_flight == 0 {
+            return Err(invalid("node.max_in_flight", "must be greater than 0"));
+        }
+        for (key, v) in
+            [("header_read_timeout_ms", n.header_read_timeout_ms), ("body_read_timeout_ms", n.body_read_timeout_ms)]
+        {
+            if v == 0 {
+                return Err(invalid(format!("node.{key}"), "must be greater than 0"));
+            }
+        }
+        if self.cache.enabled && self.cache.max_bytes == 0 {
+            return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));
+        }
+        let mut tenant_names = HashSet::new();
+        let mut key_hashes = HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if t.name.is_empty() {
+                return Err(invalid(format!("tenants[{i}].name"), "must not be empty"));
+            }
+            if !tenant_names.insert(&t.name) {
+                return Err(invalid(format!("tenants[{i}].name"), format!("duplicate tenant `{}`", t.name)));
+            }
+            if t.keys.is_empty() {
+                return Err(invalid(format!("tenants[{i}].keys"), "needs at least one key hash"));
+            }
+            for (j, k) in t.keys.iter().enumerate() {
+                let key = format!("tenants[{i}].keys[{j}]");
+                let digest = parse_key_hash(k).map_err(|m| invalid(&key, m))?;
+                if !key_hashes.insert(digest) {
+                    return Err(invalid(key, "this key hash is already listed"));
+                }
+            }
+            if t.requests_per_second == Some(0) {
+                return Err(invalid(format!("tenants[{i}].requests_per_second"), "must be greater than 0"));
+            }
+            if t.burst == Some(0) {
+                return Err(invalid(format!("tenants[{i}].burst"), "must be greater than 0"));
+            }
+        }
+        for (name, t) in &self.targets {
+            let key = format!("targets.{name}");
+            let url: hyper::Uri = t
+                .base_url
+                .parse()
+                .map_err(|e| invalid(format!("{key}.base_url"), format!("not a URL ({e}): `{}`", t.base_url)))?;
+            if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
+                return Err(invalid(format!("{key}.base_url"), "must be an absolute http:// or https:// URL"));
+            }
+            for (field, v) in [
+                ("connect_timeout_ms", t.connect_timeout_ms),
+                ("first_byte_timeout_ms", t.first_byte_timeout_ms),
+                ("chunk_timeout_ms", t.chunk_timeout_ms),
+            ] {
+                if v == 0 {
+                    return Err(invalid(format!("{key}.{field}"), "must be greater than 0"));
+                }
+            }
+            if let Some(p) = &t.price {
+                p.validate().map_err(|m| invalid(format!("{key}.price"), m))?;
+            }
+            for h in t.headers.keys() {
+                if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    return Err(invalid(format!("{key}.headers"), format!("`{h}` is not a valid header name")));
+                }
+            }
+            self.target_secrets(name)?;
+        }
+        let mut model_names = HashSet::new();
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.is_empty() {
+                return Err(invalid(format!("models[{i}].name"), "must not be empty"));
+            }
+            if !model_names.insert(&m.name) {
+                return Err(invalid(format!("models[{i}].name"), format!("duplicate model `{}`", m.name)));
+            }
+            if m.targets.is_empty() {
+                return Err(invalid(format!("models[{i}].targets"), "needs at least one target"));
+            }
+            for (j, r) in m.targets.iter().enumerate() {
+                if !self.targets.contains_key(&r.target) {
+                    let known: Vec<_> = self.targets.keys().map(String::as_str).collect();
+                    return Err(invalid(
+                        format!("models[{i}].targets[{j}].target"),
+                        format!("unknown target `{}` (known: {})", r.target, known.join(", ")),
+                    ));
+                }
+                if let Some(p) = &r.price {
+                    p.validate().map_err(|msg| invalid(format!("models[{i}].targets[{j}].price"), msg))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// SHA-256 of an API key in the `sha256:<hex>` form that `keys` holds.
+pub fn hash_key(key: &str) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(key.as_bytes())))
+}
+
+/// Parses `sha256:<64 hex digits>`.
+pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
+    let hex_part = s.strip_prefix("sha256:").ok_or("must start with `sha256:` (see `meridian key hash`)")?;
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut out).map_err(|_| "expected 64 hex digits after `sha256:`".to_string())?;
+    Ok(out)
+}
+
+/// Replaces every `${VAR}` in `value` with the variable's value.
+fn expand_env(value: &str, key: &str) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| invalid(key, "unterminated `${` reference"))?;
+        let var = &after[..end];
+        if var.is_empty() {
+            return Err(invalid(key, "empty `${}` reference"));
+        }
+        let v = std::env::var(var)
+            .map_err(|_| invalid(key, format!("environment variable {var} is not set (or not valid UTF-8)")))?;
+        out.push_str(&v);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+        [[tenants]]
+        name = "acme"
+        keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+        [targets.oa]
+        api = "openai"
+        base_url = "http://127.0.0.1:9/v1"
+        [[models]]
+        name = "m"
+        targets = [{ target = "oa" }]
+    "#;
+
+    fn err(text: &str) -> String {
+        Config::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_valid_file_parses() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.models[0].default_max_tokens, 4096);
+        assert_eq!(c.node.listen.port(), 8080);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        assert!(err(&BASE.replace("target = \"oa\"", "target = \"nope\""))
+            .starts_with("models[0].targets[0].target: unknown target `nope`"));
+        assert!(err(&BASE.replace("http://127.0.0.1:9/v1", "ftp://x")).starts_with("targets.oa.base_url"));
+        assert!(err(&BASE.replace("sha256:9f", "md5:9f")).starts_with("tenants[0].keys[0]"));
+        let unknown = err(&format!("{BASE}\n[cache]\nsize = 3\n"));
+        assert!(unknown.contains("unknown field `size`"), "{unknown}");
+        let missing = err(&BASE.replace(
+            "base_url = \"http://127.0.0.1:9/v1\"",
+            "base_url = \"http://h/v1\"\napi_key = \"${MERIDIAN_TEST_UNSET_VAR}\"",
+        ));
+        assert_eq!(
+            missing,
+            "targets.oa.api_key: environment variable MERIDIAN_TEST_UNSET_VAR is not set (or not valid UTF-8)"
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        assert_eq!(format!("{:?}", Secret("sk-live".into())), "Secret(***)");
+    }
+
+    #[test]
+    fn key_hashes_round_trip() {
+        assert_eq!(parse_key_hash(&hash_key("test")).unwrap()[0], 0x9f);
+    }
+}

@@ -1,0 +1,644 @@
+//! The request path of an edge node: authenticate, normalize, cache, route, dispatch with
+//! fallback, respond in the client's shape, account.
+//!
+//! Privacy filters (step 3) plug in after [`ApiShape::parse_request`] and before the cache key is
+//! taken; the router plugin (step 5) replaces [`ModelRoute::plan`].
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, warn};
+
+use crate::accounting::PriceModel;
+use crate::api::{ApiShape, StreamEncoder};
+use crate::cache::{self, CachedAnswer, FillGuard, Lookup, PromptCache};
+use crate::chat::{estimate_tokens, ChatRequest, ChatResponse, StreamEvent, Usage};
+use crate::config::{CachePolicy, Config, ConfigError};
+use crate::error::{GatewayError, UpstreamError};
+use crate::metrics::Metrics;
+use crate::tenant::{Tenant, Tenants};
+use crate::upstream::{self, EventStream, HttpClient, Target};
+
+/// The body of every response the edge sends.
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// One target of a model, with the model's name and price there.
+#[derive(Debug)]
+pub struct Route {
+    /// The target.
+    pub target: Arc<Target>,
+    /// The model's name at the target.
+    pub upstream_model: String,
+    /// What a request costs there.
+    pub price: Option<PriceModel>,
+}
+
+/// A client-facing model and its targets in fallback order.
+#[derive(Debug)]
+pub struct ModelRoute {
+    /// The name clients send.
+    pub name: String,
+    /// Output limit for upstreams that need one.
+    pub default_max_tokens: u32,
+    /// Targets, primary first.
+    pub routes: Vec<Route>,
+}
+
+impl ModelRoute {
+    /// The order in which targets are tried for a request: the static order from config. The
+    /// router plugin replaces this decision.
+    pub fn plan(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+/// An edge node's shared state.
+pub struct Edge {
+    config: Config,
+    tenants: Tenants,
+    models: HashMap<String, Arc<ModelRoute>>,
+    model_list: Bytes,
+    client: HttpClient,
+    cache: Option<PromptCache>,
+    /// Its metrics.
+    pub metrics: Metrics,
+    in_flight: Arc<Semaphore>,
+}
+
+/// How a request uses the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CacheUse {
+    Lookup,
+    Bypass,
+}
+
+impl Edge {
+    /// Builds the node's state from validated config.
+    pub fn new(config: Config) -> Result<Edge, ConfigError> {
+        let mut targets = HashMap::new();
+        for name in config.targets.keys() {
+            targets.insert(name.clone(), Arc::new(Target::new(name, &config)?));
+        }
+        let models: HashMap<_, _> = config
+            .models
+            .iter()
+            .map(|m| {
+                let routes = m
+                    .targets
+                    .iter()
+                    .map(|r| Route {
+                        target: Arc::clone(&targets[&r.target]),
+                        upstream_model: r.model.clone().unwrap_or_else(|| m.name.clone()),
+                        price: r.price.or(config.targets[&r.target].price),
+                    })
+                    .collect();
+                let route = ModelRoute { name: m.name.clone(), default_max_tokens: m.default_max_tokens, routes };
+                (m.name.clone(), Arc::new(route))
+            })
+            .collect();
+        let data: Vec<_> = config
+            .models
+            .iter()
+            .map(|m| json!({ "id": m.name, "object": "model", "created": 0, "owned_by": "meridian" }))
+            .collect();
+        let model_list = Bytes::from(json!({ "object": "list", "data": data }).to_string());
+        let connect = config.targets.values().map(|t| t.connect_timeout()).max().unwrap_or(Duration::from_secs(5));
+        let cache = config
+            .cache
+            .enabled
+            .then(|| PromptCache::new(config.cache.max_bytes, Duration::from_secs(config.cache.ttl_secs)));
+        Ok(Edge {
+            tenants: Tenants::new(&config),
+            models,
+            model_list,
+            client: upstream::http_client(connect),
+            cache,
+            metrics: Metrics::new(),
+            in_flight: Arc::new(Semaphore::new(config.node.max_in_flight)),
+            config,
+        })
+    }
+
+    /// The node's config.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Answers one HTTP request.
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let request_id = request_id(req.headers());
+        let response = match (req.method(), req.uri().path()) {
+            (&Method::POST, "/v1/chat/completions") => self.chat(ApiShape::OpenAi, req, &request_id).await,
+            (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, req, &request_id).await,
+            (&Method::GET, "/v1/models") => match self.tenants.authenticate(req.headers()) {
+                Ok(_) => json_response(StatusCode::OK, self.model_list.clone()),
+                Err(e) => error_response(ApiShape::OpenAi, &e),
+            },
+            (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/readyz") => self.readyz(),
+            (&Method::GET, "/metrics") => self.render_metrics(),
+            (method, path) => {
+                let shape = if path.starts_with("/v1/messages") { ApiShape::Anthropic } else { ApiShape::OpenAi };
+                let err = GatewayError::NotFound { method: method.to_string(), path: path.to_string() };
+                error_response(shape, &err)
+            }
+        };
+        with_header(response, "x-request-id", &request_id)
+    }
+
+    fn readyz(&self) -> Response<Body> {
+        let targets: Vec<_> = self.config.targets.keys().collect();
+        let body = json!({ "status": "ready", "region": self.config.node.region, "targets": targets });
+        json_response(StatusCode::OK, Bytes::from(body.to_string()))
+    }
+
+    fn render_metrics(&self) -> Response<Body> {
+        if let Some(cache) = &self.cache {
+            let (bytes, entries) = cache.size();
+            self.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+            self.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        }
+        let mut resp = Response::new(full(self.metrics.render()));
+        resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+        resp
+    }
+
+    async fn chat(self: Arc<Self>, api: ApiShape, req: Request<Incoming>, request_id: &str) -> Response<Body> {
+        let mut record = Record::new(Arc::clone(&self), api, request_id);
+        match self.chat_inner(api, req, &mut record).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                if matches!(e, GatewayError::Upstream(_)) {
+                    warn!(request_id, tenant = %record.tenant, model = %record.model, error = %e, "request failed upstream");
+                } else {
+                    debug!(request_id, error = %e, "request refused");
+                }
+                record.finish(e.code(), None, 0);
+                error_response(api, &e)
+            }
+        }
+    }
+
+    async fn chat_inner(
+        self: &Arc<Self>,
+        api: ApiShape,
+        req: Request<Incoming>,
+        record: &mut Record,
+    ) -> Result<Response<Body>, GatewayError> {
+        let tenant = self.tenants.authenticate(req.headers())?;
+        record.tenant = Arc::clone(&tenant.name);
+        tenant.admit()?;
+        let permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
+        let cache_use = self.cache_use(&tenant, req.headers());
+        let body = self.read_body(req).await?;
+        let request = api.parse_request(&body)?;
+        record.model.clone_from(&request.model);
+        record.prompt_tokens = request.estimated_prompt_tokens();
+        let model = self
+            .models
+            .get(&request.model)
+            .cloned()
+            .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
+
+        let cache_use = match cache_use {
+            Some(u) => u,
+            None if deterministic(&request) => CacheUse::Lookup,
+            None => CacheUse::Bypass,
+        };
+        let lookup = match (&self.cache, cache_use) {
+            (Some(cache), CacheUse::Lookup) => Some(cache.lookup(cache::key(&tenant.name, &request)).await),
+            _ => None,
+        };
+        let (fill, cache_status) = match lookup {
+            Some(Lookup::Hit(answer, coalesced)) => {
+                self.metrics.cache_lookups.with_label_values(&["hit"]).inc();
+                if coalesced {
+                    self.metrics.cache_coalesced.inc();
+                }
+                record.target = Some("cache".into());
+                return Ok(self.serve_cached(api, &request, &answer, record.take(), permit));
+            }
+            Some(Lookup::Miss(guard)) => (Some(guard), "miss"),
+            None => (None, "bypass"),
+        };
+        self.metrics.cache_lookups.with_label_values(&[cache_status]).inc();
+
+        let response = if request.is_stream() {
+            let (stream, first, route) = self.open_stream(&request, &model, &record.request_id).await?;
+            record.route(route);
+            let encoder = api.stream_encoder(&request);
+            let source = Source::Upstream(Box::new(stream));
+            sse_response(ClientStream::new(source, Some(first), encoder, fill, record.take(), permit))
+        } else {
+            let (answer, route) = self.complete(&request, &model, &record.request_id).await?;
+            record.route(route);
+            let body = api.encode_response(&answer);
+            let usage = answer.usage;
+            let out_bytes = answer.output_len();
+            if let Some(guard) = fill {
+                guard.fill(CachedAnswer::Whole(answer)).await;
+            }
+            let target = route.target.name.clone();
+            record.take().finish("ok", usage, out_bytes);
+            drop(permit);
+            with_header(json_response(StatusCode::OK, body), "x-meridian-target", &target)
+        };
+        Ok(with_header(response, "x-meridian-cache", cache_status))
+    }
+
+    fn serve_cached(
+        self: &Arc<Self>,
+        api: ApiShape,
+        request: &ChatRequest,
+        answer: &CachedAnswer,
+        record: Record,
+        permit: OwnedSemaphorePermit,
+    ) -> Response<Body> {
+        let response = if request.is_stream() {
+            let mut events = answer.to_events().into_iter();
+            let first = events.next();
+            sse_response(ClientStream::new(
+                Source::Replay(events),
+                first,
+                api.stream_encoder(request),
+                None,
+                record,
+                permit,
+            ))
+        } else {
+            let resp = answer.to_response();
+            record.finish("ok", resp.usage, resp.output_len());
+            json_response(StatusCode::OK, api.encode_response(&resp))
+        };
+        with_header(response, "x-meridian-cache", "hit")
+    }
+
+    /// The cache decision that headers and tenant policy make before the body is read; `None`
+    /// leaves it to whether the request is deterministic.
+    fn cache_use(&self, tenant: &Tenant, headers: &HeaderMap) -> Option<CacheUse> {
+        if self.cache.is_none() || tenant.cache == CachePolicy::Never {
+            return Some(CacheUse::Bypass);
+        }
+        let no_store = headers
+            .get_all(CACHE_CONTROL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|d| matches!(d.trim(), "no-store" | "no-cache")));
+        match headers.get("x-meridian-cache").and_then(|v| v.to_str().ok()) {
+            _ if no_store => Some(CacheUse::Bypass),
+            Some("bypass") => Some(CacheUse::Bypass),
+            Some("force") => Some(CacheUse::Lookup),
+            _ if tenant.cache == CachePolicy::Always => Some(CacheUse::Lookup),
+            _ => None,
+        }
+    }
+
+    async fn read_body(&self, req: Request<Incoming>) -> Result<Bytes, GatewayError> {
+        let limit = self.config.node.max_body_bytes;
+        let declared =
+            req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(GatewayError::PayloadTooLarge { limit });
+        }
+        let after = Duration::from_millis(self.config.node.body_read_timeout_ms);
+        match tokio::time::timeout(after, Limited::new(req.into_body(), limit).collect()).await {
+            Err(_) => Err(GatewayError::BodyTimeout(after)),
+            Ok(Ok(collected)) => Ok(collected.to_bytes()),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(GatewayError::PayloadTooLarge { limit }),
+            Ok(Err(e)) => Err(GatewayError::MalformedJson(format!("could not read the request body: {e}"))),
+        }
+    }
+
+    /// Tries each target in order until one answers; a refusal of the request itself ends the
+    /// attempts at once.
+    async fn complete<'m>(
+        &self,
+        req: &ChatRequest,
+        model: &'m ModelRoute,
+        request_id: &str,
+    ) -> Result<(ChatResponse, &'m Route), GatewayError> {
+        let mut last = None;
+        for route in model.plan() {
+            let result = route
+                .target
+                .complete(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
+                .await;
+            match self.attempted(route, result) {
+                Ok(resp) => return Ok((resp, route)),
+                Err(e) if e.is_retryable() => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or(GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
+    }
+
+    /// Like [`Edge::complete`] for streams: a target counts as answering once its first event
+    /// has arrived, since until then nothing has reached the client and the next may be tried.
+    async fn open_stream<'m>(
+        &self,
+        req: &ChatRequest,
+        model: &'m ModelRoute,
+        request_id: &str,
+    ) -> Result<(EventStream, StreamEvent, &'m Route), GatewayError> {
+        let mut last = None;
+        for route in model.plan() {
+            let opened = async {
+                let mut s = route
+                    .target
+                    .stream(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
+                    .await?;
+                match s.next().await {
+                    Some(Ok(first)) => Ok((s, first)),
+                    Some(Err(e)) => Err(e),
+                    None => Err(UpstreamError::Protocol {
+                        target: route.target.name.clone(),
+                        message: "empty stream".into(),
+                    }),
+                }
+            }
+            .await;
+            match self.attempted(route, opened) {
+                Ok((s, first)) => return Ok((s, first, route)),
+                Err(e) if e.is_retryable() => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or(GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
+    }
+
+    fn attempted<T>(&self, route: &Route, result: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => {
+                warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
+                e.kind()
+            }
+        };
+        self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
+        result
+    }
+}
+
+/// Cacheable under the `auto` policy: the same request gets the same answer.
+fn deterministic(req: &ChatRequest) -> bool {
+    req.temperature == Some(0.0) || req.seed.is_some()
+}
+
+/// The client's `x-request-id` if it is sane, else a new one.
+fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed_unsync()
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// An error in the client's API shape, with `retry-after` where it helps.
+pub fn error_response(api: ApiShape, err: &GatewayError) -> Response<Body> {
+    let mut resp = json_response(err.status(), api.error_body(err));
+    if let Some(secs) = err.retry_after() {
+        resp.headers_mut().insert("retry-after", HeaderValue::from(secs));
+    }
+    resp
+}
+
+fn with_header(mut resp: Response<Body>, name: &'static str, value: &str) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+    resp
+}
+
+fn sse_response(stream: ClientStream) -> Response<Body> {
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_chunk().await.map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), s))
+    });
+    let mut resp = Response::new(StreamBody::new(body).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Where a client stream's events come from.
+enum Source {
+    Upstream(Box<EventStream>),
+    Replay(std::vec::IntoIter<StreamEvent>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<StreamEvent, UpstreamError>> {
+        match self {
+            Source::Upstream(s) => s.next().await,
+            Source::Replay(events) => events.next().map(Ok),
+        }
+    }
+}
+
+/// A streamed answer on its way to the client: encodes each event as it arrives, records the
+/// events for the cache, and accounts when it ends. A failure after the first byte ends the
+/// stream with a typed error event, never a clean end.
+struct ClientStream {
+    source: Source,
+    first: Option<StreamEvent>,
+    encoder: StreamEncoder,
+    fill: Option<(FillGuard, Vec<StreamEvent>)>,
+    record: Record,
+    usage: Option<Usage>,
+    out_bytes: usize,
+    finished: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ClientStream {
+    fn new(
+        source: Source,
+        first: Option<StreamEvent>,
+        encoder: StreamEncoder,
+        fill: Option<FillGuard>,
+        record: Record,
+        permit: OwnedSemaphorePermit,
+    ) -> Self {
+        ClientStream {
+            source,
+            first,
+            encoder,
+            fill: fill.map(|g| (g, Vec::new())),
+            record,
+            usage: None,
+            out_bytes: 0,
+            finished: false,
+            _permit: permit,
+        }
+    }
+
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        let mut out = BytesMut::new();
+        let next = match self.first.take() {
+            Some(ev) => Some(Ok(ev)),
+            None => self.source.next().await,
+        };
+        match next {
+            Some(Ok(ev)) => {
+                let content = ev.content_len();
+                if content > 0 && self.out_bytes == 0 {
+                    self.record.first_token();
+                }
+                self.out_bytes += content;
+                if let StreamEvent::Usage(u) = ev {
+                    self.usage = Some(u);
+                }
+                self.encoder.event(&ev, &mut out);
+                if let Some((_, events)) = &mut self.fill {
+                    events.push(ev);
+                }
+            }
+            None => {
+                self.finished = true;
+                self.encoder.finish(&mut out);
+                if let Some((guard, events)) = self.fill.take() {
+                    guard.fill(CachedAnswer::Stream(events)).await;
+                }
+                self.record.take().finish("ok", self.usage, self.out_bytes);
+            }
+            Some(Err(e)) => {
+                self.finished = true;
+                warn!(request_id = %self.record.request_id, error = %e, "stream failed after its first byte");
+                let err = GatewayError::Upstream(e);
+                self.encoder.error(&err, &mut out);
+                self.fill = None;
+                self.record.take().finish("stream_error", self.usage, self.out_bytes);
+            }
+        }
+        Some(out.freeze())
+    }
+}
+
+/// What one request did, accounted once when it ends — on success, on error, or when the client
+/// goes away mid-stream (`client_closed`).
+struct Record {
+    edge: Option<Arc<Edge>>,
+    api: ApiShape,
+    request_id: String,
+    tenant: Arc<str>,
+    model: String,
+    target: Option<String>,
+    price: Option<PriceModel>,
+    prompt_tokens: u32,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+impl Record {
+    fn new(edge: Arc<Edge>, api: ApiShape, request_id: &str) -> Self {
+        edge.metrics.in_flight.inc();
+        Record {
+            edge: Some(edge),
+            api,
+            request_id: request_id.to_string(),
+            tenant: "unknown".into(),
+            model: String::new(),
+            target: None,
+            price: None,
+            prompt_tokens: 0,
+            started: Instant::now(),
+            first_token: None,
+        }
+    }
+
+    fn route(&mut self, route: &Route) {
+        self.target = Some(route.target.name.clone());
+        self.price = route.price;
+    }
+
+    fn first_token(&mut self) {
+        self.first_token.get_or_insert_with(Instant::now);
+    }
+
+    /// Moves the record out, leaving an inert one behind (for paths that hand it on).
+    fn take(&mut self) -> Record {
+        Record {
+            edge: self.edge.take(),
+            api: self.api,
+            request_id: std::mem::take(&mut self.request_id),
+            tenant: Arc::clone(&self.tenant),
+            model: std::mem::take(&mut self.model),
+            target: self.target.take(),
+            price: self.price.take(),
+            prompt_tokens: self.prompt_tokens,
+            started: self.started,
+            first_token: self.first_token,
+        }
+    }
+
+    fn finish(mut self, status: &str, usage: Option<Usage>, out_bytes: usize) {
+        let Some(edge) = self.edge.take() else { return };
+        let m = &edge.metrics;
+        m.in_flight.dec();
+        let model = if self.model.is_empty() { "unknown" } else { self.model.as_str() };
+        let target = self.target.as_deref().unwrap_or("none");
+        let tenant = &*self.tenant;
+        m.requests.with_label_values(&[self.api.name(), tenant, model, target, status]).inc();
+        let elapsed = self.started.elapsed();
+        if self.target.is_none() {
+            return;
+        }
+        m.duration.with_label_values(&[tenant, model, target]).observe(elapsed.as_secs_f64());
+        if let Some(t) = self.first_token {
+            m.ttft.with_label_values(&[tenant, model, target]).observe((t - self.started).as_secs_f64());
+        }
+        let usage = usage.unwrap_or(Usage {
+            input_tokens: self.prompt_tokens,
+            output_tokens: if out_bytes == 0 { 0 } else { estimate_tokens(out_bytes) },
+        });
+        m.tokens.with_label_values(&[tenant, model, target, "input"]).inc_by(u64::from(usage.input_tokens));
+        m.tokens.with_label_values(&[tenant, model, target, "output"]).inc_by(u64::from(usage.output_tokens));
+        let cost = if target == "cache" { 0.0 } else { self.price.map_or(0.0, |p| p.cost(usage, elapsed)) };
+        m.cost.with_label_values(&[tenant, model, target]).inc_by(cost);
+        debug!(
+            request_id = %self.request_id, tenant, model, target, status,
+            input_tokens = usage.input_tokens, output_tokens = usage.output_tokens, cost_usd = cost,
+            latency_ms = elapsed.as_secs_f64() * 1e3, "request done"
+        );
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if self.edge.is_some() {
+            let rest = self.take();
+            rest.finish("client_closed", None, 0);
+        }
+    }
+}

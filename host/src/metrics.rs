@@ -1,0 +1,129 @@
+//! Prometheus metrics of the edge, served at `GET /metrics`.
+
+use prometheus::{
+    exponential_buckets, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric the edge exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `meridian_requests_total{api,tenant,model,target,status}`: finished requests.
+    pub requests: IntCounterVec,
+    /// `meridian_request_duration_seconds{tenant,model,target}`: time to the last byte.
+    pub duration: HistogramVec,
+    /// `meridian_time_to_first_token_seconds{tenant,model,target}`: streams' first content.
+    pub ttft: HistogramVec,
+    /// `meridian_tokens_total{tenant,model,target,direction}`: input and output tokens.
+    pub tokens: IntCounterVec,
+    /// `meridian_cost_usd_total{tenant,model,target}`: cost under each target's price model.
+    pub cost: CounterVec,
+    /// `meridian_upstream_attempts_total{target,outcome}`: each try of a target.
+    pub attempts: IntCounterVec,
+    /// `meridian_cache_lookups_total{result}`: hit, miss, bypass.
+    pub cache_lookups: IntCounterVec,
+    /// `meridian_cache_coalesced_total`: requests that waited for an identical one instead of
+    /// calling upstream.
+    pub cache_coalesced: prometheus::IntCounter,
+    /// `meridian_cache_bytes`: weighted size of cached answers.
+    pub cache_bytes: IntGauge,
+    /// `meridian_cache_entries`: cached answers.
+    pub cache_entries: IntGauge,
+    /// `meridian_requests_in_flight`: chat requests being served.
+    pub in_flight: IntGauge,
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let latency = exponential_buckets(0.0005, 2.0, 18).expect("valid buckets");
+        let requests = IntCounterVec::new(
+            Opts::new("meridian_requests_total", "Chat requests finished, by outcome"),
+            &["api", "tenant", "model", "target", "status"],
+        )
+        .expect("valid metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("meridian_request_duration_seconds", "Time from request to last byte")
+                .buckets(latency.clone()),
+            &["tenant", "model", "target"],
+        )
+        .expect("valid metric");
+        let ttft = HistogramVec::new(
+            HistogramOpts::new("meridian_time_to_first_token_seconds", "Time from request to first streamed content")
+                .buckets(latency),
+            &["tenant", "model", "target"],
+        )
+        .expect("valid metric");
+        let tokens = IntCounterVec::new(
+            Opts::new("meridian_tokens_total", "Tokens processed (from upstream usage, else estimated)"),
+            &["tenant", "model", "target", "direction"],
+        )
+        .expect("valid metric");
+        let cost = CounterVec::new(
+            Opts::new("meridian_cost_usd_total", "Cost in USD under each target's price model"),
+            &["tenant", "model", "target"],
+        )
+        .expect("valid metric");
+        let attempts = IntCounterVec::new(
+            Opts::new("meridian_upstream_attempts_total", "Upstream attempts, by outcome"),
+            &["target", "outcome"],
+        )
+        .expect("valid metric");
+        let cache_lookups =
+            IntCounterVec::new(Opts::new("meridian_cache_lookups_total", "Prompt cache lookups"), &["result"])
+                .expect("valid metric");
+        let cache_coalesced = prometheus::IntCounter::new(
+            "meridian_cache_coalesced_total",
+            "Requests served by waiting for an identical request in flight",
+        )
+        .expect("valid metric");
+        let cache_bytes = IntGauge::new("meridian_cache_bytes", "Size of cached answers").expect("valid metric");
+        let cache_entries = IntGauge::new("meridian_cache_entries", "Cached answers").expect("valid metric");
+        let in_flight =
+            IntGauge::new("meridian_requests_in_flight", "Chat requests being served").expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(duration.clone()),
+            Box::new(ttft.clone()),
+            Box::new(tokens.clone()),
+            Box::new(cost.clone()),
+            Box::new(attempts.clone()),
+            Box::new(cache_lookups.clone()),
+            Box::new(cache_coalesced.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
+            Box::new(in_flight.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            requests,
+            duration,
+            ttft,
+            tokens,
+            cost,
+            attempts,
+            cache_lookups,
+            cache_coalesced,
+            cache_bytes,
+            cache_entries,
+            in_flight,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail on I/O; a metric that fails to encode is a bug.
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("metrics encode");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

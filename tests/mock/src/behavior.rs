@@ -1,0 +1,76 @@
+//! Injected per-request behaviours and the queue that hands them out.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// How the mock answers one API request.
+///
+/// Behaviours are queued with [`MockUpstream::push`](crate::MockUpstream::push);
+/// each request to an API path (`/v1/chat/completions`, `/v1/messages`) pops
+/// the front of the queue, and an empty queue means [`Behavior::Normal`].
+/// Requests to unknown paths do not pop behaviours.
+///
+/// "Content events" below are the text / tool-argument delta events of a
+/// streamed reply; the stream preamble (OpenAI role chunk and tool-call header
+/// chunk, Anthropic `message_start` / `content_block_start` / `ping`) is always
+/// sent before counting starts.
+#[derive(Clone, Debug)]
+pub enum Behavior {
+    /// Answer normally.
+    Normal,
+    /// Reply with this HTTP status and an error body in the API's own shape
+    /// (e.g. 429 `rate_limit_error`, 500 `api_error`/`server_error`,
+    /// 503/529 `overloaded_error` for Anthropic). Applied before the API key
+    /// and request validation.
+    Status(u16),
+    /// Wait this long before sending the response head, then answer normally.
+    Delay(Duration),
+    /// Read the request, then never answer (the connection stays open).
+    Hang,
+    /// Streamed: send the response head, the preamble and `N` content events,
+    /// then abort the connection without the terminal events
+    /// (`[DONE]` / `message_stop`). Non-streamed: send the head (with the full
+    /// `content-length`) and half of the body, then abort.
+    CutAfter(usize),
+    /// Streamed: send the preamble and `N` content events, then send nothing
+    /// more while keeping the connection open. Non-streamed: send the head and
+    /// half of the body, then stall.
+    StallAfter(usize),
+    /// Streamed: after `N` content events send the API's in-stream error event
+    /// (Anthropic `event: error`, OpenAI `data: {"error":{..}}`) and end the
+    /// stream. Non-streamed: answered like `Status(500)`.
+    StreamError(usize),
+}
+
+/// A FIFO of behaviours; the empty case is answered without taking the lock.
+#[derive(Default)]
+pub(crate) struct BehaviorQueue {
+    len: AtomicUsize,
+    queue: Mutex<VecDeque<Behavior>>,
+}
+
+impl BehaviorQueue {
+    pub(crate) fn push(&self, b: Behavior) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(b);
+        self.len.store(q.len(), Ordering::Release);
+    }
+
+    pub(crate) fn pop(&self) -> Behavior {
+        if self.len.load(Ordering::Acquire) == 0 {
+            return Behavior::Normal;
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let b = q.pop_front();
+        self.len.store(q.len(), Ordering::Release);
+        b.unwrap_or(Behavior::Normal)
+    }
+
+    pub(crate) fn clear(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.clear();
+        self.len.store(0, Ordering::Release);
+    }
+}
