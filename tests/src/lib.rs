@@ -1,1 +1,271 @@
+//! Test support for end-to-end tests: start an edge node in-process on a real loopback socket in
+//! front of mock managed APIs, and talk to it over HTTP like a client would.
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header::HeaderMap;
+use hyper::Request;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meridian::config::{hash_key, Config};
+use meridian::edge::Edge;
+use meridian::server::Server;
+use meridian::sse::{SseEvent, SseParser};
+pub use meridian_mock::{Behavior, MockOptions, MockUpstream};
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// The key of tenant `acme`.
+pub const ACME_KEY: &str = "sk-acme-test";
+/// The key of tenant `globex`.
+pub const GLOBEX_KEY: &str = "sk-globex-test";
+/// The upstream key the edge sends to the mocks, read from `${MERIDIAN_E2E_UPSTREAM_KEY}`.
+pub const UPSTREAM_KEY: &str = "sk-upstream-secret-123";
+
+/// Mock upstreams: two OpenAI-compatible and one Anthropic.
+pub struct Mocks {
+    /// Target `oa`.
+    pub openai: MockUpstream,
+    /// Target `oa2`, a second OpenAI-compatible upstream for fallback.
+    pub openai2: MockUpstream,
+    /// Target `an`.
+    pub anthropic: MockUpstream,
+}
+
+impl Mocks {
+    /// Starts all three, each requiring [`UPSTREAM_KEY`].
+    pub async fn start() -> Mocks {
+        let opts = || MockOptions { api_key: Some(UPSTREAM_KEY.into()), ..MockOptions::default() };
+        Mocks {
+            openai: MockUpstream::start_with(opts()).await.expect("mock starts"),
+            openai2: MockUpstream::start_with(opts()).await.expect("mock starts"),
+            anthropic: MockUpstream::start_with(opts()).await.expect("mock starts"),
+        }
+    }
+
+    /// The standard edge config in front of these mocks. Models:
+    /// `gpt-test` → oa; `claude-test` → an; `gpt-via-claude` → an; `claude-via-gpt` → oa;
+    /// `fallback` → oa, oa2, an.
+    pub fn config(&self) -> Config {
+        set_upstream_key();
+        let text = format!(
+            r#"
+[node]
+listen = "127.0.0.1:0"
+max_body_bytes = 65536
+header_read_timeout_ms = 1000
+body_read_timeout_ms = 1000
+
+[cache]
+max_bytes = 1048576
+ttl_secs = 60
+
+[[tenants]]
+name = "acme"
+keys = ["{acme}"]
+
+[[tenants]]
+name = "globex"
+keys = ["{globex}"]
+
+[targets.oa]
+api = "openai"
+base_url = "{oa}/v1"
+api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
+first_byte_timeout_ms = 1000
+chunk_timeout_ms = 1000
+price = {{ per = "token", input_usd_per_mtok = 1.0, output_usd_per_mtok = 2.0 }}
+
+[targets.oa2]
+api = "openai"
+base_url = "{oa2}/v1"
+api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
+first_byte_timeout_ms = 1000
+chunk_timeout_ms = 1000
+price = {{ per = "token", input_usd_per_mtok = 1.0, output_usd_per_mtok = 2.0 }}
+
+[targets.an]
+api = "anthropic"
+base_url = "{an}"
+api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
+first_byte_timeout_ms = 1000
+chunk_timeout_ms = 1000
+price = {{ per = "token", input_usd_per_mtok = 3.0, output_usd_per_mtok = 15.0 }}
+
+[[models]]
+name = "gpt-test"
+targets = [{{ target = "oa", model = "gpt-4o-mini" }}]
+
+[[models]]
+name = "claude-test"
+targets = [{{ target = "an", model = "claude-haiku-4-5" }}]
+
+[[models]]
+name = "gpt-via-claude"
+targets = [{{ target = "an", model = "claude-haiku-4-5" }}]
+
+[[models]]
+name = "claude-via-gpt"
+targets = [{{ target = "oa", model = "gpt-4o-mini" }}]
+
+[[models]]
+name = "fallback"
+targets = [{{ target = "oa" }}, {{ target = "oa2" }}, {{ target = "an", model = "claude-haiku-4-5" }}]
+"#,
+            acme = hash_key(ACME_KEY),
+            globex = hash_key(GLOBEX_KEY),
+            oa = self.openai.url(),
+            oa2 = self.openai2.url(),
+            an = self.anthropic.url(),
+        );
+        Config::parse(&text).expect("the standard test config is valid")
+    }
+}
+
+fn set_upstream_key() {
+    static ONCE: Once = Once::new();
+    // Set once, before any edge reads it; tests never change it afterwards.
+    ONCE.call_once(|| std::env::set_var("MERIDIAN_E2E_UPSTREAM_KEY", UPSTREAM_KEY));
+}
+
+/// An edge node serving on a loopback port until dropped.
+pub struct TestEdge {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its state (metrics).
+    pub edge: Arc<Edge>,
+    shutdown: Option<oneshot::Sender<()>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl TestEdge {
+    /// Starts an edge with `config`.
+    pub async fn start(config: Config) -> TestEdge {
+        let server = Server::bind(config).await.expect("edge starts");
+        let addr = server.local_addr();
+        let edge = Arc::clone(server.edge());
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        TestEdge { addr, edge, shutdown: Some(tx), client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends a request with a raw body and returns the whole reply.
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Reply {
+        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.url()));
+        if let Some(k) = key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        if !body.is_empty() {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let fut = async {
+            let resp =
+                self.client.request(req.body(Full::new(body)).expect("valid request")).await.expect("edge answers");
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            let body = resp.into_body().collect().await.expect("body reads").to_bytes();
+            Reply { status, headers, body }
+        };
+        tokio::time::timeout(Duration::from_secs(20), fut).await.expect("the edge answers within 20 s")
+    }
+
+    /// POSTs JSON as tenant `key`.
+    pub async fn post(&self, path: &str, key: &str, body: &Value) -> Reply {
+        self.post_with(path, key, &[], body).await
+    }
+
+    /// POSTs JSON with extra headers.
+    pub async fn post_with(&self, path: &str, key: &str, headers: &[(&str, &str)], body: &Value) -> Reply {
+        self.send("POST", path, Some(key), headers, Bytes::from(body.to_string())).await
+    }
+
+    /// `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        String::from_utf8(self.send("GET", "/metrics", None, &[], Bytes::new()).await.body.to_vec()).expect("utf-8")
+    }
+}
+
+impl Drop for TestEdge {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A whole HTTP reply.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON (panics with the body if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The body parsed as server-sent events.
+    pub fn events(&self) -> Vec<SseEvent> {
+        let mut parser = SseParser::default();
+        let mut out = Vec::new();
+        parser.feed(&self.body, &mut out);
+        out
+    }
+
+    /// The `data` of each event parsed as JSON, skipping `[DONE]`.
+    pub fn event_json(&self) -> Vec<Value> {
+        self.events()
+            .iter()
+            .filter(|e| e.data != "[DONE]")
+            .map(|e| serde_json::from_str(&e.data).expect("JSON data"))
+            .collect()
+    }
+}
+
+/// The value of a sample in Prometheus text, matched by metric name and a label substring such as
+/// `tenant="acme",`; 0 when absent.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
