@@ -235,9 +235,9 @@ pub struct TargetConfig {
     /// Its wire protocol.
     pub api: TargetApi,
     /// Base URL: OpenAI-style with `/v1` (`https://api.openai.com/v1`), Anthropic-style without
-    /// (`https://api.anthropic.com`), as each vendor's SDK takes it.
+    /// (`https://api.anthropic.com`), as each vendor's SDK takes it. May use `${VAR}`.
     pub base_url: String,
-    /// API key; `${VAR}` takes it from the environment.
+    /// API key; `${VAR}` takes it from the environment. An empty key sends no auth header.
     pub api_key: Option<String>,
     /// How its capacity is bought.
     #[serde(default)]
@@ -321,10 +321,12 @@ pub struct RouteConfig {
     pub price: Option<PriceModel>,
 }
 
-/// Resolved secrets and headers of a target, after `${VAR}` expansion.
+/// A target's settings that may come from the environment, after `${VAR}` expansion.
 #[derive(Debug, Clone)]
-pub struct TargetSecrets {
-    /// The API key, if any.
+pub struct TargetEnv {
+    /// The base URL.
+    pub base_url: String,
+    /// The API key, if one is set and not empty.
     pub api_key: Option<Secret>,
     /// Extra headers, expanded.
     pub headers: Vec<(String, Secret)>,
@@ -349,20 +351,28 @@ impl Config {
         Ok(config)
     }
 
-    /// Expands a target's `${VAR}` references; a variable that is not set is an error naming the key.
-    pub fn target_secrets(&self, name: &str) -> Result<TargetSecrets, ConfigError> {
+    /// Expands a target's `${VAR}` references; a variable that is not set (and has no `:-`
+    /// default) is an error naming the key.
+    pub fn target_env(&self, name: &str) -> Result<TargetEnv, ConfigError> {
         let target = self.targets.get(name).ok_or_else(|| invalid(format!("targets.{name}"), "no such target"))?;
-        let api_key = target
-            .api_key
-            .as_deref()
-            .map(|v| expand_env(v, &format!("targets.{name}.api_key")).map(Secret))
-            .transpose()?;
+        let key = |field: &str| format!("targets.{name}.{field}");
+        let base_url = expand_env(&target.base_url, &key("base_url"))?;
+        let parsed: hyper::Uri = base_url
+            .parse()
+            .map_err(|e| invalid(key("base_url"), format!("not a URL ({e}): `{base_url}`")))?;
+        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
+            return Err(invalid(key("base_url"), format!("must be an absolute http:// or https:// URL, not `{base_url}`")));
+        }
+        let api_key = match &target.api_key {
+            Some(v) => Some(expand_env(v, &key("api_key"))?).filter(|k| !k.is_empty()).map(Secret),
+            None => None,
+        };
         let headers = target
             .headers
             .iter()
-            .map(|(k, v)| Ok((k.clone(), Secret(expand_env(v, &format!("targets.{name}.headers.{k}"))?))))
+            .map(|(k, v)| Ok((k.clone(), Secret(expand_env(v, &key(&format!("headers.{k}")))?))))
             .collect::<Result<_, ConfigError>>()?;
-        Ok(TargetSecrets { api_key, headers })
+        Ok(TargetEnv { base_url, api_key, headers })
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -411,13 +421,6 @@ impl Config {
         }
         for (name, t) in &self.targets {
             let key = format!("targets.{name}");
-            let url: hyper::Uri = t
-                .base_url
-                .parse()
-                .map_err(|e| invalid(format!("{key}.base_url"), format!("not a URL ({e}): `{}`", t.base_url)))?;
-            if !matches!(url.scheme_str(), Some("http" | "https")) || url.host().is_none() {
-                return Err(invalid(format!("{key}.base_url"), "must be an absolute http:// or https:// URL"));
-            }
             for (field, v) in [
                 ("connect_timeout_ms", t.connect_timeout_ms),
                 ("first_byte_timeout_ms", t.first_byte_timeout_ms),
@@ -435,7 +438,7 @@ impl Config {
                     return Err(invalid(format!("{key}.headers"), format!("`{h}` is not a valid header name")));
                 }
             }
-            self.target_secrets(name)?;
+            self.target_env(name)?;
         }
         let mut model_names = HashSet::new();
         for (i, m) in self.models.iter().enumerate() {
@@ -479,7 +482,8 @@ pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-/// Replaces every `${VAR}` in `value` with the variable's value.
+/// Replaces every `${VAR}` or `${VAR:-default}` in `value` with the variable's value (or the
+/// default when the variable is unset or empty).
 fn expand_env(value: &str, key: &str) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
@@ -487,13 +491,20 @@ fn expand_env(value: &str, key: &str) -> Result<String, ConfigError> {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| invalid(key, "unterminated `${` reference"))?;
-        let var = &after[..end];
+        let (var, default) = match after[..end].split_once(":-") {
+            Some((var, default)) => (var, Some(default)),
+            None => (&after[..end], None),
+        };
         if var.is_empty() {
             return Err(invalid(key, "empty `${}` reference"));
         }
-        let v = std::env::var(var)
-            .map_err(|_| invalid(key, format!("environment variable {var} is not set (or not valid UTF-8)")))?;
-        out.push_str(&v);
+        match (std::env::var(var).ok().filter(|v| !v.is_empty()), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(invalid(key, format!("environment variable {var} is not set (or empty or not UTF-8)")))
+            }
+        }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
@@ -541,8 +552,12 @@ mod tests {
         ));
         assert_eq!(
             missing,
-            "targets.oa.api_key: environment variable MERIDIAN_TEST_UNSET_VAR is not set (or not valid UTF-8)"
+            "targets.oa.api_key: environment variable MERIDIAN_TEST_UNSET_VAR is not set (or empty or not UTF-8)"
         );
+        let defaulted =
+            Config::parse(&BASE.replace("http://127.0.0.1:9/v1", "${MERIDIAN_TEST_UNSET_VAR:-http://127.0.0.1:7/v1}"))
+                .unwrap();
+        assert_eq!(defaulted.target_env("oa").unwrap().base_url, "http://127.0.0.1:7/v1");
     }
 
     #[test]

@@ -9,8 +9,15 @@ use meridian::server::Server;
 use tracing_subscriber::EnvFilter;
 
 /// Meridian: a programmable inference edge for LLM APIs.
+///
+/// An edge node speaks the OpenAI and Anthropic APIs to applications, caches answers, accounts
+/// every request's tokens and cost, and calls managed APIs with fallback.
 #[derive(Parser)]
-#[command(name = "meridian", version, about, long_about = None)]
+#[command(
+    name = "meridian",
+    version,
+    after_help = "Examples:\n  meridian edge -c regions/local/edge.toml\n  meridian config check regions/local/edge.toml\n  meridian key new"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -69,9 +69,9 @@ impl Target {
     /// Builds a target from its validated config, resolving secrets.
     pub fn new(name: &str, config: &Config) -> Result<Target, ConfigError> {
         let tc = &config.targets[name];
-        let secrets = config.target_secrets(name)?;
+        let secrets = config.target_env(name)?;
         let bad = |key: String, msg: String| ConfigError::Invalid { key, message: msg };
-        let base = tc.base_url.trim_end_matches('/');
+        let base = secrets.base_url.trim_end_matches('/');
         let endpoint = match tc.api {
             TargetApi::Openai => format!("{base}/chat/completions"),
             TargetApi::Anthropic => format!("{base}/v1/messages"),

@@ -1,0 +1,41 @@
+//! The official OpenAI Python SDK, pointed at the edge as a new user would, gets a completion, a
+//! stream, the model list and a typed error. `scripts/test` installs the SDK and sets
+//! `MERIDIAN_PYTHON`; without it this test fails and says so.
+
+use std::process::Command;
+
+use meridian_e2e::{Mocks, TestEdge, ACME_KEY};
+use serde_json::Value;
+
+fn python() -> String {
+    std::env::var("MERIDIAN_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/venv/bin/python");
+        assert!(
+            std::path::Path::new(venv).exists(),
+            "the OpenAI SDK test needs Python with the `openai` package: run scripts/test, or set MERIDIAN_PYTHON"
+        );
+        venv.to_string()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_sdk_works_through_the_edge() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_client.py");
+    let base = format!("{}/v1", edge.url());
+    let python = python();
+    let out = tokio::task::spawn_blocking(move || Command::new(python).args([script, &base, ACME_KEY, "gpt-test"]).output())
+        .await
+        .unwrap()
+        .expect("python runs");
+    assert!(out.status.success(), "SDK script failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    assert_eq!(got["text"], "Echo: hello from the sdk");
+    assert!(got["usage"].as_u64().unwrap() > 0);
+    assert_eq!(got["stream_text"], "Echo: stream to the sdk");
+    assert!(got["stream_chunks"].as_u64().unwrap() >= 3, "{got}");
+    assert_eq!(got["stream_usage"], 5, "usage of the five streamed pieces");
+    assert!(got["models"].as_array().unwrap().iter().any(|m| m == "gpt-test"));
+    assert_eq!(got["unknown_model_error"], "NotFoundError");
+}
