@@ -324,11 +324,15 @@ pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens
         let tools: Vec<Value> = tools
             .iter()
             .map(|t| {
-                json!({
+                let mut tool = json!({
                     "name": t.function.name,
-                    "description": t.function.description,
                     "input_schema": t.function.parameters.clone().unwrap_or_else(|| json!({ "type": "object" })),
-                })
+                });
+                // Anthropic refuses `"description": null`: omit it when there is none.
+                if let Some(description) = &t.function.description {
+                    tool["description"] = json!(description);
+                }
+                tool
             })
             .collect();
         body.insert("tools".into(), Value::Array(tools));
