@@ -129,8 +129,10 @@ impl PromptCache {
         }
     }
 
-    /// Weighted size in bytes and entry count (approximate until pending maintenance runs).
-    pub fn size(&self) -> (u64, u64) {
+    /// Weighted size in bytes and entry count. Runs the store's pending maintenance first: moka
+    /// counts inserts, evictions and expiries only then, which a quiet node would never trigger.
+    pub async fn size(&self) -> (u64, u64) {
+        self.store.run_pending_tasks().await;
         (self.store.weighted_size(), self.store.entry_count())
     }
 }
@@ -213,5 +215,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(guard);
         assert!(waiter.await.unwrap(), "an abandoned fill hands the lead to a waiter");
+    }
+
+    #[tokio::test]
+    async fn size_counts_an_answer_as_soon_as_it_is_stored() {
+        let cache = PromptCache::new(1 << 20, Duration::from_secs(60));
+        let Lookup::Miss(guard) = cache.lookup(key("t", &req("z"))).await else { panic!("empty cache hits") };
+        guard.fill(answer("stored")).await;
+        let (bytes, entries) = cache.size().await;
+        assert_eq!(entries, 1);
+        assert!(bytes > 0);
     }
 }

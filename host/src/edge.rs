@@ -4,7 +4,7 @@
 //! Privacy filters (step 3) plug in after [`ApiShape::parse_request`] and before the cache key is
 //! taken; the router plugin (step 5) replaces [`ModelRoute::plan`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -146,7 +146,7 @@ impl Edge {
             },
             (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
             (&Method::GET, "/readyz") => self.readyz(),
-            (&Method::GET, "/metrics") => self.render_metrics(),
+            (&Method::GET, "/metrics") => self.render_metrics().await,
             (method, path) => {
                 let shape = if path.starts_with("/v1/messages") { ApiShape::Anthropic } else { ApiShape::OpenAi };
                 let err = GatewayError::NotFound { method: method.to_string(), path: path.to_string() };
@@ -162,9 +162,9 @@ impl Edge {
         json_response(StatusCode::OK, Bytes::from(body.to_string()))
     }
 
-    fn render_metrics(&self) -> Response<Body> {
+    async fn render_metrics(&self) -> Response<Body> {
         if let Some(cache) = &self.cache {
-            let (bytes, entries) = cache.size();
+            let (bytes, entries) = cache.size().await;
             self.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             self.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
         }
@@ -234,11 +234,12 @@ impl Edge {
         self.metrics.cache_lookups.with_label_values(&[cache_status]).inc();
 
         let response = if request.is_stream() {
-            let (stream, first, route) = self.open_stream(&request, &model, &record.request_id).await?;
+            let (stream, head, route) = self.open_stream(&request, &model, &record.request_id).await?;
             record.route(route);
             let encoder = api.stream_encoder(&request);
             let source = Source::Upstream(Box::new(stream));
-            sse_response(ClientStream::new(source, Some(first), encoder, fill, record.take(), permit))
+            let response = sse_response(ClientStream::new(source, head, encoder, fill, record.take(), permit));
+            with_header(response, "x-meridian-target", &route.target.name)
         } else {
             let (answer, route) = self.complete(&request, &model, &record.request_id).await?;
             record.route(route);
@@ -265,11 +266,9 @@ impl Edge {
         permit: OwnedSemaphorePermit,
     ) -> Response<Body> {
         let response = if request.is_stream() {
-            let mut events = answer.to_events().into_iter();
-            let first = events.next();
             sse_response(ClientStream::new(
-                Source::Replay(events),
-                first,
+                Source::Replay(answer.to_events().into_iter()),
+                VecDeque::new(),
                 api.stream_encoder(request),
                 None,
                 record,
@@ -342,14 +341,16 @@ impl Edge {
         Err(last.map_or(GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
     }
 
-    /// Like [`Edge::complete`] for streams: a target counts as answering once its first event
-    /// has arrived, since until then nothing has reached the client and the next may be tried.
+    /// Like [`Edge::complete`] for streams: a target counts as answering once an event past the
+    /// stream's `Start` has arrived (content, or its end). Until then nothing has reached the
+    /// client, so a target that fails before any content is skipped for the next one. Returns
+    /// the events read so far with the rest of the stream.
     async fn open_stream<'m>(
         &self,
         req: &ChatRequest,
         model: &'m ModelRoute,
         request_id: &str,
-    ) -> Result<(EventStream, StreamEvent, &'m Route), GatewayError> {
+    ) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
         let mut last = None;
         for route in model.plan() {
             let opened = async {
@@ -357,18 +358,30 @@ impl Edge {
                     .target
                     .stream(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
                     .await?;
-                match s.next().await {
-                    Some(Ok(first)) => Ok((s, first)),
-                    Some(Err(e)) => Err(e),
-                    None => Err(UpstreamError::Protocol {
-                        target: route.target.name.clone(),
-                        message: "empty stream".into(),
-                    }),
+                let mut head = VecDeque::new();
+                loop {
+                    match s.next().await {
+                        Some(Ok(ev)) => {
+                            let begun = !matches!(ev, StreamEvent::Start { .. });
+                            head.push_back(ev);
+                            if begun {
+                                return Ok((s, head));
+                            }
+                        }
+                        Some(Err(e)) => return Err(e),
+                        None if head.is_empty() => {
+                            return Err(UpstreamError::Protocol {
+                                target: route.target.name.clone(),
+                                message: "empty stream".into(),
+                            })
+                        }
+                        None => return Ok((s, head)),
+                    }
                 }
             }
             .await;
             match self.attempted(route, opened) {
-                Ok((s, first)) => return Ok((s, first, route)),
+                Ok((s, head)) => return Ok((s, head, route)),
                 Err(e) if e.is_retryable() => last = Some(e),
                 Err(e) => return Err(e.into()),
             }
@@ -468,7 +481,8 @@ impl Source {
 /// stream with a typed error event, never a clean end.
 struct ClientStream {
     source: Source,
-    first: Option<StreamEvent>,
+    /// Events read before the response began, sent first.
+    head: VecDeque<StreamEvent>,
     encoder: StreamEncoder,
     fill: Option<(FillGuard, Vec<StreamEvent>)>,
     record: Record,
@@ -481,7 +495,7 @@ struct ClientStream {
 impl ClientStream {
     fn new(
         source: Source,
-        first: Option<StreamEvent>,
+        head: VecDeque<StreamEvent>,
         encoder: StreamEncoder,
         fill: Option<FillGuard>,
         record: Record,
@@ -489,7 +503,7 @@ impl ClientStream {
     ) -> Self {
         ClientStream {
             source,
-            first,
+            head,
             encoder,
             fill: fill.map(|g| (g, Vec::new())),
             record,
@@ -505,7 +519,7 @@ impl ClientStream {
             return None;
         }
         let mut out = BytesMut::new();
-        let next = match self.first.take() {
+        let next = match self.head.pop_front() {
             Some(ev) => Some(Ok(ev)),
             None => self.source.next().await,
         };
