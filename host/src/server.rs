@@ -99,10 +99,20 @@ impl Server {
             });
             match &self.tls {
                 None => {
-                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let conn = graceful.watch(conn);
+                    let builder = builder.clone();
+                    let watcher = graceful.watcher();
+                    let first_byte_timeout = Duration::from_millis(node.header_read_timeout_ms);
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
+                        // hyper-util reads the first bytes to tell HTTP/1 from h2c with no timer,
+                        // and hyper's header timer starts after that: a peer that never sends a
+                        // byte would hold the connection forever.
+                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut [0u8; 1])).await {
+                            Ok(Ok(n)) if n > 0 => {}
+                            Ok(_) => return,
+                            Err(_) => return debug!(%peer, "no request within the header read timeout"),
+                        }
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        if let Err(e) = watcher.watch(conn).await {
                             debug!(%peer, error = %e, "connection ended with an error");
                         }
                     });
