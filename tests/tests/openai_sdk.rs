@@ -25,10 +25,11 @@ async fn the_official_openai_sdk_works_through_the_edge() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_client.py");
     let base = format!("{}/v1", edge.url());
     let python = python();
-    let out = tokio::task::spawn_blocking(move || Command::new(python).args([script, &base, ACME_KEY, "gpt-test"]).output())
-        .await
-        .unwrap()
-        .expect("python runs");
+    let out =
+        tokio::task::spawn_blocking(move || Command::new(python).args([script, &base, ACME_KEY, "gpt-test"]).output())
+            .await
+            .unwrap()
+            .expect("python runs");
     assert!(out.status.success(), "SDK script failed:\n{}", String::from_utf8_lossy(&out.stderr));
     let got: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
     assert_eq!(got["text"], "Echo: hello from the sdk");

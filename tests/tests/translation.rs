@@ -127,11 +127,8 @@ async fn openai_client_streamed_tool_call_through_anthropic_upstream() {
     assert!(chunks.iter().all(|c| c["object"] == "chat.completion.chunk"), "{chunks:?}");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
 
-    let pieces: Vec<&Value> = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
-        .flatten()
-        .collect();
+    let pieces: Vec<&Value> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array()).flatten().collect();
     assert!(pieces.len() >= 3, "a header and argument pieces: {chunks:?}");
     let head = pieces[0];
     assert_eq!(head["index"], 0);
@@ -167,7 +164,8 @@ async fn openai_client_tool_round_trip_through_anthropic_upstream() {
             }]},
             {"role": "tool", "tool_call_id": "toolu_abc", "content": "rain, 7 degrees"}
         ],
-        "tools": [weather_tool_openai()]
+        // A tool with neither description nor parameters, as OpenAI allows.
+        "tools": [{"type": "function", "function": {"name": "get_weather"}}]
     });
     let r = edge.post("/v1/chat/completions", ACME_KEY, &body).await;
     assert_eq!(r.status, 200, "{}", r.text());
@@ -180,6 +178,11 @@ async fn openai_client_tool_round_trip_through_anthropic_upstream() {
         turns[1]["content"],
         json!([{"type": "tool_use", "id": "toolu_abc", "name": "get_weather", "input": {"city": "Oslo"}}]),
         "arguments become an input object"
+    );
+    assert_eq!(
+        sent.body["tools"],
+        json!([{"name": "get_weather", "input_schema": {"type": "object"}}]),
+        "Anthropic refuses a null description and needs an input_schema"
     );
     assert_eq!(turns[2]["role"], "user");
     assert_eq!(

@@ -1,0 +1,272 @@
+//! The edge prompt cache: what is cached, per tenant, coalescing of identical requests in flight,
+//! never caching failures, and serving streamed and whole answers from one entry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian::config::CachePolicy;
+use meridian_e2e::{Behavior, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
+use serde_json::{json, Value};
+
+const OPENAI: &str = "/v1/chat/completions";
+
+fn request(text: &str, extra: Value) -> Value {
+    let mut body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": text}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+fn cache_status(r: &Reply) -> &str {
+    r.header("x-meridian-cache").unwrap_or("<none>")
+}
+
+fn answer(r: &Reply) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+/// The text of an OpenAI stream, and whether it ended with `[DONE]`.
+fn streamed_text(r: &Reply) -> (String, bool) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let text = r.event_json().iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    (text, r.events().last().is_some_and(|e| e.data == "[DONE]"))
+}
+
+#[tokio::test]
+async fn deterministic_requests_are_cached_and_others_bypass() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+
+    let body = request("cache me", json!({"temperature": 0}));
+    let first = edge.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(cache_status(&first), "miss");
+    assert_eq!(first.header("x-meridian-target"), Some("oa"));
+    let second = edge.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(cache_status(&second), "hit");
+    assert_eq!(answer(&second), answer(&first), "the stored answer, id included");
+    assert_eq!(answer(&second)["choices"][0]["message"]["content"], "Echo: cache me");
+    assert_eq!(mocks.openai.request_count(), 1, "a hit does not go upstream");
+
+    let seeded = request("seeded", json!({"temperature": 0.9, "seed": 42}));
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &seeded).await), "miss");
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &seeded).await), "hit");
+    assert_eq!(mocks.openai.request_count(), 2);
+    let other_seed = request("seeded", json!({"temperature": 0.9, "seed": 43}));
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &other_seed).await), "miss", "the seed is part of the key");
+
+    let hot = request("hot", json!({"temperature": 0.7}));
+    let a = edge.post(OPENAI, ACME_KEY, &hot).await;
+    let b = edge.post(OPENAI, ACME_KEY, &hot).await;
+    assert_eq!((cache_status(&a), cache_status(&b)), ("bypass", "bypass"));
+    assert_ne!(answer(&a)["id"], answer(&b)["id"], "each came from upstream");
+    let unset = request("no temperature", json!({}));
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &unset).await), "bypass");
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &unset).await), "bypass");
+    assert_eq!(mocks.openai.request_count(), 7);
+}
+
+#[tokio::test]
+async fn client_headers_steer_the_cache() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+
+    let cold = request("no store", json!({"temperature": 0}));
+    for _ in 0..2 {
+        let r = edge.post_with(OPENAI, ACME_KEY, &[("cache-control", "no-store")], &cold).await;
+        assert_eq!(cache_status(&r), "bypass");
+    }
+    assert_eq!(mocks.openai.request_count(), 2);
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &cold).await), "miss", "no-store did not store it");
+
+    let hot = request("forced", json!({"temperature": 0.7}));
+    let force = [("x-meridian-cache", "force")];
+    let a = edge.post_with(OPENAI, ACME_KEY, &force, &hot).await;
+    let b = edge.post_with(OPENAI, ACME_KEY, &force, &hot).await;
+    assert_eq!((cache_status(&a), cache_status(&b)), ("miss", "hit"));
+    assert_eq!(answer(&a), answer(&b));
+    assert_eq!(mocks.openai.request_count(), 4);
+
+    let skip = [("x-meridian-cache", "bypass")];
+    let r = edge.post_with(OPENAI, ACME_KEY, &skip, &cold).await;
+    assert_eq!(cache_status(&r), "bypass", "the header skips even a stored answer");
+    assert_eq!(mocks.openai.request_count(), 5);
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &cold).await), "hit", "and leaves it stored");
+    assert_eq!(mocks.openai.request_count(), 5);
+}
+
+#[tokio::test]
+async fn tenants_do_not_share_answers() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    let body = request("shared prompt", json!({"temperature": 0}));
+
+    let acme = edge.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(cache_status(&acme), "miss");
+    let globex = edge.post(OPENAI, GLOBEX_KEY, &body).await;
+    assert_eq!(cache_status(&globex), "miss", "another tenant's answer is not served");
+    assert_ne!(answer(&acme)["id"], answer(&globex)["id"]);
+    assert_eq!(mocks.openai.request_count(), 2);
+    assert_eq!(cache_status(&edge.post(OPENAI, GLOBEX_KEY, &body).await), "hit");
+    assert_eq!(answer(&edge.post(OPENAI, ACME_KEY, &body).await)["id"], answer(&acme)["id"]);
+    assert_eq!(mocks.openai.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_tenant_with_cache_never_always_bypasses() {
+    let mocks = Mocks::start().await;
+    let mut cfg = mocks.config();
+    assert_eq!(cfg.tenants[1].name, "globex");
+    cfg.tenants[1].cache = CachePolicy::Never;
+    let edge = TestEdge::start(cfg).await;
+    let body = request("never", json!({"temperature": 0}));
+
+    for headers in [&[][..], &[("x-meridian-cache", "force")][..], &[][..]] {
+        let r = edge.post_with(OPENAI, GLOBEX_KEY, headers, &body).await;
+        assert_eq!(cache_status(&r), "bypass");
+        assert_eq!(r.status, 200);
+    }
+    assert_eq!(mocks.openai.request_count(), 3);
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &body).await), "miss", "other tenants still cache");
+}
+
+async fn concurrent(edge: &Arc<TestEdge>, body: &Value, n: usize) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let edge = Arc::clone(edge);
+            let body = body.clone();
+            tokio::spawn(async move { edge.post(OPENAI, ACME_KEY, &body).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.expect("request task"));
+    }
+    replies
+}
+
+fn count(replies: &[Reply], status: &str) -> usize {
+    replies.iter().filter(|r| cache_status(r) == status).count()
+}
+
+#[tokio::test]
+async fn identical_requests_in_flight_make_one_upstream_call() {
+    let mocks = Mocks::start().await;
+    let edge = Arc::new(TestEdge::start(mocks.config()).await);
+
+    mocks.openai.push(Behavior::Delay(Duration::from_millis(300)));
+    let body = request("together", json!({"temperature": 0}));
+    let replies = concurrent(&edge, &body, 8).await;
+    assert_eq!(mocks.openai.request_count(), 1, "coalesced into one upstream call");
+    assert_eq!((count(&replies, "miss"), count(&replies, "hit")), (1, 7));
+    let first = answer(&replies[0]);
+    assert!(replies.iter().all(|r| answer(r) == first), "everyone gets the same answer");
+
+    mocks.openai.push(Behavior::Delay(Duration::from_millis(300)));
+    let body = request("streamed together", json!({"temperature": 0, "stream": true}));
+    let replies = concurrent(&edge, &body, 8).await;
+    assert_eq!(mocks.openai.request_count(), 2, "coalesced into one upstream call");
+    assert_eq!((count(&replies, "miss"), count(&replies, "hit")), (1, 7));
+    for r in &replies {
+        assert_eq!(streamed_text(r), ("Echo: streamed together".to_string(), true));
+    }
+}
+
+#[tokio::test]
+async fn failed_answers_are_not_cached() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    let body = request("flaky", json!({"temperature": 0}));
+
+    mocks.openai.push(Behavior::Status(500));
+    assert_eq!(edge.post(OPENAI, ACME_KEY, &body).await.status, 502);
+    let r = edge.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(cache_status(&r), "miss", "the error was not stored");
+    assert_eq!(mocks.openai.request_count(), 2);
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &body).await), "hit");
+    assert_eq!(mocks.openai.request_count(), 2);
+
+    // A truncated stream is not a complete answer.
+    let streamed = request("cut short", json!({"temperature": 0, "stream": true}));
+    mocks.openai.push(Behavior::CutAfter(2));
+    let r = edge.post(OPENAI, ACME_KEY, &streamed).await;
+    assert_eq!(cache_status(&r), "miss");
+    let (text, done) = streamed_text(&r);
+    assert!(!done, "a cut stream does not end with [DONE]: {}", r.text());
+    assert_eq!(text, "Echo: cut ");
+    let r = edge.post(OPENAI, ACME_KEY, &streamed).await;
+    assert_eq!(cache_status(&r), "miss", "the truncated stream was not stored");
+    assert_eq!(streamed_text(&r), ("Echo: cut short".to_string(), true));
+    assert_eq!(mocks.openai.request_count(), 4);
+
+    // Nor is one that ends in an error event.
+    let streamed = request("broken stream", json!({"temperature": 0, "stream": true}));
+    mocks.openai.push(Behavior::StreamError(1));
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &streamed).await), "miss");
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &streamed).await), "miss");
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &streamed).await), "hit");
+    assert_eq!(mocks.openai.request_count(), 6);
+}
+
+#[tokio::test]
+async fn a_streamed_answer_replays_as_a_stream_and_serves_whole_requests() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+
+    let streamed = request("one two three", json!({"temperature": 0, "stream": true}));
+    let first = edge.post(OPENAI, ACME_KEY, &streamed).await;
+    assert_eq!(cache_status(&first), "miss");
+    let replay = edge.post(OPENAI, ACME_KEY, &streamed).await;
+    assert_eq!(cache_status(&replay), "hit");
+    assert_eq!(replay.header("content-type"), Some("text/event-stream"));
+    assert_eq!(streamed_text(&first), ("Echo: one two three".to_string(), true));
+    assert_eq!(streamed_text(&replay), streamed_text(&first));
+    assert!(replay.event_json().len() >= 4, "replayed as events, not one blob: {}", replay.text());
+    let finish: Vec<_> = replay
+        .event_json()
+        .iter()
+        .filter_map(|c| c["choices"][0]["finish_reason"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(finish, ["stop"]);
+
+    let whole = request("one two three", json!({"temperature": 0}));
+    let r = edge.post(OPENAI, ACME_KEY, &whole).await;
+    assert_eq!(cache_status(&r), "hit", "a stored stream serves a whole request");
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let v = answer(&r);
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "Echo: one two three");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(mocks.openai.request_count(), 1);
+
+    // And a stored whole answer serves a stream.
+    let whole = request("four five", json!({"temperature": 0}));
+    assert_eq!(cache_status(&edge.post(OPENAI, ACME_KEY, &whole).await), "miss");
+    let streamed = request("four five", json!({"temperature": 0, "stream": true}));
+    let r = edge.post(OPENAI, ACME_KEY, &streamed).await;
+    assert_eq!(cache_status(&r), "hit");
+    assert_eq!(streamed_text(&r), ("Echo: four five".to_string(), true));
+    assert_eq!(mocks.openai.request_count(), 2);
+}
+
+#[tokio::test]
+async fn an_answer_is_shared_across_api_shapes_for_the_same_canonical_request() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+
+    let openai = json!({"model": "gpt-test", "max_tokens": 50, "temperature": 0,
+        "messages": [{"role": "user", "content": "either shape"}]});
+    let r = edge.post(OPENAI, ACME_KEY, &openai).await;
+    assert_eq!(cache_status(&r), "miss");
+    let anthropic = json!({"model": "gpt-test", "max_tokens": 50, "temperature": 0,
+        "messages": [{"role": "user", "content": "either shape"}]});
+    let r = edge.send("POST", "/v1/messages", None, &[("x-api-key", ACME_KEY)], anthropic.to_string().into()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(cache_status(&r), "hit");
+    let v = r.json();
+    assert_eq!(v["type"], "message", "served in the client's own shape");
+    assert_eq!(v["content"][0]["text"], "Echo: either shape");
+    assert_eq!(mocks.openai.request_count(), 1);
+}
