@@ -8,6 +8,11 @@ use meridian::config::{hash_key, Config, LogFormat};
 use meridian::server::Server;
 use tracing_subscriber::EnvFilter;
 
+// glibc malloc showed up as ~8% of the edge's CPU under load; mimalloc's per-thread heaps are
+// cheaper for the many small, short-lived allocations of request handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Meridian: a programmable inference edge for LLM APIs.
 ///
 /// An edge node speaks the OpenAI and Anthropic APIs to applications, caches answers, accounts
