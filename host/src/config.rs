@@ -357,11 +357,13 @@ impl Config {
         let target = self.targets.get(name).ok_or_else(|| invalid(format!("targets.{name}"), "no such target"))?;
         let key = |field: &str| format!("targets.{name}.{field}");
         let base_url = expand_env(&target.base_url, &key("base_url"))?;
-        let parsed: hyper::Uri = base_url
-            .parse()
-            .map_err(|e| invalid(key("base_url"), format!("not a URL ({e}): `{base_url}`")))?;
+        let parsed: hyper::Uri =
+            base_url.parse().map_err(|e| invalid(key("base_url"), format!("not a URL ({e}): `{base_url}`")))?;
         if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
-            return Err(invalid(key("base_url"), format!("must be an absolute http:// or https:// URL, not `{base_url}`")));
+            return Err(invalid(
+                key("base_url"),
+                format!("must be an absolute http:// or https:// URL, not `{base_url}`"),
+            ));
         }
         let api_key = match &target.api_key {
             Some(v) => Some(expand_env(v, &key("api_key"))?).filter(|k| !k.is_empty()).map(Secret),

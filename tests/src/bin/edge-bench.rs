@@ -1,0 +1,300 @@
+//! `edge-bench`: the edge's overhead over a direct call, measured with wrk on loopback.
+//!
+//! Starts the mock managed API and an edge node in front of it as separate release processes,
+//! then prints, for direct and through-the-edge calls: p50/p90/p99 latency and requests/s at
+//! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; cache-hit
+//! latency; the edge's RSS (idle and peak) and CPU time per request.
+//!
+//! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
+//! Options: `--duration SECS` per wrk run (default 5), `--ttft-requests N` (default 300).
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meridian::config::hash_key;
+
+const KEY: &str = "sk-bench";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str, default: u64| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+    };
+    let duration = opt("--duration", 5);
+    let ttft_requests = opt("--ttft-requests", 300);
+    if let Err(e) = run(duration, ttft_requests) {
+        eprintln!("edge-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// A child process killed on drop, so that a failed run leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
+}
+
+fn wait_listening(addr: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("nothing listens on {addr} after 10 s"))
+}
+
+fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
+    let bin_dir =
+        std::env::current_exe().map_err(|e| e.to_string())?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let tmp = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).map_err(|e| e.to_string())?;
+    Command::new("wrk").arg("--version").output().map_err(|_| "wrk not found: apt-get install wrk".to_string())?;
+
+    let mock_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _mock = Proc(
+        Command::new(bin_dir.join("mock-upstream"))
+            .args(["--listen", &mock_addr.to_string(), "--no-record"])
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start mock-upstream (build it with scripts/bench): {e}"))?,
+    );
+    wait_listening(mock_addr)?;
+
+    let edge_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = tmp.join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[node]
+listen = "{edge_addr}"
+[log]
+level = "warn"
+[[tenants]]
+name = "bench"
+keys = ["{hash}"]
+[targets.mock]
+api = "openai"
+base_url = "http://{mock_addr}/v1"
+price = {{ per = "token", input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.6 }}
+[[models]]
+name = "bench"
+targets = [{{ target = "mock" }}]
+"#,
+            hash = hash_key(KEY)
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let edge = Proc(
+        Command::new(bin_dir.join("meridian"))
+            .args(["edge", "-c"])
+            .arg(&config)
+            .spawn()
+            .map_err(|e| format!("cannot start meridian: {e}"))?,
+    );
+    let edge_pid = edge.0.id();
+    wait_listening(edge_addr)?;
+    std::thread::sleep(Duration::from_millis(200));
+    let idle_rss = proc_status(edge_pid, "VmRSS:");
+
+    let direct = format!("http://{mock_addr}");
+    let through = format!("http://{edge_addr}");
+    let plain =
+        r#"{"model":"bench","messages":[{"role":"user","content":"benchmark the edge overhead"}],"temperature":0.7}"#;
+    let streamed = r#"{"model":"bench","stream":true,"messages":[{"role":"user","content":"benchmark the edge overhead"}],"temperature":0.7}"#;
+    let cached = r#"{"model":"bench","messages":[{"role":"user","content":"benchmark a cache hit"}],"temperature":0}"#;
+
+    println!("edge-bench: mock upstream {direct}, edge {through}; wrk {duration}s a run; 2 threads for c=64");
+    println!();
+    println!("| scenario | path | conc. | p50 ms | p90 ms | p99 ms | req/s | errors | edge CPU µs/req |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    let mut results = Vec::new();
+    for (scenario, body) in [("non-streamed", plain), ("streamed", streamed)] {
+        for conc in [1u32, 64] {
+            for (path, base) in [("direct", &direct), ("edge", &through)] {
+                let cpu_before = proc_cpu(edge_pid);
+                let r = wrk(&tmp, base, body, conc, duration)?;
+                let cpu = if path == "edge" {
+                    let used = proc_cpu(edge_pid).saturating_sub(cpu_before);
+                    format!("{:.1}", used.as_secs_f64() * 1e6 / r.requests.max(1) as f64)
+                } else {
+                    "—".into()
+                };
+                println!(
+                    "| {scenario} | {path} | {conc} | {:.3} | {:.3} | {:.3} | {:.0} | {} | {cpu} |",
+                    r.p50_ms, r.p90_ms, r.p99_ms, r.rps, r.errors
+                );
+                results.push((scenario, conc, path, r));
+            }
+        }
+    }
+    let cpu_before = proc_cpu(edge_pid);
+    let hit = wrk(&tmp, &through, cached, 1, duration)?;
+    let hit_cpu = proc_cpu(edge_pid).saturating_sub(cpu_before).as_secs_f64() * 1e6 / hit.requests.max(1) as f64;
+    println!(
+        "| cache hit | edge | 1 | {:.3} | {:.3} | {:.3} | {:.0} | {} | {hit_cpu:.1} |",
+        hit.p50_ms, hit.p90_ms, hit.p99_ms, hit.rps, hit.errors
+    );
+    println!();
+    println!("Added latency through the edge (edge − direct):");
+    for (scenario, conc) in [("non-streamed", 1), ("non-streamed", 64), ("streamed", 1), ("streamed", 64)] {
+        let get =
+            |p: &str| results.iter().find(|(s, c, path, _)| *s == scenario && *c == conc && *path == p).map(|r| &r.3);
+        if let (Some(d), Some(e)) = (get("direct"), get("edge")) {
+            println!(
+                "  {scenario:<12} c={conc:<3} p50 {:+.3} ms, p99 {:+.3} ms, throughput {:.0}% of direct",
+                e.p50_ms - d.p50_ms,
+                e.p99_ms - d.p99_ms,
+                100.0 * e.rps / d.rps.max(1.0)
+            );
+        }
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    println!();
+    println!("Time to first token and total, streamed, concurrency 1 ({ttft_requests} requests each):");
+    for (path, base) in [("direct", &direct), ("edge", &through)] {
+        let (ttft, total) = rt.block_on(stream_timings(base, streamed, ttft_requests))?;
+        println!(
+            "  {path:<6} TTFT p50 {:.3} ms p99 {:.3} ms | total p50 {:.3} ms p99 {:.3} ms",
+            pct(&ttft, 50.0),
+            pct(&ttft, 99.0),
+            pct(&total, 50.0),
+            pct(&total, 99.0)
+        );
+    }
+    println!();
+    println!(
+        "Edge memory: idle RSS {:.1} MB, now {:.1} MB, peak {:.1} MB",
+        idle_rss as f64 / 1024.0,
+        proc_status(edge_pid, "VmRSS:") as f64 / 1024.0,
+        proc_status(edge_pid, "VmHWM:") as f64 / 1024.0
+    );
+    drop(edge);
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok(())
+}
+
+struct WrkResult {
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    rps: f64,
+    requests: u64,
+    errors: u64,
+}
+
+/// One wrk run; a Lua `done` hook prints exact percentiles so nothing is parsed from wrk's
+/// rounded human output.
+fn wrk(tmp: &Path, base: &str, body: &str, conc: u32, duration: u64) -> Result<WrkResult, String> {
+    let script: PathBuf = tmp.join("post.lua");
+    let mut f = std::fs::File::create(&script).map_err(|e| e.to_string())?;
+    write!(
+        f,
+        r#"wrk.method = "POST"
+wrk.body = [[{body}]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer {KEY}"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("MERIDIAN %d %d %d %d %d %d\n", latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), summary.requests, summary.duration, e.connect + e.read + e.write + e.status + e.timeout))
+end
+"#
+    )
+    .map_err(|e| e.to_string())?;
+    let threads = if conc == 1 { "1" } else { "2" };
+    let out = Command::new("wrk")
+        .args(["-t", threads, "-c", &conc.to_string(), "-d", &format!("{duration}s"), "--timeout", "5s", "-s"])
+        .arg(&script)
+        .arg(format!("{base}/v1/chat/completions"))
+        .output()
+        .map_err(|e| format!("wrk: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MERIDIAN "))
+        .ok_or_else(|| format!("wrk printed no result:\n{text}"))?;
+    let n: Vec<u64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    let [p50, p90, p99, requests, duration_us, errors] = n[..] else { return Err(format!("bad wrk line: {line}")) };
+    Ok(WrkResult {
+        p50_ms: p50 as f64 / 1e3,
+        p90_ms: p90 as f64 / 1e3,
+        p99_ms: p99 as f64 / 1e3,
+        rps: requests as f64 / (duration_us as f64 / 1e6),
+        requests,
+        errors,
+    })
+}
+
+/// Sequential streamed requests timing the first content chunk and the end of the stream.
+async fn stream_timings(base: &str, body: &str, n: u64) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let (mut ttft, mut total) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        let req = Request::post(format!("{base}/v1/chat/completions"))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {KEY}"))
+            .body(Full::new(Bytes::from(body.to_string())))
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let mut resp = client.request(req).await.map_err(|e| e.to_string())?.into_body();
+        let mut first = None;
+        while let Some(frame) = resp.frame().await {
+            let frame = frame.map_err(|e| e.to_string())?;
+            if first.is_none() && frame.data_ref().is_some_and(|d| d.windows(9).any(|w| w == b"\"content\"")) {
+                first = Some(start.elapsed());
+            }
+        }
+        total.push(start.elapsed().as_secs_f64() * 1e3);
+        ttft.push(first.ok_or("a stream without content")?.as_secs_f64() * 1e3);
+    }
+    Ok((ttft, total))
+}
+
+fn pct(samples: &[f64], p: f64) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+/// A `kB` field of /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// User + system CPU time of a process so far.
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(11) + field(12);
+    Duration::from_secs_f64(ticks as f64 / 100.0)
+}
