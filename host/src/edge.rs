@@ -474,6 +474,14 @@ impl Source {
             Source::Replay(events) => events.next().map(Ok),
         }
     }
+
+    /// What [`Source::next`] would return, if it is known without waiting.
+    fn ready(&mut self) -> Option<Option<Result<StreamEvent, UpstreamError>>> {
+        match self {
+            Source::Upstream(s) => s.ready(),
+            Source::Replay(events) => Some(events.next().map(Ok)),
+        }
+    }
 }
 
 /// A streamed answer on its way to the client: encodes each event as it arrives, records the
@@ -514,48 +522,63 @@ impl ClientStream {
         }
     }
 
+    /// The next body chunk: the next event and every event already received behind it, so that
+    /// a burst from upstream (or a whole cached replay) goes out in one write.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.finished {
             return None;
         }
         let mut out = BytesMut::new();
-        let next = match self.head.pop_front() {
+        let mut next = match self.head.pop_front() {
             Some(ev) => Some(Ok(ev)),
             None => self.source.next().await,
         };
-        match next {
-            Some(Ok(ev)) => {
-                let content = ev.content_len();
-                if content > 0 && self.out_bytes == 0 {
-                    self.record.first_token();
+        loop {
+            match next {
+                Some(Ok(ev)) => self.event(ev, &mut out),
+                None => {
+                    self.finished = true;
+                    self.encoder.finish(&mut out);
+                    if let Some((guard, events)) = self.fill.take() {
+                        guard.fill(CachedAnswer::Stream(events)).await;
+                    }
+                    self.record.take().finish("ok", self.usage, self.out_bytes);
+                    break;
                 }
-                self.out_bytes += content;
-                if let StreamEvent::Usage(u) = ev {
-                    self.usage = Some(u);
-                }
-                self.encoder.event(&ev, &mut out);
-                if let Some((_, events)) = &mut self.fill {
-                    events.push(ev);
+                Some(Err(e)) => {
+                    self.finished = true;
+                    warn!(request_id = %self.record.request_id, error = %e, "stream failed after its first byte");
+                    let err = GatewayError::Upstream(e);
+                    self.encoder.error(&err, &mut out);
+                    self.fill = None;
+                    self.record.take().finish("stream_error", self.usage, self.out_bytes);
+                    break;
                 }
             }
-            None => {
-                self.finished = true;
-                self.encoder.finish(&mut out);
-                if let Some((guard, events)) = self.fill.take() {
-                    guard.fill(CachedAnswer::Stream(events)).await;
-                }
-                self.record.take().finish("ok", self.usage, self.out_bytes);
-            }
-            Some(Err(e)) => {
-                self.finished = true;
-                warn!(request_id = %self.record.request_id, error = %e, "stream failed after its first byte");
-                let err = GatewayError::Upstream(e);
-                self.encoder.error(&err, &mut out);
-                self.fill = None;
-                self.record.take().finish("stream_error", self.usage, self.out_bytes);
-            }
+            next = match self.head.pop_front() {
+                Some(ev) => Some(Ok(ev)),
+                None => match self.source.ready() {
+                    Some(item) => item,
+                    None => break,
+                },
+            };
         }
         Some(out.freeze())
+    }
+
+    fn event(&mut self, ev: StreamEvent, out: &mut BytesMut) {
+        let content = ev.content_len();
+        if content > 0 && self.out_bytes == 0 {
+            self.record.first_token();
+        }
+        self.out_bytes += content;
+        if let StreamEvent::Usage(u) = ev {
+            self.usage = Some(u);
+        }
+        self.encoder.event(&ev, out);
+        if let Some((_, events)) = &mut self.fill {
+            events.push(ev);
+        }
     }
 }
 

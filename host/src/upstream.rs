@@ -311,14 +311,8 @@ impl EventStream {
     /// The next event; `None` after the upstream's end marker.
     pub async fn next(&mut self) -> Option<Result<StreamEvent, UpstreamError>> {
         loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return Some(Ok(ev));
-            }
-            if let Some(err) = self.failed.take() {
-                return Some(Err(err));
-            }
-            if self.done {
-                return None;
+            if let Some(item) = self.ready() {
+                return item;
             }
             match self.target.next_frame(&mut self.body).await {
                 Ok(Some(chunk)) => self.decode(&chunk),
@@ -332,6 +326,18 @@ impl EventStream {
                 }
             }
         }
+    }
+
+    /// What [`EventStream::next`] would return, if it is known without reading the network: an
+    /// event already received, the failure that ended the stream, or its end.
+    pub fn ready(&mut self) -> Option<Option<Result<StreamEvent, UpstreamError>>> {
+        if let Some(ev) = self.pending.pop_front() {
+            return Some(Some(Ok(ev)));
+        }
+        if let Some(err) = self.failed.take() {
+            return Some(Some(Err(err)));
+        }
+        self.done.then_some(None)
     }
 
     /// Decodes a chunk; events before a decoding error are still delivered, then the error.
