@@ -170,11 +170,8 @@ impl Target {
             return Ok(response);
         }
         let body = self.read_body(response.into_body(), 64 << 10).await.unwrap_or_default();
-        let message = match self.config.api {
-            TargetApi::Openai => openai::error_message(&body),
-            TargetApi::Anthropic => anthropic::error_message(&body),
-        }
-        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+        let message = crate::api::error_message(&body)
+            .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
         Err(UpstreamError::Status { target: self.name.clone(), status: status.as_u16(), message: self.scrub(&message) })
     }
 

@@ -738,12 +738,6 @@ pub fn error_body(err: &GatewayError) -> Bytes {
     Bytes::from(json!({ "type": "error", "error": { "type": kind, "message": err.to_string() } }).to_string())
 }
 
-/// The message of an Anthropic-shaped error body.
-pub fn error_message(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/message").and_then(Value::as_str).map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,13 @@ impl StreamEncoder {
     }
 }
 
+/// The message of an upstream's error body. OpenAI's `{"error":{"message"}}` and Anthropic's
+/// `{"type":"error","error":{"message"}}` keep it at the same place.
+pub fn error_message(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    v.pointer("/error/message").and_then(serde_json::Value::as_str).map(str::to_string)
+}
+
 /// Deserializes JSON, telling a syntax error from a field that has the wrong type (named by path).
 pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, GatewayError> {
     let de = &mut serde_json::Deserializer::from_slice(body);

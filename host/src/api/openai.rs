@@ -334,12 +334,6 @@ pub fn error_body(err: &GatewayError) -> Bytes {
     )
 }
 
-/// The message of an OpenAI-shaped error body, for reporting an upstream's refusal.
-pub fn error_message(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    v.pointer("/error/message").and_then(Value::as_str).map(str::to_string)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
