@@ -73,7 +73,9 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(node.header_read_timeout_ms));
+            .header_read_timeout(Duration::from_millis(node.header_read_timeout_ms))
+            // One flattened write a response beat writev under load here (scripts/bench).
+            .writev(false);
         builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
         let graceful = GracefulShutdown::new();
         info!(addr = %self.local_addr(), tls = self.tls.is_some(), "edge listening");
