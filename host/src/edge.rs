@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -318,42 +319,63 @@ impl Edge {
         }
     }
 
-    /// Tries each target in order until one answers; a refusal of the request itself ends the
-    /// attempts at once.
+    /// Tries each target of the plan in order until one answers. A refusal of the request itself
+    /// ends the attempts at once; other failures move on to the next target.
+    async fn first_answer<'m, T, F, Fut>(
+        &self,
+        model: &'m ModelRoute,
+        mut attempt: F,
+    ) -> Result<(T, &'m Route), GatewayError>
+    where
+        F: FnMut(&'m Route) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let mut last = None;
+        for route in model.plan() {
+            let result = attempt(route).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => {
+                    warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
+                    e.kind()
+                }
+            };
+            self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
+            match result {
+                Ok(answer) => return Ok((answer, route)),
+                Err(e) if e.is_retryable() => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Config guarantees every model at least one target, so `last` is set here.
+        Err(last.map_or_else(|| GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
+    }
+
+    /// A whole answer from the first target that gives one.
     async fn complete<'m>(
         &self,
         req: &ChatRequest,
         model: &'m ModelRoute,
         request_id: &str,
     ) -> Result<(ChatResponse, &'m Route), GatewayError> {
-        let mut last = None;
-        for route in model.plan() {
-            let result = route
-                .target
-                .complete(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
-                .await;
-            match self.attempted(route, result) {
-                Ok(resp) => return Ok((resp, route)),
-                Err(e) if e.is_retryable() => last = Some(e),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(last.map_or(GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
+        self.first_answer(model, |route| {
+            route.target.complete(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
+        })
+        .await
     }
 
-    /// Like [`Edge::complete`] for streams: a target counts as answering once an event past the
-    /// stream's `Start` has arrived (content, or its end). Until then nothing has reached the
-    /// client, so a target that fails before any content is skipped for the next one. Returns
-    /// the events read so far with the rest of the stream.
+    /// A stream from the first target whose stream gets past its `Start` event (to content, or
+    /// to its end). Until then nothing has reached the client, so a target that fails before
+    /// any content is skipped for the next one. Returns the events read so far with the rest of
+    /// the stream.
     async fn open_stream<'m>(
         &self,
         req: &ChatRequest,
         model: &'m ModelRoute,
         request_id: &str,
     ) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
-        let mut last = None;
-        for route in model.plan() {
-            let opened = async {
+        let ((stream, head), route) = self
+            .first_answer(model, |route| async move {
                 let mut s = route
                     .target
                     .stream(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
@@ -378,27 +400,9 @@ impl Edge {
                         None => return Ok((s, head)),
                     }
                 }
-            }
-            .await;
-            match self.attempted(route, opened) {
-                Ok((s, head)) => return Ok((s, head, route)),
-                Err(e) if e.is_retryable() => last = Some(e),
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(last.map_or(GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
-    }
-
-    fn attempted<T>(&self, route: &Route, result: Result<T, UpstreamError>) -> Result<T, UpstreamError> {
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => {
-                warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
-                e.kind()
-            }
-        };
-        self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
-        result
+            })
+            .await?;
+        Ok((stream, head, route))
     }
 }
 
