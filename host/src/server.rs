@@ -2,17 +2,21 @@
 //! TCP_NODELAY, and graceful shutdown.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
@@ -69,14 +73,16 @@ impl Server {
     /// flight to finish.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let node = &self.edge.config().node;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
+        let head_timeout = Duration::from_millis(node.header_read_timeout_ms);
+        let mut http1 = http1::Builder::new();
+        http1
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_millis(node.header_read_timeout_ms))
+            .header_read_timeout(head_timeout)
             // One flattened write a response beat writev under load here (scripts/bench).
             .writev(false);
-        builder.http2().timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
+        let mut http2 = http2::Builder::new(TokioExecutor::new());
+        http2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
+        let protocols = Arc::new(Protocols { http1, http2 });
         let graceful = GracefulShutdown::new();
         info!(addr = %self.local_addr(), tls = self.tls.is_some(), "edge listening");
         tokio::pin!(shutdown);
@@ -95,52 +101,154 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let edge = Arc::clone(&self.edge);
-            let service = service_fn(move |req| {
-                let edge = Arc::clone(&edge);
-                async move { Ok::<_, std::convert::Infallible>(edge.handle(req).await) }
+            let protocols = Arc::clone(&protocols);
+            let watcher = graceful.watcher();
+            let tls = self.tls.clone();
+            tokio::spawn(async move {
+                // Every wait before hyper's own header timer runs is bounded by the same limit, so
+                // a peer that connects and stalls (before TLS, after it, or inside the HTTP/2
+                // preface) cannot hold a connection.
+                let result = match tls {
+                    None => match tokio::time::timeout(head_timeout, sniff(&stream)).await {
+                        Ok(Some(protocol)) => protocols.serve(protocol, stream, edge, watcher).await,
+                        Ok(None) => return,
+                        Err(_) => return debug!(%peer, "no request within the header read timeout"),
+                    },
+                    Some(acceptor) => match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
+                        // hyper's HTTP/1 header timer covers a silent client; HTTP/2 has none
+                        // for its preface, so the preface gets the same limit here.
+                        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                            let io = ReadDeadline::new(tls, H2_PREFACE.len(), head_timeout);
+                            protocols.serve(Protocol::Http2, io, edge, watcher).await
+                        }
+                        Ok(Ok(tls)) => protocols.serve(Protocol::Http1, tls, edge, watcher).await,
+                        Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return debug!(%peer, "TLS handshake timed out"),
+                    },
+                };
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "connection ended with an error");
+                }
             });
-            match &self.tls {
-                None => {
-                    let builder = builder.clone();
-                    let watcher = graceful.watcher();
-                    let first_byte_timeout = Duration::from_millis(node.header_read_timeout_ms);
-                    tokio::spawn(async move {
-                        // hyper-util reads the first bytes to tell HTTP/1 from h2c with no timer,
-                        // and hyper's header timer starts after that: a peer that never sends a
-                        // byte would hold the connection forever.
-                        match tokio::time::timeout(first_byte_timeout, stream.peek(&mut [0u8; 1])).await {
-                            Ok(Ok(n)) if n > 0 => {}
-                            Ok(_) => return,
-                            Err(_) => return debug!(%peer, "no request within the header read timeout"),
-                        }
-                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
-                    let builder = builder.clone();
-                    let handshake_timeout = Duration::from_millis(node.header_read_timeout_ms);
-                    let watcher = graceful.watcher();
-                    tokio::spawn(async move {
-                        let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => tls,
-                            Ok(Err(e)) => return debug!(%peer, error = %e, "TLS handshake failed"),
-                            Err(_) => return debug!(%peer, "TLS handshake timed out"),
-                        };
-                        let conn = builder.serve_connection(TokioIo::new(tls), service).into_owned();
-                        if let Err(e) = watcher.watch(conn).await {
-                            debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                    });
-                }
-            }
         }
         info!("shutting down: waiting for requests in flight");
         if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
             warn!("requests still in flight after 30s; closing them");
+        }
+    }
+}
+
+/// The HTTP version a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// The HTTP/2 connection preface a cleartext (h2c, prior knowledge) client opens with.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Tells HTTP/2 from HTTP/1 by the first bytes, without consuming them; `None` if the peer closed.
+/// The caller bounds the wait.
+async fn sniff(stream: &TcpStream) -> Option<Protocol> {
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(Protocol::Http1);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(Protocol::Http2);
+        }
+        // A preface split across segments: peek returns at once while data is pending, so wait
+        // a moment for the rest instead of spinning.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// An IO that fails its reads with `TimedOut` unless the peer has sent `bytes` bytes before the
+/// deadline; after that it is the plain IO.
+struct ReadDeadline<I> {
+    io: I,
+    remaining: usize,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> ReadDeadline<I> {
+    fn new(io: I, bytes: usize, within: Duration) -> Self {
+        ReadDeadline { io, remaining: bytes, deadline: Some(Box::pin(tokio::time::sleep(within))) }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for ReadDeadline<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        self.remaining = self.remaining.saturating_sub(read);
+        if self.remaining == 0 {
+            self.deadline = None;
+        }
+        if let (Poll::Pending, Some(deadline)) = (&polled, self.deadline.as_mut()) {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the header read timeout",
+                )));
+            }
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The connection builders, shared by every connection.
+struct Protocols {
+    http1: http1::Builder,
+    http2: http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    async fn serve<I>(&self, protocol: Protocol, io: I, edge: Arc<Edge>, watcher: Watcher) -> hyper::Result<()>
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = service_fn(move |req| {
+            let edge = Arc::clone(&edge);
+            async move { Ok::<_, std::convert::Infallible>(edge.handle(req).await) }
+        });
+        let io = TokioIo::new(io);
+        match protocol {
+            Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, service)).await,
+            Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, service)).await,
         }
     }
 }

@@ -490,3 +490,18 @@ async fn the_node_keeps_serving_after_every_kind_of_error() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_stalled_http2_preface_is_closed_not_held() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    for partial in [&b"P"[..], b"PRI * HTTP/2.0\r\n"] {
+        let mut s = connect(edge.addr).await;
+        s.write_all(partial).await.unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "the edge closes a stalled preface {partial:?}: {read:?}");
+        assert!(start.elapsed() < Duration::from_secs(4), "closed after {:?}", start.elapsed());
+    }
+}

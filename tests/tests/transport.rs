@@ -288,3 +288,48 @@ async fn stream_events_are_flushed_as_they_arrive() {
     let r = edge.post(CHAT, ACME_KEY, &chat("still here", false)).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// Completes a TLS handshake offering `alpn`, then sends nothing: the node must close the
+/// connection within its header read timeout (1 s in the test config), whichever protocol ALPN
+/// chose.
+#[tokio::test]
+async fn a_silent_connection_after_the_tls_handshake_is_closed() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new();
+    let (cert, key) = self_signed();
+    let edge = tls_edge(&mocks, &dir, &cert, &key).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(cert.as_bytes()) {
+        roots.add(c.expect("PEM certificate")).expect("trusted root");
+    }
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let mut config =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(roots.clone())
+                .with_no_client_auth();
+        config.alpn_protocols = vec![alpn.to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let sock = TcpStream::connect(edge.addr).await.expect("connects");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+        let mut tls = connector.connect(name, sock).await.expect("handshake completes");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 256];
+        let mut closed = false;
+        // An HTTP/2 server may send its SETTINGS first; read until the node closes.
+        while start.elapsed() < Duration::from_secs(4) {
+            match timeout(Duration::from_secs(4), tls.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    closed = true;
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                Err(_) => break,
+            }
+        }
+        assert!(closed, "a silent {} connection is closed", String::from_utf8_lossy(alpn));
+        assert!(start.elapsed() < Duration::from_secs(3), "closed only after {:?}", start.elapsed());
+    }
+}
