@@ -1,0 +1,49 @@
+//! The `pii-redactor` privacy filter: finds personal data and secrets in a request's text with a
+//! hand-written single-pass scanner ([`scan`]), and labels, redacts or blocks them as configured
+//! ([`policy`]). Built for `wasm32-wasip2`, it is a component of the `privacy-filter` world;
+//! natively, the scanner and the policy are plain functions to test.
+//!
+//! Config (JSON, every key optional):
+//! `{"actions": {"email": "redact", "secret": "block", "ipv4": "label"}, "block_secrets_in_response": true}`.
+//! Secrets block by default, everything else is redacted.
+
+pub mod policy;
+pub mod scan;
+
+use std::cell::RefCell;
+
+use meridian_plugin_sdk::{export_filter, Filter, RequestSummary, RequestVerdict, ResponseVerdict, Segment};
+
+use crate::policy::{Policy, ResponseWindow};
+
+thread_local! {
+    /// The policy `configure` validated; every instance is configured before its first hook.
+    static POLICY: RefCell<Policy> = RefCell::new(Policy::default());
+    /// The answer's recent text, for secrets split across chunks; an instance serves one request.
+    static RESPONSE: RefCell<ResponseWindow> = RefCell::new(ResponseWindow::default());
+}
+
+/// The filter as exported to the host.
+pub struct PiiRedactor;
+
+impl Filter for PiiRedactor {
+    fn configure(config: &str) -> Result<(), String> {
+        let policy = Policy::from_json(config)?;
+        POLICY.with(|p| *p.borrow_mut() = policy);
+        Ok(())
+    }
+
+    fn inspect_request(_req: RequestSummary, segments: Vec<Segment>) -> RequestVerdict {
+        POLICY.with(|p| p.borrow().inspect_request(&segments))
+    }
+
+    fn inspect_response(text: String) -> ResponseVerdict {
+        // The host restores placeholders itself; without the secrets rule there is nothing to do.
+        if !POLICY.with(|p| p.borrow().blocks_secrets_in_response()) {
+            return ResponseVerdict::Allow;
+        }
+        RESPONSE.with(|w| w.borrow_mut().push(&text))
+    }
+}
+
+export_filter!(PiiRedactor);

@@ -1,0 +1,227 @@
+//! E-mail addresses and phone numbers.
+
+use super::{after_escape, digit_at, num_start, run_end};
+
+/// Longest local part RFC 5321 allows.
+pub(super) const MAX_LOCAL: usize = 64;
+/// Longest domain label.
+const MAX_LABEL: usize = 63;
+/// Longest domain.
+const MAX_DOMAIN: usize = 253;
+
+/// The characters accepted in a local part: the common subset of RFC 5322's atext. Quotes, `=`,
+/// `/` and the like are left out because in prose and code they delimit an address rather than
+/// belong to it (`to='bob@example.com'`).
+fn is_local(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-')
+}
+
+/// An address `local@domain.tld` starting at `i`; returns its end.
+pub(super) fn email(b: &[u8], i: usize) -> Option<usize> {
+    // Only where a run of local-part characters begins, so that a rejected run
+    // (`double..dot@…`) is not retried from inside and each run is read once; and not right
+    // after an `@` (`a@b.com@c.org`).
+    if i > 0 && (is_local(b[i - 1]) || b[i - 1] == b'@') && !after_escape(b, i) {
+        return None;
+    }
+    let at = run_end(b, i, MAX_LOCAL, is_local);
+    if at - i > MAX_LOCAL || b.get(at) != Some(&b'@') {
+        return None;
+    }
+    let local = &b[i..at];
+    if local.ends_with(b".") || local.windows(2).any(|w| w == b"..") {
+        return None;
+    }
+    let end = domain(b, at + 1)?;
+    // `a@b.com@c` or `a@b.com-x` is not an address followed by punctuation.
+    if matches!(b.get(end), Some(b'@' | b'-')) || !super::word_end(b, end) {
+        return None;
+    }
+    Some(end)
+}
+
+/// A domain of at least two labels starting at `d`, the last one a top-level domain; returns its
+/// end. A final `.` not followed by a label (the end of a sentence) is left out.
+fn domain(b: &[u8], d: usize) -> Option<usize> {
+    let mut p = d;
+    let mut labels = 0;
+    loop {
+        let s = p;
+        p = run_end(b, s, MAX_LABEL, |c| c.is_ascii_alphanumeric() || c == b'-');
+        let label = &b[s..p];
+        if label.is_empty() || label.len() > MAX_LABEL || label[0] == b'-' || label[label.len() - 1] == b'-' {
+            return None;
+        }
+        labels += 1;
+        if p - d > MAX_DOMAIN {
+            return None;
+        }
+        if b.get(p) == Some(&b'.') && b.get(p + 1).is_some_and(u8::is_ascii_alphanumeric) {
+            p += 1;
+            continue;
+        }
+        return (labels >= 2 && is_tld(label)).then_some(p);
+    }
+}
+
+/// Whether `label` can be a top-level domain: letters only, or an IDN in punycode.
+fn is_tld(label: &[u8]) -> bool {
+    (label.len() >= 2 && label.iter().all(u8::is_ascii_alphabetic)) || label.starts_with(b"xn--")
+}
+
+/// Most digit groups a phone number is read in.
+const MAX_GROUPS: usize = 8;
+
+/// A phone number read as digit groups and the separators between them.
+#[derive(Default)]
+struct Groups {
+    /// Where each group's digits start.
+    starts: [usize; MAX_GROUPS],
+    /// Where each group ends, past its `)` if it is parenthesised.
+    ends: [usize; MAX_GROUPS],
+    /// How many digits each group has.
+    lens: [usize; MAX_GROUPS],
+    /// The punctuation before each group: ` `, `.`, `-` or `/`, or 0 for none (the first group,
+    /// or one right after a `)`).
+    seps: [u8; MAX_GROUPS],
+    /// Whether each group is written in parentheses.
+    parens: [bool; MAX_GROUPS],
+    /// How many groups were read.
+    n: usize,
+}
+
+impl Groups {
+    /// Reads digit groups from `p` into this empty `Groups`: each optionally in parentheses,
+    /// separated by at most a space, one of `.-/` and another space. Returns `None` for a digit
+    /// run too long to be part of a phone number (an id, a long reference). Filled in place: the
+    /// arrays are too big to move around on every digit in the text.
+    fn read(&mut self, b: &[u8], mut p: usize) -> Option<()> {
+        let g = self;
+        let mut sep = 0;
+        while g.n < MAX_GROUPS {
+            let opens = b.get(p) == Some(&b'(');
+            let s = p + usize::from(opens);
+            let mut e = run_end(b, s, 15, |c| c.is_ascii_digit());
+            if e - s > 15 {
+                return None;
+            }
+            if e == s || (opens && b.get(e) != Some(&b')')) {
+                break;
+            }
+            let digits = e - s;
+            e += usize::from(opens);
+            g.starts[g.n] = s;
+            g.ends[g.n] = e;
+            g.lens[g.n] = digits;
+            g.seps[g.n] = sep;
+            g.parens[g.n] = opens;
+            g.n += 1;
+            // The separator to the next group.
+            let mut r = e;
+            sep = 0;
+            if b.get(r) == Some(&b' ') {
+                r += 1;
+                sep = b' ';
+            }
+            if let Some(&c @ (b'.' | b'-' | b'/')) = b.get(r) {
+                r += 1;
+                sep = c;
+                if b.get(r) == Some(&b' ') {
+                    r += 1;
+                }
+            }
+            let next_opens = b.get(r) == Some(&b'(');
+            if !digit_at(b, r + usize::from(next_opens)) || (sep == 0 && !opens) {
+                break;
+            }
+            p = r;
+        }
+        Some(())
+    }
+
+    /// Total digits in the first `k` groups.
+    fn digits(&self, k: usize) -> usize {
+        self.lens[..k].iter().sum()
+    }
+}
+
+/// A phone number starting at `i` (a digit, `+` or `(`); returns its end.
+///
+/// Plain digit runs are never phone numbers here (they are as often years, prices or order ids):
+/// a number needs a leading `+` or `00`, or a national shape with separators: North American
+/// `(415) 555-0132` / `415-555-0132`, or a trunk-prefixed European one such as `020 7946 0958`,
+/// `07700 900123` or `01 23 45 67 89`.
+pub(super) fn phone(b: &[u8], i: usize) -> Option<usize> {
+    let plus = b[i] == b'+';
+    if plus {
+        if !super::word_start(b, i) || (i > 0 && b[i - 1] == b'+') {
+            return None;
+        }
+    } else {
+        // Every national shape opens with a group of at most five digits and a separator; this
+        // turns most plain numbers (years, amounts) away before reading groups.
+        let s = i + usize::from(b[i] == b'(');
+        let e = run_end(b, s, 5, |c| c.is_ascii_digit());
+        if !num_start(b, i) || e == s || e - s > 5 || !matches!(b.get(e), Some(b' ' | b'.' | b'-' | b'/' | b')')) {
+            return None;
+        }
+    }
+    let mut g = Groups::default();
+    g.read(b, i + usize::from(plus))?;
+    // `00` then a country code is the international prefix written out (`0049 171 2345678`).
+    let idd = !plus && b[i..].starts_with(b"00") && matches!(b.get(i + 2), Some(b'1'..=b'9'));
+    // Try the whole run, then shorter prefixes cut at a space (a number followed by an unrelated
+    // count, `call 020 7946 0958 2 times`); never cut inside `415-555-0132-7`.
+    (1..=g.n).rev().filter(|&k| k == g.n || g.seps[k] == b' ').find_map(|k| {
+        let ok = if plus {
+            international(&g, k, 0)
+        } else if idd {
+            // Grouped, so that a plain number starting with 00 is not taken for one.
+            k >= 2 && international(&g, k, 2)
+        } else {
+            north_american(b, &g, k) || trunk(b, &g, k)
+        };
+        let end = g.ends[k - 1];
+        (ok && phone_end(b, end)).then_some(end)
+    })
+}
+
+/// Whether a phone number may end before `b[e]`: not inside a word, and not followed by a digit
+/// after `.`, `-`, `:` or `/`, which makes it part of a date, a time or a longer number.
+fn phone_end(b: &[u8], e: usize) -> bool {
+    super::word_end(b, e) && !(matches!(b.get(e), Some(b'.' | b'-' | b':' | b'/')) && digit_at(b, e + 1))
+}
+
+/// `+` (or `00`, counted in `prefix`) and 8–15 digits (E.164), in any grouping.
+fn international(g: &Groups, k: usize, prefix: usize) -> bool {
+    let last_ok = k == 1 || g.lens[k - 1] >= 2;
+    !g.parens[0] && (8..=15).contains(&(g.digits(k) - prefix)) && last_ok
+}
+
+/// A North American number: an optional `1`, then area code, exchange and line as 3-3-4 groups,
+/// the area code optionally in parentheses; area code and exchange start with 2–9.
+fn north_american(b: &[u8], g: &Groups, k: usize) -> bool {
+    let first = usize::from(k == 4 && g.lens[0] == 1 && b[g.starts[0]] == b'1' && !g.parens[0]);
+    if k - first != 3 || g.lens[first..k] != [3, 3, 4] {
+        return false;
+    }
+    let starts_2_9 = |j: usize| matches!(b[g.starts[j]], b'2'..=b'9');
+    starts_2_9(first) && starts_2_9(first + 1) && !g.parens[first + 1] && !g.parens[first + 2]
+}
+
+/// A trunk-prefixed national number (`0…`, as in most of Europe): 10–13 digits in 2 or more
+/// groups, the first of 2–5 digits, the rest of 2–8, with one kind of separator throughout (a
+/// date followed by a time, `01.02.2024 12`, mixes them).
+fn trunk(b: &[u8], g: &Groups, k: usize) -> bool {
+    let s = g.starts[0];
+    if k < 2 || b[s] != b'0' || b[s + 1] == b'0' || !(10..=13).contains(&g.digits(k)) {
+        return false;
+    }
+    if !(2..=5).contains(&g.lens[0]) || g.lens[1..k].iter().any(|l| !(2..=8).contains(l)) {
+        return false;
+    }
+    // Separators after a parenthesised group may differ (`(030) 1234-5678`); the others agree.
+    let mut kinds = (1..k).filter(|&j| !g.parens[j - 1]).map(|j| g.seps[j]);
+    let first = kinds.next();
+    g.parens[1..k].iter().all(|p| !p) && kinds.all(|s| Some(s) == first)
+}

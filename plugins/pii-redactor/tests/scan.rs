@@ -1,0 +1,442 @@
+//! The scanner, entity by entity: positives in the formats people write, and the near misses
+//! that must not match.
+
+use pii_redactor::scan::{scan, Entity, Finding};
+
+/// The findings in `text`, as (entity name, value).
+fn found(text: &str) -> Vec<(&'static str, &str)> {
+    scan(text).map(|f| (f.entity.name(), &text[f.start..f.end])).collect()
+}
+
+/// Asserts that each value, put in a sentence, is found whole as `entity` and nothing else.
+fn assert_all(entity: &str, values: &[&str]) {
+    for v in values {
+        let text = format!("see {v}, thanks");
+        assert_eq!(found(&text), vec![(entity, *v)], "in {text:?}");
+    }
+}
+
+/// Asserts that nothing is found in each text.
+fn assert_none(texts: &[&str]) {
+    for t in texts {
+        assert_eq!(found(t), vec![], "in {t:?}");
+    }
+}
+
+#[test]
+fn emails() {
+    assert_all(
+        "email",
+        &[
+            "alice@example.com",
+            "john.doe+newsletter@mail.example.co.uk",
+            "first_last@sub.domain.org",
+            "user%relay@example.net",
+            "12345@numbers.io",
+            "o'x@example.com".split('\'').nth(1).unwrap(),
+            "ops-team@xn--bcher-kva.example",
+            "Mixed.Case@Example.COM",
+        ],
+    );
+    assert_eq!(found("<bob@example.io>"), vec![("email", "bob@example.io")]);
+    assert_eq!(found("mail bob@example.io."), vec![("email", "bob@example.io")]);
+    assert_eq!(found("to='carol@example.org'"), vec![("email", "carol@example.org")]);
+    assert_none(&[
+        "@handle on social",
+        "foo@bar without a dot",
+        "a@b.c has a one-letter tld",
+        "user@localhost",
+        "double..dot@example.com",
+        "dot.@example.com",
+        "x@-bad.example.com",
+        "name@example.com_suffix",
+        "a@b.com@c.org",
+    ]);
+}
+
+#[test]
+fn phones() {
+    assert_all(
+        "phone",
+        &[
+            "+1 415 555 0132",
+            "+1-415-555-0132",
+            "+1.415.555.0132",
+            "+14155550132",
+            "+1 (415) 555-0132",
+            "+44 20 7946 0958",
+            "+44 (0)20 7946 0958",
+            "+49 30 12345678",
+            "+49 171 1234567",
+            "+33 6 12 34 56 78",
+            "+81 3-1234-5678",
+            "(415) 555-0132",
+            "(415)555-0132",
+            "415-555-0132",
+            "415.555.0132",
+            "415 555 0132",
+            "1-800-555-0199",
+            "020 7946 0958",
+            "07700 900123",
+            "0161 496 0000",
+            "030 12345678",
+            "030/12345678",
+            "(030) 1234 5678",
+            "0171 1234567",
+            "01 23 45 67 89",
+            "06.12.34.56.78",
+            "0049 171 2345678",
+        ],
+    );
+    // A count after the number is not part of it.
+    assert_eq!(found("call 020 7946 0958 2 times"), vec![("phone", "020 7946 0958")]);
+    assert_none(&[
+        "founded in 2024",
+        "costs $1,299.99 or 1299,99 EUR",
+        "order 123456789012 shipped",
+        "order #12345-67890",
+        "on 2024-01-15 at 10:30:45",
+        "on 12/25/2024 and 01.02.2024 12:30",
+        "ISBN 978-3-16-148410-0",
+        "+1234.56 points",
+        "+5 (again)",
+        "415-555-01320 is too long",
+        "415-555-0132-7 is an extension-less id",
+        "115-555-0132 has no valid area code",
+        "4155550132 without separators",
+        "12345678 plain",
+        "0 800 123 is too short",
+        "a+14155550132",
+        "0049171234567 ungrouped",
+    ]);
+}
+
+#[test]
+fn cards() {
+    assert_all(
+        "card",
+        &[
+            "4111111111111111",
+            "4111 1111 1111 1111",
+            "4111-1111-1111-1111",
+            "5555555555554444",
+            "5555 5555 5555 4444",
+            "2223003122003222",
+            "378282246310005",
+            "3782 822463 10005",
+            "371449635398431",
+            "6011111111111117",
+            "6011 0009 9013 9424",
+            "3530111333300000",
+            "4012888888881881",
+            "4222222222222",
+        ],
+    );
+    assert_eq!(found("card 4111 1111 1111 1111 2024"), vec![("card", "4111 1111 1111 1111")]);
+    assert_none(&[
+        "4111111111111112 fails Luhn",
+        "4111 1111 1111 1112",
+        "4111-1111 1111-1111 mixes separators",
+        "9111111111111119 has no network",
+        "41111111111111111111 is too long",
+        "4111-1111-1111-1111-2 continues",
+        "id 1234567890123452",
+        "x4111111111111111",
+    ]);
+}
+
+#[test]
+fn ibans() {
+    assert_all(
+        "iban",
+        &[
+            "DE89370400440532013000",
+            "DE89 3704 0044 0532 0130 00",
+            "GB82WEST12345698765432",
+            "GB82 WEST 1234 5698 7654 32",
+            "FR1420041010050500013M02606",
+            "FR14 2004 1010 0505 0001 3M02 606",
+            "ES9121000418450200051332",
+            "IT60X0542811101000000123456",
+            "NL91ABNA0417164300",
+            "NL91 ABNA 0417 1643 00",
+            "CH9300762011623852957",
+            "BE68539007547034",
+            "AT611904300234573201",
+            "PL61109010140000071219812874",
+            "NO9386011117947",
+        ],
+    );
+    // A following word in capitals is not one more group.
+    assert_eq!(found("pay ES91 2100 0418 4502 0005 1332 THEN stop"), vec![("iban", "ES91 2100 0418 4502 0005 1332")]);
+    assert_none(&[
+        "DE89370400440532013001 bad checksum",
+        "DE89 3704 0044 0532 0130 01",
+        "DE8937040044053201300 too short for DE",
+        "GB82WEST1234569876543",
+        "DE00370400440532013000 check digits 00",
+        "XDE89370400440532013000",
+        "DE89 370 4004 4053 2013 000 badly grouped",
+    ]);
+}
+
+#[test]
+fn ssns() {
+    assert_all("ssn", &["123-45-6789", "078-05-1120", "219-09-9999", "899-99-9998"]);
+    assert_none(&[
+        "666-12-3456",
+        "000-12-3456",
+        "900-12-3456",
+        "987-65-4321",
+        "123-00-4567",
+        "123-45-0000",
+        "123-45-67890",
+        "1123-45-6789",
+        "123 45 6789",
+        "2024-12-3456",
+        "x123-45-6789",
+        "123-45-6789-1",
+    ]);
+}
+
+#[test]
+fn ipv4() {
+    assert_all("ipv4", &["192.168.1.1", "10.0.0.1", "8.8.8.8", "255.255.255.255", "172.16.254.3"]);
+    assert_eq!(found("connect to 10.0.0.1:8080 now"), vec![("ipv4", "10.0.0.1")]);
+    assert_eq!(found("range 10.0.0.1-10.0.0.9"), vec![("ipv4", "10.0.0.1"), ("ipv4", "10.0.0.9")]);
+    assert_eq!(found("net 192.168.0.0/16"), vec![("ipv4", "192.168.0.0")]);
+    assert_none(&[
+        "256.1.1.1",
+        "1.2.3.4.5",
+        "v1.2.3.4",
+        "build 10.0.19045.2965",
+        "192.168.1",
+        "1.2.3.4a",
+        "1234.1.1.1",
+        "1.2.3.1000",
+        "12.05.2024",
+    ]);
+}
+
+#[test]
+fn ipv6() {
+    assert_all(
+        "ipv6",
+        &[
+            "2001:db8::1",
+            "2001:0db8:85a3:0000:0000:8a2e:0370:7334",
+            "fe80::1ff:fe23:4567:890a",
+            "::1",
+            "::ffff:192.0.2.128",
+            "2001:db8::",
+            "FE80::0202:B3FF:FE1E:8329",
+            "64:ff9b::192.0.2.33",
+        ],
+    );
+    assert_eq!(found("[2001:db8::8a2e:370:7334]:443"), vec![("ipv6", "2001:db8::8a2e:370:7334")]);
+    assert_none(&[
+        "at 10:30:45 today",
+        "use std::vec::Vec",
+        "dead::beef",
+        "mac 00:1A:2B:3C:4D:5E",
+        "1::2::3",
+        "2001:db8:0:0:0:0:0:0:1",
+        "12345::1",
+        "::",
+        "ratio 1:2",
+    ]);
+}
+
+#[test]
+fn secrets() {
+    let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIiwiaWF0IjoxNTE2MjM5MDIyfQ.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
+    assert_all(
+        "secret",
+        &[
+            "sk-abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGH",
+            "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z_A-b",
+            "sk-ant-api03-AbCdEf0123456789_ghIJklMNopQRstUVwx-yz012345AA",
+            "AKIAIOSFODNN7EXAMPLE",
+            "ASIAY34FZKBOKMUTVV7A",
+            "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+            "gho_16C7e42F292c6912E7710c838347Ae178B4a",
+            "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123",
+            "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+            "xoxp-1234567890-abcdefABCDEF",
+            jwt,
+        ],
+    );
+    assert_eq!(
+        found(&format!("OPENAI_API_KEY={}", "sk-abcdefghij0123456789")),
+        vec![("secret", "sk-abcdefghij0123456789")]
+    );
+    assert_eq!(found(&format!("Authorization: Bearer {jwt}")), vec![("secret", jwt)]);
+    assert_none(&[
+        "task-sk-abcdefghij0123456789xyz",
+        "sk-short1",
+        "sk-this-is-not-a-real-key-at-all",
+        "AKIA1234",
+        "AKIAIOSFODNN7EXAMPLEX",
+        "ghp_short123",
+        "xoxb-",
+        "eyJhbGciOiJIUzI1NiJ9 alone",
+        "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0In0.",
+        "the word sky-high",
+    ]);
+}
+
+#[test]
+fn pem_private_keys() {
+    let key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn/ygWyF8PbnGy0AHB7MhgHcTz6sE2I2yPB\naFDrBz9vFqU4yEDaG5KhOi8LGnVfNvOZfwx+mCOL2I0jOZMy\n-----END RSA PRIVATE KEY-----";
+    let text = format!("here is my key:\n{key}\nplease fix it");
+    assert_eq!(found(&text), vec![("secret", key)]);
+    let openssh = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ==\n-----END OPENSSH PRIVATE KEY-----";
+    assert_eq!(found(openssh), vec![("secret", openssh)]);
+    // A truncated key is still a key: everything from BEGIN on.
+    let truncated = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC";
+    assert_eq!(found(&format!("x {truncated}")), vec![("secret", truncated)]);
+    // The END line must name the same key.
+    let mismatched = "-----BEGIN EC PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----";
+    assert_eq!(found(mismatched), vec![("secret", mismatched)]);
+    assert_none(&[
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----",
+        "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----",
+    ]);
+}
+
+#[test]
+fn uuids_and_hashes_are_not_values() {
+    assert_none(&[
+        "request 550e8400-e29b-41d4-a716-446655440000 failed",
+        "id 123e4567-e89b-12d3-a456-426614174000",
+        "commit 6d484f6a1b2c3d4e5f60718293a4b5c6d7e8f901",
+        "sha256 e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+    ]);
+}
+
+#[test]
+fn non_ascii_text_around_values() {
+    let text = "Ünïcödé → alice@example.com ← 日本語+81 3-1234-5678です。电话：13800138000，IP：192.168.0.1，卡号4111111111111111。Grüße, Zoë";
+    let got = found(text);
+    assert_eq!(
+        got,
+        vec![
+            ("email", "alice@example.com"),
+            ("phone", "+81 3-1234-5678"),
+            ("ipv4", "192.168.0.1"),
+            ("card", "4111111111111111")
+        ]
+    );
+    assert_invariants(text);
+}
+
+/// Checks what every scan must satisfy: findings are non-empty, in order, disjoint, and on
+/// character boundaries.
+fn assert_invariants(text: &str) {
+    let findings: Vec<Finding> = scan(text).collect();
+    let mut last_end = 0;
+    for f in &findings {
+        assert!(f.start < f.end, "empty finding {f:?} in {text:?}");
+        assert!(f.start >= last_end, "overlap at {f:?} in {text:?}");
+        assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end), "{f:?} splits a char in {text:?}");
+        last_end = f.end;
+    }
+}
+
+#[test]
+fn findings_never_overlap_on_generated_text() {
+    // Random text from fragments chosen to collide: digits, separators, prefixes, non-ASCII.
+    const PIECES: [&str; 28] = [
+        "4111",
+        "1111",
+        " ",
+        "-",
+        ".",
+        ":",
+        "::",
+        "@",
+        "example",
+        ".com",
+        "+44",
+        "(0)",
+        "20",
+        "7946",
+        "0958",
+        "DE89",
+        "3704",
+        "sk-",
+        "abc123DEF456ghi789JKL",
+        "eyJ",
+        "é",
+        "日本",
+        "192",
+        "168",
+        "ffff",
+        "_",
+        "\n",
+        "-----BEGIN ",
+    ];
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..3000 {
+        let mut text = String::new();
+        for _ in 0..24 {
+            // xorshift64: a fixed, dependency-free sequence.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            text.push_str(PIECES[(state % PIECES.len() as u64) as usize]);
+        }
+        assert_invariants(&text);
+    }
+}
+
+#[test]
+fn pathological_inputs_finish() {
+    // Each would be quadratic if detectors restarted inside runs; here they must simply finish.
+    let inputs = [
+        "sk-".repeat(20_000),
+        "a.".repeat(30_000),
+        "1.".repeat(30_000),
+        ":".repeat(60_000),
+        "1-".repeat(30_000),
+        "eyJ-".repeat(15_000),
+        "-----BEGIN RSA PRIVATE KEY-----".repeat(2_000),
+        "x@".repeat(30_000),
+        "0 ".repeat(30_000),
+    ];
+    for text in &inputs {
+        assert_invariants(text);
+    }
+}
+
+#[test]
+fn entity_names_round_trip() {
+    for e in Entity::ALL {
+        assert_eq!(Entity::from_name(e.name()), Some(e));
+        assert_eq!(e.label(), format!("pii.{}", e.name()));
+    }
+    let mut labels: Vec<&str> = Entity::ALL.iter().map(|e| e.label()).collect();
+    let declared = labels.clone();
+    labels.sort_unstable();
+    assert_eq!(labels, declared, "entities are declared in label order");
+    assert_eq!(Entity::from_name("passport"), None);
+}
+
+#[test]
+fn json_escapes_separate_words() {
+    // Tool arguments are JSON: `\n` stands for a newline, not for a word ending in `n`.
+    let text = r#"{"body":"Hi\nalice@example.com\n+1 415 555 0132\tAKIAIOSFODNN7EXAMPLE\r\n4111111111111111"}"#;
+    assert_eq!(
+        found(text),
+        vec![
+            ("email", "alice@example.com"),
+            ("phone", "+1 415 555 0132"),
+            ("secret", "AKIAIOSFODNN7EXAMPLE"),
+            ("card", "4111111111111111")
+        ]
+    );
+    let key = r"-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA0Z3VS5JJcds3xfn\n-----END RSA PRIVATE KEY-----";
+    assert_eq!(found(&format!(r#"{{"pem":"x\n{key}"}}"#)), vec![("secret", key)]);
+    // Only those escapes: `\u` or a plain `n` still glue.
+    assert_none(&[r"x\u0041alice@example", "nalice@example"]);
+}
