@@ -24,6 +24,7 @@ pub mod config;
 pub mod edge;
 pub mod error;
 pub mod metrics;
+pub mod plugin;
 pub mod redaction;
 pub mod server;
 pub mod sse;

@@ -1,0 +1,236 @@
+//! Host-side bindings of the plugin contract (`wit/meridian-plugin.wit`) and the per-call store
+//! state that implements the `host` interface.
+//!
+//! Both worlds are generated here; the filter world reuses the router world's `types` and `host`
+//! modules (`with:`), so the two share one `RequestSummary` type and one `host` implementation, and
+//! one `Linker` serves both.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::metrics::PluginMetrics;
+use super::stdio::CappedPipe;
+
+/// The `router` world.
+pub(crate) mod router_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "router",
+        // Exports are called on a fiber so that WASI's blocking calls (stdout, sleeps, polls)
+        // await instead of blocking a Tokio worker; the `host` imports stay plain functions.
+        exports: { default: async },
+        // Callers compare decisions (tests, the routing core's property checks).
+        additional_derives: [PartialEq],
+    });
+}
+
+/// The `privacy-filter` world, sharing the router world's interfaces.
+pub(crate) mod filter_world {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "privacy-filter",
+        exports: { default: async },
+        additional_derives: [PartialEq],
+        with: {
+            "meridian:plugin/types": super::router_world::meridian::plugin::types,
+            "meridian:plugin/host": super::router_world::meridian::plugin::host,
+        },
+    });
+}
+
+pub use filter_world::meridian::plugin::filtering::{
+    Inspection, Redaction, RequestVerdict, ResponseVerdict, Segment, SegmentKind,
+};
+pub use router_world::meridian::plugin::routing::{CachePolicy, Decision, Outcome, Refusal};
+pub use router_world::meridian::plugin::types::{
+    Health, HourPrice, PriceModel, RequestSummary, Target, TargetKind, TokenPrice,
+};
+
+use router_world::meridian::plugin::host::{Host, Level};
+
+/// Who is running, for the log and metrics a guest writes, and the caps on what it may write.
+pub(crate) struct GuestIdentity {
+    pub name: Arc<str>,
+    pub version: Arc<str>,
+    pub metrics: Arc<PluginMetrics>,
+    pub max_log_lines: u32,
+    pub max_log_line_bytes: usize,
+}
+
+/// The data of one call's `Store`: WASI with nothing in it, the memory limiter, and the `host`
+/// interface's bookkeeping. Dropped with the store after the call.
+pub(crate) struct CallState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limiter: CallLimiter,
+    guest: Arc<GuestIdentity>,
+    log_lines: u32,
+    log_dropped: u64,
+}
+
+impl CallState {
+    /// A state whose stdout and stderr go to the given pipes; everything else WASI could give
+    /// (files, environment, arguments, network, name lookup, stdin) is absent.
+    pub fn new(guest: Arc<GuestIdentity>, memory_bytes: usize, stdout: CappedPipe, stderr: CappedPipe) -> CallState {
+        let wasi = WasiCtx::builder()
+            .stdout(stdout)
+            .stderr(stderr)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        CallState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: CallLimiter::new(memory_bytes),
+            guest,
+            log_lines: 0,
+            log_dropped: 0,
+        }
+    }
+
+    /// Log lines the guest wrote past the per-call cap.
+    pub fn log_dropped(&self) -> u64 {
+        self.log_dropped
+    }
+}
+
+/// Adds WASI p2 and the `host` interface to a linker. Both worlds import exactly these, so one
+/// linker serves routers and filters.
+///
+/// WASI is the async variant: its sync variant runs blocking calls (`blocking-write-and-flush`,
+/// `pollable.block`…) through `Handle::block_on`, which panics on a Tokio worker thread.
+pub(crate) fn add_to_linker(linker: &mut Linker<CallState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    use filter_world::meridian::plugin::filtering;
+    use router_world::meridian::plugin::{host, routing, types};
+    // The type-only interfaces are imported too (a world's `use` imports them), as empty
+    // instances.
+    host::add_to_linker::<CallState, HasSelf<CallState>>(linker, |state| state)?;
+    types::add_to_linker::<CallState, HasSelf<CallState>>(linker, |state| state)?;
+    routing::add_to_linker::<CallState, HasSelf<CallState>>(linker, |state| state)?;
+    filtering::add_to_linker::<CallState, HasSelf<CallState>>(linker, |state| state)
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl router_world::meridian::plugin::types::Host for CallState {}
+impl router_world::meridian::plugin::routing::Host for CallState {}
+impl filter_world::meridian::plugin::filtering::Host for CallState {}
+
+impl Host for CallState {
+    fn log(&mut self, level: Level, message: String) {
+        if self.log_lines >= self.guest.max_log_lines {
+            // Counted, not written: a plugin must not be able to flood the node's log.
+            self.log_dropped += 1;
+            return;
+        }
+        self.log_lines += 1;
+        let message = truncate(&message, self.guest.max_log_line_bytes);
+        let (plugin, version) = (&*self.guest.name, &*self.guest.version);
+        match level {
+            Level::Trace => tracing::trace!(target: "meridian::plugin::guest", plugin, version, "{message}"),
+            Level::Debug => tracing::debug!(target: "meridian::plugin::guest", plugin, version, "{message}"),
+            Level::Info => tracing::info!(target: "meridian::plugin::guest", plugin, version, "{message}"),
+            Level::Warn => tracing::warn!(target: "meridian::plugin::guest", plugin, version, "{message}"),
+            Level::Error => tracing::error!(target: "meridian::plugin::guest", plugin, version, "{message}"),
+        }
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.guest.metrics.guest_counter_add(&self.guest.name, &name, delta);
+    }
+
+    fn histogram_record(&mut self, name: String, value: f64) {
+        self.guest.metrics.guest_histogram_record(&self.guest.name, &name, value);
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        // A clock before 1970 is a broken node, not the plugin's problem: it reads 0.
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// `message` cut to at most `max` bytes on a character boundary, marked when cut.
+pub(crate) fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if message.len() <= max {
+        return message.into();
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes cut)", &message[..end], message.len() - end).into()
+}
+
+/// `StoreLimits` that also remember whether the guest hit its memory cap, so that the failure is
+/// reported as `MemoryLimit` rather than as whatever trap the guest turned it into.
+pub(crate) struct CallLimiter {
+    limits: StoreLimits,
+    pub memory_hit: bool,
+}
+
+impl CallLimiter {
+    fn new(memory_bytes: usize) -> CallLimiter {
+        // `trap_on_grow_failure`: without it a refused `memory.grow` returns -1 and a Rust guest
+        // aborts, which looks like any other panic.
+        let limits = StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(true).build();
+        CallLimiter { limits, memory_hit: false }
+    }
+}
+
+impl ResourceLimiter for CallLimiter {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum);
+        if !matches!(allowed, Ok(true)) {
+            self.memory_hit = true;
+        }
+        allowed
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_hit = true;
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate;
+
+    #[test]
+    fn truncate_keeps_char_boundaries() {
+        assert_eq!(truncate("short", 10), "short");
+        let cut = truncate("ééé", 3); // 6 bytes; byte 3 is inside the second é
+        assert!(cut.starts_with("é…"), "{cut}");
+        assert!(cut.ends_with("(4 bytes cut)"), "{cut}");
+    }
+}

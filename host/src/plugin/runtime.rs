@@ -1,0 +1,683 @@
+//! The plugin runtime: one wasmtime engine per node, plugins loaded from it, and every call on a
+//! fresh instance under a deadline, a memory cap and the instance semaphore.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use wasmtime::component::{Component, InstancePre, Linker};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use super::bindings::filter_world::PrivacyFilterPre;
+use super::bindings::router_world::RouterPre;
+use super::bindings::{
+    self, CallState, GuestIdentity, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment, Target,
+};
+use super::cache::{ArtifactCache, CacheStats};
+use super::metrics::PluginMetrics;
+use super::stdio::CappedPipe;
+use super::{validate, PluginError};
+
+/// How long a guest's panic message may be in a [`PluginError::Trap`].
+const TRAP_MESSAGE_BYTES: usize = 512;
+
+/// `[plugins]`: the plugin runtime's limits, shared by every plugin of the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginSettings {
+    /// Plugin instances alive at once, across all plugins: the permits of the instance semaphore
+    /// and the pooling allocator's size (plus one slot for load-time dry runs).
+    pub max_instances: u32,
+    /// How long a call waits for a free instance before [`PluginError::Overloaded`].
+    pub acquire_timeout_ms: u64,
+    /// Linear memory one instance may have: the pool's slot size and the default per-call cap.
+    pub max_memory_bytes: usize,
+    /// Core instances one component may hold (a Rust `wasm32-wasip2` component holds several).
+    pub max_core_instances_per_component: u32,
+    /// Linear memories one component may hold.
+    pub max_memories_per_component: u32,
+    /// Tables one component may hold.
+    pub max_tables_per_component: u32,
+    /// Bytes of each pooled memory kept mapped between instances and reset in place (with the
+    /// `PAGEMAP_SCAN` ioctl where the kernel has it), instead of unmapped and faulted in again.
+    pub keep_resident_bytes: usize,
+    /// Period of the epoch ticker that enforces deadlines; a deadline is rounded up to ticks.
+    pub epoch_tick_ms: u64,
+    /// Where compiled components are cached, by content hash.
+    pub cache_dir: PathBuf,
+    /// Failures of one plugin version within `quarantine_window_secs` that quarantine it.
+    pub quarantine_after: u32,
+    /// The window over which failures are counted.
+    pub quarantine_window_secs: u64,
+    /// Log lines one call may write (through `host.log`, and separately stdout and stderr); the
+    /// rest are dropped and counted.
+    pub max_log_lines_per_call: u32,
+    /// Longest log line; longer ones are cut.
+    pub max_log_line_bytes: usize,
+    /// Bytes of stdout (and of stderr) kept per call.
+    pub max_stdio_bytes: usize,
+}
+
+impl Default for PluginSettings {
+    fn default() -> Self {
+        PluginSettings {
+            max_instances: 256,
+            acquire_timeout_ms: 100,
+            max_memory_bytes: 64 << 20,
+            max_core_instances_per_component: 16,
+            max_memories_per_component: 2,
+            max_tables_per_component: 8,
+            keep_resident_bytes: 1 << 20,
+            epoch_tick_ms: 1,
+            cache_dir: PathBuf::from(".meridian/plugin-cache"),
+            quarantine_after: 5,
+            quarantine_window_secs: 60,
+            max_log_lines_per_call: 16,
+            max_log_line_bytes: 1024,
+            max_stdio_bytes: 16 << 10,
+        }
+    }
+}
+
+/// The limits of each call to one plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallLimits {
+    /// Time for one call: instantiation, `configure` and the hook together.
+    pub deadline_ms: u64,
+    /// Memory cap of the instance; absent means the runtime's `max_memory_bytes`.
+    pub max_memory_bytes: Option<usize>,
+}
+
+impl Default for CallLimits {
+    fn default() -> Self {
+        CallLimits { deadline_ms: 20, max_memory_bytes: None }
+    }
+}
+
+/// A plugin version: its name and version as loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PluginId {
+    /// The plugin's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+}
+
+impl fmt::Display for PluginId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+/// Where a component's bytes come from.
+#[derive(Debug, Clone, Copy)]
+pub enum WasmSource<'a> {
+    /// The component itself.
+    Bytes(&'a [u8]),
+    /// A `.wasm` file holding it.
+    File(&'a Path),
+}
+
+impl<'a> From<&'a [u8]> for WasmSource<'a> {
+    fn from(bytes: &'a [u8]) -> Self {
+        WasmSource::Bytes(bytes)
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for WasmSource<'a> {
+    fn from(bytes: &'a Vec<u8>) -> Self {
+        WasmSource::Bytes(bytes)
+    }
+}
+
+impl<'a> From<&'a Path> for WasmSource<'a> {
+    fn from(path: &'a Path) -> Self {
+        WasmSource::File(path)
+    }
+}
+
+impl<'a> From<&'a PathBuf> for WasmSource<'a> {
+    fn from(path: &'a PathBuf) -> Self {
+        WasmSource::File(path)
+    }
+}
+
+/// The node's plugin runtime. Plugins loaded from it keep its engine (and its epoch ticker) alive:
+/// the ticker thread stops when the runtime and all its plugins are dropped.
+pub struct PluginRuntime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    linker: Linker<CallState>,
+    cache: ArtifactCache,
+    settings: PluginSettings,
+    metrics: Arc<PluginMetrics>,
+    pooling: bool,
+    /// One permit per pooled instance slot: a full pool fails instantiation at once, so calls
+    /// wait here (bounded) instead.
+    permits: Semaphore,
+    /// Load-time dry runs use the one extra pool slot, one at a time.
+    load_slot: tokio::sync::Mutex<()>,
+    plugins: Mutex<Vec<Weak<PluginCore>>>,
+    _ticker: EpochTicker,
+}
+
+impl PluginRuntime {
+    /// Starts the engine (the pooling allocator, or on-demand allocation with a warning when the
+    /// pool cannot be reserved), the epoch ticker, and opens the artifact cache.
+    pub fn new(settings: PluginSettings, metrics: Arc<PluginMetrics>) -> Result<PluginRuntime, PluginError> {
+        check_settings(&settings)?;
+        let (engine, pooling) = match Engine::new(&engine_config(&settings, true)?) {
+            Ok(engine) => (engine, true),
+            Err(error) => {
+                tracing::warn!(
+                    error = %format!("{error:#}"),
+                    max_instances = settings.max_instances,
+                    "cannot reserve the plugin instance pool; falling back to on-demand allocation (slower instantiation)"
+                );
+                let engine = Engine::new(&engine_config(&settings, false)?)
+                    .map_err(|e| PluginError::Runtime(format!("cannot start the wasm engine: {e:#}")))?;
+                (engine, false)
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        bindings::add_to_linker(&mut linker).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+        let cache = ArtifactCache::open(&settings.cache_dir, &engine)?;
+        let ticker = EpochTicker::start(engine.clone(), Duration::from_millis(settings.epoch_tick_ms))
+            .map_err(|source| PluginError::Io { path: PathBuf::from("<epoch ticker thread>"), source })?;
+        Ok(PluginRuntime {
+            inner: Arc::new(Inner {
+                engine,
+                linker,
+                cache,
+                permits: Semaphore::new(settings.max_instances as usize),
+                settings,
+                metrics,
+                pooling,
+                load_slot: tokio::sync::Mutex::new(()),
+                plugins: Mutex::default(),
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// Whether instances come from the pooling allocator (false after the fallback).
+    pub fn is_pooling(&self) -> bool {
+        self.inner.pooling
+    }
+
+    /// How the artifact cache has served loads so far.
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
+    }
+
+    /// Where the compiled artifact of this component is cached.
+    pub fn artifact_path(&self, wasm: &[u8]) -> PathBuf {
+        self.inner.cache.path_for(wasm)
+    }
+
+    /// The loaded plugin versions that are quarantined now (for `/readyz`).
+    pub fn quarantined(&self) -> Vec<PluginId> {
+        let mut plugins = self.inner.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        plugins.retain(|p| p.strong_count() > 0);
+        let mut ids: Vec<PluginId> =
+            plugins.iter().filter_map(Weak::upgrade).filter(|p| p.is_quarantined()).map(|p| p.id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Loads a router: compiles the component (or takes it from the cache), checks that it is a
+    /// `router`, and has it accept `config_json` once on a trial instance.
+    pub async fn load_router<'a>(
+        &self,
+        name: &str,
+        version: &str,
+        wasm: impl Into<WasmSource<'a>>,
+        config_json: &str,
+        limits: CallLimits,
+    ) -> Result<RouterPlugin, PluginError> {
+        const WORLD: &str = "router";
+        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits).await?;
+        let pre = RouterPre::new(pre).map_err(|e| wrong_world(WORLD, e))?;
+        let _slot = self.inner.load_slot.lock().await;
+        let mut call = core.start(None);
+        let result = core
+            .bounded(async {
+                let router = pre.instantiate_async(&mut call.store).await?;
+                router.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)
+            })
+            .await;
+        core.finish(call, result, |_| Ok(()))?;
+        Ok(RouterPlugin { core: self.register(core), pre })
+    }
+
+    /// Loads a privacy filter: as [`PluginRuntime::load_router`], for the `privacy-filter` world.
+    pub async fn load_filter<'a>(
+        &self,
+        name: &str,
+        version: &str,
+        wasm: impl Into<WasmSource<'a>>,
+        config_json: &str,
+        limits: CallLimits,
+    ) -> Result<FilterPlugin, PluginError> {
+        const WORLD: &str = "privacy-filter";
+        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits).await?;
+        let pre = PrivacyFilterPre::new(pre).map_err(|e| wrong_world(WORLD, e))?;
+        let _slot = self.inner.load_slot.lock().await;
+        let mut call = core.start(None);
+        let result = core
+            .bounded(async {
+                let filter = pre.instantiate_async(&mut call.store).await?;
+                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)
+            })
+            .await;
+        core.finish(call, result, |_| Ok(()))?;
+        Ok(FilterPlugin { core: self.register(core), pre })
+    }
+
+    /// Compiles (or loads from the cache) and links a component; the world is checked by the
+    /// caller's typed `…Pre::new`, which looks up the world's exports.
+    async fn prepare(
+        &self,
+        name: &str,
+        version: &str,
+        wasm: WasmSource<'_>,
+        config_json: &str,
+        limits: CallLimits,
+    ) -> Result<(Arc<PluginCore>, InstancePre<CallState>), PluginError> {
+        let settings = &self.inner.settings;
+        let memory_bytes = limits.max_memory_bytes.unwrap_or(settings.max_memory_bytes);
+        if memory_bytes > settings.max_memory_bytes {
+            return Err(PluginError::Settings(format!(
+                "plugin {name}@{version}: a memory cap of {memory_bytes} bytes is above the runtime's max_memory_bytes ({})",
+                settings.max_memory_bytes
+            )));
+        }
+        if limits.deadline_ms == 0 {
+            return Err(PluginError::Settings(format!("plugin {name}@{version}: deadline_ms must be at least 1")));
+        }
+        let bytes = match wasm {
+            WasmSource::Bytes(bytes) => bytes.to_vec(),
+            WasmSource::File(path) => {
+                std::fs::read(path).map_err(|source| PluginError::Io { path: path.to_path_buf(), source })?
+            }
+        };
+        // Compiling takes up to seconds of CPU: not on a Tokio worker.
+        let inner = Arc::clone(&self.inner);
+        let component: Component = tokio::task::spawn_blocking(move || inner.cache.load(&inner.engine, &bytes))
+            .await
+            .map_err(|e| PluginError::Runtime(format!("compilation task failed: {e}")))??;
+        let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
+            // The linker has WASI and `host`; an import outside them is a component written for
+            // another host, which is what a wrong world means to an operator.
+            PluginError::WrongWorld { world: "router or privacy-filter", message: format!("{e:#}") }
+        })?;
+        let deadline = Duration::from_millis(limits.deadline_ms);
+        let tick = Duration::from_millis(settings.epoch_tick_ms);
+        let guest = Arc::new(GuestIdentity {
+            name: name.into(),
+            version: version.into(),
+            metrics: Arc::clone(&self.inner.metrics),
+            max_log_lines: settings.max_log_lines_per_call,
+            max_log_line_bytes: settings.max_log_line_bytes,
+        });
+        let core = PluginCore {
+            runtime: Arc::clone(&self.inner),
+            id: PluginId { name: name.into(), version: version.into() },
+            guest,
+            config: config_json.into(),
+            deadline,
+            // The first tick comes anywhere within one period, so one more tick than the deadline
+            // holds guarantees at least the deadline (and at most one tick more).
+            deadline_ticks: deadline.as_nanos().div_ceil(tick.as_nanos()) as u64 + 1,
+            // A guest blocked in a host call (a sleep, a poll) never sees the epoch: this bounds it.
+            wall_limit: deadline + tick * 2 + Duration::from_millis(20),
+            memory_bytes,
+            health: Mutex::default(),
+        };
+        Ok((Arc::new(core), pre))
+    }
+
+    fn register(&self, core: Arc<PluginCore>) -> Arc<PluginCore> {
+        let mut plugins = self.inner.plugins.lock().unwrap_or_else(PoisonError::into_inner);
+        plugins.retain(|p| p.strong_count() > 0);
+        plugins.push(Arc::downgrade(&core));
+        core
+    }
+}
+
+fn wrong_world(world: &'static str, error: wasmtime::Error) -> PluginError {
+    PluginError::WrongWorld { world, message: format!("{error:#}") }
+}
+
+fn check_settings(settings: &PluginSettings) -> Result<(), PluginError> {
+    let fail = |message: &str| Err(PluginError::Settings(message.into()));
+    if settings.max_instances == 0 {
+        return fail("max_instances must be at least 1");
+    }
+    if settings.epoch_tick_ms == 0 {
+        return fail("epoch_tick_ms must be at least 1");
+    }
+    if settings.max_memory_bytes < 64 << 10 {
+        return fail("max_memory_bytes must be at least one wasm page (65536)");
+    }
+    if settings.quarantine_after == 0 {
+        return fail("quarantine_after must be at least 1");
+    }
+    Ok(())
+}
+
+fn engine_config(settings: &PluginSettings, pooling: bool) -> Result<Config, PluginError> {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.memory_init_cow(true);
+    if pooling {
+        // One slot more than the semaphore's permits, for load-time dry runs.
+        let slots = settings.max_instances.saturating_add(1);
+        let total = |per_component: u32, what: &str| {
+            slots
+                .checked_mul(per_component)
+                .ok_or_else(|| PluginError::Settings(format!("max_instances × {what} per component overflows a u32")))
+        };
+        let mut pool = PoolingAllocationConfig::new();
+        // Sized per core instance, memory and table as well as per component instance: a Rust
+        // wasm32-wasip2 component holds several core instances.
+        pool.total_component_instances(slots)
+            .total_core_instances(total(settings.max_core_instances_per_component, "core instances")?)
+            .total_memories(total(settings.max_memories_per_component, "memories")?)
+            .total_tables(total(settings.max_tables_per_component, "tables")?)
+            .total_stacks(slots)
+            .max_core_instances_per_component(settings.max_core_instances_per_component)
+            .max_memories_per_component(settings.max_memories_per_component)
+            .max_tables_per_component(settings.max_tables_per_component)
+            .max_memory_size(settings.max_memory_bytes)
+            // Measured here: keep-resident alone made drops slower (it memsets the whole kept
+            // region); with PAGEMAP_SCAN only the dirty pages are reset (Linux ≥ 6.7, else off).
+            .linear_memory_keep_resident(settings.keep_resident_bytes)
+            .pagemap_scan(Enabled::Auto);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    }
+    Ok(config)
+}
+
+/// Advances the engine's epoch every period until dropped.
+struct EpochTicker {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    fn start(engine: Engine, period: Duration) -> std::io::Result<EpochTicker> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new().name("plugin-epoch".into()).spawn(move || loop {
+            match stopped.recv_timeout(period) {
+                Err(RecvTimeoutError::Timeout) => engine.increment_epoch(),
+                // The sender dropped: the runtime is gone.
+                Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+            }
+        })?;
+        Ok(EpochTicker { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // The thread wakes at once on the disconnect; joining keeps it from outliving us.
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What one loaded plugin version shares between its handle and the runtime's registry.
+struct PluginCore {
+    runtime: Arc<Inner>,
+    id: PluginId,
+    guest: Arc<GuestIdentity>,
+    config: String,
+    deadline: Duration,
+    deadline_ticks: u64,
+    wall_limit: Duration,
+    memory_bytes: usize,
+    health: Mutex<Health>,
+}
+
+/// Recent failures of a plugin version, and whether it is quarantined.
+#[derive(Default)]
+struct Health {
+    failures: VecDeque<Instant>,
+    quarantined: bool,
+}
+
+/// Why a call's wasm side ended without an answer.
+enum Failure {
+    Wasm(wasmtime::Error),
+    Rejected(String),
+    WallTimeout,
+}
+
+impl From<wasmtime::Error> for Failure {
+    fn from(error: wasmtime::Error) -> Self {
+        Failure::Wasm(error)
+    }
+}
+
+/// One call in progress: its store and output pipes, and the permit it holds.
+struct Call<'a> {
+    store: Store<CallState>,
+    stdout: CappedPipe,
+    stderr: CappedPipe,
+    started: Instant,
+    counted: bool,
+    _permit: Option<SemaphorePermit<'a>>,
+}
+
+impl PluginCore {
+    fn is_quarantined(&self) -> bool {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner).quarantined
+    }
+
+    /// Admits a call: not quarantined, and an instance slot free within the acquire timeout.
+    async fn admit(&self) -> Result<Call<'_>, PluginError> {
+        if self.is_quarantined() {
+            self.count("quarantined");
+            return Err(PluginError::Quarantined(self.id.clone()));
+        }
+        let wait = Duration::from_millis(self.runtime.settings.acquire_timeout_ms);
+        match tokio::time::timeout(wait, self.runtime.permits.acquire()).await {
+            Ok(Ok(permit)) => Ok(self.start(Some(permit))),
+            // The semaphore is never closed; a closed one could only mean "no capacity" too.
+            Ok(Err(_)) | Err(_) => {
+                self.count("overloaded");
+                Err(PluginError::Overloaded(wait))
+            }
+        }
+    }
+
+    /// A fresh store: WASI with nothing in it, capped stdio, the memory cap and the deadline.
+    fn start<'a>(&self, permit: Option<SemaphorePermit<'a>>) -> Call<'a> {
+        let settings = &self.runtime.settings;
+        let stdout = CappedPipe::new(settings.max_stdio_bytes);
+        let stderr = CappedPipe::new(settings.max_stdio_bytes);
+        let state = CallState::new(Arc::clone(&self.guest), self.memory_bytes, stdout.clone(), stderr.clone());
+        let mut store = Store::new(&self.runtime.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(self.deadline_ticks);
+        Call { store, stdout, stderr, started: Instant::now(), counted: permit.is_some(), _permit: permit }
+    }
+
+    /// Runs the wasm side of a call under the wall-clock bound.
+    async fn bounded<R>(&self, work: impl std::future::Future<Output = Result<R, Failure>>) -> Result<R, Failure> {
+        tokio::time::timeout(self.wall_limit, work).await.unwrap_or(Err(Failure::WallTimeout))
+    }
+
+    /// Ends a call: drops its instance, forwards its output, turns the result into a checked
+    /// answer or a typed error, and keeps the books (metrics, quarantine) for counted calls.
+    fn finish<R>(
+        &self,
+        call: Call<'_>,
+        result: Result<R, Failure>,
+        check: impl FnOnce(&R) -> Result<(), String>,
+    ) -> Result<R, PluginError> {
+        let Call { store, stdout, stderr, started, counted, _permit } = call;
+        let memory_hit = store.data().limiter.memory_hit;
+        self.runtime.metrics.log_dropped(&self.id.name, store.data().log_dropped());
+        // The instance may be poisoned by a trap; it is never reused, so dropping it is all.
+        drop(store);
+        drop(_permit);
+        let result = match result {
+            Ok(answer) => check(&answer).map(|()| answer).map_err(PluginError::InvalidOutput),
+            Err(Failure::Rejected(text)) => Err(PluginError::ConfigRejected(text)),
+            Err(Failure::WallTimeout) => Err(PluginError::Timeout(self.deadline)),
+            Err(Failure::Wasm(error)) => Err(self.classify(error, memory_hit, &stderr)),
+        };
+        stdout.forward(&self.guest, "stdout");
+        stderr.forward(&self.guest, "stderr");
+        if counted {
+            self.runtime
+                .metrics
+                .call_seconds
+                .with_label_values(&[&self.id.name])
+                .observe(started.elapsed().as_secs_f64());
+            match &result {
+                Ok(_) => self.count("ok"),
+                Err(error) => {
+                    self.count(error.kind());
+                    if error.is_plugin_fault() {
+                        self.record_failure(error);
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn classify(&self, error: wasmtime::Error, memory_hit: bool, stderr: &CappedPipe) -> PluginError {
+        if memory_hit {
+            return PluginError::MemoryLimit(self.memory_bytes);
+        }
+        match error.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => PluginError::Timeout(self.deadline),
+            trap => {
+                let what = trap.map_or_else(|| format!("{error:#}"), Trap::to_string);
+                let mut message = bindings::truncate(&what, TRAP_MESSAGE_BYTES).into_owned();
+                // A Rust guest prints its panic message to stderr just before the trap.
+                if let Some(tail) = stderr.tail(TRAP_MESSAGE_BYTES) {
+                    message = format!("{message} (stderr: {tail})");
+                }
+                PluginError::Trap(message)
+            }
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.runtime.metrics.calls.with_label_values(&[&self.id.name, &self.id.version, outcome]).inc();
+    }
+
+    /// Counts a failure; the `quarantine_after`-th within the window quarantines the version.
+    fn record_failure(&self, error: &PluginError) {
+        let settings = &self.runtime.settings;
+        let window = Duration::from_secs(settings.quarantine_window_secs);
+        let now = Instant::now();
+        let mut health = self.health.lock().unwrap_or_else(PoisonError::into_inner);
+        health.failures.push_back(now);
+        while health.failures.front().is_some_and(|t| now.duration_since(*t) > window) {
+            health.failures.pop_front();
+        }
+        if !health.quarantined && health.failures.len() >= settings.quarantine_after as usize {
+            health.quarantined = true;
+            tracing::error!(
+                plugin = %self.id,
+                failures = health.failures.len(),
+                window_secs = settings.quarantine_window_secs,
+                last_error = %error,
+                "plugin quarantined after repeated failures"
+            );
+        }
+    }
+}
+
+/// A loaded router. Cheap to share behind an `Arc`; every call runs on a fresh instance.
+pub struct RouterPlugin {
+    core: Arc<PluginCore>,
+    pre: RouterPre<CallState>,
+}
+
+impl RouterPlugin {
+    /// The plugin's name and version.
+    pub fn id(&self) -> &PluginId {
+        &self.core.id
+    }
+
+    /// Asks the router where a request goes. The outcome is checked: a decision names only given
+    /// targets (each once, at least one), a refusal has an HTTP error status.
+    pub async fn route(&self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
+        let core = &self.core;
+        let mut call = core.admit().await?;
+        let result = core
+            .bounded(async {
+                let router = self.pre.instantiate_async(&mut call.store).await?;
+                router.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                Ok(router.call_route(&mut call.store, summary, targets).await?)
+            })
+            .await;
+        core.finish(call, result, |outcome| validate::outcome(outcome, targets))
+    }
+}
+
+/// A loaded privacy filter. Cheap to share behind an `Arc`; every call runs on a fresh instance.
+pub struct FilterPlugin {
+    core: Arc<PluginCore>,
+    pre: PrivacyFilterPre<CallState>,
+}
+
+impl FilterPlugin {
+    /// The plugin's name and version.
+    pub fn id(&self) -> &PluginId {
+        &self.core.id
+    }
+
+    /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
+    /// non-empty range on character boundaries, no overlaps.
+    pub async fn inspect_request(
+        &self,
+        summary: &RequestSummary,
+        segments: &[Segment],
+    ) -> Result<RequestVerdict, PluginError> {
+        let core = &self.core;
+        let mut call = core.admit().await?;
+        let result = core
+            .bounded(async {
+                let filter = self.pre.instantiate_async(&mut call.store).await?;
+                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                Ok(filter.call_inspect_request(&mut call.store, summary, segments).await?)
+            })
+            .await;
+        core.finish(call, result, |verdict| validate::request_verdict(verdict, segments))
+    }
+
+    /// Has the filter see a piece of the answer's text.
+    pub async fn inspect_response(&self, text: &str) -> Result<ResponseVerdict, PluginError> {
+        let core = &self.core;
+        let mut call = core.admit().await?;
+        let result = core
+            .bounded(async {
+                let filter = self.pre.instantiate_async(&mut call.store).await?;
+                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                Ok(filter.call_inspect_response(&mut call.store, text).await?)
+            })
+            .await;
+        core.finish(call, result, |_| Ok(()))
+    }
+}

@@ -1,0 +1,453 @@
+//! The plugin runtime against real components: the fixtures in `tests/plugin-fixtures/`, built
+//! with `cargo build --release --target wasm32-wasip2 -p fixture-…` (see `fixture`).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian::plugin::{
+    CachePolicy, CallLimits, Decision, FilterPlugin, Health, Outcome, PluginError, PluginId, PluginMetrics,
+    PluginRuntime, PluginSettings, RequestSummary, RequestVerdict, ResponseVerdict, RouterPlugin, Segment, SegmentKind,
+    Target, TargetKind,
+};
+
+const FIXTURES: &[&str] = &[
+    "spin",
+    "memory-bomb",
+    "trap",
+    "log-flood",
+    "invalid-output",
+    "invalid-redaction",
+    "wrong-world",
+    "config-reject",
+    "good-router",
+];
+
+fn workspace_target() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+}
+
+/// The built component of a fixture, or a panic that says how to build them.
+fn fixture(name: &str) -> Vec<u8> {
+    let path = workspace_target().join(format!("fixture_{}.wasm", name.replace('-', "_")));
+    std::fs::read(&path).unwrap_or_else(|error| {
+        let packages: Vec<String> = FIXTURES.iter().map(|f| format!("-p fixture-{f}")).collect();
+        panic!(
+            "cannot read {}: {error}\nbuild the plugin fixtures first (scripts/build-plugins builds them all):\n  cargo build --release --target wasm32-wasip2 {}",
+            path.display(),
+            packages.join(" ")
+        )
+    })
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "meridian-plugin-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Rig {
+    runtime: PluginRuntime,
+    metrics: Arc<PluginMetrics>,
+    _dir: TempDir,
+}
+
+fn rig(configure: impl FnOnce(&mut PluginSettings)) -> Rig {
+    let dir = TempDir::new();
+    let mut settings = PluginSettings { cache_dir: dir.0.clone(), max_instances: 64, ..PluginSettings::default() };
+    configure(&mut settings);
+    let metrics = Arc::new(PluginMetrics::new(&prometheus::Registry::new()).unwrap());
+    let runtime = PluginRuntime::new(settings, Arc::clone(&metrics)).unwrap();
+    Rig { runtime, metrics, _dir: dir }
+}
+
+fn limits(deadline_ms: u64) -> CallLimits {
+    CallLimits { deadline_ms, max_memory_bytes: Some(16 << 20) }
+}
+
+impl Rig {
+    async fn router(&self, fixture_name: &str, config: &str, deadline_ms: u64) -> RouterPlugin {
+        self.runtime
+            .load_router(fixture_name, "0.1.0", &fixture(fixture_name), config, limits(deadline_ms))
+            .await
+            .unwrap()
+    }
+
+    async fn filter(&self, fixture_name: &str, config: &str) -> FilterPlugin {
+        self.runtime.load_filter(fixture_name, "0.1.0", &fixture(fixture_name), config, limits(200)).await.unwrap()
+    }
+
+    fn calls(&self, plugin: &str, outcome: &str) -> u64 {
+        self.metrics.calls.with_label_values(&[plugin, "0.1.0", outcome]).get()
+    }
+}
+
+fn summary() -> RequestSummary {
+    RequestSummary {
+        request_id: "req-1".into(),
+        tenant: "acme".into(),
+        client_region: Some("eu-west".into()),
+        node_region: "eu-west".into(),
+        model: "gpt-4o-mini".into(),
+        prompt_tokens: 120,
+        max_output_tokens: Some(256),
+        streaming: false,
+        labels: vec![],
+        redacted: false,
+        allowed_regions: vec![],
+        price_cap_usd: None,
+        headers: vec![("x-priority".into(), "high".into())],
+    }
+}
+
+fn target(name: &str, latency_ms: f64) -> Target {
+    Target {
+        name: name.into(),
+        kind: TargetKind::Managed,
+        region: Some("eu-west".into()),
+        own_infrastructure: false,
+        model: "gpt-4o-mini".into(),
+        price: None,
+        health: Health::Healthy,
+        latency_ms,
+        ttft_ms: latency_ms / 2.0,
+        in_flight: 0,
+        capacity: None,
+    }
+}
+
+fn targets() -> Vec<Target> {
+    vec![target("openai", 300.0), target("engine-a", 80.0), target("openrouter", 450.0)]
+}
+
+fn given_order() -> Outcome {
+    Outcome::Route(Decision {
+        targets: targets().into_iter().map(|t| t.name).collect(),
+        model_rewrite: None,
+        cache: CachePolicy::Default,
+    })
+}
+
+#[tokio::test]
+async fn the_good_router_answers_on_a_fresh_instance_every_call() {
+    let rig = rig(|_| {});
+    let router = rig.router("good-router", "{}", 200).await;
+    let first = router.route(&summary(), &targets()).await.unwrap();
+    let second = router.route(&summary(), &targets()).await.unwrap();
+    assert_eq!(first, given_order());
+    assert_eq!(second, first, "a second call sees no state of the first");
+
+    // The guest records how many times its instance has routed: always 1 on a fresh instance.
+    let seen = rig.metrics.guest_histograms.with_label_values(&["good-router", "instance_calls"]);
+    assert_eq!(seen.get_sample_count(), 2);
+    assert_eq!(seen.get_sample_sum(), 2.0, "an instance was reused");
+    assert_eq!(rig.metrics.guest_counters.with_label_values(&["good-router", "routed"]).get(), 2);
+    assert_eq!(rig.calls("good-router", "ok"), 2);
+    assert!(rig.runtime.is_pooling(), "the default pool fits this machine");
+}
+
+/// Prints the cost of a call to the good router (fresh instance, configure, route): a figure
+/// to read, not a bound to assert. Run with `--nocapture`; meaningful in a release build.
+#[tokio::test]
+async fn good_router_call_cost() {
+    let rig = rig(|_| {});
+    let router = rig.router("good-router", "{}", 200).await;
+    let (summary, targets) = (summary(), targets());
+    for _ in 0..50 {
+        router.route(&summary, &targets).await.unwrap();
+    }
+    let mut times = Vec::with_capacity(1000);
+    for _ in 0..1000 {
+        let start = Instant::now();
+        router.route(&summary, &targets).await.unwrap();
+        times.push(start.elapsed());
+    }
+    times.sort();
+    println!(
+        "good-router call (pooling: {}): p50 {:?}, p99 {:?}, max {:?}",
+        rig.runtime.is_pooling(),
+        times[times.len() / 2],
+        times[times.len() * 99 / 100],
+        times[times.len() - 1]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
+    let rig = Arc::new(rig(|s| s.acquire_timeout_ms = 10_000));
+    let good = Arc::new(rig.router("good-router", "{}", 2_000).await);
+    let spin = rig.router("spin", "{}", 50).await;
+    let bomb = rig.router("memory-bomb", "{}", 2_000).await;
+    let trap = rig.router("trap", "{}", 200).await;
+    let flood = rig.router("log-flood", "{}", 5_000).await;
+
+    let good_calls: Vec<_> = (0..50)
+        .map(|_| {
+            let good = Arc::clone(&good);
+            tokio::spawn(async move { good.route(&summary(), &targets()).await })
+        })
+        .collect();
+
+    let start = Instant::now();
+    let spun = spin.route(&summary(), &targets()).await;
+    let spun_for = start.elapsed();
+    assert!(matches!(spun, Err(PluginError::Timeout(d)) if d == Duration::from_millis(50)), "{spun:?}");
+    // Deadline of 50 ms; the bound leaves room for a busy 2-core machine.
+    assert!(spun_for >= Duration::from_millis(45) && spun_for < Duration::from_millis(500), "{spun_for:?}");
+
+    let bombed = bomb.route(&summary(), &targets()).await;
+    assert!(matches!(bombed, Err(PluginError::MemoryLimit(n)) if n == 16 << 20), "{bombed:?}");
+
+    let trapped = trap.route(&summary(), &targets()).await;
+    match &trapped {
+        Err(PluginError::Trap(message)) => {
+            assert!(message.contains("fixture-trap: deliberate panic"), "the guest's panic message: {message}")
+        }
+        other => panic!("expected a trap, got {other:?}"),
+    }
+
+    let flooded = flood.route(&summary(), &targets()).await;
+    assert_eq!(flooded.unwrap(), given_order(), "a chatty plugin still answers");
+    let dropped = rig.metrics.log_lines_dropped.with_label_values(&["log-flood"]).get();
+    // 100 000 log lines and 10 000 stdout lines, at most 16 of each written.
+    assert!(dropped >= 100_000 - 16, "log lines dropped: {dropped}");
+
+    for mode in ["unknown-target", "empty", "bad-status"] {
+        let invalid = rig.router("invalid-output", &format!("\"{mode}\""), 200).await;
+        let answer = invalid.route(&summary(), &targets()).await;
+        assert!(matches!(answer, Err(PluginError::InvalidOutput(_))), "{mode}: {answer:?}");
+    }
+
+    for call in good_calls {
+        assert_eq!(call.await.unwrap().unwrap(), given_order());
+    }
+    assert_eq!(rig.calls("spin", "timeout"), 1);
+    assert_eq!(rig.calls("memory-bomb", "memory_limit"), 1);
+    assert_eq!(rig.calls("trap", "trap"), 1);
+    assert_eq!(rig.calls("invalid-output", "invalid_output"), 3);
+    assert_eq!(rig.calls("good-router", "ok"), 50);
+    // Each failure counted once, none quarantined yet.
+    assert!(rig.runtime.quarantined().is_empty());
+    // After all that, the good router still answers.
+    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order());
+}
+
+#[tokio::test]
+async fn wrong_worlds_and_rejected_configs_fail_at_load() {
+    let rig = rig(|_| {});
+    let filter_as_router =
+        rig.runtime.load_router("wrong-world", "0.1.0", &fixture("wrong-world"), "{}", limits(200)).await;
+    match filter_as_router {
+        Err(PluginError::WrongWorld { world: "router", message }) => {
+            assert!(message.contains("route"), "names what is missing: {message}")
+        }
+        Err(other) => panic!("expected WrongWorld, got {other:?}"),
+        Ok(_) => panic!("a privacy filter loaded as a router"),
+    }
+    let router_as_filter =
+        rig.runtime.load_filter("good-router", "0.1.0", &fixture("good-router"), "{}", limits(200)).await;
+    assert!(matches!(router_as_filter, Err(PluginError::WrongWorld { world: "privacy-filter", .. })));
+
+    let rejected =
+        rig.runtime.load_router("config-reject", "0.1.0", &fixture("config-reject"), "{\"x\":1}", limits(200)).await;
+    match rejected {
+        Err(PluginError::ConfigRejected(text)) => {
+            assert_eq!(text, "bad config: expected {\"threshold_ms\": <number>}, got {\"x\":1}")
+        }
+        Err(other) => panic!("expected ConfigRejected, got {other:?}"),
+        Ok(_) => panic!("a rejected config loaded"),
+    }
+
+    let not_wasm = rig.runtime.load_router("junk", "0.1.0", &b"not wasm"[..], "{}", limits(200)).await;
+    assert!(matches!(not_wasm, Err(PluginError::Compile(_))));
+    let missing =
+        rig.runtime.load_router("missing", "0.1.0", Path::new("/nonexistent/x.wasm"), "{}", limits(200)).await;
+    assert!(matches!(missing, Err(PluginError::Io { .. })));
+    let too_big = CallLimits { deadline_ms: 10, max_memory_bytes: Some(1 << 40) };
+    let too_big = rig.runtime.load_router("good-router", "0.1.0", &fixture("good-router"), "{}", too_big).await;
+    assert!(matches!(too_big, Err(PluginError::Settings(_))));
+}
+
+#[tokio::test]
+async fn filters_are_checked_like_routers() {
+    let rig = rig(|_| {});
+    let filter = rig.filter("wrong-world", "{}").await;
+    let segments = vec![
+        Segment { kind: SegmentKind::System, text: "be brief".into() },
+        Segment { kind: SegmentKind::User, text: "mail ana@example.com now".into() },
+    ];
+    match filter.inspect_request(&summary(), &segments).await.unwrap() {
+        RequestVerdict::Allow(inspection) => {
+            assert_eq!(inspection.labels, ["pii.email"]);
+            let r = &inspection.redactions[0];
+            assert_eq!((r.segment, r.start, r.end), (1, 5, 20));
+            assert_eq!(&segments[1].text[r.start as usize..r.end as usize], "ana@example.com");
+        }
+        other => panic!("expected allow, got {other:?}"),
+    }
+    assert_eq!(filter.inspect_response("all fine").await.unwrap(), ResponseVerdict::Allow);
+    assert!(matches!(filter.inspect_response("a forbidden word").await.unwrap(), ResponseVerdict::Block(_)));
+
+    let text = vec![Segment { kind: SegmentKind::User, text: "é and more text".into() }];
+    for mode in ["out-of-range", "bad-segment", "empty-range", "split-char", "overlap"] {
+        let bad = rig.filter("invalid-redaction", &format!("\"{mode}\"")).await;
+        let verdict = bad.inspect_request(&summary(), &text).await;
+        assert!(matches!(verdict, Err(PluginError::InvalidOutput(_))), "{mode}: {verdict:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_failing_version_is_quarantined() {
+    let rig = rig(|s| s.quarantine_after = 3);
+    let trap = rig.router("trap", "{}", 200).await;
+    let good = rig.router("good-router", "{}", 200).await;
+    for _ in 0..3 {
+        assert!(matches!(trap.route(&summary(), &targets()).await, Err(PluginError::Trap(_))));
+    }
+    let start = Instant::now();
+    let refused = trap.route(&summary(), &targets()).await;
+    assert!(
+        matches!(&refused, Err(PluginError::Quarantined(id)) if id == &PluginId { name: "trap".into(), version: "0.1.0".into() }),
+        "{refused:?}"
+    );
+    assert!(start.elapsed() < Duration::from_millis(50), "refused at once, without an instance");
+    assert_eq!(rig.calls("trap", "trap"), 3);
+    assert_eq!(rig.calls("trap", "quarantined"), 1);
+    assert_eq!(rig.runtime.quarantined(), [trap.id().clone()]);
+    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order(), "others are unaffected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_answers_overloaded() {
+    let rig = Arc::new(rig(|s| {
+        s.max_instances = 1;
+        s.acquire_timeout_ms = 20;
+    }));
+    let spin = Arc::new(rig.router("spin", "{}", 500).await);
+    let good = rig.router("good-router", "{}", 200).await;
+    let spinning = {
+        let spin = Arc::clone(&spin);
+        tokio::spawn(async move { spin.route(&summary(), &targets()).await })
+    };
+    // Let the spinning call take the only slot.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = good.route(&summary(), &targets()).await;
+    assert!(matches!(refused, Err(PluginError::Overloaded(_))), "{refused:?}");
+    assert!(matches!(spinning.await.unwrap(), Err(PluginError::Timeout(_))));
+    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order(), "the slot is free again");
+    assert_eq!(rig.calls("good-router", "overloaded"), 1);
+}
+
+#[tokio::test]
+async fn compiled_artifacts_are_cached_and_only_sealed_ones_are_read() {
+    let dir = TempDir::new();
+    let settings = || PluginSettings { cache_dir: dir.0.clone(), max_instances: 4, ..PluginSettings::default() };
+    let runtime = || {
+        let metrics = Arc::new(PluginMetrics::new(&prometheus::Registry::new()).unwrap());
+        PluginRuntime::new(settings(), metrics).unwrap()
+    };
+    let good = fixture("good-router");
+
+    // Files the cache did not write are never read: junk under artifact-like names is ignored.
+    std::fs::create_dir_all(&dir.0).unwrap();
+    std::fs::write(dir.0.join("evil.cwasm"), b"\x7fELF not an artifact").unwrap();
+    let first = runtime();
+    let path = first.artifact_path(&good);
+    std::fs::write(path.with_file_name("0000-0000.cwasm"), b"junk").unwrap();
+
+    let start = Instant::now();
+    first.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
+    let compiled_in = start.elapsed();
+    assert_eq!(first.cache_stats().compiles, 1);
+    assert_eq!(first.cache_stats().hits, 0);
+    assert!(path.exists(), "the artifact was written");
+
+    let second = runtime();
+    let start = Instant::now();
+    let router = second.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
+    let cached_in = start.elapsed();
+    assert_eq!(second.cache_stats().hits, 1);
+    assert_eq!(second.cache_stats().compiles, 0);
+    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+    println!("load: compiled in {compiled_in:?}, from the cache in {cached_in:?}");
+    assert!(cached_in < compiled_in, "compiled {compiled_in:?}, cached {cached_in:?}");
+
+    // A damaged artifact fails its seal and is compiled over.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&path, &bytes).unwrap();
+    let third = runtime();
+    third.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
+    assert_eq!(third.cache_stats(), meridian::plugin::CacheStats { hits: 0, compiles: 1, rejected: 1 });
+
+    // So is a genuine artifact of another component put under this one's name.
+    let spin = fixture("spin");
+    third.load_router("spin", "1", &spin, "{}", limits(200)).await.unwrap();
+    std::fs::copy(third.artifact_path(&spin), &path).unwrap();
+    let fourth = runtime();
+    let router = fourth.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
+    assert_eq!(fourth.cache_stats().rejected, 1);
+    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+
+    // And the recompiled artifact serves the next load.
+    let fifth = runtime();
+    fifth.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
+    assert_eq!(fifth.cache_stats().hits, 1);
+}
+
+#[tokio::test]
+async fn a_pool_too_large_to_reserve_falls_back_to_on_demand() {
+    // Two hundred million memories of several GiB of address space each cannot be reserved anywhere.
+    let rig = rig(|s| s.max_instances = 100_000_000);
+    assert!(!rig.runtime.is_pooling());
+    let router = rig.router("good-router", "{}", 200).await;
+    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+}
+
+/// A plugin this repository ships, from `plugins/`.
+fn shipped(crate_name: &str) -> PathBuf {
+    let path = workspace_target().join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(
+        path.exists(),
+        "{} is missing; build the shipped plugins first:\n  cargo build --release --target wasm32-wasip2 -p {crate_name}",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test]
+async fn the_shipped_latency_router_and_pii_redactor_run() {
+    let rig = rig(|_| {});
+    let router =
+        rig.runtime.load_router("latency-router", "0.1.0", &shipped("latency-router"), "{}", limits(50)).await.unwrap();
+    match router.route(&summary(), &targets()).await.unwrap() {
+        Outcome::Route(decision) => assert_eq!(decision.targets, ["engine-a", "openai", "openrouter"], "fastest first"),
+        other => panic!("expected a decision, got {other:?}"),
+    }
+
+    let filter =
+        rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), "{}", limits(50)).await.unwrap();
+    let segments = vec![Segment { kind: SegmentKind::User, text: "write to ana.lopez@example.com please".into() }];
+    // The runtime has already checked any redactions against the contract.
+    let verdict = filter.inspect_request(&summary(), &segments).await.unwrap();
+    assert!(format!("{verdict:?}").contains("email"), "the email is noticed: {verdict:?}");
+    assert_eq!(filter.inspect_response("a harmless answer").await.unwrap(), ResponseVerdict::Allow);
+}
