@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::accounting::PriceModel;
+use crate::plugin::{CallLimits, PluginSettings};
 
 /// Why a config file was refused.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,55 @@ pub struct Config {
     /// The models clients may name, each with its ordered targets.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
+    /// `[plugin_runtime]`: limits shared by every plugin of the node.
+    #[serde(default)]
+    pub plugin_runtime: PluginSettings,
+    /// `[plugins.NAME]`: the plugins tenants may use.
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+}
+
+/// What a plugin is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// A privacy filter (`privacy-filter` world).
+    Filter,
+    /// A router (`router` world).
+    Router,
+}
+
+/// `[plugins.NAME]`: one plugin component and its settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Filter or router.
+    pub kind: PluginKind,
+    /// The component (`.wasm`); a relative path is taken from the config file's folder.
+    pub path: PathBuf,
+    /// Its version, for logs, metrics and quarantine.
+    #[serde(default = "defaults::plugin_version")]
+    pub version: String,
+    /// Time for one call, instantiation included.
+    #[serde(default = "defaults::plugin_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Memory cap of one instance; defaults to `plugin_runtime.max_memory_bytes`.
+    pub max_memory_bytes: Option<usize>,
+    /// The plugin's own settings, given to its `configure` as JSON.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+impl PluginConfig {
+    /// The per-call limits.
+    pub fn limits(&self) -> CallLimits {
+        CallLimits { deadline_ms: self.deadline_ms, max_memory_bytes: self.max_memory_bytes }
+    }
+
+    /// Its settings as the JSON text `configure` receives.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".into())
+    }
 }
 
 /// `[node]`: where and how the edge listens.
@@ -190,6 +240,16 @@ pub struct TenantConfig {
     pub requests_per_second: Option<u32>,
     /// Requests allowed in a burst above the rate (defaults to the rate).
     pub burst: Option<u32>,
+    /// Privacy filters run on every request, in order (names from `[plugins]`).
+    #[serde(default)]
+    pub filters: Vec<String>,
+    /// The router that orders targets (a name from `[plugins]`); the static order when absent.
+    pub router: Option<String>,
+    /// Regions the tenant's data may be processed in; empty means any. Routers enforce it.
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
+    /// The highest cost in USD the tenant accepts for one request, for routers that price.
+    pub price_cap_usd: Option<f64>,
 }
 
 /// A tenant's cache policy.
@@ -244,6 +304,10 @@ pub struct TargetConfig {
     pub kind: TargetKind,
     /// Where it runs.
     pub region: Option<String>,
+    /// Whether it runs on the operator's own infrastructure, where data residency rules do not
+    /// apply.
+    #[serde(default)]
+    pub own_infrastructure: bool,
     /// Its price model; a model route may override it.
     pub price: Option<PriceModel>,
     /// TCP + TLS connect limit.
@@ -278,6 +342,12 @@ mod defaults {
     }
     pub fn max_tokens() -> u32 {
         4096
+    }
+    pub fn plugin_version() -> String {
+        "1".into()
+    }
+    pub fn plugin_deadline_ms() -> u64 {
+        20
     }
 }
 
@@ -336,10 +406,16 @@ impl Config {
     /// Reads, parses and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let config = Config::parse(&text).map_err(|e| match e {
+        let mut config = Config::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
             other => other,
         })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        for plugin in config.plugins.values_mut() {
+            if plugin.path.is_relative() {
+                plugin.path = base.join(&plugin.path);
+            }
+        }
         Ok(config)
     }
 
@@ -420,6 +496,27 @@ impl Config {
             if t.burst == Some(0) {
                 return Err(invalid(format!("tenants[{i}].burst"), "must be greater than 0"));
             }
+            let wants = t
+                .filters
+                .iter()
+                .enumerate()
+                .map(|(j, f)| (format!("tenants[{i}].filters[{j}]"), f, PluginKind::Filter));
+            let router = t.router.iter().map(|r| (format!("tenants[{i}].router"), r, PluginKind::Router));
+            for (key, name, kind) in wants.chain(router) {
+                match self.plugins.get(name) {
+                    None => {
+                        let known: Vec<_> = self.plugins.keys().map(String::as_str).collect();
+                        return Err(invalid(key, format!("unknown plugin `{name}` (known: {})", known.join(", "))));
+                    }
+                    Some(p) if p.kind != kind => {
+                        return Err(invalid(key, format!("plugin `{name}` is a {:?}, not a {kind:?}", p.kind)));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if t.price_cap_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
+                return Err(invalid(format!("tenants[{i}].price_cap_usd"), "must be a non-negative number"));
+            }
         }
         for (name, t) in &self.targets {
             let key = format!("targets.{name}");
@@ -441,6 +538,11 @@ impl Config {
                 }
             }
             self.target_env(name)?;
+        }
+        for (name, p) in &self.plugins {
+            if p.deadline_ms == 0 {
+                return Err(invalid(format!("plugins.{name}.deadline_ms"), "must be greater than 0"));
+            }
         }
         let mut model_names = HashSet::new();
         for (i, m) in self.models.iter().enumerate() {

@@ -1,8 +1,9 @@
 //! The request path of an edge node: authenticate, normalize, cache, route, dispatch with
 //! fallback, respond in the client's shape, account.
 //!
-//! Privacy filters (step 3) plug in after [`ApiShape::parse_request`] and before the cache key is
-//! taken; the router plugin (step 5) replaces [`ModelRoute::plan`].
+//! A tenant's privacy filters run after [`ApiShape::parse_request`] and before the cache key is
+//! taken, so the cache and the upstream see only redacted text; its router then orders the
+//! targets (see [`crate::chain`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
@@ -23,10 +24,12 @@ use tracing::{debug, warn};
 use crate::accounting::PriceModel;
 use crate::api::{ApiShape, StreamEncoder};
 use crate::cache::{self, CachedAnswer, FillGuard, Lookup, PromptCache};
+use crate::chain::{self, AnswerFilter, LoadError, Plan, Plugins};
 use crate::chat::{estimate_tokens, ChatRequest, ChatResponse, StreamEvent, Usage};
 use crate::config::{CachePolicy, Config, ConfigError};
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
+use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
 use crate::tenant::{Tenant, Tenants};
 use crate::upstream::{self, EventStream, HttpClient, Target};
 
@@ -55,14 +58,6 @@ pub struct ModelRoute {
     pub routes: Vec<Route>,
 }
 
-impl ModelRoute {
-    /// The order in which targets are tried for a request: the static order from config. The
-    /// router plugin replaces this decision.
-    pub fn plan(&self) -> &[Route] {
-        &self.routes
-    }
-}
-
 /// An edge node's shared state.
 pub struct Edge {
     config: Config,
@@ -74,6 +69,21 @@ pub struct Edge {
     /// Its metrics.
     pub metrics: Metrics,
     in_flight: Arc<Semaphore>,
+    plugins: Option<PluginRuntime>,
+}
+
+/// Why the node's state could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Bad config.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The plugin runtime could not start.
+    #[error("plugin_runtime: {0}")]
+    PluginRuntime(PluginError),
+    /// A plugin could not be loaded.
+    #[error(transparent)]
+    Plugin(#[from] LoadError),
 }
 
 /// How a request uses the cache.
@@ -84,8 +94,8 @@ enum CacheUse {
 }
 
 impl Edge {
-    /// Builds the node's state from validated config.
-    pub fn new(config: Config) -> Result<Edge, ConfigError> {
+    /// Builds the node's state from validated config, loading its plugins.
+    pub async fn new(config: Config) -> Result<Edge, BuildError> {
         let mut targets = HashMap::new();
         for name in config.targets.keys() {
             targets.insert(name.clone(), Arc::new(Target::new(name, &config)?));
@@ -118,14 +128,28 @@ impl Edge {
             .cache
             .enabled
             .then(|| PromptCache::new(config.cache.max_bytes, Duration::from_secs(config.cache.ttl_secs)));
+        let metrics = Metrics::new();
+        // The runtime (its engine, pool and epoch ticker) only exists when plugins are configured.
+        let (plugins, loaded) = if config.plugins.is_empty() {
+            (None, Plugins::default())
+        } else {
+            let plugin_metrics = PluginMetrics::new(metrics.registry()).map_err(|e| {
+                BuildError::PluginRuntime(PluginError::Runtime(format!("cannot register plugin metrics: {e}")))
+            })?;
+            let runtime = PluginRuntime::new(config.plugin_runtime.clone(), Arc::new(plugin_metrics))
+                .map_err(BuildError::PluginRuntime)?;
+            let loaded = Plugins::load(&config, &runtime).await?;
+            (Some(runtime), loaded)
+        };
         Ok(Edge {
-            tenants: Tenants::new(&config),
+            tenants: Tenants::new(&config, &loaded),
             models,
             model_list,
             client: upstream::http_client(connect),
             cache,
-            metrics: Metrics::new(),
+            metrics,
             in_flight: Arc::new(Semaphore::new(config.node.max_in_flight)),
+            plugins,
             config,
         })
     }
@@ -159,7 +183,11 @@ impl Edge {
 
     fn readyz(&self) -> Response<Body> {
         let targets: Vec<_> = self.config.targets.keys().collect();
-        let body = json!({ "status": "ready", "region": self.config.node.region, "targets": targets });
+        let quarantined: Vec<String> =
+            self.plugins.iter().flat_map(PluginRuntime::quarantined).map(|id| id.to_string()).collect();
+        let plugins: Vec<_> = self.config.plugins.keys().collect();
+        let body = json!({ "status": "ready", "region": self.config.node.region, "targets": targets,
+            "plugins": plugins, "quarantined_plugins": quarantined });
         json_response(StatusCode::OK, Bytes::from(body.to_string()))
     }
 
@@ -200,9 +228,11 @@ impl Edge {
         record.tenant = Arc::clone(&tenant.name);
         tenant.admit()?;
         let permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
-        let cache_use = self.cache_use(&tenant, req.headers());
+        let header_cache = self.cache_use(&tenant, req.headers());
+        let client_region =
+            req.headers().get("x-meridian-client-region").and_then(|v| v.to_str().ok()).map(str::to_string);
         let body = self.read_body(req).await?;
-        let request = api.parse_request(&body)?;
+        let mut request = api.parse_request(&body)?;
         record.model.clone_from(&request.model);
         record.prompt_tokens = request.estimated_prompt_tokens();
         let model = self
@@ -211,11 +241,24 @@ impl Edge {
             .cloned()
             .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
 
-        let cache_use = match cache_use {
-            Some(u) => u,
-            None if deterministic(&request) => CacheUse::Lookup,
-            None => CacheUse::Bypass,
+        let chain = &tenant.chain;
+        let (mut answer_filter, plan) = if chain.is_empty() {
+            (None, Plan::fixed(model))
+        } else {
+            let region = &self.config.node.region;
+            let summary = chain::summary(&record.request_id, &tenant.name, chain, region, client_region, &request);
+            chain::run(chain, summary, &mut request, model, &self.models).await?
         };
+
+        // Headers and the tenant's policy first, then the router's wish, then determinism.
+        let cache_use = match (header_cache, plan.cache) {
+            (Some(u), _) => u,
+            (None, Some(RouterCache::Force)) => CacheUse::Lookup,
+            (None, Some(RouterCache::Bypass)) => CacheUse::Bypass,
+            _ if deterministic(&request) => CacheUse::Lookup,
+            _ => CacheUse::Bypass,
+        };
+        // The key is taken from the redacted request: filtered text never reaches the cache.
         let lookup = match (&self.cache, cache_use) {
             (Some(cache), CacheUse::Lookup) => Some(cache.lookup(cache::key(&tenant.name, &request)).await),
             _ => None,
@@ -227,7 +270,7 @@ impl Edge {
                     self.metrics.cache_coalesced.inc();
                 }
                 record.target = Some("cache".into());
-                return Ok(self.serve_cached(api, &request, &answer, record.take(), permit));
+                return self.serve_cached(api, &request, &answer, record.take(), permit, answer_filter).await;
             }
             Some(Lookup::Miss(guard)) => (Some(guard), "miss"),
             None => (None, "bypass"),
@@ -235,37 +278,45 @@ impl Edge {
         self.metrics.cache_lookups.with_label_values(&[cache_status]).inc();
 
         let response = if request.is_stream() {
-            let (stream, head, route) = self.open_stream(&request, &model, &record.request_id).await?;
+            let (stream, head, route) = self.open_stream(&request, &plan, &record.request_id).await?;
             record.route(route);
             let encoder = api.stream_encoder(&request);
             let source = Source::Upstream(Box::new(stream));
-            let response = sse_response(ClientStream::new(source, head, encoder, fill, record.take(), permit));
-            with_header(response, "x-meridian-target", &route.target.name)
+            let stream = ClientStream::new(source, head, encoder, fill, record.take(), permit, answer_filter);
+            with_header(sse_response(stream), "x-meridian-target", &route.target.name)
         } else {
-            let (answer, route) = self.complete(&request, &model, &record.request_id).await?;
+            let (mut answer, route) = self.complete(&request, &plan, &record.request_id).await?;
             record.route(route);
-            let body = api.encode_response(&answer);
+            if let Some(f) = &answer_filter {
+                f.inspect(answer.text.as_deref().unwrap_or("")).await?;
+            }
             let usage = answer.usage;
             let out_bytes = answer.output_len();
             if let Some(guard) = fill {
-                guard.fill(CachedAnswer::Whole(answer)).await;
+                // Cached as it came, placeholders and all: a later identical (redacted) request
+                // restores it with its own originals.
+                guard.fill(CachedAnswer::Whole(answer.clone())).await;
+            }
+            if let Some(f) = &mut answer_filter {
+                f.restore_response(&mut answer);
             }
             let target = route.target.name.clone();
             record.take().finish("ok", usage, out_bytes);
             drop(permit);
-            with_header(json_response(StatusCode::OK, body), "x-meridian-target", &target)
+            with_header(json_response(StatusCode::OK, api.encode_response(&answer)), "x-meridian-target", &target)
         };
         Ok(with_header(response, "x-meridian-cache", cache_status))
     }
 
-    fn serve_cached(
+    async fn serve_cached(
         self: &Arc<Self>,
         api: ApiShape,
         request: &ChatRequest,
         answer: &CachedAnswer,
         record: Record,
         permit: OwnedSemaphorePermit,
-    ) -> Response<Body> {
+        answer_filter: Option<AnswerFilter>,
+    ) -> Result<Response<Body>, GatewayError> {
         let response = if request.is_stream() {
             sse_response(ClientStream::new(
                 Source::Replay(answer.to_events().into_iter()),
@@ -274,13 +325,18 @@ impl Edge {
                 None,
                 record,
                 permit,
+                answer_filter,
             ))
         } else {
-            let resp = answer.to_response();
+            let mut resp = answer.to_response();
+            if let Some(f) = &answer_filter {
+                f.inspect(resp.text.as_deref().unwrap_or("")).await?;
+                f.restore_response(&mut resp);
+            }
             record.finish("ok", resp.usage, resp.output_len());
             json_response(StatusCode::OK, api.encode_response(&resp))
         };
-        with_header(response, "x-meridian-cache", "hit")
+        Ok(with_header(response, "x-meridian-cache", "hit"))
     }
 
     /// The cache decision that headers and tenant policy make before the body is read; `None`
@@ -321,17 +377,13 @@ impl Edge {
 
     /// Tries each target of the plan in order until one answers. A refusal of the request itself
     /// ends the attempts at once; other failures move on to the next target.
-    async fn first_answer<'m, T, F, Fut>(
-        &self,
-        model: &'m ModelRoute,
-        mut attempt: F,
-    ) -> Result<(T, &'m Route), GatewayError>
+    async fn first_answer<'m, T, F, Fut>(&self, plan: &'m Plan, mut attempt: F) -> Result<(T, &'m Route), GatewayError>
     where
         F: FnMut(&'m Route) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
         let mut last = None;
-        for route in model.plan() {
+        for route in plan.routes() {
             let result = attempt(route).await;
             let outcome = match &result {
                 Ok(_) => "ok",
@@ -348,18 +400,19 @@ impl Edge {
             }
         }
         // Config guarantees every model at least one target, so `last` is set here.
-        Err(last.map_or_else(|| GatewayError::UnknownModel(model.name.clone()), GatewayError::from))
+        Err(last.map_or_else(|| GatewayError::UnknownModel(plan.model.name.clone()), GatewayError::from))
     }
 
     /// A whole answer from the first target that gives one.
     async fn complete<'m>(
         &self,
         req: &ChatRequest,
-        model: &'m ModelRoute,
+        plan: &'m Plan,
         request_id: &str,
     ) -> Result<(ChatResponse, &'m Route), GatewayError> {
-        self.first_answer(model, |route| {
-            route.target.complete(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
+        let max_tokens = plan.model.default_max_tokens;
+        self.first_answer(plan, |route| {
+            route.target.complete(&self.client, req, &route.upstream_model, max_tokens, request_id)
         })
         .await
     }
@@ -371,15 +424,14 @@ impl Edge {
     async fn open_stream<'m>(
         &self,
         req: &ChatRequest,
-        model: &'m ModelRoute,
+        plan: &'m Plan,
         request_id: &str,
     ) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
+        let max_tokens = plan.model.default_max_tokens;
         let ((stream, head), route) = self
-            .first_answer(model, |route| async move {
-                let mut s = route
-                    .target
-                    .stream(&self.client, req, &route.upstream_model, model.default_max_tokens, request_id)
-                    .await?;
+            .first_answer(plan, |route| async move {
+                let mut s =
+                    route.target.stream(&self.client, req, &route.upstream_model, max_tokens, request_id).await?;
                 let mut head = VecDeque::new();
                 loop {
                     match s.next().await {
@@ -497,6 +549,7 @@ struct ClientStream {
     head: VecDeque<StreamEvent>,
     encoder: StreamEncoder,
     fill: Option<(FillGuard, Vec<StreamEvent>)>,
+    answer_filter: Option<AnswerFilter>,
     record: Record,
     usage: Option<Usage>,
     out_bytes: usize,
@@ -512,12 +565,14 @@ impl ClientStream {
         fill: Option<FillGuard>,
         record: Record,
         permit: OwnedSemaphorePermit,
+        answer_filter: Option<AnswerFilter>,
     ) -> Self {
         ClientStream {
             source,
             head,
             encoder,
             fill: fill.map(|g| (g, Vec::new())),
+            answer_filter,
             record,
             usage: None,
             out_bytes: 0,
@@ -527,47 +582,71 @@ impl ClientStream {
     }
 
     /// The next body chunk: the next event and every event already received behind it, so that
-    /// a burst from upstream (or a whole cached replay) goes out in one write.
+    /// a burst from upstream (or a whole cached replay) goes out in one write. The filters see
+    /// the chunk's text before any of it is sent.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.finished {
             return None;
         }
-        let mut out = BytesMut::new();
+        let mut batch = Vec::new();
         let mut next = match self.head.pop_front() {
             Some(ev) => Some(Ok(ev)),
             None => self.source.next().await,
         };
-        loop {
+        let end = loop {
             match next {
-                Some(Ok(ev)) => self.event(ev, &mut out),
-                None => {
-                    self.finished = true;
-                    self.encoder.finish(&mut out);
-                    if let Some((guard, events)) = self.fill.take() {
-                        guard.fill(CachedAnswer::Stream(events)).await;
-                    }
-                    self.record.take().finish("ok", self.usage, self.out_bytes);
-                    break;
-                }
-                Some(Err(e)) => {
-                    self.finished = true;
-                    warn!(request_id = %self.record.request_id, error = %e, "stream failed after its first byte");
-                    let err = GatewayError::Upstream(e);
-                    self.encoder.error(&err, &mut out);
-                    self.fill = None;
-                    self.record.take().finish("stream_error", self.usage, self.out_bytes);
-                    break;
-                }
+                Some(Ok(ev)) => batch.push(ev),
+                None => break Some(Ok(())),
+                Some(Err(e)) => break Some(Err(GatewayError::Upstream(e))),
             }
             next = match self.head.pop_front() {
                 Some(ev) => Some(Ok(ev)),
                 None => match self.source.ready() {
                     Some(item) => item,
-                    None => break,
+                    None => break None,
                 },
             };
+        };
+        let mut out = BytesMut::new();
+        if let Some(filter) = &self.answer_filter {
+            let text: String = batch
+                .iter()
+                .filter_map(|e| match e {
+                    StreamEvent::Text(t) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if let Err(e) = filter.inspect(&text).await {
+                self.fail(e, &mut out);
+                return Some(out.freeze());
+            }
+        }
+        for ev in batch {
+            self.event(ev, &mut out);
+        }
+        match end {
+            None => {}
+            Some(Ok(())) => {
+                self.finished = true;
+                self.encoder.finish(&mut out);
+                if let Some((guard, events)) = self.fill.take() {
+                    guard.fill(CachedAnswer::Stream(events)).await;
+                }
+                self.record.take().finish("ok", self.usage, self.out_bytes);
+            }
+            Some(Err(e)) => self.fail(e, &mut out),
         }
         Some(out.freeze())
+    }
+
+    /// Ends the stream with a typed error event; nothing of it is cached.
+    fn fail(&mut self, err: GatewayError, out: &mut BytesMut) {
+        self.finished = true;
+        warn!(request_id = %self.record.request_id, error = %err, "stream ended early after its first byte");
+        self.encoder.error(&err, out);
+        self.fill = None;
+        let status = if matches!(err, GatewayError::Upstream(_)) { "stream_error" } else { err.code() };
+        self.record.take().finish(status, self.usage, self.out_bytes);
     }
 
     fn event(&mut self, ev: StreamEvent, out: &mut BytesMut) {
@@ -579,9 +658,17 @@ impl ClientStream {
         if let StreamEvent::Usage(u) = ev {
             self.usage = Some(u);
         }
-        self.encoder.event(&ev, out);
         if let Some((_, events)) = &mut self.fill {
-            events.push(ev);
+            // Cached as it came from upstream, placeholders and all.
+            events.push(ev.clone());
+        }
+        match &mut self.answer_filter {
+            Some(filter) => {
+                let mut restored = Vec::with_capacity(1);
+                filter.restore_event(ev, &mut restored);
+                restored.iter().for_each(|e| self.encoder.event(e, out));
+            }
+            None => self.encoder.event(&ev, out),
         }
     }
 }

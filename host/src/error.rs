@@ -56,6 +56,28 @@ pub enum GatewayError {
     /// Every target failed; the last failure is kept.
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
+    /// A privacy filter refused the request (or a piece of its answer).
+    #[error("blocked by a privacy filter: {reason}")]
+    Blocked {
+        /// The filter's reason.
+        reason: String,
+    },
+    /// A privacy filter failed, so the request is refused rather than sent unfiltered.
+    #[error("the privacy filter `{plugin}` failed, so the request was not sent: {message}")]
+    FilterFailed {
+        /// The plugin (name@version).
+        plugin: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The tenant's router refused the request.
+    #[error("{reason}")]
+    Rejected {
+        /// The status the router chose (400–599).
+        status: u16,
+        /// Its reason.
+        reason: String,
+    },
 }
 
 /// Why one upstream attempt failed.
@@ -163,7 +185,9 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded | GatewayError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Blocked { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamError::Status { status: 429, .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -182,7 +206,14 @@ impl GatewayError {
             GatewayError::MalformedJson(_)
             | GatewayError::InvalidField { .. }
             | GatewayError::UnknownModel(_)
-            | GatewayError::PayloadTooLarge { .. } => ErrorClass::InvalidRequest,
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::Blocked { .. } => ErrorClass::InvalidRequest,
+            GatewayError::FilterFailed { .. } => ErrorClass::Overloaded,
+            GatewayError::Rejected { status, .. } => match status {
+                429 => ErrorClass::RateLimit,
+                500.. => ErrorClass::Upstream,
+                _ => ErrorClass::InvalidRequest,
+            },
             GatewayError::Unauthorized => ErrorClass::Authentication,
             GatewayError::NotFound { .. } => ErrorClass::NotFound,
             GatewayError::RateLimited { .. } => ErrorClass::RateLimit,
@@ -227,6 +258,9 @@ impl GatewayError {
             GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Overloaded => "overloaded",
+            GatewayError::Blocked { .. } => "content_blocked",
+            GatewayError::FilterFailed { .. } => "filter_failed",
+            GatewayError::Rejected { .. } => "rejected_by_router",
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => "upstream_timeout",
                 _ => "upstream_error",

@@ -19,6 +19,7 @@
 pub mod accounting;
 pub mod api;
 pub mod cache;
+pub mod chain;
 pub mod chat;
 pub mod config;
 pub mod edge;

@@ -113,6 +113,11 @@ impl Metrics {
         }
     }
 
+    /// The registry, for metrics registered elsewhere (the plugin runtime's).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -1,6 +1,6 @@
 //! Reversible redaction: the host's half of privacy filtering.
 //!
-//! A privacy filter sees a request's text as [`Segment`]s and names spans to redact. The host
+//! A privacy filter sees a request's text as [`Segment`]s and names [`Redaction`]s. The host
 //! swaps each span for a placeholder such as `[EMAIL_1]` (equal values of one entity get the same
 //! placeholder), keeps the map from placeholders to originals on the node, and puts the originals
 //! back into the answer — whole, or streamed, where a placeholder split across chunks is held back
@@ -9,43 +9,7 @@
 use std::collections::HashMap;
 
 use crate::chat::{ChatRequest, Content, Role};
-
-/// Where a piece of request text sits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SegmentKind {
-    /// System or developer instructions.
-    System,
-    /// The user's words.
-    User,
-    /// An earlier answer of the model.
-    Assistant,
-    /// A tool's result.
-    ToolResult,
-    /// The JSON arguments of an earlier tool call.
-    ToolArguments,
-}
-
-/// One piece of a request's text, as a filter sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Segment {
-    /// What it is.
-    pub kind: SegmentKind,
-    /// The text.
-    pub text: String,
-}
-
-/// A span of a segment to replace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    /// Index into the segments.
-    pub segment: usize,
-    /// Byte offset of its start.
-    pub start: usize,
-    /// Byte offset just past its end.
-    pub end: usize,
-    /// Entity type (`email`, `card`…), which names the placeholder.
-    pub entity: String,
-}
+use crate::plugin::{Redaction, Segment, SegmentKind};
 
 /// Spans that cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -210,41 +174,39 @@ impl Placeholders {
         out.push_str(rest);
         out
     }
-
-    /// A restorer for one stream of text (an answer's text, or one tool call's arguments).
-    pub fn stream(&self, json: bool) -> StreamRestorer<'_> {
-        StreamRestorer { placeholders: self, pending: String::new(), json }
-    }
 }
 
-/// Restores placeholders in text that arrives in pieces, holding back a tail only while it could
-/// still become a placeholder.
-#[derive(Debug)]
-pub struct StreamRestorer<'p> {
-    placeholders: &'p Placeholders,
+/// Restores placeholders in one stream of text (an answer's text, or one tool call's arguments)
+/// that arrives in pieces, holding back a tail only while it could still become a placeholder.
+#[derive(Debug, Default)]
+pub struct StreamRestorer {
     pending: String,
     json: bool,
 }
 
-impl StreamRestorer<'_> {
+impl StreamRestorer {
+    /// A restorer for plain text, or for the inside of a JSON string when `json`.
+    pub fn new(json: bool) -> Self {
+        StreamRestorer { pending: String::new(), json }
+    }
+
     /// Adds a piece and returns the text that is now final.
-    pub fn push(&mut self, piece: &str) -> String {
+    pub fn push(&mut self, placeholders: &Placeholders, piece: &str) -> String {
         self.pending.push_str(piece);
-        let hold = self.held_tail();
+        let hold = self.held_tail(placeholders);
         let ready: String = self.pending.drain(..hold).collect();
-        self.placeholders.restore_with(&ready, self.json)
+        placeholders.restore_with(&ready, self.json)
     }
 
     /// The rest, at the end of the stream.
-    pub fn finish(&mut self) -> String {
+    pub fn finish(&mut self, placeholders: &Placeholders) -> String {
         let rest = std::mem::take(&mut self.pending);
-        self.placeholders.restore_with(&rest, self.json)
+        placeholders.restore_with(&rest, self.json)
     }
 
     /// Where the pending text stops being final: at the last `[` if what follows it is a proper
     /// prefix of some placeholder.
-    fn held_tail(&self) -> usize {
-        let p = self.placeholders;
+    fn held_tail(&self, p: &Placeholders) -> usize {
         match self.pending.rfind('[') {
             Some(open) if self.pending.len() - open < p.longest && !self.pending[open..].contains(']') => {
                 let tail = &self.pending[open..];
@@ -259,14 +221,30 @@ impl StreamRestorer<'_> {
     }
 }
 
-/// Replaces `spans` of the request's [`segments`] with placeholders, in place.
-pub fn redact(req: &mut ChatRequest, spans: &[Span]) -> Result<Placeholders, SpanError> {
+/// Joins overlapping spans of one segment into their union, so that what any filter
+/// asked to hide stays hidden; the union keeps the entity of the span that starts first.
+pub fn merge(mut spans: Vec<Redaction>) -> Vec<Redaction> {
+    spans.sort_by_key(|s| (s.segment, s.start));
+    let mut out: Vec<Redaction> = Vec::with_capacity(spans.len());
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if last.segment == s.segment && s.start < last.end => last.end = last.end.max(s.end),
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+/// Replaces `spans` of the request's [`segments`] with placeholders, in place. Overlapping spans
+/// (from different filters) are refused: merge them first with [`merge`].
+pub fn redact(req: &mut ChatRequest, spans: &[Redaction]) -> Result<Placeholders, SpanError> {
     let slots = slots(req);
     let mut order: Vec<usize> = (0..spans.len()).collect();
     for (i, s) in spans.iter().enumerate() {
-        let ok = s.segment < slots.len() && s.start < s.end && {
-            let text = slot_text(req, slots[s.segment].0);
-            s.end <= text.len() && text.is_char_boundary(s.start) && text.is_char_boundary(s.end)
+        let (segment, start, end) = (s.segment as usize, s.start as usize, s.end as usize);
+        let ok = segment < slots.len() && start < end && {
+            let text = slot_text(req, slots[segment].0);
+            end <= text.len() && text.is_char_boundary(start) && text.is_char_boundary(end)
         };
         if !ok {
             return Err(SpanError::OutOfRange { index: i });
@@ -290,13 +268,13 @@ pub fn redact(req: &mut ChatRequest, spans: &[Span]) -> Result<Placeholders, Spa
     let mut replacement: Vec<String> = vec![String::new(); spans.len()];
     for &i in &order {
         let s = &spans[i];
-        let value = slot_text(req, slots[s.segment].0)[s.start..s.end].to_string();
+        let value = slot_text(req, slots[s.segment as usize].0)[s.start as usize..s.end as usize].to_string();
         replacement[i] = placeholders.placeholder(&s.entity, &value);
     }
     for &i in order.iter().rev() {
         let s = &spans[i];
-        if let Some(text) = slot_text_mut(req, slots[s.segment].0) {
-            text.replace_range(s.start..s.end, &replacement[i]);
+        if let Some(text) = slot_text_mut(req, slots[s.segment as usize].0) {
+            text.replace_range(s.start as usize..s.end as usize, &replacement[i]);
         }
     }
     Ok(placeholders)
@@ -326,9 +304,9 @@ mod tests {
         }
     }
 
-    fn span(segment: usize, text: &str, value: &str, entity: &str) -> Span {
+    fn span(segment: u32, text: &str, value: &str, entity: &str) -> Redaction {
         let start = text.find(value).unwrap();
-        Span { segment, start, end: start + value.len(), entity: entity.into() }
+        Redaction { segment, start: start as u32, end: (start + value.len()) as u32, entity: entity.into() }
     }
 
     #[test]
@@ -344,7 +322,7 @@ mod tests {
         let spans = vec![
             span(1, user, "ann@x.io", "email"),
             span(1, user, "bob@y.io", "email"),
-            Span { segment: 1, start: second_ann, end: second_ann + 8, entity: "email".into() },
+            Redaction { segment: 1, start: second_ann as u32, end: second_ann as u32 + 8, entity: "email".into() },
             span(2, &segs[2].text, "ann@x.io", "email"),
         ];
         let p = redact(&mut req, &spans).unwrap();
@@ -358,14 +336,24 @@ mod tests {
     #[test]
     fn bad_spans_are_refused() {
         let mut req = request();
-        let bad = |segment, start, end| Span { segment, start, end, entity: "email".into() };
+        let bad = |segment, start: usize, end: usize| Redaction {
+            segment,
+            start: start as u32,
+            end: end as u32,
+            entity: "email".into(),
+        };
         assert!(matches!(redact(&mut req, &[bad(9, 0, 1)]), Err(SpanError::OutOfRange { index: 0 })));
         assert!(matches!(redact(&mut req, &[bad(1, 5, 5)]), Err(SpanError::OutOfRange { .. })));
         let text = segments(&req)[1].text.clone();
         let inside = text.find('ü').unwrap() + 1;
         assert!(matches!(redact(&mut req, &[bad(1, inside, inside + 1)]), Err(SpanError::OutOfRange { .. })));
         assert!(matches!(redact(&mut req, &[bad(1, 0, 6), bad(1, 5, 9)]), Err(SpanError::Overlap(..))));
-        let shouty = Span { segment: 1, start: 0, end: 4, entity: "E-MAIL".into() };
+        let merged = merge(vec![bad(1, 5, 9), bad(2, 0, 2), bad(1, 0, 6), bad(1, 9, 12)]);
+        assert_eq!(
+            merged.iter().map(|s| (s.segment, s.start, s.end)).collect::<Vec<_>>(),
+            [(1, 0, 9), (1, 9, 12), (2, 0, 2)]
+        );
+        let shouty = Redaction { segment: 1, start: 0, end: 4, entity: "E-MAIL".into() };
         assert!(matches!(redact(&mut req, &[shouty]), Err(SpanError::BadEntity { index: 0 })));
         assert_eq!(req, request(), "a refused redaction changes nothing");
     }
@@ -380,16 +368,16 @@ mod tests {
             if !answer.is_char_boundary(split) {
                 continue;
             }
-            let mut r = p.stream(false);
-            let mut out = r.push(&answer[..split]);
-            out += &r.push(&answer[split..]);
-            out += &r.finish();
+            let mut r = StreamRestorer::new(false);
+            let mut out = r.push(&p, &answer[..split]);
+            out += &r.push(&p, &answer[split..]);
+            out += &r.finish(&p);
             assert_eq!(out, "Wrote to bob@y.io; [sic] [EMAIL_", "split at {split}");
         }
-        let mut r = p.stream(false);
-        assert_eq!(r.push("to [EMA"), "to ", "a possible placeholder is held back");
-        assert_eq!(r.push("IL_1] ok"), "bob@y.io ok");
-        assert_eq!(r.push("[x"), "[x", "text that cannot become a placeholder is not held");
+        let mut r = StreamRestorer::new(false);
+        assert_eq!(r.push(&p, "to [EMA"), "to ", "a possible placeholder is held back");
+        assert_eq!(r.push(&p, "IL_1] ok"), "bob@y.io ok");
+        assert_eq!(r.push(&p, "[x"), "[x", "text that cannot become a placeholder is not held");
     }
 
     #[test]

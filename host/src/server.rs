@@ -20,15 +20,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, ConfigError, TlsConfig};
-use crate::edge::Edge;
+use crate::config::{Config, TlsConfig};
+use crate::edge::{BuildError, Edge};
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// Bad config.
+    /// Bad config, or a plugin that cannot be loaded.
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Build(#[from] BuildError),
     /// The listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -55,7 +55,7 @@ impl Server {
         let tls = config.node.tls.as_ref().map(tls_acceptor).transpose()?;
         let addr = config.node.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
-        let edge = Arc::new(Edge::new(config)?);
+        let edge = Arc::new(Edge::new(config).await?);
         Ok(Server { edge, listener, tls })
     }
 

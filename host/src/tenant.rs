@@ -9,6 +9,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
+use crate::chain::{Chain, Plugins};
 use crate::config::{parse_key_hash, CachePolicy, Config};
 use crate::error::GatewayError;
 
@@ -19,6 +20,8 @@ pub struct Tenant {
     pub name: Arc<str>,
     /// When its answers are cached.
     pub cache: CachePolicy,
+    /// Its privacy filters and router.
+    pub chain: Chain,
     limiter: Option<DefaultDirectRateLimiter>,
 }
 
@@ -40,15 +43,22 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    /// From validated config.
-    pub fn new(config: &Config) -> Tenants {
+    /// From validated config, with the plugins it names loaded.
+    pub fn new(config: &Config, plugins: &Plugins) -> Tenants {
         let mut by_key = HashMap::new();
         for t in &config.tenants {
             let limiter = t.requests_per_second.and_then(NonZeroU32::new).map(|rate| {
                 let burst = t.burst.and_then(NonZeroU32::new).unwrap_or(rate);
                 RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
             });
-            let tenant = Arc::new(Tenant { name: t.name.as_str().into(), cache: t.cache, limiter });
+            // Validation checked that every named plugin exists with the right kind.
+            let chain = Chain {
+                filters: t.filters.iter().filter_map(|f| plugins.filters.get(f).cloned()).collect(),
+                router: t.router.as_ref().and_then(|r| plugins.routers.get(r).cloned()),
+                allowed_regions: t.allowed_regions.clone(),
+                price_cap_usd: t.price_cap_usd,
+            };
+            let tenant = Arc::new(Tenant { name: t.name.as_str().into(), cache: t.cache, chain, limiter });
             for k in &t.keys {
                 // Validation already parsed every hash.
                 if let Ok(digest) = parse_key_hash(k) {
@@ -82,7 +92,7 @@ mod tests {
 
     fn tenants(extra: &str) -> Tenants {
         let text = format!("[[tenants]]\nname = \"acme\"\nkeys = [\"{}\"]\n{extra}", hash_key("sk-acme"));
-        Tenants::new(&Config::parse(&text).unwrap())
+        Tenants::new(&Config::parse(&text).unwrap(), &Plugins::default())
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub struct Target {
     pub kind: TargetKind,
     /// Where it runs.
     pub region: Option<String>,
+    /// Whether it runs on the operator's own infrastructure.
+    pub own_infrastructure: bool,
     config: TargetConfig,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -114,6 +116,7 @@ impl Target {
             name: name.to_string(),
             kind: tc.kind,
             region: tc.region.clone(),
+            own_infrastructure: tc.own_infrastructure,
             config: tc.clone(),
             endpoint,
             headers,
