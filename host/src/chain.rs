@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use crate::accounting;
@@ -42,24 +43,38 @@ pub struct Plugins {
 
 impl Plugins {
     /// Loads (compiles or takes from the artifact cache, checks the world, dry-runs `configure`)
-    /// every plugin in `config.plugins`.
+    /// every plugin in `config.plugins`, reading each `.wasm` afresh.
+    ///
+    /// A loaded version is `VERSION+HASH` (the first 8 hex digits of the component's SHA-256), so
+    /// that a rebuilt component under an unchanged version is a new version for metrics and
+    /// quarantine.
     pub async fn load(config: &Config, runtime: &PluginRuntime) -> Result<Plugins, LoadError> {
         let mut plugins = Plugins::default();
         for (name, p) in &config.plugins {
             let fail = |source| LoadError { name: name.clone(), source };
-            let path = p.path.as_path();
+            let wasm =
+                std::fs::read(&p.path).map_err(|source| fail(PluginError::Io { path: p.path.clone(), source }))?;
+            let version = format!("{}+{}", p.version, &hex::encode(Sha256::digest(&wasm))[..8]);
             match p.kind {
                 PluginKind::Filter => {
-                    let f = runtime.load_filter(name, &p.version, path, &p.config_json(), p.limits()).await;
+                    let f = runtime.load_filter(name, &version, &wasm, &p.config_json(), p.limits()).await;
                     plugins.filters.insert(name.clone(), Arc::new(f.map_err(fail)?));
                 }
                 PluginKind::Router => {
-                    let r = runtime.load_router(name, &p.version, path, &p.config_json(), p.limits()).await;
+                    let r = runtime.load_router(name, &version, &wasm, &p.config_json(), p.limits()).await;
                     plugins.routers.insert(name.clone(), Arc::new(r.map_err(fail)?));
                 }
             }
         }
         Ok(plugins)
+    }
+
+    /// Every loaded plugin as `name@version`, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let filters = self.filters.values().map(|f| f.id().to_string());
+        let mut ids: Vec<String> = filters.chain(self.routers.values().map(|r| r.id().to_string())).collect();
+        ids.sort();
+        ids
     }
 }
 

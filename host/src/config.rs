@@ -155,6 +155,9 @@ pub struct NodeConfig {
     pub body_read_timeout_ms: u64,
     /// Serve HTTPS with this certificate and key.
     pub tls: Option<TlsConfig>,
+    /// SHA-256 hashes (`sha256:<hex>`) of the keys allowed on `/admin/…` endpoints; none
+    /// disables them.
+    pub admin_keys: Vec<String>,
 }
 
 impl Default for NodeConfig {
@@ -167,6 +170,7 @@ impl Default for NodeConfig {
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             tls: None,
+            admin_keys: Vec::new(),
         }
     }
 }
@@ -467,6 +471,9 @@ impl Config {
             if v == 0 {
                 return Err(invalid(format!("node.{key}"), "must be greater than 0"));
             }
+        }
+        for (i, k) in n.admin_keys.iter().enumerate() {
+            parse_key_hash(k).map_err(|m| invalid(format!("node.admin_keys[{i}]"), m))?;
         }
         if self.cache.enabled && self.cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));

@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
@@ -19,18 +20,18 @@ use hyper::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_LENGTH, CONTE
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::accounting::PriceModel;
 use crate::api::{ApiShape, StreamEncoder};
 use crate::cache::{self, CachedAnswer, FillGuard, Lookup, PromptCache};
 use crate::chain::{self, AnswerFilter, LoadError, Plan, Plugins};
 use crate::chat::{estimate_tokens, ChatRequest, ChatResponse, StreamEvent, Usage};
-use crate::config::{CachePolicy, Config, ConfigError};
+use crate::config::{parse_key_hash, CachePolicy, Config, ConfigError};
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
-use crate::tenant::{Tenant, Tenants};
+use crate::tenant::{self, Tenant, Tenants};
 use crate::upstream::{self, EventStream, HttpClient, Target};
 
 /// The body of every response the edge sends.
@@ -61,7 +62,8 @@ pub struct ModelRoute {
 /// An edge node's shared state.
 pub struct Edge {
     config: Config,
-    tenants: Tenants,
+    loaded: ArcSwap<Loaded>,
+    reloading: tokio::sync::Mutex<()>,
     models: HashMap<String, Arc<ModelRoute>>,
     model_list: Bytes,
     client: HttpClient,
@@ -70,6 +72,14 @@ pub struct Edge {
     pub metrics: Metrics,
     in_flight: Arc<Semaphore>,
     plugins: Option<PluginRuntime>,
+    admin_keys: Vec<[u8; 32]>,
+}
+
+/// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
+/// flight keep the `Arc`s of what they started with and finish on the old versions.
+struct Loaded {
+    tenants: Tenants,
+    plugins: Vec<String>,
 }
 
 /// Why the node's state could not be built.
@@ -141,8 +151,10 @@ impl Edge {
             let loaded = Plugins::load(&config, &runtime).await?;
             (Some(runtime), loaded)
         };
+        let loaded = Loaded { tenants: Tenants::new(&config, &loaded), plugins: loaded.ids() };
         Ok(Edge {
-            tenants: Tenants::new(&config, &loaded),
+            loaded: ArcSwap::from_pointee(loaded),
+            reloading: tokio::sync::Mutex::new(()),
             models,
             model_list,
             client: upstream::http_client(connect),
@@ -150,6 +162,8 @@ impl Edge {
             metrics,
             in_flight: Arc::new(Semaphore::new(config.node.max_in_flight)),
             plugins,
+            // Validation parsed every admin key hash.
+            admin_keys: config.node.admin_keys.iter().filter_map(|k| parse_key_hash(k).ok()).collect(),
             config,
         })
     }
@@ -159,13 +173,58 @@ impl Edge {
         &self.config
     }
 
+    /// Whether the node runs plugins (and so has something to reload).
+    pub fn has_plugins(&self) -> bool {
+        self.plugins.is_some()
+    }
+
+    /// Loads every plugin again from its file (compiling, checking and configuring each) and
+    /// swaps the new set in at once. Requests in flight finish on the versions they started with.
+    /// A reload that fails changes nothing and says why. Returns the loaded `name@version`s.
+    pub async fn reload_plugins(&self) -> Result<Vec<String>, BuildError> {
+        let Some(runtime) = &self.plugins else { return Ok(Vec::new()) };
+        let _one_at_a_time = self.reloading.lock().await;
+        match Plugins::load(&self.config, runtime).await {
+            Ok(plugins) => {
+                let tenants = self.loaded.load().tenants.with_plugins(&self.config, &plugins);
+                let ids = plugins.ids();
+                self.loaded.store(Arc::new(Loaded { tenants, plugins: ids.clone() }));
+                info!(plugins = ?ids, "plugins reloaded");
+                Ok(ids)
+            }
+            Err(e) => {
+                warn!(error = %e, "plugin reload failed: the loaded versions stay");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `POST /admin/plugins/reload`, for holders of a `node.admin_keys` key.
+    async fn admin_reload(&self, headers: &HeaderMap) -> Response<Body> {
+        if self.admin_keys.is_empty() {
+            let err = GatewayError::NotFound { method: "POST".into(), path: "/admin/plugins/reload".into() };
+            return error_response(ApiShape::OpenAi, &err);
+        }
+        if !self.admin_keys.contains(&tenant::key_digest(headers).unwrap_or_default()) {
+            return error_response(ApiShape::OpenAi, &GatewayError::Unauthorized);
+        }
+        match self.reload_plugins().await {
+            Ok(ids) => json_response(StatusCode::OK, Bytes::from(json!({ "reloaded": ids }).to_string())),
+            Err(e) => json_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Bytes::from(json!({ "error": { "message": e.to_string(), "type": "reload_failed" } }).to_string()),
+            ),
+        }
+    }
+
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let request_id = request_id(req.headers());
         let response = match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => self.chat(ApiShape::OpenAi, req, &request_id).await,
             (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, req, &request_id).await,
-            (&Method::GET, "/v1/models") => match self.tenants.authenticate(req.headers()) {
+            (&Method::POST, "/admin/plugins/reload") => self.admin_reload(req.headers()).await,
+            (&Method::GET, "/v1/models") => match self.loaded.load().tenants.authenticate(req.headers()) {
                 Ok(_) => json_response(StatusCode::OK, self.model_list.clone()),
                 Err(e) => error_response(ApiShape::OpenAi, &e),
             },
@@ -185,7 +244,7 @@ impl Edge {
         let targets: Vec<_> = self.config.targets.keys().collect();
         let quarantined: Vec<String> =
             self.plugins.iter().flat_map(PluginRuntime::quarantined).map(|id| id.to_string()).collect();
-        let plugins: Vec<_> = self.config.plugins.keys().collect();
+        let plugins = self.loaded.load().plugins.clone();
         let body = json!({ "status": "ready", "region": self.config.node.region, "targets": targets,
             "plugins": plugins, "quarantined_plugins": quarantined });
         json_response(StatusCode::OK, Bytes::from(body.to_string()))
@@ -224,7 +283,7 @@ impl Edge {
         req: Request<Incoming>,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
-        let tenant = self.tenants.authenticate(req.headers())?;
+        let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
         record.tenant = Arc::clone(&tenant.name);
         tenant.admit()?;
         let permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;

@@ -84,6 +84,7 @@ impl Server {
         http2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
         let protocols = Arc::new(Protocols { http1, http2 });
         let graceful = GracefulShutdown::new();
+        let reloader = self.edge.has_plugins().then(|| tokio::spawn(reload_triggers(Arc::clone(&self.edge))));
         info!(addr = %self.local_addr(), tls = self.tls.is_some(), "edge listening");
         tokio::pin!(shutdown);
         loop {
@@ -131,11 +132,58 @@ impl Server {
                 }
             });
         }
+        if let Some(reloader) = reloader {
+            reloader.abort();
+        }
         info!("shutting down: waiting for requests in flight");
         if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
             warn!("requests still in flight after 30s; closing them");
         }
     }
+}
+
+/// Reloads the node's plugins on SIGHUP and when a plugin file changes (checked every
+/// `plugin_runtime.reload_poll_ms`). The admin endpoint is the third trigger, in the request path.
+async fn reload_triggers(edge: Arc<Edge>) {
+    let poll = Duration::from_millis(edge.config().plugin_runtime.reload_poll_ms);
+    let mut ticker = tokio::time::interval(if poll.is_zero() { Duration::from_secs(3600) } else { poll });
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = file_stamps(edge.config());
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        tokio::select! {
+            Some(()) = hup => info!("SIGHUP: reloading plugins"),
+            _ = ticker.tick() => {
+                let now = file_stamps(edge.config());
+                if poll.is_zero() || now == seen {
+                    continue;
+                }
+                info!("a plugin file changed: reloading plugins");
+            }
+        }
+        seen = file_stamps(edge.config());
+        // A failed reload keeps the loaded versions and logs why; nothing more to do here.
+        let _ = edge.reload_plugins().await;
+    }
+}
+
+/// Modification time and length of each plugin file, to notice a changed one.
+fn file_stamps(config: &Config) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    config
+        .plugins
+        .values()
+        .map(|p| std::fs::metadata(&p.path).ok().and_then(|m| Some((m.modified().ok()?, m.len()))))
+        .collect()
 }
 
 /// The HTTP version a connection speaks.

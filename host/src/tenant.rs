@@ -22,13 +22,15 @@ pub struct Tenant {
     pub cache: CachePolicy,
     /// Its privacy filters and router.
     pub chain: Chain,
-    limiter: Option<DefaultDirectRateLimiter>,
+    /// Shared with the tenant's next incarnation after a plugin reload, so a reload does not
+    /// reset its rate.
+    limiter: Arc<Option<DefaultDirectRateLimiter>>,
 }
 
 impl Tenant {
     /// Admits one request under the tenant's rate, or says when to retry.
     pub fn admit(&self) -> Result<(), GatewayError> {
-        let Some(limiter) = &self.limiter else { return Ok(()) };
+        let Some(limiter) = self.limiter.as_ref() else { return Ok(()) };
         limiter.check().map_err(|not_until| GatewayError::RateLimited {
             tenant: self.name.to_string(),
             retry_after: not_until.wait_time_from(DefaultClock::default().now()),
@@ -45,12 +47,27 @@ pub struct Tenants {
 impl Tenants {
     /// From validated config, with the plugins it names loaded.
     pub fn new(config: &Config, plugins: &Plugins) -> Tenants {
+        Tenants::build(config, plugins, None)
+    }
+
+    /// The same tenants with freshly loaded plugins, keeping each tenant's rate-limit state.
+    pub fn with_plugins(&self, config: &Config, plugins: &Plugins) -> Tenants {
+        Tenants::build(config, plugins, Some(self))
+    }
+
+    fn build(config: &Config, plugins: &Plugins, previous: Option<&Tenants>) -> Tenants {
         let mut by_key = HashMap::new();
         for t in &config.tenants {
-            let limiter = t.requests_per_second.and_then(NonZeroU32::new).map(|rate| {
-                let burst = t.burst.and_then(NonZeroU32::new).unwrap_or(rate);
-                RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
-            });
+            let kept = previous.and_then(|p| p.by_key.values().find(|old| *old.name == *t.name));
+            let limiter = kept.map_or_else(
+                || {
+                    Arc::new(t.requests_per_second.and_then(NonZeroU32::new).map(|rate| {
+                        let burst = t.burst.and_then(NonZeroU32::new).unwrap_or(rate);
+                        RateLimiter::direct(Quota::per_second(rate).allow_burst(burst))
+                    }))
+                },
+                |old| Arc::clone(&old.limiter),
+            );
             // Validation checked that every named plugin exists with the right kind.
             let chain = Chain {
                 filters: t.filters.iter().filter_map(|f| plugins.filters.get(f).cloned()).collect(),
@@ -72,17 +89,21 @@ impl Tenants {
     /// The tenant whose key the request carries: `Authorization: Bearer KEY` (OpenAI) or
     /// `x-api-key: KEY` (Anthropic), on either endpoint.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<Arc<Tenant>, GatewayError> {
-        let key = headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-            .map(str::trim)
-            .filter(|k| !k.is_empty())
-            .ok_or(GatewayError::Unauthorized)?;
-        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        let digest = key_digest(headers).ok_or(GatewayError::Unauthorized)?;
         self.by_key.get(&digest).cloned().ok_or(GatewayError::Unauthorized)
     }
+}
+
+/// SHA-256 of the key a request carries (`Authorization: Bearer KEY` or `x-api-key: KEY`).
+pub fn key_digest(headers: &HeaderMap) -> Option<[u8; 32]> {
+    let key = headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())?;
+    Some(Sha256::digest(key.as_bytes()).into())
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! front of mock managed APIs, and talk to it over HTTP like a client would.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::time::Duration;
 
@@ -12,9 +14,9 @@ use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use meridian::config::{hash_key, Config};
+use meridian::config::{hash_key, Config, PluginConfig, PluginKind};
 use meridian::edge::Edge;
-use meridian::server::Server;
+use meridian::server::{Server, StartError};
 use meridian::sse::{SseEvent, SseParser};
 pub use meridian_mock::{Behavior, MockOptions, MockUpstream};
 use serde_json::Value;
@@ -146,14 +148,19 @@ pub struct TestEdge {
 impl TestEdge {
     /// Starts an edge with `config`.
     pub async fn start(config: Config) -> TestEdge {
-        let server = Server::bind(config).await.expect("edge starts");
+        TestEdge::try_start(config).await.unwrap_or_else(|e| panic!("edge starts: {e}"))
+    }
+
+    /// Starts an edge with `config`, or says why it could not start.
+    pub async fn try_start(config: Config) -> Result<TestEdge, StartError> {
+        let server = Server::bind(config).await?;
         let addr = server.local_addr();
         let edge = Arc::clone(server.edge());
         let (tx, rx) = oneshot::channel();
         tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
-        TestEdge { addr, edge, shutdown: Some(tx), client: Client::builder(TokioExecutor::new()).build_http() }
+        Ok(TestEdge { addr, edge, shutdown: Some(tx), client: Client::builder(TokioExecutor::new()).build_http() })
     }
 
     /// `http://ADDR`.
@@ -268,4 +275,59 @@ pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or
+/// `pii_redactor`), under `target/wasm32-wasip2/release/`. Panics if it has not been built.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins", path.display());
+    path
+}
+
+/// Adds plugin `name` to `config`: the component of crate `crate_name` (see [`plugin_wasm`]) with
+/// its own settings `settings` (a JSON object) and a generous deadline of 2 s, so that a debug
+/// build on a busy machine never times out by accident (tests that want a deadline set one).
+pub fn add_plugin(config: &mut Config, name: &str, kind: PluginKind, crate_name: &str, settings: Value) {
+    let table: toml::Table = serde_json::from_value(settings).expect("plugin settings are a JSON object");
+    let plugin = PluginConfig {
+        kind,
+        path: plugin_wasm(crate_name),
+        version: "1".into(),
+        deadline_ms: 2_000,
+        max_memory_bytes: None,
+        config: table,
+    };
+    config.plugins.insert(name.to_string(), plugin);
+}
+
+/// A fresh directory under the system temp dir, removed (with its contents) when dropped: a
+/// plugin artifact cache for one test.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/meridian-e2e-<pid>-<n>-<label>`.
+    pub fn new(label: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("meridian-e2e-{}-{n}-{label}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir is created");
+        TempDir(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -1,0 +1,141 @@
+//! Hot reload of plugins: a new version is loaded and configured before it is swapped in, requests
+//! under load are never lost, and a failed reload keeps the old version and says why.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian::accounting::PriceModel;
+use meridian::config::{hash_key, Config, PluginKind};
+use meridian_e2e::{add_plugin, plugin_wasm, Mocks, TempDir, TestEdge, ACME_KEY};
+use serde_json::json;
+
+const ADMIN_KEY: &str = "sk-admin-test";
+
+/// Tenant acme routes model `fallback` (oa, oa2, an) with the router in `router.wasm`; oa is
+/// dear and oa2 cheap, so the cost router picks oa2 where the order-keeping router picks oa.
+fn config(mocks: &Mocks, dir: &TempDir, poll_ms: u64) -> Config {
+    let mut cfg = mocks.config();
+    cfg.plugin_runtime.cache_dir = dir.path().join("cache");
+    cfg.plugin_runtime.reload_poll_ms = poll_ms;
+    cfg.node.admin_keys = vec![hash_key(ADMIN_KEY)];
+    cfg.targets.get_mut("oa").unwrap().price =
+        Some(PriceModel::Token { input_usd_per_mtok: 10.0, output_usd_per_mtok: 30.0 });
+    cfg.targets.get_mut("oa2").unwrap().price =
+        Some(PriceModel::Token { input_usd_per_mtok: 0.1, output_usd_per_mtok: 0.2 });
+    add_plugin(&mut cfg, "r", PluginKind::Router, "fixture-good-router", json!({}));
+    let path = dir.path().join("router.wasm");
+    std::fs::copy(plugin_wasm("fixture-good-router"), &path).unwrap();
+    cfg.plugins.get_mut("r").unwrap().path = path;
+    cfg.tenants[0].router = Some("r".into());
+    cfg
+}
+
+fn chat() -> serde_json::Value {
+    json!({"model": "fallback", "messages": [{"role": "user", "content": "which target?"}]})
+}
+
+async fn target_of(edge: &TestEdge) -> (u16, String) {
+    let r = edge.post("/v1/chat/completions", ACME_KEY, &chat()).await;
+    (r.status, r.header("x-meridian-target").unwrap_or("").to_string())
+}
+
+async fn reload(edge: &TestEdge, key: Option<&str>) -> meridian_e2e::Reply {
+    edge.send("POST", "/admin/plugins/reload", key, &[], bytes::Bytes::new()).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_under_load_loses_no_request() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new("reload");
+    let edge = Arc::new(TestEdge::start(config(&mocks, &dir, 0)).await);
+    assert_eq!(target_of(&edge).await, (200, "oa".to_string()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (edge, stop) = (Arc::clone(&edge), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                // Bounded: at most 2,000 requests a client, and only while the test runs.
+                while !stop.load(Ordering::Relaxed) && seen.len() < 2_000 {
+                    seen.push(target_of(&edge).await);
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    std::fs::copy(plugin_wasm("cost-router"), dir.path().join("router.wasm")).unwrap();
+    let r = reload(&edge, Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["reloaded"][0].as_str().unwrap().starts_with("r@1+"), "{}", r.text());
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for c in clients {
+        all.extend(c.await.unwrap());
+    }
+    let failed: Vec<_> = all.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failed.is_empty(), "{} of {} requests failed during the reload: {failed:?}", failed.len(), all.len());
+    assert!(all.iter().any(|(_, t)| t == "oa") && all.iter().any(|(_, t)| t == "oa2"), "both versions served");
+    assert_eq!(target_of(&edge).await, (200, "oa2".to_string()), "the new version routes now");
+}
+
+#[tokio::test]
+async fn a_failed_reload_keeps_the_old_version_and_says_why() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new("reload-fail");
+    let edge = TestEdge::start(config(&mocks, &dir, 0)).await;
+
+    assert_eq!(reload(&edge, None).await.status, 401, "the admin endpoint needs a key");
+    assert_eq!(reload(&edge, Some(ACME_KEY)).await.status, 401, "a tenant key is not an admin key");
+
+    std::fs::write(dir.path().join("router.wasm"), b"not a component").unwrap();
+    let r = reload(&edge, Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.text().contains("plugins.r"), "the error names the plugin: {}", r.text());
+    assert_eq!(target_of(&edge).await, (200, "oa".to_string()), "the old version still routes");
+
+    // A component of the wrong world is refused too.
+    std::fs::copy(plugin_wasm("pii-redactor"), dir.path().join("router.wasm")).unwrap();
+    let r = reload(&edge, Some(ADMIN_KEY)).await;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(target_of(&edge).await, (200, "oa".to_string()));
+}
+
+#[tokio::test]
+async fn a_changed_plugin_file_is_reloaded_by_itself() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new("reload-watch");
+    let edge = TestEdge::start(config(&mocks, &dir, 50)).await;
+    assert_eq!(target_of(&edge).await, (200, "oa".to_string()));
+    // Written beside and renamed into place, as a deploy would, so no half-written file is read.
+    let staged = dir.path().join("router.wasm.new");
+    std::fs::copy(plugin_wasm("cost-router"), &staged).unwrap();
+    std::fs::rename(&staged, dir.path().join("router.wasm")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, target) = target_of(&edge).await;
+        assert_eq!(status, 200);
+        if target == "oa2" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the changed file was not reloaded within 20 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = edge.send("GET", "/readyz", None, &[], bytes::Bytes::new()).await.json();
+    assert!(ready["plugins"][0].as_str().unwrap().starts_with("r@1+"), "{ready}");
+}
+
+#[tokio::test]
+async fn without_admin_keys_there_is_no_admin_endpoint() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new("reload-none");
+    let mut cfg = config(&mocks, &dir, 0);
+    cfg.node.admin_keys.clear();
+    let edge = TestEdge::start(cfg).await;
+    assert_eq!(reload(&edge, Some(ADMIN_KEY)).await.status, 404);
+}
