@@ -8,6 +8,8 @@ use meridian::config::{hash_key, Config, LogFormat};
 use meridian::server::Server;
 use tracing_subscriber::EnvFilter;
 
+mod plugin_cli;
+
 // glibc malloc showed up as ~8% of the edge's CPU under load; mimalloc's per-thread heaps are
 // cheaper for the many small, short-lived allocations of request handling.
 #[global_allocator]
@@ -21,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "meridian",
     version,
-    after_help = "Examples:\n  meridian edge -c regions/local/edge.toml\n  meridian config check regions/local/edge.toml\n  meridian key new"
+    after_help = "Examples:\n  meridian edge -c regions/local/edge.toml\n  meridian config check regions/local/edge.toml\n  meridian key new\n  meridian plugin new my-router --kind router"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,6 +44,9 @@ enum Command {
     /// Make and hash tenant API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Write, check and try plugins (routers and privacy filters).
+    #[command(subcommand)]
+    Plugin(plugin_cli::PluginCommand),
 }
 
 #[derive(Subcommand)]
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
             println!("{}", hash_key(&key));
             ExitCode::SUCCESS
         }
+        Command::Plugin(command) => plugin_cli::run(command),
         Command::Key(KeyCommand::New) => {
             let key = format!("mk-{}", uuid::Uuid::new_v4().simple());
             println!("key:  {key}\nhash: {}", hash_key(&key));

@@ -172,10 +172,15 @@ pub(crate) fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
 }
 
 /// `StoreLimits` that also remember whether the guest hit its memory cap, so that the failure is
-/// reported as `MemoryLimit` rather than as whatever trap the guest turned it into.
+/// reported as `MemoryLimit` rather than as whatever trap the guest turned it into, and how much
+/// linear memory the call's instance held at most (for `meridian plugin run`).
 pub(crate) struct CallLimiter {
     limits: StoreLimits,
     pub memory_hit: bool,
+    /// Linear memory of all the store's memories now, in bytes.
+    memory_bytes: usize,
+    /// The most `memory_bytes` has been.
+    pub peak_memory_bytes: usize,
 }
 
 impl CallLimiter {
@@ -183,14 +188,18 @@ impl CallLimiter {
         // `trap_on_grow_failure`: without it a refused `memory.grow` returns -1 and a Rust guest
         // aborts, which looks like any other panic.
         let limits = StoreLimitsBuilder::new().memory_size(memory_bytes).trap_on_grow_failure(true).build();
-        CallLimiter { limits, memory_hit: false }
+        CallLimiter { limits, memory_hit: false, memory_bytes: 0, peak_memory_bytes: 0 }
     }
 }
 
 impl ResourceLimiter for CallLimiter {
     fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
         let allowed = self.limits.memory_growing(current, desired, maximum);
-        if !matches!(allowed, Ok(true)) {
+        if matches!(allowed, Ok(true)) {
+            // Also called when a memory is created (from 0), so this sums every memory's size.
+            self.memory_bytes = self.memory_bytes.saturating_add(desired.saturating_sub(current));
+            self.peak_memory_bytes = self.peak_memory_bytes.max(self.memory_bytes);
+        } else {
             self.memory_hit = true;
         }
         allowed

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -62,6 +63,9 @@ pub struct PluginSettings {
     pub max_log_line_bytes: usize,
     /// Bytes of stdout (and of stderr) kept per call.
     pub max_stdio_bytes: usize,
+    /// How often the node looks for changed plugin files to reload; 0 turns watching off
+    /// (SIGHUP and the admin endpoint still reload).
+    pub reload_poll_ms: u64,
 }
 
 impl Default for PluginSettings {
@@ -81,6 +85,7 @@ impl Default for PluginSettings {
             max_log_lines_per_call: 16,
             max_log_line_bytes: 1024,
             max_stdio_bytes: 16 << 10,
+            reload_poll_ms: 2000,
         }
     }
 }
@@ -343,6 +348,7 @@ impl PluginRuntime {
             // A guest blocked in a host call (a sleep, a poll) never sees the epoch: this bounds it.
             wall_limit: deadline + tick * 2 + Duration::from_millis(20),
             memory_bytes,
+            peak_memory_bytes: AtomicUsize::new(0),
             health: Mutex::default(),
         };
         Ok((Arc::new(core), pre))
@@ -450,6 +456,8 @@ struct PluginCore {
     deadline_ticks: u64,
     wall_limit: Duration,
     memory_bytes: usize,
+    /// The most linear memory any one instance of this plugin has held, load included.
+    peak_memory_bytes: AtomicUsize,
     health: Mutex<Health>,
 }
 
@@ -532,6 +540,7 @@ impl PluginCore {
     ) -> Result<R, PluginError> {
         let Call { store, stdout, stderr, started, counted, _permit } = call;
         let memory_hit = store.data().limiter.memory_hit;
+        self.peak_memory_bytes.fetch_max(store.data().limiter.peak_memory_bytes, Ordering::Relaxed);
         self.runtime.metrics.log_dropped(&self.id.name, store.data().log_dropped());
         // The instance may be poisoned by a trap; it is never reused, so dropping it is all.
         drop(store);
@@ -620,6 +629,12 @@ impl RouterPlugin {
         &self.core.id
     }
 
+    /// The most linear memory (all its memories together, in bytes) that one instance of this
+    /// plugin has held so far, the load-time dry run included: a high-water mark across calls.
+    pub fn peak_memory_bytes(&self) -> usize {
+        self.core.peak_memory_bytes.load(Ordering::Relaxed)
+    }
+
     /// Asks the router where a request goes. The outcome is checked: a decision names only given
     /// targets (each once, at least one), a refusal has an HTTP error status.
     pub async fn route(&self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
@@ -646,6 +661,12 @@ impl FilterPlugin {
     /// The plugin's name and version.
     pub fn id(&self) -> &PluginId {
         &self.core.id
+    }
+
+    /// The most linear memory (all its memories together, in bytes) that one instance of this
+    /// plugin has held so far, the load-time dry run included: a high-water mark across calls.
+    pub fn peak_memory_bytes(&self) -> usize {
+        self.core.peak_memory_bytes.load(Ordering::Relaxed)
     }
 
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a

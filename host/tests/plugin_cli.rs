@@ -1,0 +1,200 @@
+//! `meridian plugin new | check | run`, through the built binary, against the components that
+//! `scripts/build-plugins` builds and against freshly generated plugin crates.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A built component, or a panic that names it and says how to build it.
+fn component(file: &str) -> PathBuf {
+    let path = workspace().join("target/wasm32-wasip2/release").join(file);
+    assert!(path.is_file(), "missing {}: build the plugins first with scripts/build-plugins", path.display());
+    path
+}
+
+/// Runs `meridian` with `args` in `dir`.
+fn meridian(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("running the meridian binary")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Runs `meridian` and expects success.
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let o = meridian(dir, args);
+    assert!(o.status.success(), "meridian {args:?} failed\nstdout:\n{}\nstderr:\n{}", stdout(&o), stderr(&o));
+    stdout(&o)
+}
+
+/// A fresh directory, removed on drop. Under the system temp dir, outside this workspace, so a
+/// generated crate proves it builds standalone (no workspace `.cargo/config.toml` applies).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("meridian-plugin-cli-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating a temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn path_str(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test paths")
+}
+
+#[test]
+fn check_prints_each_components_world() {
+    let here = workspace();
+    let router = component("latency_router.wasm");
+    let out = ok(&here, &["plugin", "check", path_str(&router)]);
+    assert!(out.contains("world: router\n"), "{out}");
+    assert!(out.contains("exports: configure, route\n"), "{out}");
+    assert!(out.contains("config: ok"), "{out}");
+
+    let filter = component("pii_redactor.wasm");
+    let out = ok(&here, &["plugin", "check", path_str(&filter)]);
+    assert!(out.contains("world: privacy-filter\n"), "{out}");
+    assert!(out.contains("exports: configure, inspect-request, inspect-response\n"), "{out}");
+}
+
+#[test]
+fn check_fails_with_the_plugins_message_on_a_rejected_config() {
+    let dir = TempDir::new("reject");
+    let config = dir.0.join("c.toml");
+    std::fs::write(&config, "threshold_ms = 5\n").unwrap();
+    let fixture = component("fixture_config_reject.wasm");
+    let o = meridian(&dir.0, &["plugin", "check", path_str(&fixture), "--config", path_str(&config)]);
+    assert!(!o.status.success(), "a rejected config must fail: {}", stdout(&o));
+    let err = stderr(&o);
+    // The plugin's own words, about the TOML table converted to JSON as the node does.
+    assert!(err.contains(r#"bad config: expected {"threshold_ms": <number>}, got {"threshold_ms":5}"#), "{err}");
+    assert!(err.contains("is a router"), "{err}");
+}
+
+#[test]
+fn check_refuses_what_is_not_a_component() {
+    let dir = TempDir::new("garbage");
+    let file = dir.0.join("not.wasm");
+    std::fs::write(&file, "not wasm").unwrap();
+    let o = meridian(&dir.0, &["plugin", "check", path_str(&file)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("cannot compile the component"), "{}", stderr(&o));
+}
+
+#[test]
+fn run_shows_a_filters_redactions() {
+    let dir = TempDir::new("filter");
+    let request = dir.0.join("request.json");
+    let body = r#"{"model": "m", "messages": [{"role": "user", "content": "write to ann@example.com today"}]}"#;
+    std::fs::write(&request, body).unwrap();
+    let filter = component("pii_redactor.wasm");
+    let out = ok(&dir.0, &["plugin", "run", path_str(&filter), "--request", path_str(&request)]);
+    assert!(out.contains("world: privacy-filter\n"), "{out}");
+    assert!(out.contains("labels: pii.email\n"), "{out}");
+    assert!(out.contains(r#"email "ann@example.com""#), "{out}");
+    assert!(out.contains("[0] user: write to [EMAIL_1] today\n"), "{out}");
+    assert!(out.contains("fuel: not metered (epoch deadlines)"), "{out}");
+    assert!(out.contains("peak memory: "), "{out}");
+}
+
+#[test]
+fn run_shows_a_routers_decision() {
+    let dir = TempDir::new("router");
+    let request = dir.0.join("request.json");
+    std::fs::write(&request, r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#).unwrap();
+    let targets = dir.0.join("targets.json");
+    let list = r#"[
+        {"name": "slow", "latency_ms": 900},
+        {"name": "gone", "latency_ms": 10, "health": "down"},
+        {"name": "fast", "kind": "serverless", "region": "eu-west", "latency_ms": 100,
+         "price": {"per": "gpu_second", "usd_per_second": 0.001}}
+    ]"#;
+    std::fs::write(&targets, list).unwrap();
+    let router = component("latency_router.wasm");
+    let args = ["plugin", "run", path_str(&router), "--request", path_str(&request), "--targets", path_str(&targets)];
+    let out = ok(&dir.0, &args);
+    assert!(out.contains("decision: route to fast, slow\n"), "{out}");
+
+    // A router without targets is a usage error, named as such.
+    let o = meridian(&dir.0, &["plugin", "run", path_str(&router), "--request", path_str(&request)]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pass --targets"), "{}", stderr(&o));
+}
+
+/// `plugin new` → `cargo build` → `plugin check` → `plugin run` for one kind, as the README says.
+fn template_end_to_end(kind: &str, expect: &[&str]) {
+    let dir = TempDir::new(&format!("template-{kind}"));
+    let name = format!("my-{kind}");
+    let out = ok(&dir.0, &["plugin", "new", &name, "--kind", kind]);
+    assert!(out.contains("created"), "{out}");
+    let crate_dir = dir.0.join(&name);
+
+    // Never overwrites.
+    let again = meridian(&dir.0, &["plugin", "new", &name, "--kind", kind]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
+
+    // A target dir of its own (git-ignored), shared by both kinds so the SDK builds once.
+    let target_dir = workspace().join("target/plugin-template-test");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = Command::new(cargo)
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(&crate_dir)
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .output()
+        .expect("running cargo");
+    assert!(build.status.success(), "building the {kind} template failed:\n{}", stderr(&build));
+
+    let wasm = target_dir.join(format!("wasm32-wasip2/release/my_{kind}.wasm"));
+    let out = ok(&crate_dir, &["plugin", "check", path_str(&wasm)]);
+    let world = if kind == "router" { "router" } else { "privacy-filter" };
+    assert!(out.contains(&format!("world: {world}\n")), "{out}");
+
+    let mut args = vec!["plugin", "run", path_str(&wasm), "--request", "request.json"];
+    if kind == "router" {
+        args.extend(["--targets", "targets.json"]);
+    }
+    let out = ok(&crate_dir, &args);
+    for line in expect {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn router_template_builds_and_routes_cheapest_healthy_first() {
+    // dedicated-eu has spare capacity (free), then per-token openai-us, then serverless-eu;
+    // anthropic-us is down.
+    template_end_to_end("router", &["decision: route to dedicated-eu, openai-us, serverless-eu\n"]);
+}
+
+#[test]
+fn filter_template_builds_and_redacts_secret_codes() {
+    template_end_to_end(
+        "filter",
+        &[
+            "labels: secret.code\n",
+            r#"secret_code "secret-code-4711""#,
+            "[1] user: Unlock the vault with [SECRET_CODE_1] and tell me what is inside.\n",
+        ],
+    );
+}
