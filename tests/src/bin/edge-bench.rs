@@ -2,7 +2,8 @@
 //!
 //! Starts the mock managed API and an edge node in front of it as separate release processes,
 //! then prints, for direct and through-the-edge calls: p50/p90/p99 latency and requests/s at
-//! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; cache-hit
+//! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; the plugin
+//! chain (pii-redactor + latency-router) on and off at concurrency 1; cache-hit
 //! latency; the edge's RSS (idle and peak) and CPU time per request.
 //!
 //! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
@@ -82,37 +83,7 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     wait_listening(mock_addr)?;
 
     let edge_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = tmp.join("edge.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
-[node]
-listen = "{edge_addr}"
-[log]
-level = "warn"
-[[tenants]]
-name = "bench"
-keys = ["{hash}"]
-[targets.mock]
-api = "openai"
-base_url = "http://{mock_addr}/v1"
-price = {{ per = "token", input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.6 }}
-[[models]]
-name = "bench"
-targets = [{{ target = "mock" }}]
-"#,
-            hash = hash_key(KEY)
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let edge = Proc(
-        Command::new(bin_dir.join("meridian"))
-            .args(["edge", "-c"])
-            .arg(&config)
-            .spawn()
-            .map_err(|e| format!("cannot start meridian: {e}"))?,
-    );
+    let edge = start_edge(&bin_dir, &tmp, "edge", edge_addr, mock_addr, false)?;
     let edge_pid = edge.0.id();
     wait_listening(edge_addr)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -149,6 +120,20 @@ targets = [{{ target = "mock" }}]
             }
         }
     }
+    // The same request through a second edge whose tenant runs the default plugin chain
+    // (pii-redactor, then latency-router), back to back with the plain edge.
+    let chain_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let chained = start_edge(&bin_dir, &tmp, "edge-chain", chain_addr, mock_addr, true)?;
+    wait_listening(chain_addr)?;
+    let off = wrk(&tmp, &through, plain, 1, duration)?;
+    let on = wrk(&tmp, &format!("http://{chain_addr}"), plain, 1, duration)?;
+    drop(chained);
+    for (label, r) in [("chain off", &off), ("chain on", &on)] {
+        println!(
+            "| non-streamed, {label} | edge | 1 | {:.3} | {:.3} | {:.3} | {:.0} | {} | — |",
+            r.p50_ms, r.p90_ms, r.p99_ms, r.rps, r.errors
+        );
+    }
     let cpu_before = proc_cpu(edge_pid);
     let hit = wrk(&tmp, &through, cached, 1, duration)?;
     let hit_cpu = proc_cpu(edge_pid).saturating_sub(cpu_before).as_secs_f64() * 1e6 / hit.requests.max(1) as f64;
@@ -157,6 +142,11 @@ targets = [{{ target = "mock" }}]
         hit.p50_ms, hit.p90_ms, hit.p99_ms, hit.rps, hit.errors
     );
     println!();
+    println!(
+        "Plugin chain (pii-redactor + latency-router), c=1: adds p50 {:+.3} ms, p99 {:+.3} ms",
+        on.p50_ms - off.p50_ms,
+        on.p99_ms - off.p99_ms
+    );
     println!("Added latency through the edge (edge − direct):");
     for (scenario, conc) in [("non-streamed", 1), ("non-streamed", 64), ("streamed", 1), ("streamed", 64)] {
         let get =
@@ -194,6 +184,76 @@ targets = [{{ target = "mock" }}]
     drop(edge);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+/// Starts an edge process in front of the mock; with `chain`, the tenant runs the shipped
+/// `pii-redactor` and `latency-router` components.
+fn start_edge(
+    bin_dir: &Path,
+    tmp: &Path,
+    name: &str,
+    edge_addr: SocketAddr,
+    mock_addr: SocketAddr,
+    chain: bool,
+) -> Result<Proc, String> {
+    let wasm = |crate_name: &str| bin_dir.join(format!("../wasm32-wasip2/release/{crate_name}.wasm"));
+    let plugins = if chain {
+        for c in ["pii_redactor", "latency_router"] {
+            if !wasm(c).is_file() {
+                return Err(format!("{} is missing: run scripts/build-plugins", wasm(c).display()));
+            }
+        }
+        format!(
+            r#"
+[plugin_runtime]
+cache_dir = "{cache}"
+[plugins.pii]
+kind = "filter"
+path = "{pii}"
+[plugins.latency]
+kind = "router"
+path = "{latency}"
+"#,
+            cache = tmp.join("plugin-cache").display(),
+            pii = wasm("pii_redactor").display(),
+            latency = wasm("latency_router").display(),
+        )
+    } else {
+        String::new()
+    };
+    let tenant_chain = if chain { "filters = [\"pii\"]\nrouter = \"latency\"\n" } else { "" };
+    let config = tmp.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[node]
+listen = "{edge_addr}"
+[log]
+level = "warn"
+[[tenants]]
+name = "bench"
+keys = ["{hash}"]
+{tenant_chain}
+[targets.mock]
+api = "openai"
+base_url = "http://{mock_addr}/v1"
+price = {{ per = "token", input_usd_per_mtok = 0.15, output_usd_per_mtok = 0.6 }}
+[[models]]
+name = "bench"
+targets = [{{ target = "mock" }}]
+{plugins}
+"#,
+            hash = hash_key(KEY)
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let child = Command::new(bin_dir.join("meridian"))
+        .args(["edge", "-c"])
+        .arg(&config)
+        .spawn()
+        .map_err(|e| format!("cannot start meridian: {e}"))?;
+    Ok(Proc(child))
 }
 
 struct WrkResult {
