@@ -4,9 +4,6 @@ use std::collections::HashSet;
 
 use super::bindings::{Outcome, RequestVerdict, Segment, Target};
 
-/// Longest entity name a redaction may give (it becomes part of a placeholder).
-const MAX_ENTITY_BYTES: usize = 64;
-
 /// A router's outcome: a decision names only given targets, each once, and at least one; a
 /// refusal's status is an HTTP error (400–599).
 pub(crate) fn outcome(outcome: &Outcome, targets: &[Target]) -> Result<(), String> {
@@ -59,8 +56,9 @@ pub(crate) fn request_verdict(verdict: &RequestVerdict, segments: &[Segment]) ->
         if !text.is_char_boundary(start) || !text.is_char_boundary(end) {
             return Err(format!("redaction {i} ({start}..{end}) splits a character of segment {}", r.segment));
         }
-        if r.entity.is_empty() || r.entity.len() > MAX_ENTITY_BYTES {
-            return Err(format!("redaction {i} has an entity name of {} bytes", r.entity.len()));
+        // Checked here, not when the host applies it, so that the plugin is blamed (and quarantined).
+        if !crate::redaction::valid_entity(&r.entity) {
+            return Err(format!("redaction {i} has an invalid entity name {:?} (want 1-32 of [a-z0-9_])", r.entity));
         }
         ranges.push((r.segment, r.start, r.end));
     }
