@@ -200,6 +200,16 @@ mod tests {
         let ts = [managed("us-cheap", 0.1, 0.4), eu, down];
         assert_eq!(order(&route(&Config::default(), &req, &ts)), ["eu"]);
         assert_eq!(rejected(&route(&Config::default(), &req, &[managed("us", 0.1, 0.4)])), Some(503));
+        // Another value redacted next to the labelled one: the e-mail address is still in the text.
+        let mixed = RequestSummary {
+            labels: vec!["pii.email".into(), "pii.phone.redacted".into()],
+            redacted: true,
+            ..req.clone()
+        };
+        assert_eq!(order(&route(&Config::default(), &mixed, &ts)), ["eu"]);
+        // Everything personal redacted: the cheapest healthy target, wherever it is.
+        let redacted = RequestSummary { labels: vec!["pii.email.redacted".into()], redacted: true, ..req };
+        assert_eq!(order(&route(&Config::default(), &redacted, &ts)), ["us-cheap", "eu"]);
     }
 
     #[test]

@@ -93,6 +93,16 @@ mod tests {
         let eu = Target { region: Some("eu-west".into()), ..timed("eu", 900.0, 0.0) };
         let ts = [timed("us-fast", 100.0, 0.0), eu];
         assert_eq!(routed(&route(&req, &ts)), Some(vec!["eu"]));
+        // Another value redacted next to the labelled one: the phone number is still in the text.
+        let mixed = RequestSummary {
+            labels: vec!["pii.email.redacted".into(), "pii.phone".into()],
+            redacted: true,
+            ..req.clone()
+        };
+        assert_eq!(routed(&route(&mixed, &ts)), Some(vec!["eu"]));
+        // Everything personal redacted: the fastest target, wherever it is.
+        let redacted = RequestSummary { labels: vec!["pii.phone.redacted".into()], redacted: true, ..req };
+        assert_eq!(routed(&route(&redacted, &ts)), Some(vec!["us-fast", "eu"]));
     }
 
     #[test]

@@ -3,9 +3,19 @@
 //! ([`policy`]). Built for `wasm32-wasip2`, it is a component of the `privacy-filter` world;
 //! natively, the scanner and the policy are plain functions to test.
 //!
+//! Weak shapes count only with context, as in production PII detectors: a 7-digit local phone
+//! number (`555-0132`) only after a word such as `call`, `phone` or `tel`, and an SSN written
+//! without dashes (`536228412`, `536 22 8412`) only after `SSN`, `social security` or `soc sec`,
+//! each ending at most 24 bytes before the number; see [`scan`].
+//!
 //! Config (JSON, every key optional):
 //! `{"actions": {"email": "redact", "secret": "block", "ipv4": "label"}, "block_secrets_in_response": true}`.
 //! Secrets block by default, everything else is redacted.
+//!
+//! Labels say what stays in the text: a redacted entity is labelled `pii.<entity>.redacted`
+//! (`pii.email.redacted`), a label-only one `pii.<entity>` (`pii.email`), so that routers know
+//! whether personal data goes out as is (the residency rule refuses to let it leave the tenant's
+//! regions).
 
 pub mod policy;
 pub mod scan;

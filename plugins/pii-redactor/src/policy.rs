@@ -10,11 +10,11 @@ use crate::scan::{scan, Entity};
 /// What happens to a request that contains an entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Replace the value with a placeholder (and label the request).
+    /// Replace the value with a placeholder, and label the request `pii.<entity>.redacted`.
     Redact,
     /// Refuse the request.
     Block,
-    /// Only label the request.
+    /// Only label the request, `pii.<entity>`: the value stays in the text.
     Label,
 }
 
@@ -95,7 +95,11 @@ impl Policy {
     }
 
     /// The verdict on a request's segments: a block naming the first entity (in text order) whose
-    /// action is `block`, or else every entity found as a label and the values to redact.
+    /// action is `block`, or else a label for every entity found and the values to redact.
+    ///
+    /// Labels say what stays in the text, as the contract's convention has it: a redacted entity is
+    /// labelled `pii.<entity>.redacted`, a label-only one `pii.<entity>` (which tells routers that
+    /// personal data goes out as is).
     pub fn inspect_request(&self, segments: &[Segment]) -> RequestVerdict {
         let mut seen = [false; Entity::ALL.len()];
         let mut redactions = Vec::new();
@@ -114,8 +118,17 @@ impl Policy {
                 seen[f.entity.index()] = true;
             }
         }
-        // Entities are declared in the labels' alphabetical order, so this is sorted and unique.
-        let labels = Entity::ALL.iter().filter(|e| seen[e.index()]).map(|e| e.label().to_owned()).collect();
+        // An entity has one action, so each gets one label. Entities are declared in the labels'
+        // alphabetical order and no entity's name is a prefix of another's, so this is sorted and
+        // unique with or without the suffix.
+        let labels = Entity::ALL
+            .iter()
+            .filter(|e| seen[e.index()])
+            .map(|&e| match self.action(e) {
+                Action::Redact => format!("{}.redacted", e.label()),
+                Action::Label | Action::Block => e.label().to_owned(),
+            })
+            .collect();
         RequestVerdict::Allow(Inspection { labels, redactions })
     }
 }

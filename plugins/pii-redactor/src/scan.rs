@@ -7,6 +7,14 @@
 //! leftmost-longest, so findings never overlap. Each detector looks ahead a bounded distance, or
 //! starts only at the beginning of a run of its own characters, which keeps the whole scan linear.
 //!
+//! Some shapes are too weak to report alone: nine plain digits are as often an order id as a
+//! social security number, and `555-0132` as often an invoice number as a local phone number.
+//! Those are reported only after a context word, as production PII detectors do: a word such as
+//! `SSN` or `call` that ends at most 24 bytes before the candidate (`after_context`). The
+//! look-back covers a fixed number of bytes, compares in place with ASCII case folding, and runs
+//! only for a candidate whose shape and validity rules already passed, so the scan stays linear
+//! and allocates nothing.
+//!
 //! Every byte a detector accepts is ASCII, so findings start and end on UTF-8 character
 //! boundaries whatever text surrounds them; non-ASCII characters count as separators, as they do
 //! in CJK text written without spaces around numbers.
@@ -30,11 +38,13 @@ pub enum Entity {
     Ipv4,
     /// An IPv6 address.
     Ipv6,
-    /// A phone number, international (`+…`) or in a common national format.
+    /// A phone number, international (`+…`) or in a common national format; a 7-digit local
+    /// number (`555-0132`) only after a context word such as `call` or `phone`.
     Phone,
     /// An API key, access token, JWT or PEM private key.
     Secret,
-    /// A US social security number.
+    /// A US social security number: `AAA-GG-SSSS`, or written with spaces or no separators
+    /// after a context word such as `SSN`.
     Ssn,
 }
 
@@ -65,7 +75,8 @@ impl Entity {
         }
     }
 
-    /// The label attached to a request that contains the entity (`pii.email`…).
+    /// The label attached to a request that contains the entity and keeps it in the text
+    /// (`pii.email`…); a redacted one gets this label with a `.redacted` suffix.
     pub fn label(self) -> &'static str {
         match self {
             Entity::Card => "pii.card",
@@ -173,6 +184,7 @@ fn longest_at(b: &[u8], i: usize, email: bool) -> Option<(usize, Entity)> {
             offer(network::ipv6(b, i), Entity::Ipv6);
             offer(network::ipv4(b, i), Entity::Ipv4);
             offer(contact::phone(b, i), Entity::Phone);
+            offer(contact::local_phone(b, i), Entity::Phone);
         }
         b'A'..=b'Z' | b'a'..=b'z' => {
             offer(secret::token(b, i), Entity::Secret);
@@ -256,4 +268,50 @@ fn run_end(b: &[u8], i: usize, max: usize, class: impl Fn(u8) -> bool) -> usize 
         p += 1;
     }
     p
+}
+
+/// The most bytes between the end of a context word and the weak candidate it vouches for:
+/// room for a few short words (`SSN on file: `, `call me at `, `social security number is `).
+const CONTEXT_GAP: usize = 24;
+
+/// Whether one of `words` ends at most [`CONTEXT_GAP`] bytes before `b[i]`, so that a weak
+/// candidate starting at `i` counts as a finding. Words are lowercase ASCII and match whole
+/// (ASCII case-insensitive), on word boundaries, with an optional plural `s` (`SSNs`); a space
+/// in a word also matches `-` or `_` (`social_security`). A boundary is any place not between
+/// two letters, or a camel-case hump (`customerSsn`, `phoneNumber`), so keys in code count too.
+///
+/// Reads at most `CONTEXT_GAP` plus the longest word's length bytes back from `i`, and
+/// allocates nothing: a constant cost, paid only by candidates that are valid otherwise.
+fn after_context(b: &[u8], i: usize, words: &[&str]) -> bool {
+    words.iter().any(|w| {
+        let w = w.as_bytes();
+        let Some(last) = i.checked_sub(w.len()) else {
+            return false;
+        };
+        (last.saturating_sub(CONTEXT_GAP)..=last).any(|s| context_word_at(b, s, w, i))
+    })
+}
+
+/// Whether the context word `w` is written at `b[s]`, whole, ending at or before `limit`.
+fn context_word_at(b: &[u8], s: usize, w: &[u8], limit: usize) -> bool {
+    let e = s + w.len();
+    let same = b[s..e].iter().zip(w).all(|(&c, &k)| {
+        if k == b' ' {
+            matches!(c, b' ' | b'-' | b'_')
+        } else {
+            c.to_ascii_lowercase() == k
+        }
+    });
+    let ends = context_boundary(b, e) || (e < limit && matches!(b[e], b's' | b'S') && context_boundary(b, e + 1));
+    same && context_boundary(b, s) && ends
+}
+
+/// Whether a context word may start or end before `b[k]`: not between two letters, unless at a
+/// camel-case hump (a lowercase letter followed by an uppercase one).
+fn context_boundary(b: &[u8], k: usize) -> bool {
+    if k == 0 || k >= b.len() {
+        return true;
+    }
+    let (x, y) = (b[k - 1], b[k]);
+    !(x.is_ascii_alphabetic() && y.is_ascii_alphabetic()) || (x.is_ascii_lowercase() && y.is_ascii_uppercase())
 }

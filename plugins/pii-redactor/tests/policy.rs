@@ -67,7 +67,7 @@ fn redactions_and_labels_across_segments() {
         Segment { kind: SegmentKind::ToolResult, text: "Ünï bob@example.com".to_owned() },
     ];
     let inspection = allowed(policy.inspect_request(&segments));
-    assert_eq!(inspection.labels, ["pii.email", "pii.ipv4", "pii.phone"]);
+    assert_eq!(inspection.labels, ["pii.email.redacted", "pii.ipv4", "pii.phone.redacted"]);
     let redaction = |segment, start, end, entity: &str| Redaction { segment, start, end, entity: entity.to_owned() };
     // Offsets are bytes (`Ünï ` is 6 of them).
     let at = |segment: usize, value: &str| {
@@ -82,6 +82,25 @@ fn redactions_and_labels_across_segments() {
     .map(|((segment, start, end), entity)| redaction(segment, start, end, entity));
     assert_eq!(inspection.redactions, expected);
     assert_eq!(expected[2].start, 6);
+}
+
+#[test]
+fn labels_say_which_entities_stay_in_the_text() {
+    // E-mails labelled only, phones redacted: the e-mail is still there, and its label says so.
+    let policy = Policy::from_json(r#"{"actions": {"email": "label"}}"#).unwrap();
+    let text = "forward this to ann.lee@example.com or call +1 (646) 555-0187";
+    let inspection = allowed(policy.inspect_request(&[user(text)]));
+    assert_eq!(inspection.labels, ["pii.email", "pii.phone.redacted"]);
+    assert_eq!(inspection.redactions.len(), 1);
+    assert_eq!(inspection.redactions[0].entity, "phone");
+    // Redacted everywhere: every label has the suffix.
+    let inspection = allowed(Policy::default().inspect_request(&[user(text)]));
+    assert_eq!(inspection.labels, ["pii.email.redacted", "pii.phone.redacted"]);
+    // Labelled everywhere: none has it.
+    let policy = Policy::from_json(r#"{"actions": {"email": "label", "phone": "label"}}"#).unwrap();
+    let inspection = allowed(policy.inspect_request(&[user(text)]));
+    assert_eq!(inspection.labels, ["pii.email", "pii.phone"]);
+    assert!(inspection.redactions.is_empty());
 }
 
 #[test]

@@ -200,6 +200,97 @@ fn ssns() {
 }
 
 #[test]
+fn ssns_without_dashes_need_context() {
+    // After a context word (any case, up to 24 bytes before): nine digits or spaced groups.
+    let found_ssn = |text: &str, value: &str| assert_eq!(found(text), vec![("ssn", value)], "in {text:?}");
+    found_ssn("SSN 536228412 (typed without dashes)", "536228412");
+    found_ssn("ssn: 536 22 8412", "536 22 8412");
+    found_ssn("My social security number is 219451192.", "219451192");
+    found_ssn("Social-Security no. 078051120", "078051120");
+    found_ssn("soc sec #457555462", "457555462");
+    found_ssn("customer_ssn=772183390", "772183390");
+    found_ssn("{\"customerSsn\": \"772183390\"}", "772183390");
+    found_ssn("SSNs on file: 536228412", "536228412");
+    // The dashed form needs none.
+    found_ssn("applicant 536-22-8412", "536-22-8412");
+    assert_none(&[
+        // No context: order ids, amounts, spaced groups.
+        "order 536228412 shipped",
+        "536228412",
+        "total 536 22 8412",
+        "123 45 6789",
+        // Context, but never issued: area 000, 666, 9xx; group 00; serial 0000.
+        "SSN 000228412",
+        "SSN 666228412",
+        "SSN 912345678",
+        "ssn 536008412",
+        "ssn 536220000",
+        "SSN 666 22 8412",
+        // Context, but the wrong length or part of something longer.
+        "SSN 53622841",
+        "SSN 5362284120",
+        "SSN 536228412.50",
+        "SSN 536-228412",
+        "SSN 536 228412",
+        "SSN x536228412",
+        // Context after the number, too far before it, or inside another word.
+        "536228412 is not an SSN",
+        "SSN on file was verified; reference number 536228412",
+        "lessn 536228412",
+        "classnote 536228412",
+    ]);
+}
+
+#[test]
+fn local_phones_need_context() {
+    let found_phone = |text: &str, value: &str| assert_eq!(found(text), vec![("phone", value)], "in {text:?}");
+    found_phone("Call me at 555-0132 after six.", "555-0132");
+    found_phone("phone: 867 5309", "867 5309");
+    found_phone("Tel. 283.0147", "283.0147");
+    found_phone("TELEPHONE 555-0132", "555-0132");
+    found_phone("mobile 555-0132", "555-0132");
+    found_phone("cell: 555-0132", "555-0132");
+    found_phone("fax 555-0132", "555-0132");
+    found_phone("text me on 555-0132", "555-0132");
+    found_phone("reach me at 555-0132", "555-0132");
+    found_phone("Ring the front desk on 555-0132", "555-0132");
+    found_phone("calls go to 555-0132", "555-0132");
+    found_phone("{\"phoneNumber\":\"555-0132\"}", "555-0132");
+    // A full number is still read whole after a context word.
+    found_phone("call 415-555-0132", "415-555-0132");
+    assert_none(&[
+        // No phone context.
+        "invoice 555-0132",
+        "ticket 555-0132 is closed",
+        "555-0132",
+        // Context, but not the shape: N is 2–9, no N11 service code, exactly 3 + 4 digits.
+        "call 155-0132",
+        "call 055-0132",
+        "call 911-0132",
+        "call 411 0132",
+        "call 55-0132",
+        "call 5555-0132",
+        "call 555-01320",
+        "call 555-013",
+        "call 555/0132",
+        "call 5550132",
+        // Context, but part of a longer number, a date or a version.
+        "call 555-0132-7",
+        "call 555-0132.5",
+        "call 1-555-0132",
+        "call 2.555-0132",
+        "call x555-0132",
+        // Context after the number, too far before it, or inside another word.
+        "555-0132 is the number to call",
+        "Call me tomorrow about the invoice 555-0132",
+        "string 555-0132",
+        "recall 555-0132",
+        "hotel 555-0132",
+        "Excellent 555-0132",
+    ]);
+}
+
+#[test]
 fn ipv4() {
     assert_all("ipv4", &["192.168.1.1", "10.0.0.1", "8.8.8.8", "255.255.255.255", "172.16.254.3"]);
     assert_eq!(found("connect to 10.0.0.1:8080 now"), vec![("ipv4", "10.0.0.1")]);
@@ -403,6 +494,10 @@ fn pathological_inputs_finish() {
         "-----BEGIN RSA PRIVATE KEY-----".repeat(2_000),
         "x@".repeat(30_000),
         "0 ".repeat(30_000),
+        // Context words and weak candidates everywhere: each look-back is bounded.
+        "call 555-0132 ".repeat(5_000),
+        "ssn 536228412 ".repeat(5_000),
+        "call ssn 555-01 53622841 ".repeat(3_000),
     ];
     for text in &inputs {
         assert_invariants(text);

@@ -1,6 +1,7 @@
 //! A router that applies only the data-residency rule ([`meridian_plugin_sdk::residency_allows`]): requests
-//! with unredacted personal data go only to the tenant's own infrastructure or to allowed regions; everything
-//! else keeps the order given. Put it in front of nothing else when residency is the only policy; the
+//! with unredacted personal data (a `pii.*` label without the `.redacted` suffix, see
+//! [`meridian_plugin_sdk::carries_unredacted_pii`]) go only to the tenant's own infrastructure or to allowed
+//! regions; everything else keeps the order given. Put it in front of nothing else when residency is the only policy; the
 //! latency and cost routers apply the same rule themselves. Takes no configuration (`{}`).
 
 use meridian_plugin_sdk::{carries_unredacted_pii, decide, export_router, reject, residency_allows};
@@ -44,6 +45,7 @@ mod tests {
         Target { region: Some("eu-west".into()), ..target(name) }
     }
 
+    /// A request whose e-mail address was only labelled, so it is still in the text.
     fn pii_request() -> RequestSummary {
         RequestSummary { labels: vec!["pii.email".into()], allowed_regions: vec!["eu-west".into()], ..request() }
     }
@@ -63,8 +65,18 @@ mod tests {
 
     #[test]
     fn redacted_pii_goes_anywhere() {
-        let req = RequestSummary { redacted: true, ..pii_request() };
+        let labels = vec!["pii.email.redacted".into(), "pii.phone.redacted".into()];
+        let req = RequestSummary { labels, redacted: true, ..pii_request() };
         assert_eq!(routed(&route(&req, &[target("us")])), Some(vec!["us"]));
+    }
+
+    #[test]
+    fn a_labelled_value_stays_in_allowed_regions_when_another_one_is_redacted() {
+        // The `redacted` flag is set (the phone number was), but the e-mail address is still there.
+        let labels = vec!["pii.email".into(), "pii.phone.redacted".into()];
+        let req = RequestSummary { labels, redacted: true, ..pii_request() };
+        assert_eq!(routed(&route(&req, &[target("us"), eu("eu")])), Some(vec!["eu"]));
+        assert_eq!(rejected(&route(&req, &[target("us")])), Some(451));
     }
 
     #[test]

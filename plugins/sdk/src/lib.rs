@@ -286,9 +286,14 @@ pub fn healthy<'a>(targets: impl IntoIterator<Item = &'a Target>) -> impl Iterat
     targets.into_iter().filter(|t| t.health == Health::Healthy)
 }
 
-/// Whether the request carries personal data that went out as is: a `pii.*` label and no redaction.
+/// Whether the request carries personal data that goes out as is: a label that starts with `pii.` and
+/// does not end with `.redacted`. By the labels' convention (see the contract), a filter labels a
+/// finding it leaves in the text `pii.<entity>` and one it redacts `pii.<entity>.redacted`.
+///
+/// `req.redacted` plays no part: it says that *something* was redacted, not that nothing personal is
+/// left (an e-mail may be only labelled while a phone number next to it is redacted).
 pub fn carries_unredacted_pii(req: &RequestSummary) -> bool {
-    !req.redacted && req.labels.iter().any(|l| l.starts_with("pii."))
+    req.labels.iter().any(|l| l.starts_with("pii.") && !l.ends_with(".redacted"))
 }
 
 /// The shared data-residency rule. A request with unredacted personal data ([`carries_unredacted_pii`])
@@ -448,14 +453,47 @@ mod tests {
     }
 
     #[test]
+    fn unredacted_pii_is_a_pii_label_without_the_redacted_suffix() {
+        let labelled = |labels: &[&str], redacted: bool| RequestSummary {
+            labels: labels.iter().map(|l| l.to_string()).collect(),
+            redacted,
+            ..request()
+        };
+        assert!(!carries_unredacted_pii(&labelled(&[], false)));
+        assert!(carries_unredacted_pii(&labelled(&["pii.email"], false)));
+        assert!(!carries_unredacted_pii(&labelled(&["pii.email.redacted"], true)));
+        assert!(!carries_unredacted_pii(&labelled(&["pii.email.redacted", "pii.phone.redacted"], true)));
+        assert!(!carries_unredacted_pii(&labelled(&["topic.medical"], false)));
+        // One value redacted, another only labelled: the flag is set, but the e-mail is still there.
+        assert!(carries_unredacted_pii(&labelled(&["pii.email", "pii.phone.redacted"], true)));
+        // The flag alone never decides: a label-only finding counts even if it claims otherwise.
+        assert!(carries_unredacted_pii(&labelled(&["pii.email"], true)));
+        // Only the `pii.` class is personal data, redacted or not.
+        assert!(!carries_unredacted_pii(&labelled(&["topic.medical", "pii.card.redacted"], true)));
+    }
+
+    #[test]
     fn residency_ignores_unlabelled_or_redacted_requests() {
         let unknown_region = Target { region: None, ..target("x") };
         let req = RequestSummary { allowed_regions: vec!["eu-west".into()], ..request() };
         assert!(residency_allows(&req, &unknown_region));
-        let redacted = RequestSummary { labels: vec!["pii.email".into()], redacted: true, ..req.clone() };
+        let redacted = RequestSummary { labels: vec!["pii.email.redacted".into()], redacted: true, ..req.clone() };
         assert!(residency_allows(&redacted, &unknown_region));
         let other_label = RequestSummary { labels: vec!["topic.medical".into()], ..req };
         assert!(residency_allows(&other_label, &unknown_region));
+    }
+
+    #[test]
+    fn residency_limits_a_labelled_value_when_another_one_is_redacted() {
+        let req = RequestSummary {
+            labels: vec!["pii.email".into(), "pii.phone.redacted".into()],
+            redacted: true,
+            allowed_regions: vec!["eu-west".into()],
+            ..request()
+        };
+        assert!(!residency_allows(&req, &target("us")));
+        assert!(residency_allows(&req, &Target { region: Some("eu-west".into()), ..target("eu") }));
+        assert!(!residency_allows(&req, &Target { region: None, ..target("unknown") }));
     }
 
     #[test]

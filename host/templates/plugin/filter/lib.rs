@@ -1,5 +1,6 @@
 //! {{name}}: a Meridian privacy filter that redacts secret codes (`secret-code-` and digits, such as
-//! `secret-code-1234`) from a request's text, and labels the request `secret.code` when it finds one.
+//! `secret-code-1234`) from a request's text, and labels the request `secret.code.redacted` when it
+//! finds one (the contract's convention for a finding that was redacted).
 //!
 //! The node replaces each redacted value with a placeholder (`[SECRET_CODE_1]`) before the request
 //! leaves it, and puts the value back into the answer. Answers pass unchanged. Takes no
@@ -28,7 +29,7 @@ impl Filter for Plugin {
                 redactions.push(Redaction { segment, start, end, entity: "secret_code".into() });
             }
         }
-        let labels = if redactions.is_empty() { Vec::new() } else { vec!["secret.code".into()] };
+        let labels = if redactions.is_empty() { Vec::new() } else { vec!["secret.code.redacted".into()] };
         RequestVerdict::Allow(Inspection { labels, redactions })
     }
 

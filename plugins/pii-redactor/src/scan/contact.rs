@@ -1,6 +1,6 @@
 //! E-mail addresses and phone numbers.
 
-use super::{after_escape, digit_at, num_start, run_end};
+use super::{after_context, after_escape, digit_at, num_start, run_end};
 
 /// Longest local part RFC 5321 allows.
 pub(super) const MAX_LOCAL: usize = 64;
@@ -150,7 +150,8 @@ impl Groups {
 /// Plain digit runs are never phone numbers here (they are as often years, prices or order ids):
 /// a number needs a leading `+` or `00`, or a national shape with separators: North American
 /// `(415) 555-0132` / `415-555-0132`, or a trunk-prefixed European one such as `020 7946 0958`,
-/// `07700 900123` or `01 23 45 67 89`.
+/// `07700 900123` or `01 23 45 67 89`. A 7-digit local number needs a context word as well
+/// ([`local_phone`]).
 pub(super) fn phone(b: &[u8], i: usize) -> Option<usize> {
     let plus = b[i] == b'+';
     if plus {
@@ -224,4 +225,25 @@ fn trunk(b: &[u8], g: &Groups, k: usize) -> bool {
     let mut kinds = (1..k).filter(|&j| !g.parens[j - 1]).map(|j| g.seps[j]);
     let first = kinds.next();
     g.parens[1..k].iter().all(|p| !p) && kinds.all(|s| Some(s) == first)
+}
+
+/// Words that, shortly before a 7-digit local number, say it is a phone number (matched as
+/// [`after_context`] says: whole words, any case, an optional plural `s`).
+const PHONE_CONTEXT: [&str; 10] =
+    ["call", "phone", "tel", "telephone", "mobile", "cell", "fax", "text me", "reach me at", "ring"];
+
+/// A 7-digit North American local number starting at `i`, exchange and line as `NXX-XXXX`,
+/// `NXX XXXX` or `NXX.XXXX` (N is 2–9, and the exchange is not a service code N11), reported
+/// only after a phone context word (`call me at 555-0132`, `Tel. 555 0132`): without one the
+/// shape is as often an invoice or ticket number (`invoice 555-0132`). Returns its end.
+pub(super) fn local_phone(b: &[u8], i: usize) -> Option<usize> {
+    let s = b.get(i..i + 8)?;
+    let shape = matches!(s[0], b'2'..=b'9')
+        && s[1..3].iter().all(u8::is_ascii_digit)
+        && matches!(s[3], b'-' | b' ' | b'.')
+        && s[4..].iter().all(u8::is_ascii_digit);
+    if !shape || &s[1..3] == b"11" || !num_start(b, i) || !phone_end(b, i + 8) {
+        return None;
+    }
+    after_context(b, i, &PHONE_CONTEXT).then_some(i + 8)
 }

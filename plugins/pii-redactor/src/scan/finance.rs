@@ -1,7 +1,8 @@
 //! Payment cards, IBANs and US social security numbers: each shape checked by its own checksum
-//! or validity rules, which is what keeps order numbers and ids out.
+//! or validity rules, which is what keeps order numbers and ids out; an SSN without dashes also
+//! needs a context word.
 
-use super::{num_end, num_start, run_end, word_end, word_start};
+use super::{after_context, num_end, num_start, run_end, word_end, word_start};
 
 /// A card number starting at `i`: 13–19 digits, optionally in groups of 3 or more separated by
 /// single spaces or dashes (one kind throughout), Luhn-valid, with a major-network first digit
@@ -60,17 +61,34 @@ fn luhn(s: &[u8]) -> bool {
     sum.is_multiple_of(10)
 }
 
-/// A US social security number `AAA-GG-SSSS` starting at `i`, outside the ranges never issued:
-/// area 000, 666 and 900–999, group 00, serial 0000. Returns its end.
+/// Words that, shortly before an SSN written without dashes, say it is one (matched as
+/// [`after_context`] says: whole words, any case, an optional plural `s`). `TIN` is left out on
+/// purpose: a taxpayer id is as often an EIN (`12-3456789`), which is not an SSN.
+const SSN_CONTEXT: [&str; 3] = ["ssn", "social security", "soc sec"];
+
+/// A US social security number starting at `i`, outside the ranges never issued: area 000, 666
+/// and 900–999, group 00, serial 0000. Written `AAA-GG-SSSS` it stands alone; written
+/// `AAA GG SSSS` or as nine plain digits (`536228412`), which is as often an order id or an
+/// amount, it needs a context word before it (`SSN 536228412`). Returns its end.
 pub(super) fn ssn(b: &[u8], i: usize) -> Option<usize> {
-    let s = b.get(i..i + 11)?;
-    let shape = s.iter().enumerate().all(|(k, c)| if k == 3 || k == 6 { *c == b'-' } else { c.is_ascii_digit() });
-    if !shape || !num_start(b, i) || !num_end(b, i + 11) {
+    let sep = match b.get(i + 3) {
+        Some(&c @ (b'-' | b' ')) => Some(c),
+        _ => None,
+    };
+    let len = if sep.is_some() { 11 } else { 9 };
+    let s = b.get(i..i + len)?;
+    let shape = s.iter().enumerate().all(|(k, &c)| match sep {
+        Some(x) if k == 3 || k == 6 => c == x,
+        _ => c.is_ascii_digit(),
+    });
+    if !shape || !num_start(b, i) || !num_end(b, i + len) {
         return None;
     }
-    let area = &s[0..3];
-    let valid = area != b"000" && area != b"666" && area[0] != b'9' && &s[4..6] != b"00" && &s[7..11] != b"0000";
-    valid.then_some(i + 11)
+    // Area, group and serial, wherever the separators put them.
+    let skip = usize::from(sep.is_some());
+    let (area, group, serial) = (&s[0..3], &s[3 + skip..5 + skip], &s[5 + 2 * skip..]);
+    let valid = area != b"000" && area != b"666" && area[0] != b'9' && group != b"00" && serial != b"0000";
+    (valid && (sep == Some(b'-') || after_context(b, i, &SSN_CONTEXT))).then_some(i + len)
 }
 
 /// Whether `c` may appear in an IBAN after the country code.
