@@ -16,8 +16,8 @@ use crate::config::{Config, PluginKind, TargetKind};
 use crate::edge::{ModelRoute, Route};
 use crate::error::GatewayError;
 use crate::plugin::{
-    self, CachePolicy, FilterPlugin, Health, HourPrice, Outcome, PluginError, PluginRuntime, PriceModel,
-    RequestSummary, RequestVerdict, ResponseVerdict, RouterPlugin, TokenPrice,
+    self, CachePolicy, FilterPlugin, Health, HourPrice, Outcome, PluginError, PluginId, PluginRuntime, PriceModel,
+    RequestSummary, RequestVerdict, ResponseSession, ResponseVerdict, RouterPlugin, TokenPrice,
 };
 use crate::redaction::{self, Placeholders, StreamRestorer};
 
@@ -135,9 +135,9 @@ pub fn summary(
     }
 }
 
-fn filter_failed(plugin: &FilterPlugin, e: impl std::fmt::Display) -> GatewayError {
-    warn!(plugin = %plugin.id(), error = %e, "privacy filter failed: request blocked");
-    GatewayError::FilterFailed { plugin: plugin.id().to_string(), message: e.to_string() }
+fn filter_failed(plugin: &PluginId, e: impl std::fmt::Display) -> GatewayError {
+    warn!(%plugin, error = %e, "privacy filter failed: request blocked");
+    GatewayError::FilterFailed { plugin: plugin.to_string(), message: e.to_string() }
 }
 
 /// Runs the chain's filters over the request's text. Every filter sees the original text; the
@@ -158,7 +158,7 @@ async fn filter_request(
                 spans.extend(found.redactions);
             }
             Ok(RequestVerdict::Block(reason)) => return Err(GatewayError::Blocked { reason }),
-            Err(e) => return Err(filter_failed(f, e)),
+            Err(e) => return Err(filter_failed(f.id(), e)),
         }
     }
     let placeholders = match redaction::redact(req, &redaction::merge(spans)) {
@@ -172,8 +172,13 @@ async fn filter_request(
 
 /// The answer side of a tenant's filters for one request: shows the answer's text to the
 /// filters, and puts the originals back in place of the placeholders, whole or streamed.
+///
+/// Each filter sees the answer through one [`ResponseSession`]: every piece of one answer goes
+/// to the same instance, in order (a whole answer is one piece). The sessions instantiate at the
+/// answer's first text and hold their instance slots until this is dropped, so a stream holds
+/// one instance per filter for its duration.
 pub struct AnswerFilter {
-    filters: Vec<Arc<FilterPlugin>>,
+    sessions: Vec<ResponseSession>,
     placeholders: Placeholders,
     text: StreamRestorer,
     tools: BTreeMap<u32, StreamRestorer>,
@@ -182,23 +187,25 @@ pub struct AnswerFilter {
 impl AnswerFilter {
     fn new(chain: &Chain, placeholders: Placeholders) -> AnswerFilter {
         AnswerFilter {
-            filters: chain.filters.clone(),
+            sessions: chain.filters.iter().map(|f| f.response_session()).collect(),
             placeholders,
             text: StreamRestorer::new(false),
             tools: BTreeMap::new(),
         }
     }
 
-    /// Shows a piece of the answer's text (placeholders not yet restored) to every filter.
-    pub async fn inspect(&self, text: &str) -> Result<(), GatewayError> {
+    /// Shows the next piece of the answer's text (placeholders not yet restored) to every
+    /// filter's session. A block or a failure ends the answer: later pieces are refused too (a
+    /// failed session stays failed).
+    pub async fn inspect(&mut self, text: &str) -> Result<(), GatewayError> {
         if text.is_empty() {
             return Ok(());
         }
-        for f in &self.filters {
-            match f.inspect_response(text).await {
+        for session in &mut self.sessions {
+            match session.inspect(text).await {
                 Ok(ResponseVerdict::Allow) => {}
                 Ok(ResponseVerdict::Block(reason)) => return Err(GatewayError::Blocked { reason }),
-                Err(e) => return Err(filter_failed(f, e)),
+                Err(e) => return Err(filter_failed(session.id(), e)),
             }
         }
         Ok(())

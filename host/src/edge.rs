@@ -346,7 +346,7 @@ impl Edge {
         } else {
             let (mut answer, route) = self.complete(&request, &plan, &record.request_id).await?;
             record.route(route);
-            if let Some(f) = &answer_filter {
+            if let Some(f) = &mut answer_filter {
                 f.inspect(answer.text.as_deref().unwrap_or("")).await?;
             }
             let usage = answer.usage;
@@ -374,7 +374,7 @@ impl Edge {
         answer: &CachedAnswer,
         record: Record,
         permit: OwnedSemaphorePermit,
-        answer_filter: Option<AnswerFilter>,
+        mut answer_filter: Option<AnswerFilter>,
     ) -> Result<Response<Body>, GatewayError> {
         let response = if request.is_stream() {
             sse_response(ClientStream::new(
@@ -388,7 +388,7 @@ impl Edge {
             ))
         } else {
             let mut resp = answer.to_response();
-            if let Some(f) = &answer_filter {
+            if let Some(f) = &mut answer_filter {
                 f.inspect(resp.text.as_deref().unwrap_or("")).await?;
                 f.restore_response(&mut resp);
             }
@@ -667,7 +667,7 @@ impl ClientStream {
             };
         };
         let mut out = BytesMut::new();
-        if let Some(filter) = &self.answer_filter {
+        if let Some(filter) = &mut self.answer_filter {
             let text: String = batch
                 .iter()
                 .filter_map(|e| match e {
@@ -675,6 +675,7 @@ impl ClientStream {
                     _ => None,
                 })
                 .collect();
+            // Every chunk of this answer goes to the same filter instances, in order.
             if let Err(e) = filter.inspect(&text).await {
                 self.fail(e, &mut out);
                 return Some(out.freeze());

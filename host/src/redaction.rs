@@ -223,7 +223,8 @@ impl StreamRestorer {
 
 /// Whether `entity` can name a placeholder: 1–32 of `[a-z0-9_]`, as the contract says.
 pub fn valid_entity(entity: &str) -> bool {
-    (1..=32).contains(&entity.len()) && entity.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    (1..=32).contains(&entity.len())
+        && entity.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Joins overlapping spans of one segment into their union, so that what any filter

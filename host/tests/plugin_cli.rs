@@ -110,7 +110,7 @@ fn run_shows_a_filters_redactions() {
     let filter = component("pii_redactor.wasm");
     let out = ok(&dir.0, &["plugin", "run", path_str(&filter), "--request", path_str(&request)]);
     assert!(out.contains("world: privacy-filter\n"), "{out}");
-    assert!(out.contains("labels: pii.email\n"), "{out}");
+    assert!(out.contains("labels: pii.email.redacted\n"), "{out}");
     assert!(out.contains(r#"email "ann@example.com""#), "{out}");
     assert!(out.contains("[0] user: write to [EMAIL_1] today\n"), "{out}");
     assert!(out.contains("fuel: not metered (epoch deadlines)"), "{out}");
@@ -192,7 +192,7 @@ fn filter_template_builds_and_redacts_secret_codes() {
     template_end_to_end(
         "filter",
         &[
-            "labels: secret.code\n",
+            "labels: secret.code.redacted\n",
             r#"secret_code "secret-code-4711""#,
             "[1] user: Unlock the vault with [SECRET_CODE_1] and tell me what is inside.\n",
         ],

@@ -451,3 +451,125 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
     assert!(format!("{verdict:?}").contains("email"), "the email is noticed: {verdict:?}");
     assert_eq!(filter.inspect_response("a harmless answer").await.unwrap(), ResponseVerdict::Allow);
 }
+
+/// pii-redactor, answering `block_secrets_in_response`.
+async fn secrets_filter(rig: &Rig) -> FilterPlugin {
+    let config = r#"{"block_secrets_in_response": true}"#;
+    rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), config, limits(200)).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_response_session_shows_one_answer_to_one_instance() {
+    let rig = rig(|_| {});
+    let filter = secrets_filter(&rig).await;
+
+    // A key split across two chunks: neither half is a secret on its own.
+    let mut answer = filter.response_session();
+    assert_eq!(answer.inspect("my key is sk-proj-abc").await.unwrap(), ResponseVerdict::Allow);
+    match answer.inspect("def1234567890ghijklmnop").await.unwrap() {
+        ResponseVerdict::Block(reason) => assert!(reason.contains("secret"), "{reason}"),
+        other => panic!("the split secret is found across the chunks: {other:?}"),
+    }
+    drop(answer);
+
+    // Another answer starts clean: the first half of a key seen before is not remembered.
+    let mut other = filter.response_session();
+    assert_eq!(other.inspect("my key is sk-proj-abc").await.unwrap(), ResponseVerdict::Allow);
+    let mut fresh = filter.response_session();
+    assert_eq!(fresh.inspect("def1234567890ghijklmnop").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(other.inspect(" and that is all").await.unwrap(), ResponseVerdict::Allow);
+
+    // One-shot calls are fresh instances: a half never meets its other half.
+    assert_eq!(filter.inspect_response("my key is sk-proj-abc").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(filter.inspect_response("def1234567890ghijklmnop").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(rig.calls("pii-redactor", "ok"), 7, "every call of a session is counted");
+}
+
+#[tokio::test]
+async fn a_session_re_arms_the_deadline_for_every_call() {
+    let rig = rig(|_| {});
+    let filter =
+        rig.runtime.load_filter("wrong-world", "0.1.0", &fixture("wrong-world"), "{}", limits(200)).await.unwrap();
+    let mut answer = filter.response_session();
+    // The session lives far longer than one deadline; each call gets its own.
+    for i in 0..3 {
+        let verdict = answer.inspect("all fine").await;
+        assert_eq!(verdict.unwrap_or_else(|e| panic!("call {i}: {e}")), ResponseVerdict::Allow);
+        tokio::time::sleep(Duration::from_millis(450)).await;
+    }
+    assert!(matches!(answer.inspect("a forbidden word").await.unwrap(), ResponseVerdict::Block(_)));
+    assert!(!answer.is_poisoned(), "a block is an answer, not a failure");
+}
+
+#[tokio::test]
+async fn a_failed_call_poisons_its_session_only() {
+    let rig = rig(|s| s.quarantine_after = 100);
+    let filter = rig.filter("wrong-world", "{}").await;
+    let mut answer = filter.response_session();
+    assert_eq!(answer.inspect("all fine").await.unwrap(), ResponseVerdict::Allow);
+    // Lowering 20 MiB of text into the instance grows its memory past the 16 MiB cap: a trap.
+    let huge = "x".repeat(20 << 20);
+    let failed = answer.inspect(&huge).await;
+    assert!(matches!(failed, Err(PluginError::MemoryLimit(_))), "{failed:?}");
+    assert!(answer.is_poisoned());
+    // Fail closed: the rest of this answer is refused, however harmless.
+    let later = answer.inspect("all fine").await;
+    assert!(matches!(later, Err(PluginError::Poisoned)), "{later:?}");
+    assert!(!later.unwrap_err().is_plugin_fault(), "the failure was counted once");
+    assert_eq!(rig.calls("wrong-world", "memory_limit"), 1);
+    assert_eq!(rig.calls("wrong-world", "poisoned"), 1);
+    // Another answer gets a healthy instance.
+    let mut next = filter.response_session();
+    assert_eq!(next.inspect("all fine").await.unwrap(), ResponseVerdict::Allow);
+}
+
+#[tokio::test]
+async fn a_session_holds_its_instance_slot_until_dropped() {
+    let rig = rig(|s| {
+        s.max_instances = 1;
+        s.acquire_timeout_ms = 20;
+    });
+    let filter = rig.filter("wrong-world", "{}").await;
+    let mut answer = filter.response_session();
+    // No slot is taken before the answer's first text.
+    assert_eq!(filter.inspect_response("all fine").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(answer.inspect("all fine").await.unwrap(), ResponseVerdict::Allow);
+    let refused = filter.inspect_response("all fine").await;
+    assert!(matches!(refused, Err(PluginError::Overloaded(_))), "the session holds the only slot: {refused:?}");
+    assert_eq!(answer.inspect("still fine").await.unwrap(), ResponseVerdict::Allow);
+    drop(answer);
+    assert_eq!(filter.inspect_response("all fine").await.unwrap(), ResponseVerdict::Allow, "the slot is free again");
+}
+
+/// Prints the cost of inspecting one chunk of an answer: on a session's instance against a fresh
+/// instance per chunk (instantiation and `configure` included). A figure to read, not a bound to
+/// assert. Run with `--nocapture`; meaningful in a release build.
+#[tokio::test]
+async fn response_chunk_cost() {
+    let rig = rig(|_| {});
+    let filter = secrets_filter(&rig).await;
+    let chunk = "a harmless piece of a streamed answer, forty-odd bytes ";
+    let mut session = filter.response_session();
+    for _ in 0..50 {
+        session.inspect(chunk).await.unwrap();
+        filter.inspect_response(chunk).await.unwrap();
+    }
+    let (mut reused, mut fresh) = (Vec::with_capacity(1000), Vec::with_capacity(1000));
+    for _ in 0..1000 {
+        let start = Instant::now();
+        session.inspect(chunk).await.unwrap();
+        reused.push(start.elapsed());
+        let start = Instant::now();
+        filter.inspect_response(chunk).await.unwrap();
+        fresh.push(start.elapsed());
+    }
+    for (what, times) in [("session", &mut reused), ("fresh instance", &mut fresh)] {
+        times.sort();
+        println!(
+            "pii-redactor response chunk, {what} (pooling: {}): p50 {:?}, p99 {:?}",
+            rig.runtime.is_pooling(),
+            times[times.len() / 2],
+            times[times.len() * 99 / 100],
+        );
+    }
+}

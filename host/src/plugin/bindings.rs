@@ -62,7 +62,8 @@ pub(crate) struct GuestIdentity {
 }
 
 /// The data of one call's `Store`: WASI with nothing in it, the memory limiter, and the `host`
-/// interface's bookkeeping. Dropped with the store after the call.
+/// interface's bookkeeping. Dropped with the store after the call, or after the last call of a
+/// response session.
 pub(crate) struct CallState {
     wasi: WasiCtx,
     table: ResourceTable,
@@ -93,9 +94,16 @@ impl CallState {
         }
     }
 
-    /// Log lines the guest wrote past the per-call cap.
-    pub fn log_dropped(&self) -> u64 {
-        self.log_dropped
+    /// Log lines the guest wrote past the per-call cap since the last call, which are now
+    /// counted: the count starts again from zero.
+    pub fn take_log_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.log_dropped)
+    }
+
+    /// Starts the next call on a kept instance: its log lines count afresh against the cap.
+    pub fn begin_call(&mut self) {
+        self.log_lines = 0;
+        self.log_dropped = 0;
     }
 }
 

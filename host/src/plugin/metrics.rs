@@ -12,7 +12,8 @@ const MAX_NAME_BYTES: usize = 64;
 /// Every plugin metric, registered in the node's registry.
 pub struct PluginMetrics {
     /// `meridian_plugin_calls_total{plugin,version,outcome}`: calls by outcome (`ok`, `timeout`,
-    /// `memory_limit`, `trap`, `invalid_output`, `config_rejected`, `overloaded`, `quarantined`…).
+    /// `memory_limit`, `trap`, `invalid_output`, `config_rejected`, `overloaded`, `quarantined`,
+    /// `poisoned`…); a response session counts each of its calls.
     pub calls: IntCounterVec,
     /// `meridian_plugin_call_seconds{plugin}`: time of a call, instantiation included.
     pub call_seconds: HistogramVec,

@@ -1,5 +1,6 @@
 //! The plugin runtime: routers and privacy filters as WebAssembly components (the contract is
-//! `wit/meridian-plugin.wit`), run by wasmtime with a fresh instance for every call.
+//! `wit/meridian-plugin.wit`), run by wasmtime with a fresh instance for every call (or, for a
+//! filter's view of one answer, one instance for the whole answer).
 //!
 //! One [`PluginRuntime`] per node owns the engine (a pooling allocator sized by
 //! [`PluginSettings`], an epoch ticker for deadlines), the on-disk cache of compiled artifacts, the
@@ -12,6 +13,14 @@
 //! plugin never sees another request's state, and a plugin that traps, runs out of time or memory,
 //! or answers outside the contract gets a typed [`PluginError`]; a plugin version that fails
 //! repeatedly is quarantined.
+//!
+//! The one exception is a filter's view of an answer: `inspect-response` sees the answer's text in
+//! order, so one answer's pieces (stream chunks) all go to one instance, through a
+//! [`ResponseSession`] ([`FilterPlugin::response_session`]). Each of its calls has the limits and
+//! bookkeeping of a one-shot call (the deadline re-armed per call); a failure poisons the session,
+//! so the rest of that answer is refused. A session holds its instance slot until dropped: a
+//! streamed answer holds one instance per filter for the stream's duration, within
+//! `max_instances`. Instances are still never shared between answers or requests.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), meridian::plugin::PluginError> {
@@ -43,7 +52,9 @@ pub use bindings::{
 };
 pub use cache::CacheStats;
 pub use metrics::PluginMetrics;
-pub use runtime::{CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, RouterPlugin, WasmSource};
+pub use runtime::{
+    CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, WasmSource,
+};
 
 /// Why a plugin could not be loaded, or a call to it gave no usable answer.
 ///
@@ -100,6 +111,10 @@ pub enum PluginError {
     /// This plugin version failed too often recently and is not run any more.
     #[error("plugin {0} is quarantined after repeated failures")]
     Quarantined(PluginId),
+    /// An earlier call of this [`ResponseSession`] failed, so its instance is gone and the rest
+    /// of the answer is not inspected (the first failure was reported and counted).
+    #[error("an earlier call of the plugin on this answer failed; the rest of the answer is refused")]
+    Poisoned,
 }
 
 impl PluginError {
@@ -118,11 +133,13 @@ impl PluginError {
             PluginError::Runtime(_) => "runtime",
             PluginError::Overloaded(_) => "overloaded",
             PluginError::Quarantined(_) => "quarantined",
+            PluginError::Poisoned => "poisoned",
         }
     }
 
     /// Whether the plugin itself is to blame, so that the failure counts towards quarantine.
-    /// Overload and quarantine are the node's state, not the plugin's behaviour.
+    /// Overload and quarantine are the node's state, not the plugin's behaviour; a poisoned
+    /// session's later calls repeat a failure already counted.
     pub fn is_plugin_fault(&self) -> bool {
         matches!(
             self,

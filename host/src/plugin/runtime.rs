@@ -1,5 +1,6 @@
 //! The plugin runtime: one wasmtime engine per node, plugins loaded from it, and every call on a
-//! fresh instance under a deadline, a memory cap and the instance semaphore.
+//! fresh instance under a deadline, a memory cap and the instance semaphore — except the calls of
+//! one answer's [`ResponseSession`], which share one instance.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -11,11 +12,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use tokio::sync::{Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use super::bindings::filter_world::PrivacyFilterPre;
+use super::bindings::filter_world::{PrivacyFilter, PrivacyFilterPre};
 use super::bindings::router_world::RouterPre;
 use super::bindings::{
     self, CallState, GuestIdentity, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment, Target,
@@ -33,7 +34,9 @@ const TRAP_MESSAGE_BYTES: usize = 512;
 #[serde(deny_unknown_fields, default)]
 pub struct PluginSettings {
     /// Plugin instances alive at once, across all plugins: the permits of the instance semaphore
-    /// and the pooling allocator's size (plus one slot for load-time dry runs).
+    /// and the pooling allocator's size (plus one slot for load-time dry runs). A one-shot call
+    /// holds one for the call; a [`ResponseSession`] holds one from its answer's first text until
+    /// it is dropped, so a streamed answer holds one instance per filter for the whole stream.
     pub max_instances: u32,
     /// How long a call waits for a free instance before [`PluginError::Overloaded`].
     pub acquire_timeout_ms: u64,
@@ -168,8 +171,8 @@ struct Inner {
     metrics: Arc<PluginMetrics>,
     pooling: bool,
     /// One permit per pooled instance slot: a full pool fails instantiation at once, so calls
-    /// wait here (bounded) instead.
-    permits: Semaphore,
+    /// wait here (bounded) instead. Owned permits, so that a response session can keep one.
+    permits: Arc<Semaphore>,
     /// Load-time dry runs use the one extra pool slot, one at a time.
     load_slot: tokio::sync::Mutex<()>,
     plugins: Mutex<Vec<Weak<PluginCore>>>,
@@ -204,7 +207,7 @@ impl PluginRuntime {
                 engine,
                 linker,
                 cache,
-                permits: Semaphore::new(settings.max_instances as usize),
+                permits: Arc::new(Semaphore::new(settings.max_instances as usize)),
                 settings,
                 metrics,
                 pooling,
@@ -481,14 +484,15 @@ impl From<wasmtime::Error> for Failure {
     }
 }
 
-/// One call in progress: its store and output pipes, and the permit it holds.
-struct Call<'a> {
+/// One call in progress (or, in a response session, the instance between calls): its store and
+/// output pipes, and the permit it holds.
+struct Call {
     store: Store<CallState>,
     stdout: CappedPipe,
     stderr: CappedPipe,
     started: Instant,
     counted: bool,
-    _permit: Option<SemaphorePermit<'a>>,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl PluginCore {
@@ -497,13 +501,13 @@ impl PluginCore {
     }
 
     /// Admits a call: not quarantined, and an instance slot free within the acquire timeout.
-    async fn admit(&self) -> Result<Call<'_>, PluginError> {
+    async fn admit(&self) -> Result<Call, PluginError> {
         if self.is_quarantined() {
             self.count("quarantined");
             return Err(PluginError::Quarantined(self.id.clone()));
         }
         let wait = Duration::from_millis(self.runtime.settings.acquire_timeout_ms);
-        match tokio::time::timeout(wait, self.runtime.permits.acquire()).await {
+        match tokio::time::timeout(wait, Arc::clone(&self.runtime.permits).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.start(Some(permit))),
             // The semaphore is never closed; a closed one could only mean "no capacity" too.
             Ok(Err(_)) | Err(_) => {
@@ -514,7 +518,7 @@ impl PluginCore {
     }
 
     /// A fresh store: WASI with nothing in it, capped stdio, the memory cap and the deadline.
-    fn start<'a>(&self, permit: Option<SemaphorePermit<'a>>) -> Call<'a> {
+    fn start(&self, permit: Option<OwnedSemaphorePermit>) -> Call {
         let settings = &self.runtime.settings;
         let stdout = CappedPipe::new(settings.max_stdio_bytes);
         let stderr = CappedPipe::new(settings.max_stdio_bytes);
@@ -534,22 +538,53 @@ impl PluginCore {
     /// answer or a typed error, and keeps the books (metrics, quarantine) for counted calls.
     fn finish<R>(
         &self,
-        call: Call<'_>,
+        mut call: Call,
         result: Result<R, Failure>,
         check: impl FnOnce(&R) -> Result<(), String>,
     ) -> Result<R, PluginError> {
+        let memory_hit = self.collect(&mut call.store);
         let Call { store, stdout, stderr, started, counted, _permit } = call;
-        let memory_hit = store.data().limiter.memory_hit;
-        self.peak_memory_bytes.fetch_max(store.data().limiter.peak_memory_bytes, Ordering::Relaxed);
-        self.runtime.metrics.log_dropped(&self.id.name, store.data().log_dropped());
         // The instance may be poisoned by a trap; it is never reused, so dropping it is all.
         drop(store);
         drop(_permit);
+        self.settle(memory_hit, &stdout, &stderr, started, counted, result, check)
+    }
+
+    /// Readies a kept instance for its next call: the deadline re-armed (an epoch deadline counts
+    /// from when it is set), the per-call log caps and the call's clock started afresh.
+    fn rearm(&self, call: &mut Call) {
+        call.store.set_epoch_deadline(self.deadline_ticks);
+        call.store.data_mut().begin_call();
+        call.started = Instant::now();
+    }
+
+    /// Takes a call's usage from its store: the memory high-water mark, log lines dropped (now
+    /// counted, and reset for a kept instance's next call); returns whether the cap was hit.
+    fn collect(&self, store: &mut Store<CallState>) -> bool {
+        let state = store.data_mut();
+        self.peak_memory_bytes.fetch_max(state.limiter.peak_memory_bytes, Ordering::Relaxed);
+        self.runtime.metrics.log_dropped(&self.id.name, state.take_log_dropped());
+        state.limiter.memory_hit
+    }
+
+    /// Turns a call's result into a checked answer or a typed error, forwards the call's output
+    /// and keeps the books (metrics, quarantine) for counted calls.
+    #[allow(clippy::too_many_arguments)]
+    fn settle<R>(
+        &self,
+        memory_hit: bool,
+        stdout: &CappedPipe,
+        stderr: &CappedPipe,
+        started: Instant,
+        counted: bool,
+        result: Result<R, Failure>,
+        check: impl FnOnce(&R) -> Result<(), String>,
+    ) -> Result<R, PluginError> {
         let result = match result {
             Ok(answer) => check(&answer).map(|()| answer).map_err(PluginError::InvalidOutput),
             Err(Failure::Rejected(text)) => Err(PluginError::ConfigRejected(text)),
             Err(Failure::WallTimeout) => Err(PluginError::Timeout(self.deadline)),
-            Err(Failure::Wasm(error)) => Err(self.classify(error, memory_hit, &stderr)),
+            Err(Failure::Wasm(error)) => Err(self.classify(error, memory_hit, stderr)),
         };
         stdout.forward(&self.guest, "stdout");
         stderr.forward(&self.guest, "stderr");
@@ -651,7 +686,8 @@ impl RouterPlugin {
     }
 }
 
-/// A loaded privacy filter. Cheap to share behind an `Arc`; every call runs on a fresh instance.
+/// A loaded privacy filter. Cheap to share behind an `Arc`; every call runs on a fresh instance,
+/// except the calls of one [`ResponseSession`], which share one.
 pub struct FilterPlugin {
     core: Arc<PluginCore>,
     pre: PrivacyFilterPre<CallState>,
@@ -688,17 +724,118 @@ impl FilterPlugin {
         core.finish(call, result, |verdict| validate::request_verdict(verdict, segments))
     }
 
-    /// Has the filter see a piece of the answer's text.
+    /// Has the filter see a whole answer's text at once, on a fresh instance: a one-call
+    /// [`ResponseSession`].
     pub async fn inspect_response(&self, text: &str) -> Result<ResponseVerdict, PluginError> {
+        self.response_session().inspect(text).await
+    }
+
+    /// Opens a session for one answer: its pieces, in order, go to one instance of the filter
+    /// (which the contract's `inspect-response` promises: the answer's text in order), so that
+    /// the filter can keep state across them, such as a secret split across stream chunks.
+    ///
+    /// Nothing is instantiated until the first [`ResponseSession::inspect`].
+    pub fn response_session(&self) -> ResponseSession {
+        ResponseSession { core: Arc::clone(&self.core), pre: self.pre.clone(), state: SessionState::Idle }
+    }
+}
+
+/// The answer side of one request's filter: every [`ResponseSession::inspect`] runs on the same
+/// instance, instantiated and configured at the first one.
+///
+/// Each call is held to the plugin's limits as a one-shot call is: the deadline (re-armed for
+/// every call; the first one's also covers instantiation and `configure`), the memory cap (the
+/// instance's, across the session), the per-call caps on log lines and stdout/stderr (forwarded
+/// after each call), metrics per call and the quarantine bookkeeping. Any failure poisons the
+/// session: the instance is dropped and every later call answers [`PluginError::Poisoned`] (fail
+/// closed), as does a call after the version was quarantined.
+///
+/// The session holds an instance slot (a permit of the semaphore, a slot of the pool) from its
+/// first call until it is dropped: a streamed answer holds one per filter for its duration, all
+/// within `max_instances`.
+pub struct ResponseSession {
+    core: Arc<PluginCore>,
+    pre: PrivacyFilterPre<CallState>,
+    state: SessionState,
+}
+
+enum SessionState {
+    /// No call yet.
+    Idle,
+    /// The instance, between calls.
+    Live(Box<Live>),
+    /// A call failed; the instance is gone.
+    Poisoned,
+}
+
+struct Live {
+    call: Call,
+    /// The instance's exports; `None` until instantiated in the first call.
+    filter: Option<PrivacyFilter>,
+}
+
+impl fmt::Debug for ResponseSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match self.state {
+            SessionState::Idle => "idle",
+            SessionState::Live(_) => "live",
+            SessionState::Poisoned => "poisoned",
+        };
+        f.debug_struct("ResponseSession").field("plugin", &self.core.id).field("state", &state).finish()
+    }
+}
+
+impl ResponseSession {
+    /// The plugin's name and version.
+    pub fn id(&self) -> &PluginId {
+        &self.core.id
+    }
+
+    /// Whether a call has failed, so that every later one fails too.
+    pub fn is_poisoned(&self) -> bool {
+        matches!(self.state, SessionState::Poisoned)
+    }
+
+    /// Has the filter see the next piece of the answer's text, on the session's instance.
+    pub async fn inspect(&mut self, text: &str) -> Result<ResponseVerdict, PluginError> {
         let core = &self.core;
-        let mut call = core.admit().await?;
+        // Poisoned unless this call succeeds.
+        let mut live = match std::mem::replace(&mut self.state, SessionState::Poisoned) {
+            SessionState::Poisoned => {
+                core.count("poisoned");
+                return Err(PluginError::Poisoned);
+            }
+            SessionState::Idle => Box::new(Live { call: core.admit().await?, filter: None }),
+            SessionState::Live(mut live) => {
+                if core.is_quarantined() {
+                    core.count("quarantined");
+                    return Err(PluginError::Quarantined(core.id.clone()));
+                }
+                core.rearm(&mut live.call);
+                live
+            }
+        };
+        let Live { call, filter } = &mut *live;
         let result = core
             .bounded(async {
-                let filter = self.pre.instantiate_async(&mut call.store).await?;
-                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                let filter = match filter {
+                    Some(filter) => filter,
+                    None => {
+                        let fresh = self.pre.instantiate_async(&mut call.store).await?;
+                        fresh.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                        filter.insert(fresh)
+                    }
+                };
                 Ok(filter.call_inspect_response(&mut call.store, text).await?)
             })
             .await;
-        core.finish(call, result, |_| Ok(()))
+        let memory_hit = core.collect(&mut call.store);
+        let verdict =
+            core.settle(memory_hit, &call.stdout, &call.stderr, call.started, call.counted, result, |_| Ok(()));
+        if verdict.is_ok() {
+            self.state = SessionState::Live(live);
+        }
+        // Otherwise the instance (perhaps trapped, or interrupted mid-call) and its slot go now.
+        verdict
     }
 }

@@ -149,7 +149,7 @@ pub(crate) fn respond(parsed: Option<&Value>, headers: &HeaderMap, behavior: &Be
     let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
     let ex = extract(req);
     let input_tokens = reply::prompt_tokens(ex.prompt_chars);
-    let reply = Reply::decide(ex, Some(max_tokens));
+    let reply = Reply::decide_for(ex, Some(max_tokens), behavior);
     let output_tokens = reply.completion_tokens();
     let n = reply::next_id();
     let id = format!("msg_mock_{n}");

@@ -42,6 +42,18 @@ pub enum Behavior {
     /// (Anthropic `event: error`, OpenAI `data: {"error":{..}}`) and end the
     /// stream. Non-streamed: answered like `Status(500)`.
     StreamError(usize),
+    /// Answer with this text instead of the usual reply (echo, tool call or
+    /// tool result): the concatenation of `pieces`, as a text reply whatever
+    /// the request asked for. Streamed, each piece is one content event, and
+    /// every content event after the first is sent `gap` after the one before
+    /// it, so that a client reads them as separate chunks (a text split
+    /// mid-word, say). `max_tokens` counts pieces, as for the usual reply.
+    Say {
+        /// The reply's text, in the pieces it streams in.
+        pieces: Vec<String>,
+        /// The pause before each content event after the first.
+        gap: Duration,
+    },
 }
 
 /// A FIFO of behaviours; the empty case is answered without taking the lock.

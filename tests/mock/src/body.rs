@@ -28,7 +28,20 @@ enum Tail {
 }
 
 fn frames_body(frames: Vec<Bytes>, tail: Tail) -> MockBody {
-    let head = stream::iter(frames.into_iter().map(|b| Ok(Frame::data(b))));
+    paced_body(frames, 0..0, Duration::ZERO, tail)
+}
+
+/// A body of `frames`, each of those at an index in `paced` sent `gap` after the one before.
+fn paced_body(frames: Vec<Bytes>, paced: std::ops::Range<usize>, gap: Duration, tail: Tail) -> MockBody {
+    let head = stream::iter(frames.into_iter().enumerate()).then(move |(i, b)| {
+        let wait = paced.contains(&i);
+        async move {
+            if wait {
+                tokio::time::sleep(gap).await;
+            }
+            Ok(Frame::data(b))
+        }
+    });
     match tail {
         Tail::End => StreamBody::new(head).boxed_unsync(),
         Tail::Abort => StreamBody::new(head.chain(stream::once(async {
@@ -96,13 +109,19 @@ pub(crate) fn sse_reply(sse: Sse, behavior: &Behavior, error_event: impl FnOnce(
         _ => (usize::MAX, Tail::End),
     };
     content.truncate(n);
+    // `Say` paces the content events after the first.
+    let gap = match behavior {
+        Behavior::Say { gap, .. } => *gap,
+        _ => Duration::ZERO,
+    };
+    let paced = if gap.is_zero() { 0..0 } else { preamble.len() + 1..preamble.len() + content.len() };
     preamble.append(&mut content);
     match behavior {
         Behavior::StreamError(_) => preamble.push(error_event()),
         Behavior::CutAfter(_) | Behavior::StallAfter(_) => {}
         _ => preamble.extend(terminal),
     }
-    let mut resp = Response::new(frames_body(preamble, tail));
+    let mut resp = Response::new(paced_body(preamble, paced, gap, tail));
     let h = resp.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));

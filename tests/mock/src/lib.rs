@@ -9,7 +9,8 @@
 //! including tool calls, usage accounting and each API's error shapes.
 //! Replies are deterministic (`"Echo: <last user text>"`, a tool call to the
 //! first tool, or `"Tool said: <tool result>"`), and failures can be injected
-//! per request by queueing [`Behavior`]s.
+//! per request by queueing [`Behavior`]s — as can a given text streamed in
+//! given pieces at a given pace ([`Behavior::Say`]).
 //!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {

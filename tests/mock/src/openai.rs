@@ -183,7 +183,7 @@ pub(crate) fn respond(parsed: Option<&Value>, _headers: &HeaderMap, behavior: &B
     let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
     let ex = extract(req);
     let prompt_tokens = reply::prompt_tokens(ex.prompt_chars);
-    let reply = Reply::decide(ex, max_tokens);
+    let reply = Reply::decide_for(ex, max_tokens, behavior);
     let completion_tokens = reply.completion_tokens();
     let usage = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
     let n = reply::next_id();

@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::Behavior;
+
 /// What the request asks the mock to say, extracted from either API.
 pub(crate) struct Extracted {
     /// Text of the last user message.
@@ -41,8 +43,29 @@ impl Reply {
         }
     }
 
-    fn text(mut text: String, max_tokens: Option<u64>) -> Reply {
-        let mut piece_ends = piece_ends(&text);
+    /// The reply for `ex` under `behavior`: [`Behavior::Say`]'s text, or [`Reply::decide`].
+    pub(crate) fn decide_for(ex: Extracted, max_tokens: Option<u64>, behavior: &Behavior) -> Reply {
+        match behavior {
+            Behavior::Say { pieces, .. } => {
+                let mut text = String::new();
+                let mut ends = Vec::with_capacity(pieces.len());
+                for p in pieces.iter().filter(|p| !p.is_empty()) {
+                    text.push_str(p);
+                    ends.push(text.len());
+                }
+                Reply::text_in(text, ends, max_tokens)
+            }
+            _ => Reply::decide(ex, max_tokens),
+        }
+    }
+
+    fn text(text: String, max_tokens: Option<u64>) -> Reply {
+        let ends = piece_ends(&text);
+        Reply::text_in(text, ends, max_tokens)
+    }
+
+    /// A text reply in the pieces ending at `piece_ends`, truncated to `max_tokens` pieces.
+    fn text_in(mut text: String, mut piece_ends: Vec<usize>, max_tokens: Option<u64>) -> Reply {
         let truncated = max_tokens.is_some_and(|m| piece_ends.len() as u64 > m);
         if truncated {
             let keep = max_tokens.unwrap_or(0) as usize;
@@ -136,6 +159,16 @@ mod tests {
         assert_eq!(text, "Echo: a ");
         assert_eq!(piece_ends.len(), 2);
         assert!(truncated);
+    }
+
+    #[test]
+    fn said_pieces_are_kept() {
+        let ex = Extracted { last_user_text: "x".into(), tool_result: None, tool: None, prompt_chars: 1 };
+        let say = Behavior::Say { pieces: vec!["ab".into(), String::new(), "cd e".into()], gap: Default::default() };
+        let Reply::Text { text, piece_ends, truncated } = Reply::decide_for(ex, Some(5), &say) else {
+            panic!("expected text");
+        };
+        assert_eq!((text.as_str(), piece_ends, truncated), ("abcd e", vec![2, 6], false));
     }
 
     #[test]
