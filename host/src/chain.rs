@@ -336,18 +336,24 @@ async fn route(
     Ok(Plan { model, order, cache: Some(decision.cache) })
 }
 
+impl From<accounting::PriceModel> for PriceModel {
+    fn from(p: accounting::PriceModel) -> PriceModel {
+        match p {
+            accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
+                PriceModel::Token(TokenPrice { input_usd_per_mtok, output_usd_per_mtok })
+            }
+            accounting::PriceModel::GpuSecond { usd_per_second } => PriceModel::GpuSecond(usd_per_second),
+            accounting::PriceModel::Hour { usd_per_hour, capacity } => {
+                PriceModel::Hour(HourPrice { usd_per_hour, capacity })
+            }
+        }
+    }
+}
+
 /// A route as the router sees it. Live statistics join when the node measures them.
 fn target(route: &Route) -> plugin::Target {
     let t = &route.target;
-    let price = route.price.map(|p| match p {
-        accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
-            PriceModel::Token(TokenPrice { input_usd_per_mtok, output_usd_per_mtok })
-        }
-        accounting::PriceModel::GpuSecond { usd_per_second } => PriceModel::GpuSecond(usd_per_second),
-        accounting::PriceModel::Hour { usd_per_hour, capacity } => {
-            PriceModel::Hour(HourPrice { usd_per_hour, capacity })
-        }
-    });
+    let price = route.price.map(PriceModel::from);
     let capacity = match route.price {
         Some(accounting::PriceModel::Hour { capacity, .. }) => Some(capacity),
         _ => None,

@@ -20,8 +20,8 @@ use meridian::accounting;
 use meridian::chain::{self, Chain};
 use meridian::chat::ChatRequest;
 use meridian::plugin::{
-    self, CachePolicy, CallLimits, FilterPlugin, Health, HourPrice, Outcome, PluginError, PluginMetrics, PluginRuntime,
-    PluginSettings, PriceModel, RequestVerdict, RouterPlugin, SegmentKind, TokenPrice,
+    self, CachePolicy, CallLimits, FilterPlugin, Health, Outcome, PluginError, PluginMetrics, PluginRuntime,
+    PluginSettings, PriceModel, RequestVerdict, RouterPlugin, SegmentKind,
 };
 use meridian::redaction::{self, SpanError};
 use serde::Deserialize;
@@ -623,15 +623,7 @@ fn to_target(t: TargetSpec, req: &ChatRequest) -> plugin::Target {
         Some(accounting::PriceModel::Hour { capacity, .. }) => Some(capacity),
         _ => None,
     });
-    let price = t.price.map(|p| match p {
-        accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
-            PriceModel::Token(TokenPrice { input_usd_per_mtok, output_usd_per_mtok })
-        }
-        accounting::PriceModel::GpuSecond { usd_per_second } => PriceModel::GpuSecond(usd_per_second),
-        accounting::PriceModel::Hour { usd_per_hour, capacity } => {
-            PriceModel::Hour(HourPrice { usd_per_hour, capacity })
-        }
-    });
+    let price = t.price.map(PriceModel::from);
     plugin::Target {
         name: t.name,
         kind: match t.kind {
@@ -687,6 +679,6 @@ mod tests {
         assert_eq!(t.model, "m");
         assert_eq!(t.capacity, Some(4));
         assert_eq!(t.health, Health::Degraded);
-        assert_eq!(t.price, Some(PriceModel::Hour(HourPrice { usd_per_hour: 2.0, capacity: 4 })));
+        assert_eq!(t.price, Some(PriceModel::Hour(meridian::plugin::HourPrice { usd_per_hour: 2.0, capacity: 4 })));
     }
 }

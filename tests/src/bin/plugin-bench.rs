@@ -77,6 +77,24 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// `calls` timed calls after 100 untimed ones, sorted.
+async fn timed<F, Fut>(calls: usize, mut call: F) -> Result<Vec<Duration>, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), meridian::plugin::PluginError>>,
+{
+    let mut times = Vec::with_capacity(calls);
+    for i in 0..calls + 100 {
+        let start = Instant::now();
+        call().await.map_err(|e| e.to_string())?;
+        if i >= 100 {
+            times.push(start.elapsed());
+        }
+    }
+    times.sort();
+    Ok(times)
+}
+
 async fn run(calls: usize) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("meridian-plugin-bench-{}", std::process::id()));
     let settings = PluginSettings { cache_dir: dir.clone(), ..PluginSettings::default() };
@@ -108,26 +126,10 @@ async fn run(calls: usize) -> Result<(), String> {
     for bytes in [200usize, 2 << 10, 32 << 10] {
         let summary = summary(bytes);
         let segments = vec![Segment { kind: SegmentKind::User, text: prompt(bytes) }];
-        let mut times = Vec::with_capacity(calls);
-        for i in 0..calls + 100 {
-            let start = Instant::now();
-            pii.inspect_request(&summary, &segments).await.map_err(|e| e.to_string())?;
-            if i >= 100 {
-                times.push(start.elapsed());
-            }
-        }
-        times.sort();
+        let times = timed(calls, || async { pii.inspect_request(&summary, &segments).await.map(drop) }).await?;
         println!("| pii-redactor | {bytes} B | {:.1} | {:.1} |", percentile(&times, 50.0), percentile(&times, 99.0));
         for (name, router) in &routers {
-            let mut times = Vec::with_capacity(calls);
-            for i in 0..calls + 100 {
-                let start = Instant::now();
-                router.route(&summary, &targets).await.map_err(|e| e.to_string())?;
-                if i >= 100 {
-                    times.push(start.elapsed());
-                }
-            }
-            times.sort();
+            let times = timed(calls, || async { router.route(&summary, &targets).await.map(drop) }).await?;
             println!("| {name} | {bytes} B | {:.1} | {:.1} |", percentile(&times, 50.0), percentile(&times, 99.0));
         }
     }
