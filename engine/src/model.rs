@@ -1,0 +1,481 @@
+//! Loading a chat model directory: the ONNX decoder, its tokenizer and chat template, and the facts
+//! the scheduler needs (KV layout, context length, end-of-sequence ids).
+//!
+//! The facts come from `meridian-model.json` when present; otherwise from the files the usual
+//! exporters write: optimum (`config.json`, `generation_config.json`, `tokenizer_config.json`) or
+//! onnxruntime-genai (`genai_config.json`, `tokenizer_config.json`). The KV layout is always read
+//! from the ONNX session's inputs (`past_key_values.N.key` shapes) and checked against the config.
+//!
+//! [`ChatModel::forward`] is the one decoding core: prefill, batched decode
+//! ([`crate::kv::Batch`]) and the reference generation without a KV cache all go through it.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ort::session::{Session, SessionInputValue};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use serde_json::Value as Json;
+use tokenizers::Tokenizer;
+
+use crate::api::{EngineError, ErrorCode, Message};
+use crate::config::{ModelKind, Provider, RuntimeConfig};
+use crate::detok::TokenBytes;
+use crate::kv::{Batch, KvLayout};
+use crate::runtime::{RuntimeError, runtime};
+use crate::sampling::argmax;
+use crate::template::ChatTemplate;
+
+/// Why the engine (or one model) could not be loaded.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// ONNX Runtime is missing or a provider/session failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// The engine configuration is invalid.
+    #[error("engine config: {0}")]
+    Config(String),
+    /// A model directory is incomplete or inconsistent.
+    #[error("model {name} at {dir}: {message}")]
+    Model {
+        /// The model's name.
+        name: String,
+        /// Its directory.
+        dir: PathBuf,
+        /// What is missing or wrong (names the file).
+        message: String,
+    },
+}
+
+/// What the scheduler needs to know about a decoder.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatSpec {
+    /// Transformer layers (KV pairs).
+    pub num_layers: usize,
+    /// KV heads per layer.
+    pub num_kv_heads: usize,
+    /// Size of one head.
+    pub head_dim: usize,
+    /// Logits per position.
+    pub vocab_size: usize,
+    /// Most tokens (prompt + answer) one sequence may hold.
+    pub context_length: usize,
+    /// Beginning-of-sequence id, if the model has one.
+    pub bos_token_id: Option<u32>,
+    /// Ids that end generation.
+    pub eos_token_ids: Vec<u32>,
+    /// The Jinja chat template.
+    pub chat_template: String,
+    /// The BOS string the template may use.
+    pub bos_token: Option<String>,
+    /// The EOS string the template may use.
+    pub eos_token: Option<String>,
+}
+
+/// Names of the decoder's inputs and outputs.
+#[derive(Debug, Clone)]
+struct DecoderIo {
+    has_position_ids: bool,
+    /// `past_key_values.{i}.key`, `…value`, layer by layer.
+    past: Vec<String>,
+    /// `present.{i}.key`, `…value`, in the same order.
+    present: Vec<String>,
+}
+
+/// A loaded chat model. Not shared between threads: the scheduler's model thread owns it (a
+/// session run needs `&mut`).
+pub struct ChatModel {
+    /// Name requests use.
+    pub name: String,
+    /// Directory it was loaded from.
+    pub dir: PathBuf,
+    /// Its facts.
+    pub spec: ChatSpec,
+    /// The execution provider its session runs on.
+    pub provider: Provider,
+    /// Its tokenizer (shared with the admission path).
+    pub tokenizer: Arc<Tokenizer>,
+    /// Its chat template (shared with the admission path).
+    pub template: Arc<ChatTemplate>,
+    /// Bytes of every token, for streaming text.
+    pub token_bytes: Arc<TokenBytes>,
+    session: Session,
+    io: DecoderIo,
+}
+
+impl std::fmt::Debug for ChatModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatModel").field("name", &self.name).field("dir", &self.dir).field("spec", &self.spec).finish()
+    }
+}
+
+/// Renders and tokenises prompts; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Prompter {
+    template: Arc<ChatTemplate>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl Prompter {
+    /// The prompt text for `messages` (the chat template, generation prompt opened).
+    pub fn render(&self, messages: &[Message]) -> Result<String, EngineError> {
+        self.template.render(messages).map_err(|m| EngineError::new(ErrorCode::BadRequest, m))
+    }
+
+    /// Token ids of a rendered prompt (special tokens written in the text are parsed; none are
+    /// added, the template writes them).
+    pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, EngineError> {
+        let enc = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Rendered and tokenised.
+    pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
+        self.tokenize(&self.render(messages)?)
+    }
+}
+
+/// The outputs of one decoder run.
+pub struct Forward {
+    /// `logits` [B, S, V].
+    pub logits: DynValue,
+    /// `present.*`, in [`KvLayout`] order, each [B, H, P+S, D].
+    pub present: Vec<DynValue>,
+}
+
+pub(crate) fn model_err(name: &str, dir: &Path, message: impl Into<String>) -> LoadError {
+    LoadError::Model { name: name.to_string(), dir: dir.to_path_buf(), message: message.into() }
+}
+
+pub(crate) fn read_json(path: &Path) -> Result<Option<Json>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+pub(crate) fn load_tokenizer(name: &str, dir: &Path) -> Result<Tokenizer, LoadError> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(model_err(name, dir, "tokenizer.json is missing"));
+    }
+    Tokenizer::from_file(&path).map_err(|e| model_err(name, dir, format!("tokenizer.json: {e}")))
+}
+
+/// The kind a directory holds, from `meridian-model.json`'s `kind`, else from the exporter's files
+/// (a `genai_config.json` or a `config.json` with a causal-LM architecture → chat; otherwise
+/// embedding).
+pub fn infer_kind(dir: &Path) -> Result<ModelKind, String> {
+    if let Some(m) = read_json(&dir.join("meridian-model.json"))? {
+        return match m.get("kind").and_then(Json::as_str) {
+            Some("chat") => Ok(ModelKind::Chat),
+            Some("embedding") => Ok(ModelKind::Embedding),
+            other => Err(format!("meridian-model.json: kind {other:?} is neither \"chat\" nor \"embedding\"")),
+        };
+    }
+    if dir.join("genai_config.json").is_file() {
+        return Ok(ModelKind::Chat);
+    }
+    if let Some(c) = read_json(&dir.join("config.json"))? {
+        let causal = c
+            .get("architectures")
+            .and_then(Json::as_array)
+            .is_some_and(|a| a.iter().any(|x| x.as_str().is_some_and(|s| s.ends_with("ForCausalLM"))));
+        return Ok(if causal { ModelKind::Chat } else { ModelKind::Embedding });
+    }
+    Err("neither meridian-model.json nor config.json nor genai_config.json is present; set the model's kind".into())
+}
+
+fn u32_of(v: Option<&Json>) -> Option<u32> {
+    v.and_then(Json::as_u64).map(|x| x as u32)
+}
+
+fn usize_of(v: Option<&Json>) -> Option<usize> {
+    v.and_then(Json::as_u64).map(|x| x as usize)
+}
+
+/// An id or a list of ids.
+fn ids_of(v: Option<&Json>) -> Vec<u32> {
+    match v {
+        Some(Json::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        None => Vec::new(),
+    }
+}
+
+/// A token string, plain or as `{"content": …}`.
+fn token_str(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Object(o) => o.get("content").and_then(Json::as_str).map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The chat template: a string, or a list of `{name, template}` (the one named "default").
+fn template_of(v: Option<&Json>) -> Option<String> {
+    match v? {
+        Json::String(s) => Some(s.clone()),
+        Json::Array(a) => a
+            .iter()
+            .find(|t| t.get("name").and_then(Json::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Json::as_str))
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// Reads the chat facts of `dir`, without the ONNX session (the KV layout is checked later).
+pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
+    let err = |m: String| model_err(name, dir, m);
+    let tok_cfg = read_json(&dir.join("tokenizer_config.json")).map_err(err)?;
+    let tok = |k: &str| tok_cfg.as_ref().and_then(|t| t.get(k));
+    if let Some(m) = read_json(&dir.join("meridian-model.json")).map_err(err)? {
+        let need = |k: &str| usize_of(m.get(k)).ok_or_else(|| err(format!("meridian-model.json: {k} is missing")));
+        let chat_template = template_of(m.get("chat_template"))
+            .or_else(|| template_of(tok("chat_template")))
+            .ok_or_else(|| err("meridian-model.json: chat_template is missing".into()))?;
+        let eos_token_ids = ids_of(m.get("eos_token_ids").or(m.get("eos_token_id")));
+        return Ok(ChatSpec {
+            num_layers: need("num_layers")?,
+            num_kv_heads: need("num_kv_heads")?,
+            head_dim: need("head_dim")?,
+            vocab_size: need("vocab_size")?,
+            context_length: need("context_length")?,
+            bos_token_id: u32_of(m.get("bos_token_id")),
+            eos_token_ids,
+            chat_template,
+            bos_token: token_str(m.get("bos_token")).or_else(|| token_str(tok("bos_token"))),
+            eos_token: token_str(m.get("eos_token")).or_else(|| token_str(tok("eos_token"))),
+        });
+    }
+    let chat_template = template_of(tok("chat_template"))
+        .ok_or_else(|| err("tokenizer_config.json with a chat_template is missing".into()))?;
+    let bos_token = token_str(tok("bos_token"));
+    let eos_token = token_str(tok("eos_token"));
+    if let Some(g) = read_json(&dir.join("genai_config.json")).map_err(err)? {
+        let m = g.get("model").ok_or_else(|| err("genai_config.json: model is missing".into()))?;
+        let d = m.get("decoder").ok_or_else(|| err("genai_config.json: model.decoder is missing".into()))?;
+        let need = |v: Option<&Json>, k: &str| usize_of(v).ok_or_else(|| err(format!("genai_config.json: {k} is missing")));
+        return Ok(ChatSpec {
+            num_layers: need(d.get("num_hidden_layers"), "model.decoder.num_hidden_layers")?,
+            num_kv_heads: need(d.get("num_key_value_heads"), "model.decoder.num_key_value_heads")?,
+            head_dim: need(d.get("head_size"), "model.decoder.head_size")?,
+            vocab_size: need(m.get("vocab_size"), "model.vocab_size")?,
+            context_length: need(m.get("context_length"), "model.context_length")?,
+            bos_token_id: u32_of(m.get("bos_token_id")),
+            eos_token_ids: ids_of(m.get("eos_token_id")),
+            chat_template,
+            bos_token,
+            eos_token,
+        });
+    }
+    let c = read_json(&dir.join("config.json"))
+        .map_err(err)?
+        .ok_or_else(|| err("none of meridian-model.json, genai_config.json, config.json is present".into()))?;
+    let need = |k: &str| usize_of(c.get(k)).ok_or_else(|| err(format!("config.json: {k} is missing")));
+    let heads = need("num_attention_heads")?;
+    let head_dim = match usize_of(c.get("head_dim")) {
+        Some(d) => d,
+        None => need("hidden_size")? / heads,
+    };
+    let generation = read_json(&dir.join("generation_config.json")).map_err(err)?;
+    let mut eos_token_ids = generation.as_ref().map(|g| ids_of(g.get("eos_token_id"))).unwrap_or_default();
+    if eos_token_ids.is_empty() {
+        eos_token_ids = ids_of(c.get("eos_token_id"));
+    }
+    Ok(ChatSpec {
+        num_layers: need("num_hidden_layers")?,
+        num_kv_heads: usize_of(c.get("num_key_value_heads")).unwrap_or(heads),
+        head_dim,
+        vocab_size: need("vocab_size")?,
+        context_length: need("max_position_embeddings")?,
+        bos_token_id: u32_of(c.get("bos_token_id")),
+        eos_token_ids,
+        chat_template,
+        bos_token,
+        eos_token,
+    })
+}
+
+fn check_i64_input(session: &Session, input: &str) -> Result<bool, String> {
+    match session.inputs().iter().find(|i| i.name() == input) {
+        None => Ok(false),
+        Some(i) => match i.dtype() {
+            ValueType::Tensor { ty: TensorElementType::Int64, .. } => Ok(true),
+            other => Err(format!("model.onnx input {input} is {other:?}, expected an int64 tensor")),
+        },
+    }
+}
+
+/// Checks the decoder's interface against the spec; returns the names to use.
+fn decoder_io(session: &Session, spec: &mut ChatSpec) -> Result<DecoderIo, String> {
+    for name in ["input_ids", "attention_mask"] {
+        if !check_i64_input(session, name)? {
+            return Err(format!("model.onnx has no {name} input"));
+        }
+    }
+    let has_position_ids = check_i64_input(session, "position_ids")?;
+    let key0 = session
+        .inputs()
+        .iter()
+        .find(|i| i.name() == "past_key_values.0.key")
+        .ok_or("model.onnx has no past_key_values.0.key input (exported without a KV cache?)")?;
+    let shape = key0.dtype().tensor_shape().ok_or("past_key_values.0.key is not a tensor")?;
+    if !matches!(key0.dtype().tensor_type(), Some(TensorElementType::Float32)) {
+        return Err(format!("past_key_values.0.key is {:?}, expected float32", key0.dtype().tensor_type()));
+    }
+    if shape.len() != 4 || shape[1] <= 0 || shape[3] <= 0 {
+        return Err(format!("past_key_values.0.key has shape {:?}, expected [batch, kv_heads, past, head_dim]", &shape[..]));
+    }
+    let (heads, head_dim) = (shape[1] as usize, shape[3] as usize);
+    let layers = session
+        .inputs()
+        .iter()
+        .filter(|i| i.name().starts_with("past_key_values.") && i.name().ends_with(".key"))
+        .count();
+    if (layers, heads, head_dim) != (spec.num_layers, spec.num_kv_heads, spec.head_dim) {
+        return Err(format!(
+            "model.onnx has {layers} layers × {heads} KV heads × {head_dim}, the config says {} × {} × {}",
+            spec.num_layers, spec.num_kv_heads, spec.head_dim
+        ));
+    }
+    let mut past = Vec::new();
+    let mut present = Vec::new();
+    for l in 0..layers {
+        for kv in ["key", "value"] {
+            let p = format!("past_key_values.{l}.{kv}");
+            let o = format!("present.{l}.{kv}");
+            if !session.inputs().iter().any(|i| i.name() == p) {
+                return Err(format!("model.onnx has no {p} input"));
+            }
+            if !session.outputs().iter().any(|i| i.name() == o) {
+                return Err(format!("model.onnx has no {o} output"));
+            }
+            past.push(p);
+            present.push(o);
+        }
+    }
+    if !session.outputs().iter().any(|o| o.name() == "logits") {
+        return Err("model.onnx has no logits output".into());
+    }
+    let expected = 2 + has_position_ids as usize + past.len();
+    if session.inputs().len() != expected {
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        return Err(format!("model.onnx has unexpected inputs: {names:?}"));
+    }
+    Ok(DecoderIo { has_position_ids, past, present })
+}
+
+impl ChatModel {
+    /// Loads the model in `dir` on the configured provider.
+    pub fn load(name: &str, dir: &Path, cfg: &RuntimeConfig) -> Result<ChatModel, LoadError> {
+        let mut spec = read_chat_spec(name, dir)?;
+        let tokenizer = load_tokenizer(name, dir)?;
+        let onnx = dir.join("model.onnx");
+        if !onnx.is_file() {
+            return Err(model_err(name, dir, "model.onnx is missing"));
+        }
+        let template = ChatTemplate::new(&spec.chat_template, spec.bos_token.as_deref(), spec.eos_token.as_deref())
+            .map_err(|m| model_err(name, dir, m))?;
+        if spec.eos_token_ids.is_empty() {
+            match spec.eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+                Some(id) => spec.eos_token_ids.push(id),
+                None => return Err(model_err(name, dir, "no eos_token_id in the model's config files")),
+            }
+        }
+        let (session, provider) = runtime()?.session(cfg, &onnx)?;
+        let io = decoder_io(&session, &mut spec).map_err(|m| model_err(name, dir, m))?;
+        let token_bytes = Arc::new(TokenBytes::new(&tokenizer));
+        let (tokenizer, template) = (Arc::new(tokenizer), Arc::new(template));
+        Ok(ChatModel { name: name.to_string(), dir: dir.to_path_buf(), spec, provider, tokenizer, template, token_bytes, session, io })
+    }
+
+    /// The KV layout of this model.
+    pub fn layout(&self) -> KvLayout {
+        KvLayout { layers: self.spec.num_layers, heads: self.spec.num_kv_heads, head_dim: self.spec.head_dim }
+    }
+
+    /// The admission path's view of this model: template and tokenizer.
+    pub fn prompter(&self) -> Prompter {
+        Prompter { template: self.template.clone(), tokenizer: self.tokenizer.clone() }
+    }
+
+    /// One decoder run: `ids`/`positions` are [B, S], `mask` is [B, P+S], `past` is the KV cache
+    /// ([B, H, P, D] each, in layout order), or `None` for an empty cache (P = 0).
+    pub fn forward(
+        &mut self,
+        batch: usize,
+        ids: Vec<i64>,
+        positions: Vec<i64>,
+        mask: Vec<i64>,
+        past: Option<&[DynValue]>,
+    ) -> ort::Result<Forward> {
+        let seq = ids.len() / batch;
+        let total = mask.len() / batch;
+        let KvLayout { heads, head_dim, .. } = self.layout();
+        let mut inputs: Vec<(Cow<'_, str>, SessionInputValue<'_>)> = Vec::with_capacity(3 + self.io.past.len());
+        inputs.push(("input_ids".into(), Tensor::from_array(([batch, seq], ids))?.into()));
+        inputs.push(("attention_mask".into(), Tensor::from_array(([batch, total], mask))?.into()));
+        if self.io.has_position_ids {
+            inputs.push(("position_ids".into(), Tensor::from_array(([batch, seq], positions))?.into()));
+        }
+        match past {
+            Some(past) => {
+                for (name, v) in self.io.past.iter().zip(past) {
+                    inputs.push((name.as_str().into(), v.into()));
+                }
+            }
+            None => {
+                for name in &self.io.past {
+                    let empty = Tensor::<f32>::from_array(([batch, heads, 0, head_dim], Vec::new()))?;
+                    inputs.push((name.as_str().into(), empty.into()));
+                }
+            }
+        }
+        let mut out = self.session.run(inputs)?;
+        let logits = out.remove("logits").ok_or_else(|| ort::Error::new("no logits output"))?;
+        let present = self
+            .io
+            .present
+            .iter()
+            .map(|n| out.remove(n).ok_or_else(|| ort::Error::new(format!("no {n} output"))))
+            .collect::<ort::Result<Vec<_>>>()?;
+        Ok(Forward { logits, present })
+    }
+
+    /// Greedy generation of up to `n` tokens after `prompt_ids`, stopping after an end-of-sequence
+    /// id (included). With `use_kv_cache` it decodes through [`Batch`] as the scheduler does;
+    /// without, it recomputes the whole sequence every step (slow; the reference for tests).
+    pub fn greedy_reference(&mut self, prompt_ids: &[u32], n: usize, use_kv_cache: bool) -> ort::Result<Vec<u32>> {
+        let mut out = Vec::new();
+        let eos = self.spec.eos_token_ids.clone();
+        if use_kv_cache {
+            let mut batch = Batch::new(self.layout());
+            let (prefilled, logits) = Batch::prefill(self, prompt_ids)?;
+            let mut token = argmax(logits.row(0));
+            batch.rebuild(&[], vec![prefilled])?;
+            loop {
+                out.push(token);
+                if out.len() >= n || eos.contains(&token) {
+                    return Ok(out);
+                }
+                token = argmax(batch.step(self, &[token])?.row(0));
+            }
+        }
+        let mut seq = prompt_ids.to_vec();
+        loop {
+            let (_, logits) = Batch::prefill(self, &seq)?;
+            let token = argmax(logits.row(0));
+            out.push(token);
+            seq.push(token);
+            if out.len() >= n || eos.contains(&token) {
+                return Ok(out);
+            }
+        }
+    }
+}
