@@ -1,0 +1,425 @@
+//! The engine: loads the configured models and serves them through [`Backend`].
+//!
+//! Each chat model has one dedicated OS thread that owns its session (an ONNX Runtime run blocks;
+//! it never runs on a Tokio worker). Requests are rendered, tokenised and checked on the caller's
+//! thread, then admitted to a bounded queue (`try_send`; full → [`ErrorCode::Overloaded`]).
+//!
+//! Continuous batching, every step of the model thread:
+//! 1. sequences that finished or whose receiver was dropped leave the batch;
+//! 2. waiting requests are taken from the queue up to `max_batch`, each prefilled alone (batch 1),
+//!    its first token sampled;
+//! 3. the batch is rebuilt if its composition changed ([`Batch::rebuild`]);
+//! 4. one batched decode step across all active sequences; each gets its token, text deltas go out
+//!    on its channel.
+//!
+//! Embeddings run on Tokio's blocking pool.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::api::{
+    Backend, BoxFuture, ChatRequest, EmbedRequest, Embeddings, EngineError, ErrorCode, Event, FinishReason, Health,
+    Usage,
+};
+use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
+use crate::detok::{Detokenizer, StopMatcher};
+use crate::embed::EmbeddingModel;
+use crate::kv::{Batch, Logits, Prefilled};
+use crate::model::{ChatModel, Prompter, infer_kind, model_err};
+use crate::sampling::{Sampler, SamplingParams};
+
+pub use crate::model::LoadError;
+
+/// How far back [`Health::tokens_per_second`] looks.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// Counters shared by a model thread and the engine.
+#[derive(Default)]
+struct Shared {
+    queue_depth: AtomicU32,
+    active: AtomicU32,
+    /// (when, tokens generated) per step, the last [`RATE_WINDOW`].
+    rate: Mutex<VecDeque<(Instant, u32)>>,
+}
+
+impl Shared {
+    fn record(&self, tokens: u32) {
+        let now = Instant::now();
+        let mut r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        r.push_back((now, tokens));
+        while r.front().is_some_and(|&(t, _)| now.duration_since(t) > RATE_WINDOW) {
+            r.pop_front();
+        }
+    }
+
+    fn tokens_per_second(&self) -> f64 {
+        let now = Instant::now();
+        let r = self.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let n: u32 = r.iter().filter(|&&(t, _)| now.duration_since(t) <= RATE_WINDOW).map(|&(_, n)| n).sum();
+        n as f64 / RATE_WINDOW.as_secs_f64()
+    }
+}
+
+/// An admitted request, waiting for the model thread.
+struct Job {
+    prompt_ids: Vec<u32>,
+    params: SamplingParams,
+    max_tokens: u32,
+    stop: Vec<String>,
+    tx: mpsc::Sender<Event>,
+}
+
+struct ChatHandle {
+    queue: SyncSender<Job>,
+    prompter: Prompter,
+    context_length: usize,
+    shared: Arc<Shared>,
+}
+
+/// The engine: chat models on their threads, embedding models, and the [`Backend`] on top.
+pub struct Engine {
+    chat: BTreeMap<String, ChatHandle>,
+    embedding: BTreeMap<String, Arc<EmbeddingModel>>,
+    provider: String,
+    scheduler: SchedulerConfig,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("chat", &self.chat.keys().collect::<Vec<_>>())
+            .field("embedding", &self.embedding.keys().collect::<Vec<_>>())
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads every configured model (paths already resolved) and starts one thread per chat model.
+    pub fn start(config: &EngineConfig) -> Result<Arc<Engine>, LoadError> {
+        config.validate().map_err(LoadError::Config)?;
+        let mut chat = BTreeMap::new();
+        let mut embedding = BTreeMap::new();
+        let mut provider = None;
+        for m in &config.models {
+            if !m.path.is_dir() {
+                return Err(model_err(
+                    &m.name,
+                    &m.path,
+                    "the directory does not exist (run scripts/setup-engine to fetch the default models)",
+                ));
+            }
+            let kind = match m.kind {
+                Some(k) => k,
+                None => infer_kind(&m.path).map_err(|e| model_err(&m.name, &m.path, e))?,
+            };
+            match kind {
+                ModelKind::Chat => {
+                    let model = ChatModel::load(&m.name, &m.path, &config.runtime)?;
+                    provider.get_or_insert(model.provider);
+                    let handle = spawn_model_thread(model, &config.scheduler)?;
+                    chat.insert(m.name.clone(), handle);
+                }
+                ModelKind::Embedding => {
+                    let model = EmbeddingModel::load(&m.name, &m.path, &config.runtime)?;
+                    provider.get_or_insert(model.provider);
+                    embedding.insert(m.name.clone(), Arc::new(model));
+                }
+            }
+        }
+        let provider = provider.map_or(config.runtime.provider.as_str(), |p| p.as_str()).to_string();
+        tracing::info!(%provider, chat = ?chat.keys().collect::<Vec<_>>(), embedding = ?embedding.keys().collect::<Vec<_>>(), "engine started");
+        Ok(Arc::new(Engine { chat, embedding, provider, scheduler: config.scheduler.clone() }))
+    }
+
+    /// The execution provider the models run on.
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// Rendered-prompt token ids for `request` on a chat model (what generation starts from).
+    pub fn prompt_ids(&self, request: &ChatRequest) -> Result<Vec<u32>, EngineError> {
+        let handle = self.chat_handle(&request.model)?;
+        handle.prompter.prompt_ids(&request.messages)
+    }
+
+    fn chat_handle(&self, model: &str) -> Result<&ChatHandle, EngineError> {
+        self.chat.get(model).ok_or_else(|| {
+            let why = if self.embedding.contains_key(model) { " (it is an embedding model)" } else { "" };
+            EngineError::new(ErrorCode::UnknownModel, format!("no chat model {model:?} here{why}"))
+        })
+    }
+}
+
+fn spawn_model_thread(model: ChatModel, cfg: &SchedulerConfig) -> Result<ChatHandle, LoadError> {
+    let (queue, rx) = sync_channel(cfg.queue_capacity);
+    let shared = Arc::new(Shared::default());
+    let handle = ChatHandle {
+        queue,
+        prompter: model.prompter(),
+        context_length: model.spec.context_length,
+        shared: shared.clone(),
+    };
+    let (name, dir) = (model.name.clone(), model.dir.clone());
+    let max_batch = cfg.max_batch;
+    std::thread::Builder::new()
+        .name(format!("model-{name}"))
+        .spawn(move || ModelLoop::new(model, rx, shared, max_batch).run())
+        .map_err(|e| model_err(&name, &dir, format!("cannot start its thread: {e}")))?;
+    Ok(handle)
+}
+
+impl Backend for Engine {
+    fn chat(&self, request: ChatRequest) -> Result<mpsc::Receiver<Event>, EngineError> {
+        let handle = self.chat_handle(&request.model)?;
+        let bad = |m: String| EngineError::new(ErrorCode::BadRequest, m);
+        if request.messages.is_empty() {
+            return Err(bad("messages is empty".into()));
+        }
+        let params = SamplingParams {
+            temperature: request.temperature,
+            top_p: request.top_p,
+            top_k: request.top_k,
+            seed: request.seed,
+        };
+        params.validate().map_err(bad)?;
+        let max_tokens = request.max_tokens.unwrap_or(self.scheduler.default_max_tokens);
+        if max_tokens == 0 {
+            return Err(bad("max_tokens must be at least 1".into()));
+        }
+        let prompt_ids = handle.prompter.prompt_ids(&request.messages)?;
+        if prompt_ids.is_empty() {
+            return Err(bad("the prompt renders to no tokens".into()));
+        }
+        if prompt_ids.len() >= handle.context_length {
+            return Err(EngineError::new(
+                ErrorCode::ContextLength,
+                format!(
+                    "the prompt has {} tokens; model {} holds {} (prompt and answer)",
+                    prompt_ids.len(),
+                    request.model,
+                    handle.context_length
+                ),
+            ));
+        }
+        // Room for every event a generation can send (a delta per token, then the end), so the
+        // model thread never waits on a slow reader; the channel allocates lazily.
+        let (tx, rx) = mpsc::channel(max_tokens as usize + 2);
+        let job = Job { prompt_ids, params, max_tokens, stop: request.stop, tx };
+        handle.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
+        match handle.queue.try_send(job) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                handle.shared.queue_depth.fetch_sub(1, Ordering::SeqCst);
+                Err(match e {
+                    TrySendError::Full(_) => EngineError::new(
+                        ErrorCode::Overloaded,
+                        format!("model {} has {} requests waiting", request.model, self.scheduler.queue_capacity),
+                    ),
+                    TrySendError::Disconnected(_) => {
+                        EngineError::new(ErrorCode::Internal, format!("model {} has stopped", request.model))
+                    }
+                })
+            }
+        }
+    }
+
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+        Box::pin(async move {
+            let model = self.embedding.get(&request.model).cloned().ok_or_else(|| {
+                let why = if self.chat.contains_key(&request.model) { " (it is a chat model)" } else { "" };
+                EngineError::new(ErrorCode::UnknownModel, format!("no embedding model {:?} here{why}", request.model))
+            })?;
+            tokio::task::spawn_blocking(move || model.embed(&request.input))
+                .await
+                .map_err(|e| EngineError::new(ErrorCode::Internal, format!("embedding task: {e}")))?
+        })
+    }
+
+    fn health(&self) -> Health {
+        let sum = |f: fn(&Shared) -> u32| self.chat.values().map(|h| f(&h.shared)).sum::<u32>();
+        Health {
+            provider: self.provider.clone(),
+            chat_models: self.chat.keys().cloned().collect(),
+            embedding_models: self.embedding.keys().cloned().collect(),
+            queue_depth: sum(|s| s.queue_depth.load(Ordering::SeqCst)),
+            queue_capacity: self.scheduler.queue_capacity as u32,
+            active_sequences: sum(|s| s.active.load(Ordering::SeqCst)),
+            max_batch: self.scheduler.max_batch as u32,
+            tokens_per_second: self.chat.values().map(|h| h.shared.tokens_per_second()).sum(),
+        }
+    }
+}
+
+/// One sequence being generated.
+struct Seq {
+    tx: mpsc::Sender<Event>,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stop: StopMatcher,
+    prompt_tokens: usize,
+    generated: usize,
+    max_tokens: usize,
+    /// The token to feed at the next step.
+    next: u32,
+    done: bool,
+}
+
+impl Seq {
+    fn send(&self, event: Event) {
+        // Never blocks: the channel has room for every event (see `chat`). A dropped receiver is
+        // noticed at the next step.
+        let _ = self.tx.try_send(event);
+    }
+
+    /// Flushes held text and sends the end.
+    fn finish(&mut self, mut reason: FinishReason) {
+        let mut out = String::new();
+        let tail = self.detok.finish();
+        let m = self.stop.push(&tail);
+        out.push_str(&m.emit);
+        if m.stopped {
+            reason = FinishReason::Stop;
+        } else {
+            out.push_str(&self.stop.finish());
+        }
+        self.end(out, reason);
+    }
+
+    fn end(&mut self, text: String, reason: FinishReason) {
+        if !text.is_empty() {
+            self.send(Event::Delta(text));
+        }
+        let usage = Usage { prompt_tokens: self.prompt_tokens as u32, completion_tokens: self.generated as u32 };
+        self.send(Event::Finished { finish_reason: reason, usage });
+        self.done = true;
+    }
+
+    /// Takes the sampled token: streams its text, decides whether generation ends.
+    fn accept(&mut self, logits: &[f32], eos: &[u32], context_length: usize) {
+        let token = self.sampler.sample(logits);
+        self.generated += 1;
+        self.next = token;
+        if eos.contains(&token) {
+            // The end-of-sequence token counts as generated; its text is not part of the answer.
+            return self.finish(FinishReason::Stop);
+        }
+        let text = self.detok.push(token);
+        let m = self.stop.push(&text);
+        if m.stopped {
+            return self.end(m.emit, FinishReason::Stop);
+        }
+        if !m.emit.is_empty() {
+            self.send(Event::Delta(m.emit));
+        }
+        if self.generated >= self.max_tokens || self.prompt_tokens + self.generated >= context_length {
+            self.finish(FinishReason::Length);
+        }
+    }
+}
+
+struct ModelLoop {
+    model: ChatModel,
+    rx: Receiver<Job>,
+    shared: Arc<Shared>,
+    max_batch: usize,
+    batch: Batch,
+    /// Parallel to the batch's rows.
+    seqs: Vec<Seq>,
+}
+
+impl ModelLoop {
+    fn new(model: ChatModel, rx: Receiver<Job>, shared: Arc<Shared>, max_batch: usize) -> ModelLoop {
+        let batch = Batch::new(model.layout());
+        ModelLoop { model, rx, shared, max_batch, batch, seqs: Vec::new() }
+    }
+
+    fn run(mut self) {
+        let name = self.model.name.clone();
+        let _span = tracing::info_span!("model", %name).entered();
+        loop {
+            let mut jobs = Vec::new();
+            if self.seqs.is_empty() {
+                self.shared.active.store(0, Ordering::SeqCst);
+                match self.rx.recv() {
+                    Ok(job) => jobs.push(job),
+                    // The engine is gone and nothing is running.
+                    Err(_) => return,
+                }
+            }
+            let live = self.seqs.iter().filter(|s| !s.done && !s.tx.is_closed()).count();
+            while live + jobs.len() < self.max_batch {
+                match self.rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
+            }
+            self.shared.queue_depth.fetch_sub(jobs.len() as u32, Ordering::SeqCst);
+            if let Err(e) = self.iteration(jobs) {
+                tracing::error!(error = %e, "decode step failed; failing the batch");
+                let err = EngineError::new(ErrorCode::Internal, format!("model {name}: {e}"));
+                for s in self.seqs.drain(..) {
+                    let _ = s.tx.try_send(Event::Failed(err.clone()));
+                }
+                self.batch = Batch::new(self.model.layout());
+            }
+        }
+    }
+
+    /// Admit `jobs`, update the batch, run one decode step.
+    fn iteration(&mut self, jobs: Vec<Job>) -> ort::Result<()> {
+        let eos = self.model.spec.eos_token_ids.clone();
+        let ctx = self.model.spec.context_length;
+        let mut added: Vec<(Seq, Prefilled)> = Vec::new();
+        for job in jobs {
+            if job.tx.is_closed() {
+                continue;
+            }
+            let (prefilled, logits) = match Batch::prefill(&mut self.model, &job.prompt_ids) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, format!("prefill: {e}"))));
+                    continue;
+                }
+            };
+            let mut seq = Seq {
+                tx: job.tx,
+                sampler: Sampler::new(job.params),
+                detok: Detokenizer::new(self.model.token_bytes.clone()),
+                stop: StopMatcher::new(&job.stop),
+                prompt_tokens: job.prompt_ids.len(),
+                generated: 0,
+                max_tokens: job.max_tokens as usize,
+                next: 0,
+                done: false,
+            };
+            seq.accept(logits.row(0), &eos, ctx);
+            self.shared.record(1);
+            if !seq.done {
+                added.push((seq, prefilled));
+            }
+        }
+        // Leave: finished and cancelled sequences. Join: the new ones.
+        let keep: Vec<usize> = (0..self.seqs.len()).filter(|&i| !self.seqs[i].done && !self.seqs[i].tx.is_closed()).collect();
+        let (new_seqs, prefilled): (Vec<Seq>, Vec<Prefilled>) = added.into_iter().unzip();
+        self.batch.rebuild(&keep, prefilled)?;
+        let mut old: Vec<Option<Seq>> = self.seqs.drain(..).map(Some).collect();
+        self.seqs = keep.iter().map(|&i| old[i].take().expect("kept once")).chain(new_seqs).collect();
+        self.shared.active.store(self.seqs.len() as u32, Ordering::SeqCst);
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        let tokens: Vec<u32> = self.seqs.iter().map(|s| s.next).collect();
+        let logits: Logits = self.batch.step(&mut self.model, &tokens)?;
+        for (i, seq) in self.seqs.iter_mut().enumerate() {
+            seq.accept(logits.row(i), &eos, ctx);
+        }
+        self.shared.record(tokens.len() as u32);
+        Ok(())
+    }
+}
