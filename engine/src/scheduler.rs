@@ -359,6 +359,8 @@ impl ModelLoop {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
+            // Taken jobs count as active from here (their prefill may already stream a token).
+            self.shared.active.store((live + jobs.len()) as u32, Ordering::SeqCst);
             self.shared.queue_depth.fetch_sub(jobs.len() as u32, Ordering::SeqCst);
             if let Err(e) = self.iteration(jobs) {
                 tracing::error!(error = %e, "decode step failed; failing the batch");
