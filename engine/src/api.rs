@@ -1,0 +1,200 @@
+//! What an engine node offers, independent of transport: the request and event types that travel
+//! in wire frames, the typed errors, and the [`Backend`] trait the QUIC server drives.
+//!
+//! The scheduler implements [`Backend`]; the server only moves these values between frames and
+//! calls. Keeping both sides on one set of types means the protocol doc and the code cannot drift.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+/// The protocol version this build speaks (the `v` field of every request frame).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// One request, the first frame on a request stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version; a peer answers an unknown one with [`ErrorCode::UnsupportedVersion`].
+    pub v: u16,
+    /// What is asked.
+    #[serde(flatten)]
+    pub request: Request,
+}
+
+/// The operations an engine serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Generate a chat answer, streamed as deltas.
+    Chat(ChatRequest),
+    /// Embed texts.
+    Embed(EmbedRequest),
+}
+
+/// A chat generation request.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ChatRequest {
+    /// Model name as the engine lists it.
+    pub model: String,
+    /// The conversation, rendered with the model's chat template.
+    pub messages: Vec<Message>,
+    /// Most tokens to generate; the engine's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature; 0 or absent means greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass, in (0, 1].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    /// Seed for sampling, so that a sampled answer can be reproduced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Generation ends before any of these strings; they are not part of the answer.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Its text.
+    pub content: String,
+}
+
+/// An embedding request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbedRequest {
+    /// Embedding model name as the engine lists it.
+    pub model: String,
+    /// Texts to embed, each into one vector.
+    pub input: Vec<String>,
+}
+
+/// The answer to an [`EmbedRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Embeddings {
+    /// One unit-length vector per input, in input order.
+    pub data: Vec<Vec<f32>>,
+    /// Tokens read.
+    pub prompt_tokens: u32,
+}
+
+/// Token counts of one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the rendered prompt.
+    pub prompt_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` or the model's context was reached.
+    Length,
+}
+
+/// What a running generation produces, in order: deltas, then exactly one `Finished` or `Failed`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New answer text; never splits a UTF-8 character, never contains part of a stop string.
+    Delta(String),
+    /// Generation ended normally.
+    Finished {
+        /// Why it ended.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// Generation failed after it was admitted.
+    Failed(EngineError),
+}
+
+/// Load and health of an engine node, answered on the control stream.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Health {
+    /// The execution provider in use: `tensorrt`, `cuda` or `cpu`.
+    pub provider: String,
+    /// Chat models served.
+    pub chat_models: Vec<String>,
+    /// Embedding models served.
+    pub embedding_models: Vec<String>,
+    /// Requests admitted but not yet decoding.
+    pub queue_depth: u32,
+    /// Queue capacity; beyond it requests are refused as overloaded.
+    pub queue_capacity: u32,
+    /// Sequences decoding now.
+    pub active_sequences: u32,
+    /// Most sequences decoded in one batch.
+    pub max_batch: u32,
+    /// Generated tokens per second over the last few seconds.
+    pub tokens_per_second: f64,
+}
+
+/// Error classes on the wire; each maps to one HTTP status at the edge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The queue is full (HTTP 429); another engine may take it.
+    Overloaded,
+    /// The request is invalid for this engine (HTTP 400).
+    BadRequest,
+    /// No such model here (HTTP 404).
+    UnknownModel,
+    /// The prompt does not fit the model's context (HTTP 400).
+    ContextLength,
+    /// The peer speaks a protocol version this node does not.
+    UnsupportedVersion,
+    /// A frame could not be parsed.
+    MalformedFrame,
+    /// A frame exceeded the size limit.
+    FrameTooLarge,
+    /// The engine failed (HTTP 500); another engine may take it.
+    Internal,
+}
+
+/// A typed engine error; travels as an error frame with its code and message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code:?}: {message}")]
+pub struct EngineError {
+    /// Its class.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+impl EngineError {
+    /// An error of class `code`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> EngineError {
+        EngineError { code, message: message.into() }
+    }
+}
+
+/// A boxed future, for the async methods of [`Backend`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What serves requests behind the transport: the scheduler on a real node.
+pub trait Backend: Send + Sync + 'static {
+    /// Admits a chat generation or refuses it at once (overloaded, unknown model, bad request).
+    /// Events arrive on the receiver; dropping the receiver cancels the generation and frees its
+    /// slot.
+    fn chat(&self, request: ChatRequest) -> Result<mpsc::Receiver<Event>, EngineError>;
+
+    /// Embeds texts.
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>>;
+
+    /// Current load and health.
+    fn health(&self) -> Health;
+}
