@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
 };
 use rustls::client::danger::ServerCertVerifier;
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
@@ -103,8 +103,7 @@ fn ca_params(common_name: &str) -> CertificateParams {
     params.distinguished_name.push(DnType::CommonName, common_name);
     // Only node certificates below it: no intermediate CAs.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     params
 }
 
@@ -169,8 +168,7 @@ pub fn make_node(ca: &CaPem, name: &str, dns: &[String], ips: &[IpAddr]) -> Resu
     }
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, NODE_VALIDITY);
 
@@ -194,19 +192,18 @@ fn verify_node(
         .build()
         .map_err(|e| CertError::Invalid(format!("CA certificate: {e}")))?;
     let server_name = match (dns.first(), ips.first()) {
-        (Some(d), _) => ServerName::try_from(d.clone())
-            .map_err(|e| CertError::Invalid(format!("bad DNS name {d:?}: {e}")))?,
+        (Some(d), _) => {
+            ServerName::try_from(d.clone()).map_err(|e| CertError::Invalid(format!("bad DNS name {d:?}: {e}")))?
+        }
         (None, Some(ip)) => ServerName::IpAddress((*ip).into()),
         (None, None) => unreachable!("checked by the caller"),
     };
-    verifier
-        .verify_server_cert(node, &[], &server_name, &[], UnixTime::now())
-        .map_err(|e| {
-            CertError::Invalid(format!(
-                "the new node certificate does not verify against the CA ({e}); was the CA made by \
+    verifier.verify_server_cert(node, &[], &server_name, &[], UnixTime::now()).map_err(|e| {
+        CertError::Invalid(format!(
+            "the new node certificate does not verify against the CA ({e}); was the CA made by \
                  `meridian certs ca`?"
-            ))
-        })?;
+        ))
+    })?;
     Ok(())
 }
 
@@ -434,10 +431,7 @@ mod tests {
         assert!(matches!(write_ca(&dir, false), Err(CertError::Exists(_))));
         let (pem, key) = write_node(&dir, "edge", &["localhost".into()], &[], false).unwrap();
         assert_eq!(pem, dir.join("edge.pem"));
-        assert!(matches!(
-            write_node(&dir, "edge", &["localhost".into()], &[], false),
-            Err(CertError::Exists(_))
-        ));
+        assert!(matches!(write_node(&dir, "edge", &["localhost".into()], &[], false), Err(CertError::Exists(_))));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -8,9 +8,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::api::{
-    Embeddings, EngineError, Envelope, ErrorCode, FinishReason, Health, Usage, PROTOCOL_VERSION,
-};
+use crate::api::{Embeddings, EngineError, Envelope, ErrorCode, FinishReason, Health, Usage, PROTOCOL_VERSION};
 
 /// Default limit on a frame's `length` field: 1 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
@@ -119,12 +117,8 @@ impl Frame {
             Frame::Request(env) => put_json(out, env),
             Frame::Delta(text) => out.put_slice(text.as_bytes()),
             Frame::Usage(u) => put_json(out, u),
-            Frame::Done { finish_reason } => {
-                put_json(out, &DonePayload { finish_reason: *finish_reason })
-            }
-            Frame::Error(e) => {
-                put_json(out, &ErrorPayload { code: e.code, message: e.message.clone() })
-            }
+            Frame::Done { finish_reason } => put_json(out, &DonePayload { finish_reason: *finish_reason }),
+            Frame::Error(e) => put_json(out, &ErrorPayload { code: e.code, message: e.message.clone() }),
             Frame::Embeddings(e) => put_json(out, e),
             Frame::HealthRequest => {}
             Frame::Health(h) => put_json(out, h),
@@ -150,7 +144,6 @@ fn put_json<T: Serialize>(out: &mut BytesMut, value: &T) {
 
 /// Payload of a DONE frame.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct DonePayload {
     finish_reason: FinishReason,
 }
@@ -224,10 +217,7 @@ impl WireError {
     /// Whether the decoder can go on after this error (the bad frame was consumed whole). After
     /// `TooLarge` or `Empty` the frame boundary is lost and the stream must be abandoned.
     pub fn frame_consumed(&self) -> bool {
-        matches!(
-            self,
-            WireError::UnknownType(_) | WireError::Malformed { .. } | WireError::UnsupportedVersion { .. }
-        )
+        matches!(self, WireError::UnknownType(_) | WireError::Malformed { .. } | WireError::UnsupportedVersion { .. })
     }
 }
 
@@ -335,17 +325,15 @@ pub fn decode_payload(frame_type: FrameType, payload: &[u8]) -> Result<Frame, Wi
                 v: serde_json::Value,
             }
             let Version { v } = json(frame_type, payload)?;
-            let version = v
-                .as_u64()
-                .ok_or_else(|| malformed(frame_type, "`v` is not a non-negative integer"))?;
+            let version = v.as_u64().ok_or_else(|| malformed(frame_type, "`v` is not a non-negative integer"))?;
             if version != u64::from(PROTOCOL_VERSION) {
                 return Err(WireError::UnsupportedVersion { version });
             }
             Frame::Request(json(frame_type, payload)?)
         }
-        FrameType::Delta => Frame::Delta(
-            std::str::from_utf8(payload).map_err(|e| malformed(frame_type, e))?.to_owned(),
-        ),
+        FrameType::Delta => {
+            Frame::Delta(std::str::from_utf8(payload).map_err(|e| malformed(frame_type, e))?.to_owned())
+        }
         FrameType::Usage => Frame::Usage(json(frame_type, payload)?),
         FrameType::Done => {
             let DonePayload { finish_reason } = json(frame_type, payload)?;
