@@ -1,0 +1,477 @@
+//! The engine's QUIC server: carries [`Backend`] calls in the frames of [`crate::wire`].
+//!
+//! One bidirectional stream per request. The first frame decides the stream's kind: REQUEST makes
+//! it a request stream (one answer, then the server finishes its side), HEALTH_REQUEST makes it
+//! the control stream (a HEALTH for every HEALTH_REQUEST until the peer finishes it). A bad frame
+//! gets an ERROR frame and ends that stream only; the connection and its other streams go on.
+//!
+//! Cancellation: when the peer stops reading the answer (STOP_SENDING) or resets its side
+//! (RESET_STREAM), or the connection is lost, the backend's receiver is dropped at once, which
+//! frees the engine slot; the server does not wait for the next delta to notice.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::api::{Backend, EngineError, ErrorCode, Event, Request};
+use crate::tls::{self, Identity, TlsError};
+use crate::wire::{Decoder, Frame, WireError, DEFAULT_MAX_FRAME};
+
+/// Application error code on stream resets and stops: the request was cancelled.
+pub const CODE_CANCELLED: u32 = 0x1;
+/// Application error code on stream stops: the stream was closed after a protocol error.
+pub const CODE_PROTOCOL: u32 = 0x2;
+/// Application error code of a connection close: the node is shutting down.
+pub const CODE_SHUTDOWN: u32 = 0x10;
+
+/// How long a stopping server waits for its connections' close frames to be delivered.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
+/// Limits the server enforces.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Request streams open at once per connection (QUIC stream credit: a client opening more
+    /// waits, it is not refused). Bounds what one edge can pile onto this engine beyond the
+    /// scheduler's own queue.
+    pub max_streams_per_connection: u32,
+    /// Largest frame accepted (the length field), in bytes.
+    pub max_frame: usize,
+    /// How long a new stream may take to deliver its first frame; a stream that opens and says
+    /// nothing would otherwise hold a stream slot forever.
+    pub first_frame_timeout: Duration,
+    /// How long `shutdown` waits for requests in flight before closing connections.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_streams_per_connection: 256,
+            max_frame: DEFAULT_MAX_FRAME,
+            first_frame_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound engine server. [`run`](EngineServer::run) serves until the endpoint closes;
+/// [`spawn`](EngineServer::spawn) serves in a task and can be shut down gracefully.
+pub struct EngineServer {
+    endpoint: quinn::Endpoint,
+    backend: Arc<dyn Backend>,
+    limits: ServerLimits,
+    shutdown: watch::Receiver<bool>,
+    shutdown_tx: watch::Sender<bool>,
+}
+
+/// A server running in a task.
+pub struct ServerHandle {
+    local_addr: SocketAddr,
+    shutdown_tx: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl EngineServer {
+    /// Binds a UDP socket at `addr` and prepares to serve `backend` with mutual TLS.
+    pub fn bind(
+        addr: SocketAddr,
+        identity: &Identity,
+        backend: Arc<dyn Backend>,
+        limits: ServerLimits,
+    ) -> Result<EngineServer, ServerError> {
+        let config = tls::server_config(identity, &limits)?;
+        let endpoint = quinn::Endpoint::server(config, addr).map_err(|source| ServerError::Bind { addr, source })?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        info!(addr = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+              node = identity.name().unwrap_or_default(), "engine server listening");
+        Ok(EngineServer { endpoint, backend, limits, shutdown, shutdown_tx })
+    }
+
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Serves in a new task; the handle shuts it down.
+    pub fn spawn(self) -> std::io::Result<ServerHandle> {
+        let local_addr = self.local_addr()?;
+        let shutdown_tx = self.shutdown_tx.clone();
+        let task = tokio::spawn(self.run());
+        Ok(ServerHandle { local_addr, shutdown_tx, task })
+    }
+
+    /// Accepts connections until shut down (through a [`ServerHandle`]) and then drains: new
+    /// connections and streams are refused, requests in flight get up to
+    /// [`ServerLimits::shutdown_grace`] to finish, then every connection is closed.
+    pub async fn run(self) {
+        let EngineServer { endpoint, backend, limits, mut shutdown, shutdown_tx: _keep } = self;
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let backend = backend.clone();
+                    let limits = limits.clone();
+                    let mut shutdown = shutdown.clone();
+                    let remote = incoming.remote_address();
+                    connections.spawn(
+                        async move {
+                            let handshake = tokio::select! {
+                                h = incoming => h,
+                                // A handshake still running at shutdown is abandoned, not waited for.
+                                _ = shutdown.wait_for(|stopping| *stopping) => return,
+                            };
+                            match handshake {
+                                Ok(conn) => serve_connection(conn, backend, limits, shutdown).await,
+                                // A client without a certificate, with one from another CA, or
+                                // without our ALPN ends here.
+                                Err(e) => info!(error = %e, "handshake refused"),
+                            }
+                        }
+                        .instrument(tracing::info_span!("conn", peer = %remote)),
+                    );
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+        info!("engine server draining");
+        // Refuse new connections at once rather than leaving them to time out.
+        endpoint.set_server_config(None);
+        // Connections see the same shutdown signal, stop taking streams, wait for theirs, and
+        // close; past the grace period everything is closed at once.
+        let drained =
+            tokio::time::timeout(limits.shutdown_grace, async { while connections.join_next().await.is_some() {} })
+                .await;
+        if drained.is_err() {
+            warn!("shutdown grace period over; closing connections with requests in flight");
+        }
+        endpoint.close(CODE_SHUTDOWN.into(), b"shutdown");
+        connections.shutdown().await;
+        // Give the CONNECTION_CLOSE frames a moment to go out, but do not wait for every half-open
+        // handshake to time out (one abandoned by its client lingers until the idle timeout).
+        let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
+        info!("engine server stopped");
+    }
+}
+
+impl ServerHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to the grace period), closes.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown_tx.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn serve_connection(
+    conn: quinn::Connection,
+    backend: Arc<dyn Backend>,
+    limits: ServerLimits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let client = peer_name(&conn).unwrap_or_else(|| "?".into());
+    info!(client = %client, "connection established");
+    let mut streams = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let id = send.id();
+                    streams.spawn(
+                        serve_stream(send, recv, backend.clone(), limits.clone(), shutdown.clone())
+                            .instrument(tracing::debug_span!("stream", client = %client, id = %id)),
+                    );
+                }
+                Err(e) => {
+                    info!(client = %client, reason = %e, "connection closed");
+                    break;
+                }
+            },
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            _ = shutdown.changed() => {
+                // Finish what was asked, then say goodbye.
+                while streams.join_next().await.is_some() {}
+                conn.close(CODE_SHUTDOWN.into(), b"shutdown");
+                break;
+            }
+        }
+    }
+    // Dropping `streams` aborts stream tasks of a closed connection; their receivers drop, which
+    // cancels their generations.
+}
+
+/// The client certificate's subject common name.
+fn peer_name(conn: &quinn::Connection) -> Option<String> {
+    let any = conn.peer_identity()?;
+    let chain = any.downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>().ok()?;
+    crate::certs::subject_common_name(chain.first()?)
+}
+
+/// What ended reading a frame.
+enum ReadEnd {
+    /// The peer finished its side cleanly between frames.
+    Finished,
+    /// The bytes were bad; answer with an ERROR.
+    Wire(WireError),
+    /// The peer reset the stream or the connection is gone; nothing more can be said.
+    Gone(String),
+}
+
+/// Reads the next frame; `Err(Finished)` at a clean end of stream.
+async fn read_frame(recv: &mut quinn::RecvStream, dec: &mut Decoder) -> Result<Frame, ReadEnd> {
+    loop {
+        match dec.next_frame() {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(ReadEnd::Wire(e)),
+        }
+        match recv.read_chunk(dec.wanted().max(4096), true).await {
+            Ok(Some(chunk)) => dec.push(&chunk.bytes),
+            Ok(None) => {
+                return match dec.finish() {
+                    Ok(()) => Err(ReadEnd::Finished),
+                    Err(e) => Err(ReadEnd::Wire(e)),
+                };
+            }
+            Err(e) => return Err(ReadEnd::Gone(e.to_string())),
+        }
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, frame: &Frame) -> Result<(), quinn::WriteError> {
+    let mut buf = BytesMut::new();
+    frame.encode_into(&mut buf);
+    send.write_all(&buf).await
+}
+
+/// Sends an ERROR frame and ends the stream (both directions).
+async fn fail_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, err: EngineError) {
+    debug!(code = ?err.code, message = %err.message, "stream error");
+    if write_frame(send, &Frame::Error(err)).await.is_ok() {
+        let _ = send.finish();
+    }
+    let _ = recv.stop(CODE_PROTOCOL.into());
+}
+
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    backend: Arc<dyn Backend>,
+    limits: ServerLimits,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut dec = Decoder::new(limits.max_frame);
+    let first = match tokio::time::timeout(limits.first_frame_timeout, read_frame(&mut recv, &mut dec)).await {
+        Err(_) => {
+            let err = EngineError::new(ErrorCode::MalformedFrame, "no frame within the first-frame timeout");
+            return fail_stream(&mut send, &mut recv, err).await;
+        }
+        Ok(r) => r,
+    };
+    match first {
+        Ok(Frame::Request(envelope)) => match envelope.request {
+            Request::Chat(req) => {
+                debug!(model = %req.model, "chat");
+                match backend.chat(req) {
+                    Ok(rx) => serve_chat(send, recv, rx).await,
+                    Err(e) => fail_stream(&mut send, &mut recv, e).await,
+                }
+            }
+            Request::Embed(req) => {
+                debug!(model = %req.model, inputs = req.input.len(), "embed");
+                serve_embed(send, recv, backend, req).await
+            }
+        },
+        Ok(Frame::HealthRequest) => serve_control(send, recv, dec, backend, shutdown).await,
+        Ok(other) => {
+            let err = EngineError::new(
+                ErrorCode::MalformedFrame,
+                format!("a stream must start with REQUEST or HEALTH_REQUEST, not {}", other.frame_type().name()),
+            );
+            fail_stream(&mut send, &mut recv, err).await
+        }
+        Err(ReadEnd::Wire(e)) => fail_stream(&mut send, &mut recv, e.to_engine_error()).await,
+        Err(ReadEnd::Finished) => {
+            let err = EngineError::new(ErrorCode::MalformedFrame, "stream ended before its first frame");
+            fail_stream(&mut send, &mut recv, err).await
+        }
+        Err(ReadEnd::Gone(why)) => debug!(reason = %why, "stream gone before its first frame"),
+    }
+}
+
+/// Resolves when the peer cancels: it stops our send side, resets its own, sends data after the
+/// request (a protocol error, treated as cancel), or the connection is lost. Never resolves after
+/// a clean finish of the peer's side unless the send side is stopped.
+async fn cancelled(
+    stopped: impl std::future::Future<Output = Result<Option<quinn::VarInt>, quinn::StoppedError>>,
+    recv: &mut quinn::RecvStream,
+) -> String {
+    let read_side = async {
+        let mut buf = [0u8; 64];
+        loop {
+            match recv.read(&mut buf).await {
+                // The client finished its side after the request: the normal case; keep only
+                // watching the send side.
+                Ok(None) => std::future::pending::<()>().await,
+                Ok(Some(_)) => return "data after the request".to_string(),
+                Err(e) => return format!("read side: {e}"),
+            }
+        }
+    };
+    tokio::select! {
+        s = stopped => match s {
+            Ok(Some(code)) => format!("stopped by peer (code {code})"),
+            Ok(None) => "answer delivered".to_string(),
+            Err(e) => format!("send side: {e}"),
+        },
+        why = read_side => why,
+    }
+}
+
+async fn serve_chat(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+) {
+    let stopped = send.stopped();
+    let cancel = cancelled(stopped, &mut recv);
+    tokio::pin!(cancel);
+    let mut buf = BytesMut::new();
+    loop {
+        let event = tokio::select! {
+            biased;
+            why = &mut cancel => {
+                // Dropping `rx` here (on return) frees the engine slot right away.
+                info!(reason = %why, "chat cancelled by peer");
+                return;
+            }
+            event = rx.recv() => event,
+        };
+        buf.clear();
+        let last = match event {
+            Some(Event::Delta(text)) => {
+                Frame::Delta(text).encode_into(&mut buf);
+                false
+            }
+            Some(Event::Finished { finish_reason, usage }) => {
+                Frame::Usage(usage).encode_into(&mut buf);
+                Frame::Done { finish_reason }.encode_into(&mut buf);
+                true
+            }
+            Some(Event::Failed(e)) => {
+                Frame::Error(e).encode_into(&mut buf);
+                true
+            }
+            None => {
+                Frame::Error(EngineError::new(ErrorCode::Internal, "generation ended without a result"))
+                    .encode_into(&mut buf);
+                true
+            }
+        };
+        // A write blocked on flow control also ends when the peer stops the stream.
+        let written = tokio::select! {
+            biased;
+            why = &mut cancel => Err(why),
+            w = send.write_all(&buf) => w.map_err(|e| e.to_string()),
+        };
+        if let Err(why) = written {
+            info!(reason = %why, "chat cancelled by peer");
+            return;
+        }
+        if last {
+            let _ = send.finish();
+            debug!("chat answered");
+            return;
+        }
+    }
+}
+
+async fn serve_embed(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    backend: Arc<dyn Backend>,
+    req: crate::api::EmbedRequest,
+) {
+    let stopped = send.stopped();
+    let result = tokio::select! {
+        biased;
+        why = cancelled(stopped, &mut recv) => {
+            info!(reason = %why, "embed cancelled by peer");
+            return;
+        }
+        r = backend.embed(req) => r,
+    };
+    let frame = match result {
+        Ok(e) => Frame::Embeddings(e),
+        Err(e) => Frame::Error(e),
+    };
+    if write_frame(&mut send, &frame).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+async fn serve_control(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    mut dec: Decoder,
+    backend: Arc<dyn Backend>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    debug!("control stream");
+    loop {
+        if write_frame(&mut send, &Frame::Health(backend.health())).await.is_err() {
+            return;
+        }
+        let next = tokio::select! {
+            r = read_frame(&mut recv, &mut dec) => r,
+            // A control stream lives as long as its connection; on shutdown it ends at once
+            // rather than holding the drain until the grace period is over.
+            _ = shutdown.wait_for(|stopping| *stopping) => {
+                let _ = send.finish();
+                return;
+            }
+        };
+        match next {
+            Ok(Frame::HealthRequest) => {}
+            Ok(other) => {
+                let err = EngineError::new(
+                    ErrorCode::MalformedFrame,
+                    format!("only HEALTH_REQUEST is allowed on the control stream, not {}", other.frame_type().name()),
+                );
+                return fail_stream(&mut send, &mut recv, err).await;
+            }
+            Err(ReadEnd::Finished) => {
+                let _ = send.finish();
+                return;
+            }
+            Err(ReadEnd::Wire(e)) => return fail_stream(&mut send, &mut recv, e.to_engine_error()).await,
+            Err(ReadEnd::Gone(_)) => return,
+        }
+    }
+}
