@@ -1,0 +1,415 @@
+//! The edge's side of an engine connection: [`EngineClient`], one per engine target.
+//!
+//! It keeps one QUIC connection, opened lazily and reopened when it has closed; concurrent requests
+//! share it, one stream each. Errors say whether the edge may fall back to the next target
+//! ([`ClientError::retryable`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tracing::debug;
+
+use crate::api::{
+    ChatRequest, EmbedRequest, Embeddings, EngineError, Envelope, ErrorCode, Event, Health, Request, Usage,
+    PROTOCOL_VERSION,
+};
+use crate::server::CODE_CANCELLED;
+use crate::tls::{self, Identity, TlsError};
+use crate::wire::{Decoder, Frame, DEFAULT_MAX_FRAME};
+
+/// How to reach one engine.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// `host:port`, resolved at every connect (so a changed DNS record is followed).
+    pub addr: String,
+    /// The name the engine's certificate must carry (a DNS name or an IP address SAN).
+    pub server_name: String,
+    /// Limit on resolving, the QUIC handshake and TLS together.
+    pub connect_timeout: Duration,
+    /// Limit on the time until the first answer frame of a request (time to first token for chat,
+    /// the whole answer for embed and health). `None`: no limit for chat and embed; health then
+    /// uses `connect_timeout`.
+    pub request_timeout: Option<Duration>,
+    /// Largest frame accepted from the engine.
+    pub max_frame: usize,
+}
+
+impl ClientOptions {
+    /// Options with defaults: 5 s connect timeout, no request timeout, 1 MiB frames.
+    pub fn new(addr: impl Into<String>, server_name: impl Into<String>) -> ClientOptions {
+        ClientOptions {
+            addr: addr.into(),
+            server_name: server_name.into(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: None,
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// What went wrong with a request to an engine.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// No usable connection: resolving, the handshake (including the TLS refusal of either side's
+    /// certificate), or the connection was lost before any answer arrived.
+    #[error("engine connection: {0}")]
+    Connect(String),
+    /// The engine answered with a typed error.
+    #[error("engine error: {0}")]
+    Remote(EngineError),
+    /// The engine broke the protocol (an unexpected frame, bad bytes).
+    #[error("engine protocol error: {0}")]
+    Protocol(String),
+    /// The stream was reset, or the connection lost, after the request was sent.
+    #[error("engine stream reset: {reason}")]
+    Reset {
+        /// Whether part of the answer had been received already.
+        answer_started: bool,
+        /// What happened.
+        reason: String,
+    },
+    /// No answer within the request timeout.
+    #[error("engine did not answer within the request timeout")]
+    Timeout,
+}
+
+impl ClientError {
+    /// Whether the edge may try the next target: nothing can have reached the client yet, or the
+    /// engine said it is overloaded or failed internally.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClientError::Connect(_) | ClientError::Timeout => true,
+            ClientError::Reset { answer_started, .. } => !answer_started,
+            ClientError::Remote(e) => matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal),
+            ClientError::Protocol(_) => false,
+        }
+    }
+}
+
+impl From<TlsError> for ClientError {
+    fn from(e: TlsError) -> Self {
+        ClientError::Connect(e.to_string())
+    }
+}
+
+struct Live {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+struct Control {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: Decoder,
+}
+
+/// A client of one engine node. Share it (it is `Sync`); requests run concurrently on its one
+/// connection.
+pub struct EngineClient {
+    opts: ClientOptions,
+    config: quinn::ClientConfig,
+    live: std::sync::Mutex<Option<Live>>,
+    connecting: tokio::sync::Mutex<()>,
+    control: tokio::sync::Mutex<Option<Control>>,
+}
+
+impl EngineClient {
+    /// A client for the engine in `opts`, authenticating with `identity`. Does not connect yet.
+    pub fn new(opts: ClientOptions, identity: &Identity) -> Result<EngineClient, ClientError> {
+        let config = tls::client_config(identity)?;
+        Ok(EngineClient {
+            opts,
+            config,
+            live: std::sync::Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            control: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The options it was made with.
+    pub fn options(&self) -> &ClientOptions {
+        &self.opts
+    }
+
+    /// Round-trip time of the current connection, if one is open.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.current().map(|c| c.rtt())
+    }
+
+    /// Whether a connection is open now.
+    pub fn is_connected(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn current(&self) -> Option<quinn::Connection> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.as_ref().filter(|l| l.conn.close_reason().is_none()).map(|l| l.conn.clone())
+    }
+
+    /// The open connection, or a new one.
+    async fn connection(&self) -> Result<quinn::Connection, ClientError> {
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        // One connect at a time: concurrent requests wait for it and share the result.
+        let _guard = self.connecting.lock().await;
+        if let Some(c) = self.current() {
+            return Ok(c);
+        }
+        let conn = tokio::time::timeout(self.opts.connect_timeout, self.connect()).await.map_err(|_| {
+            ClientError::Connect(format!("{}: no connection within {:?}", self.opts.addr, self.opts.connect_timeout))
+        })??;
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, ClientError> {
+        let addr = tokio::net::lookup_host(&self.opts.addr)
+            .await
+            .map_err(|e| ClientError::Connect(format!("resolving {}: {e}", self.opts.addr)))?
+            .next()
+            .ok_or_else(|| ClientError::Connect(format!("{} resolves to no address", self.opts.addr)))?;
+        // Reuse the UDP socket of the last connection when the address family matches.
+        let old = self.live.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let endpoint = match old {
+            Some(l) if l.endpoint.local_addr().map(|a| a.is_ipv4() == addr.is_ipv4()).unwrap_or(false) => l.endpoint,
+            _ => {
+                let bind: SocketAddr = if addr.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+                let mut ep = quinn::Endpoint::client(bind)
+                    .map_err(|e| ClientError::Connect(format!("binding a UDP socket: {e}")))?;
+                ep.set_default_client_config(self.config.clone());
+                ep
+            }
+        };
+        let connecting = endpoint
+            .connect(addr, &self.opts.server_name)
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", self.opts.addr)))?;
+        let conn = connecting.await.map_err(|e| ClientError::Connect(format!("{} ({addr}): {e}", self.opts.addr)))?;
+        debug!(engine = %self.opts.addr, %addr, "connected");
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(Live { endpoint, conn: conn.clone() });
+        Ok(conn)
+    }
+
+    /// Opens a stream and sends `frame` as its only frame.
+    async fn open_with(&self, frame: Frame) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let conn = self.connection().await?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        send.write_all(&frame.encode()).await.map_err(|e| early_write_error(&e))?;
+        let _ = send.finish();
+        Ok((send, recv))
+    }
+
+    async fn within<T>(
+        &self,
+        limit: Option<Duration>,
+        f: impl std::future::Future<Output = Result<T, ClientError>>,
+    ) -> Result<T, ClientError> {
+        match limit {
+            Some(d) => tokio::time::timeout(d, f).await.map_err(|_| ClientError::Timeout)?,
+            None => f.await,
+        }
+    }
+
+    /// Starts a chat generation. Returns once the engine answered with its first frame, so an
+    /// immediate refusal (overloaded, unknown model) is an `Err` here, before anything could have
+    /// been passed on. Dropping the stream cancels the generation.
+    pub async fn chat(&self, request: ChatRequest) -> Result<ChatStream, ClientError> {
+        let envelope = Envelope { v: PROTOCOL_VERSION, request: Request::Chat(request) };
+        self.within(self.opts.request_timeout, async {
+            let (send, recv) = self.open_with(Frame::Request(envelope)).await?;
+            let mut stream = ChatStream {
+                send,
+                recv,
+                dec: Decoder::new(self.opts.max_frame),
+                usage: None,
+                pending: None,
+                done: false,
+            };
+            match stream.read_event(false).await? {
+                Event::Failed(e) => {
+                    stream.done = true;
+                    Err(ClientError::Remote(e))
+                }
+                first => {
+                    stream.done = matches!(first, Event::Finished { .. });
+                    stream.pending = Some(first);
+                    Ok(stream)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Embeds texts.
+    pub async fn embed(&self, request: EmbedRequest) -> Result<Embeddings, ClientError> {
+        let envelope = Envelope { v: PROTOCOL_VERSION, request: Request::Embed(request) };
+        self.within(self.opts.request_timeout, async {
+            let (_send, mut recv) = self.open_with(Frame::Request(envelope)).await?;
+            let mut dec = Decoder::new(self.opts.max_frame);
+            match read_frame(&mut recv, &mut dec, false).await? {
+                Some(Frame::Embeddings(e)) => Ok(e),
+                Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
+                Some(other) => Err(unexpected(&other, "an embed answer")),
+                None => Err(ClientError::Protocol("stream ended without an answer".into())),
+            }
+        })
+        .await
+    }
+
+    /// Health of the engine, asked on the kept control stream (reopened after an error).
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        let limit = Some(self.opts.request_timeout.unwrap_or(self.opts.connect_timeout));
+        let mut control = self.control.lock().await;
+        if control.as_ref().is_some_and(|c| c.conn.close_reason().is_some()) {
+            *control = None;
+        }
+        // A kept stream on a live connection may still have broken since the last call (the
+        // engine closed it): one retry on a fresh stream.
+        for attempt in 0..2 {
+            let reused = control.is_some();
+            let result = self.within(limit, self.health_once(&mut control)).await;
+            match result {
+                Ok(h) => return Ok(h),
+                Err(e) => {
+                    *control = None;
+                    if !(reused && attempt == 0) || matches!(e, ClientError::Remote(_) | ClientError::Timeout) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    async fn health_once(&self, control: &mut Option<Control>) -> Result<Health, ClientError> {
+        let conn = self.connection().await?;
+        let stale = control.as_ref().is_some_and(|c| c.conn.stable_id() != conn.stable_id());
+        if stale {
+            *control = None;
+        }
+        let c = match control {
+            Some(c) => {
+                c.send.write_all(&Frame::HealthRequest.encode()).await.map_err(|e| early_write_error(&e))?;
+                c
+            }
+            None => {
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
+                send.write_all(&Frame::HealthRequest.encode()).await.map_err(|e| early_write_error(&e))?;
+                control.insert(Control { conn: conn.clone(), send, recv, dec: Decoder::new(self.opts.max_frame) })
+            }
+        };
+        match read_frame(&mut c.recv, &mut c.dec, false).await? {
+            Some(Frame::Health(h)) => Ok(h),
+            Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
+            Some(other) => Err(unexpected(&other, "a HEALTH frame")),
+            None => Err(ClientError::Protocol("control stream ended".into())),
+        }
+    }
+}
+
+fn early_write_error(e: &quinn::WriteError) -> ClientError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => ClientError::Connect(format!("connection lost: {c}")),
+        other => ClientError::Reset { answer_started: false, reason: other.to_string() },
+    }
+}
+
+fn unexpected(frame: &Frame, wanted: &str) -> ClientError {
+    ClientError::Protocol(format!("got a {} frame where {wanted} belongs", frame.frame_type().name()))
+}
+
+/// Reads the next frame; `Ok(None)` at a clean end of stream.
+async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    dec: &mut Decoder,
+    answer_started: bool,
+) -> Result<Option<Frame>, ClientError> {
+    loop {
+        if let Some(f) = dec.next_frame().map_err(|e| ClientError::Protocol(e.to_string()))? {
+            return Ok(Some(f));
+        }
+        match recv.read_chunk(dec.wanted().max(4096), true).await {
+            Ok(Some(chunk)) => dec.push(&chunk.bytes),
+            Ok(None) => {
+                dec.finish().map_err(|e| ClientError::Protocol(e.to_string()))?;
+                return Ok(None);
+            }
+            Err(quinn::ReadError::ConnectionLost(c)) if !answer_started => {
+                return Err(ClientError::Connect(format!("connection lost: {c}")));
+            }
+            Err(e) => return Err(ClientError::Reset { answer_started, reason: e.to_string() }),
+        }
+    }
+}
+
+/// A chat answer in progress. [`next`](ChatStream::next) yields deltas, then one `Finished` or
+/// `Failed`, then `None`. Dropping it before the end cancels the generation on the engine.
+pub struct ChatStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: Decoder,
+    usage: Option<Usage>,
+    pending: Option<Event>,
+    done: bool,
+}
+
+impl ChatStream {
+    /// The next event; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Result<Event, ClientError>> {
+        if let Some(ev) = self.pending.take() {
+            return Some(Ok(ev));
+        }
+        if self.done {
+            return None;
+        }
+        let ev = self.read_event(true).await;
+        self.done = !matches!(ev, Ok(Event::Delta(_)));
+        Some(ev)
+    }
+
+    async fn read_event(&mut self, answer_started: bool) -> Result<Event, ClientError> {
+        loop {
+            match read_frame(&mut self.recv, &mut self.dec, answer_started).await? {
+                Some(Frame::Delta(text)) => return Ok(Event::Delta(text)),
+                Some(Frame::Usage(u)) => {
+                    if self.usage.replace(u).is_some() {
+                        return Err(ClientError::Protocol("two USAGE frames".into()));
+                    }
+                }
+                Some(Frame::Done { finish_reason }) => {
+                    let usage = self
+                        .usage
+                        .take()
+                        .ok_or_else(|| ClientError::Protocol("DONE without USAGE before it".into()))?;
+                    return Ok(Event::Finished { finish_reason, usage });
+                }
+                Some(Frame::Error(e)) => return Ok(Event::Failed(e)),
+                Some(other) => return Err(unexpected(&other, "a chat answer")),
+                None => return Err(ClientError::Protocol("stream ended before DONE or ERROR".into())),
+            }
+        }
+    }
+}
+
+impl Drop for ChatStream {
+    fn drop(&mut self) {
+        if !self.done {
+            // STOP_SENDING is what the engine watches for; RESET_STREAM for completeness (our
+            // side is finished already, so it usually has no effect).
+            let _ = self.recv.stop(CODE_CANCELLED.into());
+            let _ = self.send.reset(CODE_CANCELLED.into());
+        }
+    }
+}
+
+impl std::fmt::Debug for EngineClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineClient").field("addr", &self.options().addr).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ChatStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatStream").finish_non_exhaustive()
+    }
+}
