@@ -21,3 +21,4 @@ pub mod template;
 pub mod tls;
 pub mod server;
 pub mod client;
+pub mod node;

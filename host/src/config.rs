@@ -92,6 +92,21 @@ pub struct Config {
     /// `[plugins.NAME]`: the plugins tenants may use.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
+    /// `[quic]`: this node's identity in the cluster, for engine targets.
+    pub quic: Option<QuicConfig>,
+}
+
+/// `[quic]`: PEM files of the cluster's mutual TLS (`meridian certs` makes them). Relative paths
+/// are taken from the config file's folder.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuicConfig {
+    /// The cluster CA: peers must present certificates it signed.
+    pub ca: PathBuf,
+    /// This node's certificate chain.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
 }
 
 /// What a plugin is for.
@@ -277,6 +292,9 @@ pub enum TargetApi {
     Openai,
     /// Anthropic Messages.
     Anthropic,
+    /// A Meridian engine node over QUIC with mutual TLS (`base_url = "quic://host:port"`, the
+    /// node's identity from `[quic]`).
+    Engine,
 }
 
 /// How capacity behind a target is bought; routers weigh it.
@@ -329,6 +347,8 @@ pub struct TargetConfig {
     /// `anthropic-version` header for Anthropic targets.
     #[serde(default = "defaults::anthropic_version")]
     pub anthropic_version: String,
+    /// For engine targets: the name its certificate must carry; the URL's host when absent.
+    pub server_name: Option<String>,
 }
 
 mod defaults {
@@ -415,9 +435,11 @@ impl Config {
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new(""));
-        for plugin in config.plugins.values_mut() {
-            if plugin.path.is_relative() {
-                plugin.path = base.join(&plugin.path);
+        let paths = config.plugins.values_mut().map(|p| &mut p.path);
+        let quic = config.quic.iter_mut().flat_map(|q| [&mut q.ca, &mut q.cert, &mut q.key]);
+        for path in paths.chain(quic) {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         Ok(config)
@@ -439,11 +461,15 @@ impl Config {
         let base_url = expand_env(&target.base_url, &key("base_url"))?;
         let parsed: hyper::Uri =
             base_url.parse().map_err(|e| invalid(key("base_url"), format!("not a URL ({e}): `{base_url}`")))?;
-        if !matches!(parsed.scheme_str(), Some("http" | "https")) || parsed.host().is_none() {
-            return Err(invalid(
-                key("base_url"),
-                format!("must be an absolute http:// or https:// URL, not `{base_url}`"),
-            ));
+        let (schemes, what) = match target.api {
+            TargetApi::Engine => (&["quic"][..], "a quic://host:port URL"),
+            _ => (&["http", "https"][..], "an absolute http:// or https:// URL"),
+        };
+        if !parsed.scheme_str().is_some_and(|s| schemes.contains(&s)) || parsed.host().is_none() {
+            return Err(invalid(key("base_url"), format!("must be {what}, not `{base_url}`")));
+        }
+        if target.api == TargetApi::Engine && parsed.port_u16().is_none() {
+            return Err(invalid(key("base_url"), format!("needs a port: `{base_url}`")));
         }
         let api_key = match &target.api_key {
             Some(v) => Some(expand_env(v, &key("api_key"))?).filter(|k| !k.is_empty()).map(Secret),
@@ -542,6 +568,20 @@ impl Config {
             for h in t.headers.keys() {
                 if hyper::header::HeaderName::from_bytes(h.as_bytes()).is_err() {
                     return Err(invalid(format!("{key}.headers"), format!("`{h}` is not a valid header name")));
+                }
+            }
+            if t.api == TargetApi::Engine {
+                if self.quic.is_none() {
+                    return Err(invalid(
+                        format!("{key}.api"),
+                        "engine targets need the [quic] section (cluster CA, node certificate and key; `meridian certs` makes them)",
+                    ));
+                }
+                if t.api_key.is_some() || !t.headers.is_empty() {
+                    return Err(invalid(
+                        format!("{key}.api_key"),
+                        "engine targets authenticate with the [quic] certificates, not keys or headers",
+                    ));
                 }
             }
             self.target_env(name)?;
@@ -669,6 +709,23 @@ mod tests {
             Config::parse(&BASE.replace("http://127.0.0.1:9/v1", "${MERIDIAN_TEST_UNSET_VAR:-http://127.0.0.1:7/v1}"))
                 .unwrap();
         assert_eq!(defaulted.target_env("oa").unwrap().base_url, "http://127.0.0.1:7/v1");
+    }
+
+    #[test]
+    fn engine_targets_need_a_quic_url_and_the_cluster_identity() {
+        let engine = |url: &str, quic: bool| {
+            let section = if quic { "[quic]\nca = \"ca.pem\"\ncert = \"e.pem\"\nkey = \"e.key\"\n" } else { "" };
+            format!(
+                "{section}{}",
+                BASE.replace("api = \"openai\"", "api = \"engine\"").replace("http://127.0.0.1:9/v1", url)
+            )
+        };
+        assert!(Config::parse(&engine("quic://127.0.0.1:7443", true)).is_ok());
+        assert!(err(&engine("quic://127.0.0.1:7443", false))
+            .starts_with("targets.oa.api: engine targets need the [quic] section"));
+        assert!(err(&engine("http://127.0.0.1:7443", true))
+            .starts_with("targets.oa.base_url: must be a quic://host:port URL"));
+        assert!(err(&engine("quic://127.0.0.1", true)).starts_with("targets.oa.base_url: needs a port"));
     }
 
     #[test]

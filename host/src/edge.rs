@@ -223,6 +223,10 @@ impl Edge {
         let response = match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => self.chat(ApiShape::OpenAi, req, &request_id).await,
             (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, req, &request_id).await,
+            (&Method::POST, "/v1/embeddings") => match self.embeddings(req).await {
+                Ok(resp) => resp,
+                Err(e) => error_response(ApiShape::OpenAi, &e),
+            },
             (&Method::POST, "/admin/plugins/reload") => self.admin_reload(req.headers()).await,
             (&Method::GET, "/v1/models") => match self.loaded.load().tenants.authenticate(req.headers()) {
                 Ok(_) => json_response(StatusCode::OK, self.model_list.clone()),
@@ -365,6 +369,27 @@ impl Edge {
             with_header(json_response(StatusCode::OK, api.encode_response(&answer)), "x-meridian-target", &target)
         };
         Ok(with_header(response, "x-meridian-cache", cache_status))
+    }
+
+    /// `POST /v1/embeddings`: served by the model's engine targets in fallback order. Tenant
+    /// filters are not run: an engine runs on the operator's own infrastructure, and a vector of
+    /// placeholders would be worthless for similarity.
+    async fn embeddings(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+        let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
+        tenant.admit()?;
+        let _permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
+        let body = self.read_body(req).await?;
+        let (request, input) = crate::api::openai::parse_embeddings(&body)?;
+        let model = self
+            .models
+            .get(&request.model)
+            .cloned()
+            .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
+        let plan = Plan::fixed(model);
+        let (answer, route) =
+            self.first_answer(&plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
+        let body = crate::api::openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
+        Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
     }
 
     async fn serve_cached(

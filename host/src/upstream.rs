@@ -1,7 +1,8 @@
-//! Upstream targets: managed APIs reached over HTTPS (pooled, HTTP/2 where offered).
+//! Upstream targets: managed APIs reached over HTTPS (pooled, HTTP/2 where offered) and Meridian
+//! engine nodes reached over QUIC with mutual TLS.
 //!
-//! A [`Target`] is anything a request can be dispatched to. Today that is a managed API speaking
-//! the OpenAI or Anthropic protocol; engine nodes and remote edges join as further protocols.
+//! A [`Target`] is anything a request can be dispatched to; both kinds answer with the same
+//! canonical [`StreamEvent`]s, so the request path does not care which it talks to.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -17,8 +18,11 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::api::{anthropic, openai};
-use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use meridian_engine::client::{ChatStream, ClientError, ClientOptions, EngineClient};
+use meridian_engine::tls::Identity;
+
+use crate::api::{anthropic, engine, openai};
+use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetKind};
 use crate::error::UpstreamError;
 use crate::sse::{SseEvent, SseParser};
@@ -66,6 +70,7 @@ pub struct Target {
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     secret: Option<Secret>,
+    engine: Option<EngineClient>,
 }
 
 impl Target {
@@ -78,6 +83,7 @@ impl Target {
         let endpoint = match tc.api {
             TargetApi::Openai => format!("{base}/chat/completions"),
             TargetApi::Anthropic => format!("{base}/v1/messages"),
+            TargetApi::Engine => base.to_string(),
         };
         let endpoint: Uri = endpoint.parse().map_err(|e| bad(format!("targets.{name}.base_url"), format!("{e}")))?;
         let mut headers = Vec::new();
@@ -85,16 +91,15 @@ impl Target {
             HeaderValue::from_str(v).map_err(|_| bad(key, "contains characters not allowed in a header".into()))
         };
         if let Some(key) = &secrets.api_key {
+            // Engine targets carry no key (config validation refuses one).
             let mut value = match tc.api {
-                TargetApi::Openai => {
-                    header_value(format!("targets.{name}.api_key"), &format!("Bearer {}", key.expose()))?
-                }
                 TargetApi::Anthropic => header_value(format!("targets.{name}.api_key"), key.expose())?,
+                _ => header_value(format!("targets.{name}.api_key"), &format!("Bearer {}", key.expose()))?,
             };
             value.set_sensitive(true);
             let header = match tc.api {
-                TargetApi::Openai => AUTHORIZATION,
                 TargetApi::Anthropic => HeaderName::from_static("x-api-key"),
+                _ => AUTHORIZATION,
             };
             headers.push((header, value));
         }
@@ -112,6 +117,10 @@ impl Target {
             value.set_sensitive(true);
             headers.push((hname, value));
         }
+        let engine = match tc.api {
+            TargetApi::Engine => Some(engine_client(name, tc, &endpoint, config)?),
+            _ => None,
+        };
         Ok(Target {
             name: name.to_string(),
             kind: tc.kind,
@@ -121,6 +130,7 @@ impl Target {
             endpoint,
             headers,
             secret: secrets.api_key,
+            engine,
         })
     }
 
@@ -131,8 +141,28 @@ impl Target {
 
     fn body(&self, req: &ChatRequest, upstream_model: &str, default_max_tokens: u32) -> Result<Bytes, UpstreamError> {
         match self.config.api {
-            TargetApi::Openai => openai::upstream_body(req, upstream_model).map_err(|e| self.protocol(e.to_string())),
             TargetApi::Anthropic => Ok(anthropic::upstream_body(req, upstream_model, default_max_tokens)),
+            _ => openai::upstream_body(req, upstream_model).map_err(|e| self.protocol(e.to_string())),
+        }
+    }
+
+    /// The engine client of an engine target.
+    pub fn engine(&self) -> Option<&EngineClient> {
+        self.engine.as_ref()
+    }
+
+    /// An engine client's failure as an upstream error, under the edge's fallback rules.
+    pub fn engine_error(&self, e: ClientError) -> UpstreamError {
+        let target = self.name.clone();
+        match e {
+            ClientError::Connect(message) => UpstreamError::Connect { target, message },
+            ClientError::Timeout => {
+                UpstreamError::Timeout { target, phase: "response", after: self.config.first_byte_timeout() }
+            }
+            ClientError::Remote(e) => {
+                UpstreamError::Status { target, status: engine::status(e.code), message: e.message }
+            }
+            other => self.protocol(other.to_string()),
         }
     }
 
@@ -219,19 +249,28 @@ impl Target {
 
     /// A whole answer.
     pub async fn complete(
-        &self,
+        self: &Arc<Self>,
         client: &HttpClient,
         req: &ChatRequest,
         upstream_model: &str,
         default_max_tokens: u32,
         request_id: &str,
     ) -> Result<ChatResponse, UpstreamError> {
+        if self.engine.is_some() {
+            // One code path for engines: a whole answer is the folded stream.
+            let mut stream = self.stream_engine(req, upstream_model).await?;
+            let mut builder = ResponseBuilder::default();
+            while let Some(ev) = stream.next().await {
+                builder.push(&ev?);
+            }
+            return Ok(builder.finish());
+        }
         let body = self.body(req, upstream_model, default_max_tokens)?;
         let response = self.send(client, body, request_id).await?;
         let body = self.read_body(response.into_body(), 64 << 20).await?;
         match self.config.api {
-            TargetApi::Openai => openai::decode_response(&body, upstream_model),
             TargetApi::Anthropic => anthropic::decode_response(&body, upstream_model),
+            _ => openai::decode_response(&body, upstream_model),
         }
         .map_err(|m| self.protocol(m))
     }
@@ -245,6 +284,9 @@ impl Target {
         default_max_tokens: u32,
         request_id: &str,
     ) -> Result<EventStream, UpstreamError> {
+        if self.engine.is_some() {
+            return self.stream_engine(req, upstream_model).await;
+        }
         let body = self.body(req, upstream_model, default_max_tokens)?;
         let response = self.send(client, body, request_id).await?;
         let is_sse = response
@@ -256,19 +298,50 @@ impl Target {
             return Err(self.protocol("expected a text/event-stream response"));
         }
         let decoder = match self.config.api {
-            TargetApi::Openai => Decoder::OpenAi(openai::StreamDecoder::new(upstream_model)),
             TargetApi::Anthropic => Decoder::Anthropic(anthropic::StreamDecoder::new(upstream_model)),
+            _ => Decoder::OpenAi(openai::StreamDecoder::new(upstream_model)),
         };
-        Ok(EventStream {
-            target: Arc::clone(self),
-            body: response.into_body(),
-            parser: SseParser::default(),
-            decoder,
-            parsed: Vec::new(),
-            pending: VecDeque::new(),
-            failed: None,
-            done: false,
-        })
+        let source =
+            Source::Sse { body: response.into_body(), parser: SseParser::default(), decoder, parsed: Vec::new() };
+        Ok(EventStream::new(Arc::clone(self), source, VecDeque::new()))
+    }
+
+    /// Embeddings of `input` under the target's model name. Only engine targets serve them; any
+    /// other target is skipped for the next one.
+    pub async fn embed(
+        &self,
+        input: Vec<String>,
+        upstream_model: &str,
+    ) -> Result<meridian_engine::api::Embeddings, UpstreamError> {
+        let client = self.engine.as_ref().ok_or_else(|| self.protocol("this target does not serve embeddings"))?;
+        let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
+        let after = self.config.first_byte_timeout();
+        match tokio::time::timeout(after, client.embed(request)).await {
+            Err(_) => Err(UpstreamError::Timeout { target: self.name.clone(), phase: "response", after }),
+            Ok(result) => result.map_err(|e| self.engine_error(e)),
+        }
+    }
+
+    /// An engine's stream: one QUIC stream on the target's connection, opened within the
+    /// first-byte timeout. Dropping the returned stream resets it, which cancels the generation.
+    async fn stream_engine(
+        self: &Arc<Self>,
+        req: &ChatRequest,
+        upstream_model: &str,
+    ) -> Result<EventStream, UpstreamError> {
+        let client = self.engine.as_ref().ok_or_else(|| self.protocol("not an engine target"))?;
+        let request = engine::request(req, upstream_model).map_err(|e| UpstreamError::Status {
+            target: self.name.clone(),
+            status: 400,
+            message: e.to_string(),
+        })?;
+        let after = self.config.first_byte_timeout();
+        let stream = match tokio::time::timeout(after, client.chat(request)).await {
+            Err(_) => return Err(UpstreamError::Timeout { target: self.name.clone(), phase: "response", after }),
+            Ok(result) => result.map_err(|e| self.engine_error(e))?,
+        };
+        let head = VecDeque::from([engine::start(&req.model)]);
+        Ok(EventStream::new(Arc::clone(self), Source::Engine(Box::new(stream)), head))
     }
 }
 
@@ -289,21 +362,31 @@ enum Decoder {
     Anthropic(anthropic::StreamDecoder),
 }
 
-/// Canonical events from an upstream's SSE body, each chunk within the between-chunk timeout.
-/// A body that ends before the protocol's end marker is an error, never a clean end.
+/// Where a stream's events come from.
+#[derive(Debug)]
+enum Source {
+    /// A managed API's server-sent events.
+    Sse { body: Incoming, parser: SseParser, decoder: Decoder, parsed: Vec<SseEvent> },
+    /// An engine's frames.
+    Engine(Box<ChatStream>),
+}
+
+/// Canonical events from an upstream's stream, each within the between-chunk timeout. A stream
+/// that ends before the protocol's end marker is an error, never a clean end.
 #[derive(Debug)]
 pub struct EventStream {
     target: Arc<Target>,
-    body: Incoming,
-    parser: SseParser,
-    decoder: Decoder,
-    parsed: Vec<SseEvent>,
+    source: Source,
     pending: VecDeque<StreamEvent>,
     failed: Option<UpstreamError>,
     done: bool,
 }
 
 impl EventStream {
+    fn new(target: Arc<Target>, source: Source, pending: VecDeque<StreamEvent>) -> EventStream {
+        EventStream { target, source, pending, failed: None, done: false }
+    }
+
     /// The target it comes from.
     pub fn target(&self) -> &Arc<Target> {
         &self.target
@@ -315,18 +398,42 @@ impl EventStream {
             if let Some(item) = self.ready() {
                 return item;
             }
-            match self.target.next_frame(&mut self.body).await {
-                Ok(Some(chunk)) => self.decode(&chunk),
-                Ok(None) => {
-                    self.done = true;
-                    self.failed = Some(self.target.protocol("stream ended before its end marker (truncated answer)"));
-                }
-                Err(e) => {
-                    self.done = true;
-                    self.failed = Some(e);
+            match &mut self.source {
+                Source::Sse { body, .. } => match self.target.next_frame(body).await {
+                    Ok(Some(chunk)) => self.decode(&chunk),
+                    Ok(None) => {
+                        self.fail(self.target.protocol("stream ended before its end marker (truncated answer)"))
+                    }
+                    Err(e) => self.fail(e),
+                },
+                Source::Engine(stream) => {
+                    let after = self.target.config.chunk_timeout();
+                    match tokio::time::timeout(after, stream.next()).await {
+                        Err(_) => self.fail(UpstreamError::Timeout {
+                            target: self.target.name.clone(),
+                            phase: "stream chunk",
+                            after,
+                        }),
+                        Ok(None) => self.fail(self.target.protocol("engine stream ended before its done frame")),
+                        Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
+                        Ok(Some(Ok(event))) => {
+                            let finished = matches!(event, meridian_engine::api::Event::Finished { .. });
+                            let mut out = Vec::new();
+                            match engine::events(event, &mut out) {
+                                Ok(()) => self.pending.extend(out),
+                                Err(e) => self.fail(self.target.engine_error(ClientError::Remote(e))),
+                            }
+                            self.done |= finished;
+                        }
+                    }
                 }
             }
         }
+    }
+
+    fn fail(&mut self, e: UpstreamError) {
+        self.done = true;
+        self.failed = Some(e);
     }
 
     /// What [`EventStream::next`] would return, if it is known without reading the network: an
@@ -341,12 +448,14 @@ impl EventStream {
         self.done.then_some(None)
     }
 
-    /// Decodes a chunk; events before a decoding error are still delivered, then the error.
+    /// Decodes a chunk of server-sent events; events before a decoding error are still
+    /// delivered, then the error.
     fn decode(&mut self, chunk: &[u8]) {
-        self.parser.feed(chunk, &mut self.parsed);
+        let Source::Sse { parser, decoder, parsed, .. } = &mut self.source else { return };
+        parser.feed(chunk, parsed);
         let mut out = Vec::new();
-        for ev in self.parsed.drain(..) {
-            let result = match &mut self.decoder {
+        for ev in parsed.drain(..) {
+            let result = match decoder {
                 Decoder::OpenAi(d) => d.decode(&ev.data, &mut out),
                 Decoder::Anthropic(d) => d.decode(&ev.data, &mut out),
             };
@@ -365,4 +474,22 @@ impl EventStream {
         }
         self.pending.extend(out);
     }
+}
+
+/// The QUIC client of an engine target, with this node's cluster identity from `[quic]`.
+fn engine_client(name: &str, tc: &TargetConfig, endpoint: &Uri, config: &Config) -> Result<EngineClient, ConfigError> {
+    let key = |field: &str| format!("targets.{name}.{field}");
+    // Validation guarantees `[quic]` for engine targets and a host and port in the URL.
+    let quic = config.quic.as_ref().ok_or_else(|| ConfigError::Invalid {
+        key: key("api"),
+        message: "engine targets need the [quic] section".into(),
+    })?;
+    let identity = Identity::from_pem_files(&quic.ca, &quic.cert, &quic.key)
+        .map_err(|e| ConfigError::Invalid { key: "quic".into(), message: e.to_string() })?;
+    let host = endpoint.host().unwrap_or_default().trim_matches(['[', ']']);
+    let server_name = tc.server_name.clone().unwrap_or_else(|| host.to_string());
+    let mut options = ClientOptions::new(format!("{host}:{}", endpoint.port_u16().unwrap_or_default()), server_name);
+    options.connect_timeout = tc.connect_timeout();
+    EngineClient::new(options, &identity)
+        .map_err(|e| ConfigError::Invalid { key: key("base_url"), message: e.to_string() })
 }

@@ -1,6 +1,7 @@
 //! The wire formats Meridian speaks, to clients and to upstreams alike: one module a format.
 
 pub mod anthropic;
+pub mod engine;
 pub mod openai;
 
 use bytes::{Bytes, BytesMut};

@@ -34,6 +34,65 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     Ok(req)
 }
 
+/// `POST /v1/embeddings`, as OpenAI takes it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EmbeddingsRequest {
+    /// The embedding model (a name from the edge's `[[models]]`).
+    pub model: String,
+    /// One text or several.
+    pub input: EmbeddingsInput,
+    /// Only `float` is served.
+    #[serde(default)]
+    pub encoding_format: Option<String>,
+    /// Accepted for compatibility; the tenant is known from its key.
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+/// The `input` of an embeddings request.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum EmbeddingsInput {
+    /// A single text.
+    One(String),
+    /// Several texts, one vector each.
+    Many(Vec<String>),
+}
+
+/// Most texts in one embeddings request.
+pub const MAX_EMBEDDING_INPUTS: usize = 2048;
+
+/// Parses and validates an embeddings request; returns it with its texts.
+pub fn parse_embeddings(body: &[u8]) -> Result<(EmbeddingsRequest, Vec<String>), GatewayError> {
+    let req: EmbeddingsRequest = parse_json(body)?;
+    require_non_empty("model", &req.model)?;
+    if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
+        return Err(field_error("encoding_format", format!("only `float` is served, not `{f}`")));
+    }
+    let input = match &req.input {
+        EmbeddingsInput::One(t) => vec![t.clone()],
+        EmbeddingsInput::Many(v) => v.clone(),
+    };
+    if input.is_empty() || input.len() > MAX_EMBEDDING_INPUTS {
+        return Err(field_error("input", format!("must hold 1 to {MAX_EMBEDDING_INPUTS} texts")));
+    }
+    if let Some(i) = input.iter().position(String::is_empty) {
+        return Err(field_error(format!("input[{i}]"), "must not be empty"));
+    }
+    Ok((req, input))
+}
+
+/// The embeddings answer in OpenAI's shape.
+pub fn encode_embeddings(model: &str, vectors: &[Vec<f32>], prompt_tokens: u32) -> Bytes {
+    let data: Vec<Value> = vectors
+        .iter()
+        .enumerate()
+        .map(|(index, v)| json!({ "object": "embedding", "index": index, "embedding": v }))
+        .collect();
+    let usage = json!({ "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens });
+    Bytes::from(json!({ "object": "list", "data": data, "model": model, "usage": usage }).to_string())
+}
+
 /// The body sent to an OpenAI-compatible upstream: the client's request with the target's model
 /// name, and usage requested on streams so that every answer can be accounted.
 pub fn upstream_body(req: &ChatRequest, upstream_model: &str) -> Result<Bytes, serde_json::Error> {
