@@ -8,6 +8,7 @@ use meridian::config::{hash_key, Config, LogFormat};
 use meridian::server::Server;
 use tracing_subscriber::EnvFilter;
 
+mod node_cli;
 mod plugin_cli;
 
 // glibc malloc showed up as ~8% of the edge's CPU under load; mimalloc's per-thread heaps are
@@ -23,7 +24,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "meridian",
     version,
-    after_help = "Examples:\n  meridian edge -c regions/local/edge.toml\n  meridian config check regions/local/edge.toml\n  meridian key new\n  meridian plugin new my-router --kind router"
+    after_help = "Examples:\n  meridian up\n  meridian edge -c regions/local/edge.toml\n  meridian engine -c regions/local/engine.toml\n  meridian certs node edge-eu --ip 10.0.0.2\n  meridian config check regions/local/edge.toml\n  meridian key new\n  meridian plugin new my-router --kind router"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -47,6 +48,17 @@ enum Command {
     /// Write, check and try plugins (routers and privacy filters).
     #[command(subcommand)]
     Plugin(plugin_cli::PluginCommand),
+    /// Run an engine node: ONNX Runtime models served to edges over QUIC with mutual TLS.
+    Engine {
+        /// The engine node's TOML config.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Make the cluster's development CA and node certificates (for QUIC mutual TLS).
+    #[command(subcommand)]
+    Certs(node_cli::CertsCommand),
+    /// Run the one-machine stack: an engine node on the local model and an edge in front of it.
+    Up(node_cli::UpArgs),
 }
 
 #[derive(Subcommand)]
@@ -95,6 +107,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Plugin(command) => plugin_cli::run(command),
+        Command::Engine { config } => node_cli::engine(&config),
+        Command::Certs(command) => node_cli::certs(command),
+        Command::Up(args) => node_cli::up(&args),
         Command::Key(KeyCommand::New) => {
             let key = format!("mk-{}", uuid::Uuid::new_v4().simple());
             println!("key:  {key}\nhash: {}", hash_key(&key));
@@ -111,20 +126,8 @@ fn run_edge(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => subscriber.json().init(),
-        LogFormat::Text => subscriber.init(),
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    init_logging(&config.log.level, config.log.format == LogFormat::Json);
+    runtime(async {
         let server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -135,6 +138,28 @@ fn run_edge(path: &std::path::Path) -> ExitCode {
         server.run(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Logs to stderr; `RUST_LOG` wins over the configured level.
+fn init_logging(level: &str, json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+}
+
+/// Runs a node's future on a multi-threaded Tokio runtime.
+fn runtime(node: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(node),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {
