@@ -22,6 +22,8 @@ pub use meridian_mock::{Behavior, MockOptions, MockUpstream};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+pub mod engine;
+
 /// The key of tenant `acme`.
 pub const ACME_KEY: &str = "sk-acme-test";
 /// The key of tenant `globex`.
