@@ -174,11 +174,15 @@ impl Runtime {
             message: e.to_string(),
         };
         let spin = if cfg.spinning { "1" } else { "0" };
+        let intra = match cfg.intra_op_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
         let builder = Session::builder(&self.env)
             .map_err(|e| RuntimeError::Session { path: PathBuf::new(), message: e.to_string() })?
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(err)?
-            .with_intra_threads(cfg.intra_op_threads)
+            .with_intra_threads(intra)
             .map_err(err)?
             .with_inter_threads(cfg.inter_op_threads)
             .map_err(err)?

@@ -409,9 +409,10 @@ impl ModelLoop {
         // Leave: finished and cancelled sequences. Join: the new ones.
         let keep: Vec<usize> = (0..self.seqs.len()).filter(|&i| !self.seqs[i].done && !self.seqs[i].tx.is_closed()).collect();
         let (new_seqs, prefilled): (Vec<Seq>, Vec<Prefilled>) = added.into_iter().unzip();
-        self.batch.rebuild(&keep, prefilled)?;
         let mut old: Vec<Option<Seq>> = self.seqs.drain(..).map(Some).collect();
         self.seqs = keep.iter().map(|&i| old[i].take().expect("kept once")).chain(new_seqs).collect();
+        // After `seqs` is updated, so that a failure here reaches the new sequences too.
+        self.batch.rebuild(&keep, prefilled)?;
         self.shared.active.store(self.seqs.len() as u32, Ordering::SeqCst);
         if self.seqs.is_empty() {
             return Ok(());
