@@ -1,0 +1,309 @@
+//! `engine-bench`: the engine node's generation speed on CPU, alone and through edge → QUIC →
+//! engine, against a plain Python onnxruntime greedy loop over the same ONNX file.
+//!
+//! For each weight format (int4, fp32) it prints time to first token and decode tokens/s at
+//! batch 1, and aggregate tokens/s at 4 and 8 concurrent requests, for three paths:
+//! - `engine`: the scheduler in this process (no transport);
+//! - `quic`: an engine client over QUIC with mutual TLS on loopback;
+//! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
+//!
+//! and the same batch-1 figures from `engine/bench/ort_loop.py`.
+//!
+//! Run it with `scripts/bench-engine` (release build, set-up). Options: `--tokens N` per request
+//! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
+//! `--runs N` batch-1 repetitions (default 3, the median is printed).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meridian::config::{hash_key, Config};
+use meridian::server::Server;
+use meridian_e2e::engine::Cluster;
+use meridian_engine::api::{Backend, ChatRequest, Event, Message};
+use meridian_engine::client::EngineClient;
+use meridian_engine::config::{EngineConfig, ModelConfig, RuntimeConfig, SchedulerConfig};
+use meridian_engine::scheduler::Engine;
+use meridian_engine::server::{EngineServer, ServerLimits};
+use serde_json::{json, Value};
+
+const KEY: &str = "sk-bench";
+const PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
+
+struct Options {
+    tokens: u32,
+    weights: Vec<String>,
+    threads: Option<usize>,
+    runs: usize,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let num = |name: &str, default: usize| {
+        opt(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
+    };
+    let options = Options {
+        tokens: num("--tokens", 128) as u32,
+        weights: opt("--weights").unwrap_or_else(|| "int4,fp32".into()).split(',').map(str::to_string).collect(),
+        threads: opt("--threads").map(|v| v.parse().expect("--threads takes a number")),
+        runs: num("--runs", 3),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    if let Err(e) = runtime.block_on(run(options)) {
+        eprintln!("engine-bench: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// One request's timing.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ttft: Duration,
+    total: Duration,
+    tokens: u32,
+}
+
+impl Sample {
+    /// Tokens after the first, over the time after the first.
+    fn decode_rate(&self) -> f64 {
+        f64::from(self.tokens.saturating_sub(1)) / (self.total - self.ttft).as_secs_f64()
+    }
+}
+
+/// Where requests go.
+enum Path3 {
+    Engine(Arc<Engine>),
+    Quic(EngineClient),
+    Edge { url: String, client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> },
+}
+
+fn request(max_tokens: u32) -> ChatRequest {
+    ChatRequest {
+        model: "smol".into(),
+        messages: vec![Message { role: "user".into(), content: PROMPT.into() }],
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+impl Path3 {
+    async fn one(&self, max_tokens: u32) -> Result<Sample, String> {
+        let start = Instant::now();
+        let mut ttft = None;
+        let tokens = match self {
+            Path3::Engine(engine) => {
+                let mut rx = engine.chat(request(max_tokens)).map_err(|e| e.to_string())?;
+                loop {
+                    match rx.recv().await.ok_or("engine stream ended early")? {
+                        Event::Delta(_) => {
+                            ttft.get_or_insert_with(|| start.elapsed());
+                        }
+                        Event::Finished { usage, .. } => break usage.completion_tokens,
+                        Event::Failed(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+            Path3::Quic(client) => {
+                let mut stream = client.chat(request(max_tokens)).await.map_err(|e| e.to_string())?;
+                loop {
+                    match stream.next().await.ok_or("quic stream ended early")?.map_err(|e| e.to_string())? {
+                        Event::Delta(_) => {
+                            ttft.get_or_insert_with(|| start.elapsed());
+                        }
+                        Event::Finished { usage, .. } => break usage.completion_tokens,
+                        Event::Failed(e) => return Err(e.to_string()),
+                    }
+                }
+            }
+            Path3::Edge { url, client } => {
+                let body = json!({"model": "smol", "stream": true, "max_tokens": max_tokens, "temperature": 0,
+                                  "stream_options": {"include_usage": true},
+                                  "messages": [{"role": "user", "content": PROMPT}]});
+                let req = hyper::Request::post(format!("{url}/v1/chat/completions"))
+                    .header("authorization", format!("Bearer {KEY}"))
+                    .header("content-type", "application/json")
+                    .header("x-meridian-cache", "bypass")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .map_err(|e| e.to_string())?;
+                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                if resp.status() != 200 {
+                    return Err(format!("edge answered {}", resp.status()));
+                }
+                let mut body = resp.into_body();
+                let mut text = Vec::new();
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.map_err(|e| e.to_string())?;
+                    if let Ok(data) = frame.into_data() {
+                        if ttft.is_none() && has_content(&data) {
+                            ttft = Some(start.elapsed());
+                        }
+                        text.extend_from_slice(&data);
+                    }
+                }
+                completion_tokens(&text).ok_or("no usage chunk in the edge's stream")?
+            }
+        };
+        Ok(Sample { ttft: ttft.ok_or("no text generated")?, total: start.elapsed(), tokens })
+    }
+
+    /// Median batch-1 sample of `runs`.
+    async fn batch1(&self, max_tokens: u32, runs: usize) -> Result<Sample, String> {
+        let mut samples = Vec::new();
+        for _ in 0..runs {
+            samples.push(self.one(max_tokens).await?);
+        }
+        samples.sort_by(|a, b| a.ttft.cmp(&b.ttft));
+        let ttft = samples[samples.len() / 2].ttft;
+        samples.sort_by(|a, b| a.decode_rate().total_cmp(&b.decode_rate()));
+        Ok(Sample { ttft, ..samples[samples.len() / 2] })
+    }
+
+    /// Tokens/s of `n` requests started together.
+    async fn aggregate(self: &Arc<Self>, n: usize, max_tokens: u32) -> Result<f64, String> {
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let path = Arc::clone(self);
+            tasks.spawn(async move { path.one(max_tokens).await });
+        }
+        let mut tokens = 0;
+        while let Some(r) = tasks.join_next().await {
+            tokens += r.map_err(|e| e.to_string())??.tokens;
+        }
+        Ok(f64::from(tokens) / start.elapsed().as_secs_f64())
+    }
+}
+
+/// Whether an SSE chunk carries generated text (not just the role).
+fn has_content(data: &[u8]) -> bool {
+    String::from_utf8_lossy(data).split("\n\n").any(|event| {
+        event
+            .strip_prefix("data: ")
+            .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            .is_some_and(|v| v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty()))
+    })
+}
+
+fn completion_tokens(stream: &[u8]) -> Option<u32> {
+    String::from_utf8_lossy(stream).split("\n\n").find_map(|event| {
+        let v: Value = serde_json::from_str(event.strip_prefix("data: ")?).ok()?;
+        v["usage"]["completion_tokens"].as_u64().map(|n| n as u32)
+    })
+}
+
+/// `engine/bench/ort_loop.py` on the same file and prompt ids: (ttft ms, decode tokens/s).
+fn python_loop(python: &Path, model: &Path, prompt: &[u32], tokens: u32, threads: usize) -> Result<(f64, f64), String> {
+    let script = repo().join("engine/bench/ort_loop.py");
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["--model".as_ref(), model.as_os_str()])
+        .args(["--prompt-ids", &ids.join(","), "--max-tokens", &tokens.to_string()])
+        .args(["--threads", &threads.to_string(), "--ignore-eos", "--warmup", "1"])
+        .output()
+        .map_err(|e| format!("{}: {e}", python.display()))?;
+    if !out.status.success() {
+        return Err(format!("ort_loop.py failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("ort_loop.py output: {e}"))?;
+    Ok((v["ttft_ms"].as_f64().unwrap_or(f64::NAN), v["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN)))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+async fn run(options: Options) -> Result<(), String> {
+    let home = meridian_e2e::engine::meridian_home();
+    let python = home.join("venv/bin/python");
+    let cluster = Cluster::new("engine-bench");
+    println!(
+        "engine-bench: {} tokens a request (greedy, prompt {:?}), batch 1 = median of {} runs\n",
+        options.tokens, PROMPT, options.runs
+    );
+    println!("| weights | path | TTFT ms (batch 1) | decode tok/s (batch 1) | aggregate tok/s, 4 concurrent | aggregate tok/s, 8 concurrent | 8 vs batch 1 |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for weights in &options.weights {
+        let dir = home.join("models/smollm2-135m-instruct").join(weights);
+        let mut runtime = RuntimeConfig::default();
+        if let Some(t) = options.threads {
+            runtime.intra_op_threads = t;
+        }
+        // The Python loop gets the engine's thread count (0 means one per CPU) and spinning (on).
+        let threads = match runtime.intra_op_threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let config = EngineConfig {
+            runtime,
+            scheduler: SchedulerConfig { max_batch: 8, ..SchedulerConfig::default() },
+            models: vec![ModelConfig { name: "smol".into(), path: dir.clone(), kind: None }],
+        };
+        let engine = Engine::start(&config).map_err(|e| e.to_string())?;
+        let prompt = engine.prompt_ids(&request(options.tokens)).map_err(|e| e.to_string())?;
+
+        let server = EngineServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            &cluster.identity("engine-bench"),
+            Arc::clone(&engine) as _,
+            ServerLimits::default(),
+        )
+        .map_err(|e| e.to_string())?
+        .spawn()
+        .map_err(|e| e.to_string())?;
+        let quic = cluster.client("edge-bench", "engine-bench", server.local_addr());
+
+        let mut edge_config: Config = toml::from_str(&format!(
+            "[node]\nlisten = \"127.0.0.1:0\"\n[cache]\nenabled = false\n\
+             [[tenants]]\nname = \"bench\"\nkeys = [\"{}\"]\n\
+             [[models]]\nname = \"smol\"\ntargets = [{{ target = \"engine\" }}]\n",
+            hash_key(KEY)
+        ))
+        .map_err(|e| e.to_string())?;
+        cluster.add_engine_target(&mut edge_config, "edge-bench", "engine", "engine-bench", server.local_addr());
+        let edge = Server::bind(edge_config).await.map_err(|e| e.to_string())?;
+        let url = format!("http://{}", edge.local_addr());
+        let (stop_edge, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(edge.run(async {
+            let _ = stopped.await;
+        }));
+
+        let paths = [
+            ("engine", Arc::new(Path3::Engine(Arc::clone(&engine)))),
+            ("quic", Arc::new(Path3::Quic(quic))),
+            (
+                "edge (HTTP → QUIC)",
+                Arc::new(Path3::Edge { url, client: Client::builder(TokioExecutor::new()).build_http() }),
+            ),
+        ];
+        paths[0].1.one(options.tokens).await?; // warm-up: first runs allocate ORT's arenas
+        for (name, path) in &paths {
+            let b1 = path.batch1(options.tokens, options.runs).await?;
+            let a4 = path.aggregate(4, options.tokens).await?;
+            let a8 = path.aggregate(8, options.tokens).await?;
+            println!(
+                "| {weights} | {name} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {:.2}× |",
+                b1.ttft.as_secs_f64() * 1e3,
+                b1.decode_rate(),
+                a8 / b1.decode_rate()
+            );
+        }
+        drop(paths);
+        let _ = stop_edge.send(());
+        server.shutdown().await;
+        drop(engine);
+
+        match python_loop(&python, &dir, &prompt, options.tokens, threads) {
+            Ok((ttft, rate)) => println!("| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | — |"),
+            Err(e) => println!("| {weights} | python onnxruntime loop | failed: {e} | | | | |"),
+        }
+    }
+    Ok(())
+}
