@@ -9,9 +9,14 @@
 //!
 //! and the same batch-1 figures from `engine/bench/ort_loop.py`.
 //!
-//! Run it with `scripts/bench-engine` (release build, set-up). Options: `--tokens N` per request
+//! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
-//! `--runs N` batch-1 repetitions (default 3, the median is printed).
+//! `--runs N` batch-1 repetitions (default 3, the median is printed), `--provider
+//! auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the Python comparison.
+//!
+//! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
+//! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
+//! uses this on GPU hosts, where there is no cargo to run the golden test).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,7 +32,7 @@ use meridian::server::Server;
 use meridian_e2e::engine::Cluster;
 use meridian_engine::api::{Backend, ChatRequest, Event, Message};
 use meridian_engine::client::EngineClient;
-use meridian_engine::config::{EngineConfig, ModelConfig, RuntimeConfig, SchedulerConfig};
+use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
 use meridian_engine::scheduler::Engine;
 use meridian_engine::server::{EngineServer, ServerLimits};
 use serde_json::{json, Value};
@@ -40,6 +45,9 @@ struct Options {
     weights: Vec<String>,
     threads: Option<usize>,
     runs: usize,
+    provider: Provider,
+    golden: Option<PathBuf>,
+    python_loop: bool,
 }
 
 fn main() {
@@ -53,6 +61,11 @@ fn main() {
         weights: opt("--weights").unwrap_or_else(|| "int4,fp32".into()).split(',').map(str::to_string).collect(),
         threads: opt("--threads").map(|v| v.parse().expect("--threads takes a number")),
         runs: num("--runs", 3),
+        provider: opt("--provider").map_or(Provider::Auto, |p| {
+            serde_json::from_value(Value::String(p.clone())).unwrap_or_else(|_| panic!("unknown provider {p}"))
+        }),
+        golden: opt("--golden").map(PathBuf::from),
+        python_loop: opt("--python-loop").is_none_or(|v| v != "off"),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if let Err(e) = runtime.block_on(run(options)) {
@@ -220,8 +233,52 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Runs the golden record's conversation greedily on the fp32 model and compares the answer.
+async fn golden(path: &Path, home: &Path, runtime: &RuntimeConfig) -> Result<(), String> {
+    let g: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    let config = EngineConfig {
+        runtime: runtime.clone(),
+        scheduler: SchedulerConfig::default(),
+        models: vec![ModelConfig {
+            name: "golden".into(),
+            path: home.join("models").join(g["model"].as_str().unwrap_or_default()),
+            kind: None,
+        }],
+    };
+    let engine = Engine::start(&config).map_err(|e| e.to_string())?;
+    let request = ChatRequest {
+        model: "golden".into(),
+        messages: serde_json::from_value(g["messages"].clone()).map_err(|e| e.to_string())?,
+        max_tokens: g["max_tokens"].as_u64().map(|n| n as u32),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let mut rx = engine.chat(request).map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    loop {
+        match rx.recv().await.ok_or("golden generation ended early")? {
+            Event::Delta(d) => text.push_str(&d),
+            Event::Finished { .. } => break,
+            Event::Failed(e) => return Err(e.to_string()),
+        }
+    }
+    let want = g["completion"].as_str().unwrap_or_default();
+    if text == want {
+        println!("golden ({}): PASS, {text:?}", engine.provider());
+        Ok(())
+    } else {
+        Err(format!("golden ({}): FAIL, got {text:?}, recorded {want:?}", engine.provider()))
+    }
+}
+
 async fn run(options: Options) -> Result<(), String> {
     let home = meridian_e2e::engine::meridian_home();
+    let base_runtime = RuntimeConfig { provider: options.provider, ..RuntimeConfig::default() };
+    if let Some(path) = &options.golden {
+        golden(path, &home, &base_runtime).await?;
+    }
     let python = home.join("venv/bin/python");
     let cluster = Cluster::new("engine-bench");
     println!(
@@ -232,7 +289,7 @@ async fn run(options: Options) -> Result<(), String> {
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for weights in &options.weights {
         let dir = home.join("models/smollm2-135m-instruct").join(weights);
-        let mut runtime = RuntimeConfig::default();
+        let mut runtime = base_runtime.clone();
         if let Some(t) = options.threads {
             runtime.intra_op_threads = t;
         }
@@ -289,7 +346,8 @@ async fn run(options: Options) -> Result<(), String> {
             let a4 = path.aggregate(4, options.tokens).await?;
             let a8 = path.aggregate(8, options.tokens).await?;
             println!(
-                "| {weights} | {name} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {:.2}× |",
+                "| {weights} | {name} on {} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {:.2}× |",
+                engine.provider(),
                 b1.ttft.as_secs_f64() * 1e3,
                 b1.decode_rate(),
                 a8 / b1.decode_rate()
@@ -300,6 +358,9 @@ async fn run(options: Options) -> Result<(), String> {
         server.shutdown().await;
         drop(engine);
 
+        if !options.python_loop {
+            continue;
+        }
         match python_loop(&python, &dir, &prompt, options.tokens, threads) {
             Ok((ttft, rate)) => println!("| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | — |"),
             Err(e) => println!("| {weights} | python onnxruntime loop | failed: {e} | | | | |"),
