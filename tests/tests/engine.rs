@@ -36,6 +36,25 @@ async fn edge(
     TestEdge::start(config).await
 }
 
+/// Mock managed APIs (unused by these models, but part of every test edge), one engine, and an
+/// edge in front of it.
+struct Stack {
+    _mocks: Mocks,
+    cluster: Cluster,
+    engine: TestEngine,
+    edge: TestEdge,
+}
+
+impl Stack {
+    async fn start(label: &str, max_batch: u32) -> Stack {
+        let mocks = Mocks::start().await;
+        let cluster = Cluster::new(label);
+        let engine = TestEngine::start(&cluster, "engine-a", max_batch).await;
+        let edge = edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
+        Stack { _mocks: mocks, cluster, engine, edge }
+    }
+}
+
 fn openai_chat(stream: bool, max_tokens: u32) -> Value {
     json!({"model": "smol", "stream": stream, "temperature": 0, "max_tokens": max_tokens,
            "stream_options": {"include_usage": true},
@@ -48,10 +67,8 @@ fn streamed_text(r: &Reply) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_api_shapes_answer_from_the_engine_whole_and_streamed() {
-    let mocks = Mocks::start().await;
-    let cluster = Cluster::new("shapes");
-    let engine = TestEngine::start(&cluster, "engine-a", 4).await;
-    let edge = edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
+    let stack = Stack::start("shapes", 4).await;
+    let edge = &stack.edge;
 
     let whole = edge.post_with("/v1/chat/completions", ACME_KEY, &[NO_CACHE], &openai_chat(false, 32)).await;
     assert_eq!(whole.status, 200, "{}", whole.text());
@@ -90,10 +107,8 @@ async fn both_api_shapes_answer_from_the_engine_whole_and_streamed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_an_engine_cannot_serve_are_refused_with_a_clear_error() {
-    let mocks = Mocks::start().await;
-    let cluster = Cluster::new("refusals");
-    let engine = TestEngine::start(&cluster, "engine-a", 2).await;
-    let edge = edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
+    let stack = Stack::start("refusals", 2).await;
+    let edge = &stack.edge;
 
     let mut tools = openai_chat(false, 8);
     tools["tools"] = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
@@ -114,10 +129,8 @@ async fn requests_an_engine_cannot_serve_are_refused_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_come_from_the_engine() {
-    let mocks = Mocks::start().await;
-    let cluster = Cluster::new("embed");
-    let engine = TestEngine::start(&cluster, "engine-a", 2).await;
-    let edge = edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
+    let stack = Stack::start("embed", 2).await;
+    let edge = &stack.edge;
 
     let input = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."];
     let r = edge.post("/v1/embeddings", ACME_KEY, &json!({"model": "minilm", "input": input})).await;
@@ -157,10 +170,9 @@ async fn embeddings_come_from_the_engine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_frees_its_engine_slot() {
-    let mocks = Mocks::start().await;
-    let cluster = Cluster::new("cancel");
-    let engine = TestEngine::start(&cluster, "engine-a", 2).await;
-    let edge = edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
+    let stack = Stack::start("cancel", 2).await;
+    let edge = &stack.edge;
+    let (cluster, engine) = (&stack.cluster, &stack.engine);
     let probe = cluster.client("probe", "engine-a", engine.addr);
 
     // A long answer, streamed over a raw connection that is dropped after the first chunk.
