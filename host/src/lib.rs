@@ -30,4 +30,5 @@ pub mod redaction;
 pub mod server;
 pub mod sse;
 pub mod tenant;
+pub mod topology;
 pub mod upstream;
