@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 mod node_cli;
 mod plugin_cli;
+mod regions_cli;
 
 // glibc malloc showed up as ~8% of the edge's CPU under load; mimalloc's per-thread heaps are
 // cheaper for the many small, short-lived allocations of request handling.
@@ -24,7 +25,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "meridian",
     version,
-    after_help = "Examples:\n  meridian up\n  meridian edge -c regions/local/edge.toml\n  meridian engine -c regions/local/engine.toml\n  meridian certs node edge-eu --ip 10.0.0.2\n  meridian config check regions/local/edge.toml\n  meridian key new\n  meridian plugin new my-router --kind router"
+    after_help = "Examples:\n  meridian up\n  meridian edge -c regions/local/edge.toml\n  meridian engine -c regions/local/engine.toml\n  meridian certs node edge-eu --ip 10.0.0.2\n  meridian config check regions/local/edge.toml\n  meridian regions check regions/three-regions/topology.toml\n  meridian key new\n  meridian plugin new my-router --kind router"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,6 +60,9 @@ enum Command {
     Certs(node_cli::CertsCommand),
     /// Run the one-machine stack: an engine node on the local model and an edge in front of it.
     Up(node_cli::UpArgs),
+    /// Work with deployment topologies (regions, their edges, engines and managed targets).
+    #[command(subcommand)]
+    Regions(regions_cli::RegionsCommand),
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,7 @@ fn main() -> ExitCode {
         Command::Engine { config } => node_cli::engine(&config),
         Command::Certs(command) => node_cli::certs(command),
         Command::Up(args) => node_cli::up(&args),
+        Command::Regions(command) => regions_cli::run(command),
         Command::Key(KeyCommand::New) => {
             let key = format!("mk-{}", uuid::Uuid::new_v4().simple());
             println!("key:  {key}\nhash: {}", hash_key(&key));
