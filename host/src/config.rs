@@ -94,6 +94,30 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     /// `[quic]`: this node's identity in the cluster, for engine targets.
     pub quic: Option<QuicConfig>,
+    /// `[health]`: outlier ejection and active probes of targets.
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// `[health]`: when a failing target is taken out of rotation, for how long, and how often
+/// engine targets are probed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failures that eject a target (default 5).
+    pub ejection_threshold: u32,
+    /// The first ejection's length; each ejection in a row doubles it (default 1000).
+    pub base_ejection_ms: u64,
+    /// The longest ejection (default 30000).
+    pub max_ejection_ms: u64,
+    /// How often each engine target's health is asked for (default 2000).
+    pub probe_interval_ms: u64,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig { ejection_threshold: 5, base_ejection_ms: 1000, max_ejection_ms: 30_000, probe_interval_ms: 2000 }
+    }
 }
 
 /// `[quic]`: PEM files of the cluster's mutual TLS (`meridian certs` makes them). Relative paths
@@ -285,7 +309,7 @@ pub enum CachePolicy {
 }
 
 /// The wire protocol a target speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TargetApi {
     /// OpenAI chat completions (OpenAI, OpenRouter, vLLM, serverless endpoints…).
@@ -298,7 +322,7 @@ pub enum TargetApi {
 }
 
 /// How capacity behind a target is bought; routers weigh it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TargetKind {
     /// Pay per token.
@@ -500,6 +524,19 @@ impl Config {
         }
         for (i, k) in n.admin_keys.iter().enumerate() {
             parse_key_hash(k).map_err(|m| invalid(format!("node.admin_keys[{i}]"), m))?;
+        }
+        let h = &self.health;
+        if h.ejection_threshold == 0 {
+            return Err(invalid("health.ejection_threshold", "must be greater than 0"));
+        }
+        if h.base_ejection_ms == 0 {
+            return Err(invalid("health.base_ejection_ms", "must be greater than 0"));
+        }
+        if h.max_ejection_ms < h.base_ejection_ms {
+            return Err(invalid("health.max_ejection_ms", "must not be less than health.base_ejection_ms"));
+        }
+        if h.probe_interval_ms == 0 {
+            return Err(invalid("health.probe_interval_ms", "must be greater than 0"));
         }
         if self.cache.enabled && self.cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));
@@ -726,6 +763,25 @@ mod tests {
         assert!(err(&engine("http://127.0.0.1:7443", true))
             .starts_with("targets.oa.base_url: must be a quic://host:port URL"));
         assert!(err(&engine("quic://127.0.0.1", true)).starts_with("targets.oa.base_url: needs a port"));
+    }
+
+    #[test]
+    fn the_health_section_has_defaults_and_is_checked() {
+        let h = Config::parse(BASE).unwrap().health;
+        assert_eq!(
+            (h.ejection_threshold, h.base_ejection_ms, h.max_ejection_ms, h.probe_interval_ms),
+            (5, 1000, 30_000, 2000)
+        );
+        let set = Config::parse(&format!("{BASE}\n[health]\nejection_threshold = 2\nbase_ejection_ms = 50\n")).unwrap();
+        assert_eq!((set.health.ejection_threshold, set.health.base_ejection_ms), (2, 50));
+        assert_eq!(set.health.max_ejection_ms, 30_000, "unset keys keep their defaults");
+        let bad = |section: &str| err(&format!("{BASE}\n[health]\n{section}\n"));
+        assert!(bad("ejection_threshold = 0").starts_with("health.ejection_threshold: must be greater than 0"));
+        assert!(bad("base_ejection_ms = 0").starts_with("health.base_ejection_ms"));
+        assert!(bad("base_ejection_ms = 5000\nmax_ejection_ms = 4000").starts_with("health.max_ejection_ms"));
+        assert!(bad("probe_interval_ms = 0").starts_with("health.probe_interval_ms"));
+        let unknown = bad("threshold = 3");
+        assert!(unknown.contains("unknown field `threshold`"), "{unknown}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod plugin;
 pub mod redaction;
 pub mod server;
 pub mod sse;
+pub mod stats;
 pub mod tenant;
 pub mod topology;
 pub mod upstream;
