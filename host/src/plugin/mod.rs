@@ -53,7 +53,8 @@ pub use bindings::{
 pub use cache::CacheStats;
 pub use metrics::PluginMetrics;
 pub use runtime::{
-    CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, WasmSource,
+    CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, RouterSession,
+    WasmSource,
 };
 
 /// Why a plugin could not be loaded, or a call to it gave no usable answer.

@@ -17,7 +17,7 @@ use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use super::bindings::filter_world::{PrivacyFilter, PrivacyFilterPre};
-use super::bindings::router_world::RouterPre;
+use super::bindings::router_world::{Router, RouterPre};
 use super::bindings::{
     self, CallState, GuestIdentity, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment, Target,
 };
@@ -683,6 +683,91 @@ impl RouterPlugin {
             })
             .await;
         core.finish(call, result, |outcome| validate::outcome(outcome, targets))
+    }
+
+    /// Opens a [`RouterSession`]: one instance for many calls. **Not for the request path**, where
+    /// every request gets a fresh instance; it is for simulations and benchmarks that call a
+    /// router a million times on one thread (`meridian::simulate`), where instantiation would
+    /// cost most of the time. Nothing is instantiated until the first [`RouterSession::route`].
+    pub fn session(&self) -> RouterSession {
+        RouterSession { core: Arc::clone(&self.core), pre: self.pre.clone(), live: None, poisoned: false }
+    }
+}
+
+/// One router instance reused across calls, for simulations only (see [`RouterPlugin::session`]).
+///
+/// It is configured once, at its first call; every call then has the plugin's deadline (re-armed
+/// per call), its memory cap (across the session), its per-call log caps, the output check, and the
+/// metrics and quarantine bookkeeping of a one-shot call. A failure drops the instance and poisons
+/// the session: later calls answer [`PluginError::Poisoned`]; open a new session to go on. The
+/// session holds an instance slot until dropped. A router that keeps state between calls in its
+/// globals would see it here, which a fresh instance never does; the shipped routers keep none
+/// (the cost router's global holds only its configuration).
+pub struct RouterSession {
+    core: Arc<PluginCore>,
+    pre: RouterPre<CallState>,
+    live: Option<(Call, Option<Router>)>,
+    poisoned: bool,
+}
+
+impl fmt::Debug for RouterSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouterSession")
+            .field("plugin", &self.core.id)
+            .field("live", &self.live.is_some())
+            .field("poisoned", &self.poisoned)
+            .finish()
+    }
+}
+
+impl RouterSession {
+    /// The plugin's name and version.
+    pub fn id(&self) -> &PluginId {
+        &self.core.id
+    }
+
+    /// Asks the session's instance where a request goes; the outcome is checked as
+    /// [`RouterPlugin::route`] checks it.
+    pub async fn route(&mut self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
+        let core = &self.core;
+        if self.poisoned {
+            core.count("poisoned");
+            return Err(PluginError::Poisoned);
+        }
+        let (mut call, mut router) = match self.live.take() {
+            None => (core.admit().await?, None),
+            Some((mut call, router)) => {
+                if core.is_quarantined() {
+                    core.count("quarantined");
+                    return Err(PluginError::Quarantined(core.id.clone()));
+                }
+                core.rearm(&mut call);
+                (call, router)
+            }
+        };
+        let result = core
+            .bounded(async {
+                let router = match &mut router {
+                    Some(router) => router,
+                    None => {
+                        let fresh = self.pre.instantiate_async(&mut call.store).await?;
+                        fresh.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                        router.insert(fresh)
+                    }
+                };
+                Ok(router.call_route(&mut call.store, summary, targets).await?)
+            })
+            .await;
+        let memory_hit = core.collect(&mut call.store);
+        let outcome = core.settle(memory_hit, &call.stdout, &call.stderr, call.started, call.counted, result, |o| {
+            validate::outcome(o, targets)
+        });
+        match &outcome {
+            Ok(_) => self.live = Some((call, router)),
+            // The instance (perhaps trapped, or interrupted mid-call) and its slot go now.
+            Err(_) => self.poisoned = true,
+        }
+        outcome
     }
 }
 
