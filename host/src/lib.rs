@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod redaction;
 pub mod server;
+pub mod simulate;
 pub mod sse;
 pub mod stats;
 pub mod tenant;
