@@ -20,6 +20,7 @@ use crate::plugin::{
     RequestSummary, RequestVerdict, ResponseSession, ResponseVerdict, RouterPlugin, TokenPrice,
 };
 use crate::redaction::{self, Placeholders, StreamRestorer};
+use crate::stats::HealthState;
 
 /// Why a plugin named in the config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -350,13 +351,22 @@ impl From<accounting::PriceModel> for PriceModel {
     }
 }
 
-/// A route as the router sees it. Live statistics join when the node measures them.
+/// A route as the router sees it, with the target's live statistics: health (half-open is
+/// reported degraded, ejected down), smoothed latencies (0 until measured), requests in flight,
+/// and the capacity its engine reports, else its price model's.
 fn target(route: &Route) -> plugin::Target {
     let t = &route.target;
+    let stats = t.stats.snapshot(std::time::Instant::now());
     let price = route.price.map(PriceModel::from);
-    let capacity = match route.price {
-        Some(accounting::PriceModel::Hour { capacity, .. }) => Some(capacity),
+    let capacity = match (stats.engine, route.price) {
+        (Some(load), _) if load.max_batch > 0 => Some(load.max_batch),
+        (_, Some(accounting::PriceModel::Hour { capacity, .. })) => Some(capacity),
         _ => None,
+    };
+    let health = match stats.health {
+        HealthState::Healthy => Health::Healthy,
+        HealthState::Degraded | HealthState::HalfOpen => Health::Degraded,
+        HealthState::Ejected => Health::Down,
     };
     plugin::Target {
         name: t.name.clone(),
@@ -369,10 +379,10 @@ fn target(route: &Route) -> plugin::Target {
         own_infrastructure: t.own_infrastructure,
         model: route.upstream_model.clone(),
         price,
-        health: Health::Healthy,
-        latency_ms: 0.0,
-        ttft_ms: 0.0,
-        in_flight: 0,
+        health,
+        latency_ms: stats.latency_ms.unwrap_or(0.0),
+        ttft_ms: stats.ttft_ms.unwrap_or(0.0),
+        in_flight: stats.in_flight,
         capacity,
     }
 }

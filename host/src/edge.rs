@@ -31,6 +31,7 @@ use crate::config::{parse_key_hash, CachePolicy, Config, ConfigError};
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
+use crate::stats::Admission;
 use crate::tenant::{self, Tenant, Tenants};
 use crate::upstream::{self, EventStream, HttpClient, Target};
 
@@ -73,6 +74,8 @@ pub struct Edge {
     in_flight: Arc<Semaphore>,
     plugins: Option<PluginRuntime>,
     admin_keys: Vec<[u8; 32]>,
+    /// Every target, by name, for `/admin/targets` and the per-target metrics.
+    targets: Vec<Arc<Target>>,
 }
 
 /// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
@@ -152,7 +155,11 @@ impl Edge {
             (Some(runtime), loaded)
         };
         let loaded = Loaded { tenants: Tenants::new(&config, &loaded), plugins: loaded.ids() };
+        let mut targets: Vec<Arc<Target>> = targets.into_values().collect();
+        targets.sort_by(|a, b| a.name.cmp(&b.name));
+        upstream::spawn_probes(&targets, Duration::from_millis(config.health.probe_interval_ms));
         Ok(Edge {
+            targets,
             loaded: ArcSwap::from_pointee(loaded),
             reloading: tokio::sync::Mutex::new(()),
             models,
@@ -217,6 +224,32 @@ impl Edge {
         }
     }
 
+    /// `GET /admin/targets`, for holders of a `node.admin_keys` key: every target with its live
+    /// statistics and health.
+    fn admin_targets(&self, headers: &HeaderMap) -> Response<Body> {
+        if self.admin_keys.is_empty() {
+            let err = GatewayError::NotFound { method: "GET".into(), path: "/admin/targets".into() };
+            return error_response(ApiShape::OpenAi, &err);
+        }
+        if !self.admin_keys.contains(&tenant::key_digest(headers).unwrap_or_default()) {
+            return error_response(ApiShape::OpenAi, &GatewayError::Unauthorized);
+        }
+        let now = Instant::now();
+        let list: Vec<_> = self
+            .targets
+            .iter()
+            .map(|t| {
+                let s = t.stats.snapshot(now);
+                json!({ "name": t.name, "kind": t.kind, "api": t.api(), "region": t.region, "health": s.health,
+                    "ejected_until_ms": s.ejected_until_ms, "latency_ms": s.latency_ms, "ttft_ms": s.ttft_ms,
+                    "error_rate": s.error_rate, "in_flight": s.in_flight,
+                    "consecutive_failures": s.consecutive_failures, "ejections_total": s.ejections_total,
+                    "engine": s.engine, "rtt_ms": s.rtt_ms })
+            })
+            .collect();
+        json_response(StatusCode::OK, Bytes::from(json!({ "targets": list }).to_string()))
+    }
+
     /// Answers one HTTP request.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let request_id = request_id(req.headers());
@@ -228,6 +261,7 @@ impl Edge {
                 Err(e) => error_response(ApiShape::OpenAi, &e),
             },
             (&Method::POST, "/admin/plugins/reload") => self.admin_reload(req.headers()).await,
+            (&Method::GET, "/admin/targets") => self.admin_targets(req.headers()),
             (&Method::GET, "/v1/models") => match self.loaded.load().tenants.authenticate(req.headers()) {
                 Ok(_) => json_response(StatusCode::OK, self.model_list.clone()),
                 Err(e) => error_response(ApiShape::OpenAi, &e),
@@ -259,6 +293,10 @@ impl Edge {
             let (bytes, entries) = cache.size().await;
             self.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
             self.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        }
+        let now = Instant::now();
+        for t in &self.targets {
+            self.metrics.observe_target(&t.name, &t.stats.snapshot(now));
         }
         let mut resp = Response::new(full(self.metrics.render()));
         resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
@@ -461,27 +499,47 @@ impl Edge {
 
     /// Tries each target of the plan in order until one answers. A refusal of the request itself
     /// ends the attempts at once; other failures move on to the next target.
+    ///
+    /// Ejected targets (and half-open ones whose one trial is under way) are skipped, and not
+    /// counted as attempts, unless every target of the plan is out: then each is tried in order
+    /// anyway, a probable failure being better than a certain one. Each attempt's outcome feeds
+    /// its target's live statistics.
     async fn first_answer<'m, T, F, Fut>(&self, plan: &'m Plan, mut attempt: F) -> Result<(T, &'m Route), GatewayError>
     where
         F: FnMut(&'m Route) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
         let mut last = None;
-        for route in plan.routes() {
-            let result = attempt(route).await;
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(e) => {
-                    warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
-                    e.kind()
+        // Every target out: each is tried anyway. Also when all turn out to be out only as they
+        // are reached (a concurrent request took a half-open target's one trial).
+        let mut anyway = plan.routes().all(|r| !r.target.stats.available(Instant::now()));
+        loop {
+            for route in plan.routes() {
+                if !anyway && route.target.stats.admit(Instant::now()) == Admission::Skip {
+                    debug!(target_name = %route.target.name, "target ejected: skipped");
+                    continue;
                 }
-            };
-            self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
-            match result {
-                Ok(answer) => return Ok((answer, route)),
-                Err(e) if e.is_retryable() => last = Some(e),
-                Err(e) => return Err(e.into()),
+                let started = Instant::now();
+                let result = attempt(route).await;
+                route.target.record(started, result.as_ref().map(|_| ()));
+                let outcome = match &result {
+                    Ok(_) => "ok",
+                    Err(e) => {
+                        warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
+                        e.kind()
+                    }
+                };
+                self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
+                match result {
+                    Ok(answer) => return Ok((answer, route)),
+                    Err(e) if e.is_retryable() => last = Some(e),
+                    Err(e) => return Err(e.into()),
+                }
             }
+            if last.is_some() || anyway {
+                break;
+            }
+            anyway = true;
         }
         // Config guarantees every model at least one target, so `last` is set here.
         Err(last.map_or_else(|| GatewayError::UnknownModel(plan.model.name.clone()), GatewayError::from))

@@ -1,9 +1,11 @@
 //! Prometheus metrics of the edge, served at `GET /metrics`.
 
 use prometheus::{
-    exponential_buckets, CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::stats::Snapshot;
 
 /// Every metric the edge exports.
 pub struct Metrics {
@@ -31,6 +33,14 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     /// `meridian_requests_in_flight`: chat requests being served.
     pub in_flight: IntGauge,
+    /// `meridian_target_latency_ms{target}`: smoothed latency to the first byte (0 until measured).
+    pub target_latency: GaugeVec,
+    /// `meridian_target_health{target}`: 1 healthy, 0.5 degraded or half-open, 0 ejected.
+    pub target_health: GaugeVec,
+    /// `meridian_target_in_flight{target}`: requests in flight to each target.
+    pub target_in_flight: IntGaugeVec,
+    /// `meridian_target_ejections_total{target}`: outlier ejections.
+    pub target_ejections: IntCounterVec,
 }
 
 impl Metrics {
@@ -82,8 +92,30 @@ impl Metrics {
         let cache_entries = IntGauge::new("meridian_cache_entries", "Cached answers").expect("valid metric");
         let in_flight =
             IntGauge::new("meridian_requests_in_flight", "Chat requests being served").expect("valid metric");
+        let target_latency = GaugeVec::new(
+            Opts::new("meridian_target_latency_ms", "Smoothed latency to each target's first byte, in ms"),
+            &["target"],
+        )
+        .expect("valid metric");
+        let target_health = GaugeVec::new(
+            Opts::new("meridian_target_health", "Target health: 1 healthy, 0.5 degraded or half-open, 0 ejected"),
+            &["target"],
+        )
+        .expect("valid metric");
+        let target_in_flight =
+            IntGaugeVec::new(Opts::new("meridian_target_in_flight", "Requests in flight to each target"), &["target"])
+                .expect("valid metric");
+        let target_ejections = IntCounterVec::new(
+            Opts::new("meridian_target_ejections_total", "Outlier ejections of each target"),
+            &["target"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(target_latency.clone()),
+            Box::new(target_health.clone()),
+            Box::new(target_in_flight.clone()),
+            Box::new(target_ejections.clone()),
             Box::new(duration.clone()),
             Box::new(ttft.clone()),
             Box::new(tokens.clone()),
@@ -110,7 +142,20 @@ impl Metrics {
             cache_bytes,
             cache_entries,
             in_flight,
+            target_latency,
+            target_health,
+            target_in_flight,
+            target_ejections,
         }
+    }
+
+    /// Sets the per-target gauges (and catches the ejection counter up) from a target's stats.
+    pub fn observe_target(&self, target: &str, s: &Snapshot) {
+        self.target_latency.with_label_values(&[target]).set(s.latency_ms.unwrap_or(0.0));
+        self.target_health.with_label_values(&[target]).set(s.health.gauge());
+        self.target_in_flight.with_label_values(&[target]).set(i64::from(s.in_flight));
+        let ejections = self.target_ejections.with_label_values(&[target]);
+        ejections.inc_by(s.ejections_total.saturating_sub(ejections.get()));
     }
 
     /// The registry, for metrics registered elsewhere (the plugin runtime's).

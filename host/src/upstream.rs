@@ -5,8 +5,8 @@
 //! canonical [`StreamEvent`]s, so the request path does not care which it talks to.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -26,6 +26,11 @@ use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetKind};
 use crate::error::UpstreamError;
 use crate::sse::{SseEvent, SseParser};
+use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
+
+/// The message of the error an embeddings request gets from a target that does not serve them:
+/// a skip, not a failure of the target.
+const NO_EMBEDDINGS: &str = "this target does not serve embeddings";
 
 /// The shared HTTP(S) client of all managed targets.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -66,6 +71,8 @@ pub struct Target {
     pub region: Option<String>,
     /// Whether it runs on the operator's own infrastructure.
     pub own_infrastructure: bool,
+    /// Its live statistics and ejection state.
+    pub stats: TargetStats,
     config: TargetConfig,
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
@@ -126,6 +133,7 @@ impl Target {
             kind: tc.kind,
             region: tc.region.clone(),
             own_infrastructure: tc.own_infrastructure,
+            stats: TargetStats::new(Ejection::from(&config.health)),
             config: tc.clone(),
             endpoint,
             headers,
@@ -149,6 +157,34 @@ impl Target {
     /// The engine client of an engine target.
     pub fn engine(&self) -> Option<&EngineClient> {
         self.engine.as_ref()
+    }
+
+    /// Records the outcome of one attempt that began at `started`: an answer (its latency to the
+    /// first byte feeds the smoothed latency), a refusal of the request itself (the target is
+    /// alive: a success without a latency), or a failure of the target. A target skipped because
+    /// it does not serve embeddings is neither.
+    pub fn record(&self, started: Instant, result: Result<(), &UpstreamError>) {
+        match result {
+            Ok(()) => self.stats.success(Some(started.elapsed())),
+            Err(UpstreamError::Protocol { message, .. }) if message == NO_EMBEDDINGS => {}
+            Err(e) if !e.is_retryable() => self.stats.success(None),
+            Err(_) => self.stats.failure(Instant::now()),
+        }
+    }
+
+    /// Asks an engine target for its health once (within its connect timeout), and records the
+    /// load and RTT it reports, or the failure. Not an engine target: nothing.
+    pub async fn probe(&self) {
+        let Some(client) = &self.engine else { return };
+        let after = self.config.connect_timeout() + self.config.first_byte_timeout();
+        let result = match tokio::time::timeout(after, client.health()).await {
+            Ok(Ok(h)) => Some((
+                EngineLoad { queue_depth: h.queue_depth, active_sequences: h.active_sequences, max_batch: h.max_batch },
+                client.rtt(),
+            )),
+            _ => None,
+        };
+        self.stats.probe(Instant::now(), result);
     }
 
     /// An engine client's failure as an upstream error, under the edge's fallback rules.
@@ -257,14 +293,18 @@ impl Target {
         request_id: &str,
     ) -> Result<ChatResponse, UpstreamError> {
         if self.engine.is_some() {
-            // One code path for engines: a whole answer is the folded stream.
+            // One code path for engines: a whole answer is the folded stream (which counts
+            // itself in flight).
             let mut stream = self.stream_engine(req, upstream_model).await?;
+            // Its failure is this call's, which the request path records.
+            stream.records_failure = false;
             let mut builder = ResponseBuilder::default();
             while let Some(ev) = stream.next().await {
                 builder.push(&ev?);
             }
             return Ok(builder.finish());
         }
+        let _in_flight = self.stats.start();
         let body = self.body(req, upstream_model, default_max_tokens)?;
         let response = self.send(client, body, request_id).await?;
         let body = self.read_body(response.into_body(), 64 << 20).await?;
@@ -287,6 +327,7 @@ impl Target {
         if self.engine.is_some() {
             return self.stream_engine(req, upstream_model).await;
         }
+        let (started, in_flight) = (Instant::now(), self.stats.start());
         let body = self.body(req, upstream_model, default_max_tokens)?;
         let response = self.send(client, body, request_id).await?;
         let is_sse = response
@@ -303,7 +344,7 @@ impl Target {
         };
         let source =
             Source::Sse { body: response.into_body(), parser: SseParser::default(), decoder, parsed: Vec::new() };
-        Ok(EventStream::new(Arc::clone(self), source, VecDeque::new()))
+        Ok(EventStream::new(Arc::clone(self), source, VecDeque::new(), started, in_flight))
     }
 
     /// Embeddings of `input` under the target's model name. Only engine targets serve them; any
@@ -313,7 +354,8 @@ impl Target {
         input: Vec<String>,
         upstream_model: &str,
     ) -> Result<meridian_engine::api::Embeddings, UpstreamError> {
-        let client = self.engine.as_ref().ok_or_else(|| self.protocol("this target does not serve embeddings"))?;
+        let client = self.engine.as_ref().ok_or_else(|| self.protocol(NO_EMBEDDINGS))?;
+        let _in_flight = self.stats.start();
         let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
         let after = self.config.first_byte_timeout();
         match tokio::time::timeout(after, client.embed(request)).await {
@@ -330,6 +372,7 @@ impl Target {
         upstream_model: &str,
     ) -> Result<EventStream, UpstreamError> {
         let client = self.engine.as_ref().ok_or_else(|| self.protocol("not an engine target"))?;
+        let (started, in_flight) = (Instant::now(), self.stats.start());
         let request = engine::request(req, upstream_model).map_err(|e| UpstreamError::Status {
             target: self.name.clone(),
             status: 400,
@@ -341,7 +384,7 @@ impl Target {
             Ok(result) => result.map_err(|e| self.engine_error(e))?,
         };
         let head = VecDeque::from([engine::start(&req.model)]);
-        Ok(EventStream::new(Arc::clone(self), Source::Engine(Box::new(stream)), head))
+        Ok(EventStream::new(Arc::clone(self), Source::Engine(Box::new(stream)), head, started, in_flight))
     }
 }
 
@@ -380,11 +423,35 @@ pub struct EventStream {
     pending: VecDeque<StreamEvent>,
     failed: Option<UpstreamError>,
     done: bool,
+    /// When the request was sent, for the time to first token.
+    started: Instant,
+    /// Whether content has been delivered: a failure after it is the stream's own (before it,
+    /// the request path records the failed attempt).
+    begun: bool,
+    /// Whether a failure after content counts against the target here.
+    records_failure: bool,
+    _in_flight: InFlight,
 }
 
 impl EventStream {
-    fn new(target: Arc<Target>, source: Source, pending: VecDeque<StreamEvent>) -> EventStream {
-        EventStream { target, source, pending, failed: None, done: false }
+    fn new(
+        target: Arc<Target>,
+        source: Source,
+        pending: VecDeque<StreamEvent>,
+        started: Instant,
+        in_flight: InFlight,
+    ) -> EventStream {
+        EventStream {
+            target,
+            source,
+            pending,
+            failed: None,
+            done: false,
+            started,
+            begun: false,
+            records_failure: true,
+            _in_flight: in_flight,
+        }
     }
 
     /// The target it comes from.
@@ -440,9 +507,16 @@ impl EventStream {
     /// event already received, the failure that ended the stream, or its end.
     pub fn ready(&mut self) -> Option<Option<Result<StreamEvent, UpstreamError>>> {
         if let Some(ev) = self.pending.pop_front() {
+            if !self.begun && ev.content_len() > 0 {
+                self.begun = true;
+                self.target.stats.ttft(self.started.elapsed());
+            }
             return Some(Some(Ok(ev)));
         }
         if let Some(err) = self.failed.take() {
+            if self.begun && self.records_failure {
+                self.target.stats.failure(Instant::now());
+            }
             return Some(Some(Err(err)));
         }
         self.done.then_some(None)
@@ -473,6 +547,24 @@ impl EventStream {
             }
         }
         self.pending.extend(out);
+    }
+}
+
+/// Probes every engine target's health every `interval`, each in a task of its own that ends when
+/// the target is dropped. Managed targets are not probed (they have no free probe endpoint): they
+/// recover through half-open requests.
+pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, interval: Duration) {
+    for target in targets.into_iter().filter(|t| t.engine.is_some()) {
+        let weak: Weak<Target> = Arc::downgrade(target);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(target) = weak.upgrade() else { return };
+                target.probe().await;
+            }
+        });
     }
 }
 
