@@ -386,3 +386,55 @@ fn target(route: &Route) -> plugin::Target {
         capacity,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::upstream::Target;
+
+    fn route() -> Route {
+        let config = Config::parse(
+            r#"
+            [targets.gpu]
+            api = "openai"
+            base_url = "http://127.0.0.1:9/v1"
+            kind = "dedicated"
+            price = { per = "hour", usd_per_hour = 2.0, capacity = 8 }
+            [health]
+            ejection_threshold = 2
+            [[models]]
+            name = "m"
+            targets = [{ target = "gpu" }]
+        "#,
+        )
+        .unwrap();
+        let target = Arc::new(Target::new("gpu", &config).unwrap());
+        Route { target, upstream_model: "m".into(), price: config.targets["gpu"].price }
+    }
+
+    #[test]
+    fn routers_see_the_live_stats() {
+        let r = route();
+        let t = target(&r);
+        assert_eq!((t.health, t.latency_ms, t.ttft_ms, t.in_flight), (Health::Healthy, 0.0, 0.0, 0));
+        assert_eq!(t.capacity, Some(8), "the price model's capacity until an engine reports one");
+
+        let stats = &r.target.stats;
+        stats.success(Some(Duration::from_millis(120)));
+        stats.ttft(Duration::from_millis(40));
+        let _busy = stats.start();
+        let t = target(&r);
+        assert_eq!((t.latency_ms, t.ttft_ms, t.in_flight), (120.0, 40.0, 1));
+
+        let load = crate::stats::EngineLoad { queue_depth: 0, active_sequences: 1, max_batch: 4 };
+        stats.probe(Instant::now(), Some((load, None)));
+        assert_eq!(target(&r).capacity, Some(4), "the engine's own figure wins");
+
+        stats.failure(Instant::now());
+        assert_eq!(target(&r).health, Health::Degraded);
+        stats.failure(Instant::now());
+        assert_eq!(target(&r).health, Health::Down, "ejected");
+    }
+}
