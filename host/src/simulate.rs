@@ -30,7 +30,8 @@
 //!   attempt ends, not when it starts.
 //!
 //! Each request asks its router for an ordered target list and tries the targets in order as the
-//! edge does (a failed attempt costs its latency and moves on); all failing is an error, a refusal
+//! edge does (ejected targets skipped unless all are; a failed attempt costs its latency and moves
+//! on); all failing is an error, a refusal
 //! too. A request counts as a residency violation when any attempt went where
 //! [`residency_allows`] says it may not. Cost is what each attempt is billed under its target's
 //! model; dedicated engines cost their hours over the simulated span whatever the router does.
@@ -935,6 +936,9 @@ fn simulate_router(
                 world.static_order[edge].clone()
             }
         };
+        // As the edge does: ejected targets are skipped, unless every one in the plan is.
+        let up: Vec<usize> = order.iter().copied().filter(|&j| views[edge][j].health(now) != Health::Down).collect();
+        let order = if up.is_empty() { order } else { up };
 
         // Client to its edge, and the edge's own work.
         let mut rng_client = Rng::new(sc.seed, Stream::Request, i, 1);
