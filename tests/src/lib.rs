@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 
 pub mod engine;
+pub mod netns;
 
 /// The key of tenant `acme`.
 pub const ACME_KEY: &str = "sk-acme-test";
