@@ -285,7 +285,10 @@ impl TargetStats {
 
     /// An active probe's outcome at `now`: the engine's load and RTT when it answered. A probe
     /// answered after the backoff closes the target; one that failed counts as a failure. While
-    /// the target is ejected, probes only refresh its load.
+    /// the target is ejected, probes only refresh its load. An answered probe also lowers the
+    /// error rate, so that a recovered target routers ranked down by its past failures becomes
+    /// healthy again without traffic; it does not clear a run of request failures, which only a
+    /// request can (an engine can answer health and still fail generations).
     pub fn probe(&self, now: Instant, result: Option<(EngineLoad, Option<Duration>)>) {
         let ejection = self.ejection;
         let mut inner = self.lock();
@@ -296,8 +299,10 @@ impl TargetStats {
                 if let Some(rtt) = rtt {
                     inner.rtt_ms = Some(ewma(inner.rtt_ms, ms(rtt), LATENCY_ALPHA));
                 }
-                if state == HealthState::HalfOpen {
-                    inner.success();
+                match state {
+                    HealthState::HalfOpen => inner.success(),
+                    HealthState::Ejected => {}
+                    _ => inner.error_rate = ewma(Some(inner.error_rate), 0.0, ERROR_ALPHA),
                 }
             }
             None if state != HealthState::Ejected => inner.failure(now, &ejection),
@@ -464,6 +469,14 @@ mod tests {
         assert_eq!(snap.consecutive_failures, 0);
         assert_eq!(snap.engine, Some(load));
         assert_eq!(snap.rtt_ms, Some(4.0 + 0.3 * 4.0));
+        // Answered probes alone bring the recovered target back to healthy.
+        let mut t = t0 + ms_(100);
+        while s.state(t) == HealthState::Degraded {
+            assert!(t < t0 + ms_(200), "probes never made it healthy");
+            t += ms_(5);
+            s.probe(t, Some((load, None)));
+        }
+        assert_eq!(s.state(t), HealthState::Healthy);
         // A failed probe at half-open ejects again, for longer.
         fail_times(&s, t0 + ms_(100), 3);
         s.probe(t0 + ms_(200), None);

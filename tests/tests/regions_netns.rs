@@ -117,29 +117,6 @@ async fn until_served_by(edge: &TestEdge, region: &str, secs: u64, what: &str) {
     }
 }
 
-/// Brings `region`'s error rate back down with requests pinned to it, until it is healthy again.
-///
-/// Needed because of a gap in the edge (host/src/stats.rs): a successful probe closes an ejected
-/// target but does not lower its error rate, which only requests do. After an outage the target
-/// comes back `degraded`, the latency router puts every healthy target first, so no request
-/// reaches it and it stays degraded for good. Until that is fixed, traffic returns to a
-/// recovered region only once something else sends it requests; here, a tenant without a router.
-async fn restore_error_rate(edge: &TestEdge, region: &str) {
-    let health = targets(edge).await[region]["health"].clone();
-    if health == "healthy" {
-        return;
-    }
-    eprintln!("regions_netns: {region} is back {health} (see restore_error_rate): pinned requests until healthy");
-    for _ in 0..15 {
-        let (got, _) = answered(edge, GLOBEX_KEY, &format!("smol-{region}"), "pinned").await;
-        assert_eq!(got, region);
-        if targets(edge).await[region]["health"] == "healthy" {
-            return;
-        }
-    }
-    panic!("{region} not healthy after 15 successful requests: {}", targets(edge).await);
-}
-
 async fn attempts(edge: &TestEdge, target: &str) -> f64 {
     metric(&edge.metrics().await, "meridian_upstream_attempts_total", &[&format!("target=\"{target}\"")])
 }
@@ -312,7 +289,6 @@ async fn scenario(regions: Vec<Region>) {
         matches!(t["health"].as_str(), Some("healthy" | "degraded"))
     })
     .await;
-    restore_error_rate(&edge, "us").await;
     until_served_by(&edge, "us", 20, "traffic returns to us").await;
     eprintln!("regions_netns: recovery: us serving {:.1} s after the restart", t_restart.elapsed().as_secs_f64());
 
@@ -340,7 +316,6 @@ async fn scenario(regions: Vec<Region>) {
         matches!(t["health"].as_str(), Some("healthy" | "degraded"))
     })
     .await;
-    restore_error_rate(&edge, "us").await;
     until_served_by(&edge, "us", 30, "traffic returns to us after the partition heals").await;
     eprintln!("regions_netns: healed: us serving {:.1} s after the heal", t_heal.elapsed().as_secs_f64());
 
