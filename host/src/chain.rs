@@ -358,8 +358,8 @@ fn target(route: &Route) -> plugin::Target {
     let t = &route.target;
     let stats = t.stats.snapshot(std::time::Instant::now());
     let price = route.price.map(PriceModel::from);
-    let capacity = match (stats.engine, route.price) {
-        (Some(load), _) if load.max_batch > 0 => Some(load.max_batch),
+    let capacity = match (stats.engine.as_ref().map(|e| e.max_batch), route.price) {
+        (Some(max_batch), _) if max_batch > 0 => Some(max_batch),
         (_, Some(accounting::PriceModel::Hour { capacity, .. })) => Some(capacity),
         _ => None,
     };
@@ -428,7 +428,13 @@ mod tests {
         let t = target(&r);
         assert_eq!((t.latency_ms, t.ttft_ms, t.in_flight), (120.0, 40.0, 1));
 
-        let load = crate::stats::EngineLoad { queue_depth: 0, active_sequences: 1, max_batch: 4 };
+        let load = crate::stats::EngineLoad {
+            provider: "cpu".into(),
+            tokens_per_second: 0.0,
+            queue_depth: 0,
+            active_sequences: 1,
+            max_batch: 4,
+        };
         stats.probe(Instant::now(), Some((load, None)));
         assert_eq!(target(&r).capacity, Some(4), "the engine's own figure wins");
 

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub target_health: GaugeVec,
     /// `meridian_target_in_flight{target}`: requests in flight to each target.
     pub target_in_flight: IntGaugeVec,
+    /// `meridian_engine_info{target,provider}`: 1 for the execution provider each engine target
+    /// reports running on.
+    pub engine_info: IntGaugeVec,
+    /// `meridian_engine_tokens_per_second{target}`: generation speed each engine reports.
+    pub engine_tokens_per_second: GaugeVec,
     /// `meridian_target_ejections_total{target}`: outlier ejections.
     pub target_ejections: IntCounterVec,
 }
@@ -105,6 +110,16 @@ impl Metrics {
         let target_in_flight =
             IntGaugeVec::new(Opts::new("meridian_target_in_flight", "Requests in flight to each target"), &["target"])
                 .expect("valid metric");
+        let engine_info = IntGaugeVec::new(
+            Opts::new("meridian_engine_info", "The execution provider each engine target runs on (value 1)"),
+            &["target", "provider"],
+        )
+        .expect("valid metric");
+        let engine_tokens_per_second = GaugeVec::new(
+            Opts::new("meridian_engine_tokens_per_second", "Tokens per second each engine target reports"),
+            &["target"],
+        )
+        .expect("valid metric");
         let target_ejections = IntCounterVec::new(
             Opts::new("meridian_target_ejections_total", "Outlier ejections of each target"),
             &["target"],
@@ -115,6 +130,8 @@ impl Metrics {
             Box::new(target_latency.clone()),
             Box::new(target_health.clone()),
             Box::new(target_in_flight.clone()),
+            Box::new(engine_info.clone()),
+            Box::new(engine_tokens_per_second.clone()),
             Box::new(target_ejections.clone()),
             Box::new(duration.clone()),
             Box::new(ttft.clone()),
@@ -145,6 +162,8 @@ impl Metrics {
             target_latency,
             target_health,
             target_in_flight,
+            engine_info,
+            engine_tokens_per_second,
             target_ejections,
         }
     }
@@ -154,6 +173,10 @@ impl Metrics {
         self.target_latency.with_label_values(&[target]).set(s.latency_ms.unwrap_or(0.0));
         self.target_health.with_label_values(&[target]).set(s.health.gauge());
         self.target_in_flight.with_label_values(&[target]).set(i64::from(s.in_flight));
+        if let Some(engine) = &s.engine {
+            self.engine_info.with_label_values(&[target, &engine.provider]).set(1);
+            self.engine_tokens_per_second.with_label_values(&[target]).set(engine.tokens_per_second);
+        }
         let ejections = self.target_ejections.with_label_values(&[target]);
         ejections.inc_by(s.ejections_total.saturating_sub(ejections.get()));
     }

@@ -60,8 +60,12 @@ pub enum Admission {
 }
 
 /// What an engine reports about its load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EngineLoad {
+    /// The execution provider its models run on (`tensorrt`, `cuda`, `cpu`).
+    pub provider: String,
+    /// Tokens it generated per second, lately.
+    pub tokens_per_second: f64,
     /// Requests admitted but not yet decoding.
     pub queue_depth: u32,
     /// Sequences decoding now.
@@ -340,7 +344,7 @@ impl TargetStats {
             in_flight: self.in_flight(),
             consecutive_failures: inner.consecutive_failures,
             ejections_total: inner.ejections_total,
-            engine: inner.engine,
+            engine: inner.engine.clone(),
             rtt_ms: inner.rtt_ms,
         }
     }
@@ -454,27 +458,33 @@ mod tests {
     fn probes_close_a_half_open_target_and_count_failures() {
         let t0 = Instant::now();
         let s = stats();
-        let load = EngineLoad { queue_depth: 2, active_sequences: 3, max_batch: 8 };
-        s.probe(t0, Some((load, Some(ms_(4)))));
+        let load = EngineLoad {
+            provider: "cpu".into(),
+            tokens_per_second: 0.0,
+            queue_depth: 2,
+            active_sequences: 3,
+            max_batch: 8,
+        };
+        s.probe(t0, Some((load.clone(), Some(ms_(4)))));
         assert_eq!(s.state(t0), HealthState::Healthy);
         for _ in 0..3 {
             s.probe(t0, None);
         }
         assert_eq!(s.state(t0), HealthState::Ejected, "failed probes eject");
-        s.probe(t0 + ms_(50), Some((load, None)));
+        s.probe(t0 + ms_(50), Some((load.clone(), None)));
         assert_eq!(s.state(t0 + ms_(50)), HealthState::Ejected, "an answer during the backoff only refreshes load");
-        s.probe(t0 + ms_(100), Some((load, Some(ms_(8)))));
+        s.probe(t0 + ms_(100), Some((load.clone(), Some(ms_(8)))));
         let snap = s.snapshot(t0 + ms_(100));
         assert_eq!(snap.health, HealthState::Degraded);
         assert_eq!(snap.consecutive_failures, 0);
-        assert_eq!(snap.engine, Some(load));
+        assert_eq!(snap.engine.as_ref(), Some(&load));
         assert_eq!(snap.rtt_ms, Some(4.0 + 0.3 * 4.0));
         // Answered probes alone bring the recovered target back to healthy.
         let mut t = t0 + ms_(100);
         while s.state(t) == HealthState::Degraded {
             assert!(t < t0 + ms_(200), "probes never made it healthy");
             t += ms_(5);
-            s.probe(t, Some((load, None)));
+            s.probe(t, Some((load.clone(), None)));
         }
         assert_eq!(s.state(t), HealthState::Healthy);
         // A failed probe at half-open ejects again, for longer.

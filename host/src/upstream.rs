@@ -179,7 +179,13 @@ impl Target {
         let after = self.config.connect_timeout() + self.config.first_byte_timeout();
         let result = match tokio::time::timeout(after, client.health()).await {
             Ok(Ok(h)) => Some((
-                EngineLoad { queue_depth: h.queue_depth, active_sequences: h.active_sequences, max_batch: h.max_batch },
+                EngineLoad {
+                    provider: h.provider,
+                    tokens_per_second: h.tokens_per_second,
+                    queue_depth: h.queue_depth,
+                    active_sequences: h.active_sequences,
+                    max_batch: h.max_batch,
+                },
                 client.rtt(),
             )),
             _ => None,

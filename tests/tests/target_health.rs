@@ -258,6 +258,9 @@ async fn engine_targets_are_probed_for_load_and_rtt_ejected_when_down_and_back_w
     assert_eq!(e["kind"], "dedicated", "{t}");
     assert!(e["rtt_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{t}");
     assert_eq!(e["engine"]["queue_depth"], 0, "{t}");
+    assert_eq!(e["engine"]["provider"], "cpu", "the provider in use shows at /admin/targets: {t}");
+    let m = metrics(&edge).await;
+    assert_eq!(metric(&m, "meridian_engine_info", &["target=\"engine-a\"", "provider=\"cpu\""]), 1.0, "{m}");
 
     // The engine stops: failed probes eject it, with no request sent.
     let _ = stop.send(());
