@@ -29,10 +29,7 @@ fn byte_level_decoder() -> HashMap<char, u8> {
             n += 1;
         }
     }
-    bs.into_iter()
-        .zip(cs)
-        .map(|(b, c)| (char::from_u32(c).expect("valid"), b as u8))
-        .collect()
+    bs.into_iter().zip(cs).map(|(b, c)| (char::from_u32(c).expect("valid"), b as u8)).collect()
 }
 
 enum Style {
@@ -46,7 +43,8 @@ impl TokenBytes {
     pub fn new(tokenizer: &Tokenizer) -> TokenBytes {
         let style = match tokenizer.get_decoder() {
             Some(DecoderWrapper::ByteLevel(_)) => Style::ByteLevel,
-            Some(DecoderWrapper::Sequence(_)) | Some(DecoderWrapper::Metaspace(_))
+            Some(DecoderWrapper::Sequence(_))
+            | Some(DecoderWrapper::Metaspace(_))
             | Some(DecoderWrapper::ByteFallback(_)) => Style::SentencePiece,
             _ => Style::Other,
         };

@@ -9,9 +9,9 @@ use ort::value::Tensor;
 use serde_json::Value as Json;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use crate::api::{EngineError, Embeddings, ErrorCode};
+use crate::api::{Embeddings, EngineError, ErrorCode};
 use crate::config::{Provider, RuntimeConfig};
-use crate::model::{LoadError, load_tokenizer, model_err, read_json};
+use crate::model::{load_tokenizer, model_err, read_json, LoadError};
 use crate::runtime::runtime;
 
 /// A loaded embedding model. `embed` blocks (run it off the async workers).

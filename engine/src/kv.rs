@@ -107,13 +107,8 @@ impl Batch {
     /// Runs `ids` through the model with an empty cache (batch 1): returns its cache and logits.
     pub fn prefill(model: &mut ChatModel, ids: &[u32]) -> ort::Result<(Prefilled, Logits)> {
         let n = ids.len();
-        let fwd = model.forward(
-            1,
-            ids.iter().map(|&t| t as i64).collect(),
-            (0..n as i64).collect(),
-            vec![1; n],
-            None,
-        )?;
+        let fwd =
+            model.forward(1, ids.iter().map(|&t| t as i64).collect(), (0..n as i64).collect(), vec![1; n], None)?;
         Ok((Prefilled { kv: fwd.present, len: n }, logits(fwd.logits, 1)?))
     }
 

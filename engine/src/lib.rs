@@ -7,18 +7,18 @@
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod wire;
 pub mod certs;
+pub mod client;
 pub mod config;
 pub mod detok;
 pub mod embed;
 pub mod kv;
 pub mod model;
+pub mod node;
 pub mod runtime;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod template;
 pub mod tls;
-pub mod server;
-pub mod client;
-pub mod node;
+pub mod wire;

@@ -22,7 +22,7 @@ use crate::api::{EngineError, ErrorCode, Message};
 use crate::config::{ModelKind, Provider, RuntimeConfig};
 use crate::detok::TokenBytes;
 use crate::kv::{Batch, KvLayout};
-use crate::runtime::{RuntimeError, runtime};
+use crate::runtime::{runtime, RuntimeError};
 use crate::sampling::argmax;
 use crate::template::ChatTemplate;
 
@@ -260,7 +260,8 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
     if let Some(g) = read_json(&dir.join("genai_config.json")).map_err(err)? {
         let m = g.get("model").ok_or_else(|| err("genai_config.json: model is missing".into()))?;
         let d = m.get("decoder").ok_or_else(|| err("genai_config.json: model.decoder is missing".into()))?;
-        let need = |v: Option<&Json>, k: &str| usize_of(v).ok_or_else(|| err(format!("genai_config.json: {k} is missing")));
+        let need =
+            |v: Option<&Json>, k: &str| usize_of(v).ok_or_else(|| err(format!("genai_config.json: {k} is missing")));
         return Ok(ChatSpec {
             num_layers: need(d.get("num_hidden_layers"), "model.decoder.num_hidden_layers")?,
             num_kv_heads: need(d.get("num_key_value_heads"), "model.decoder.num_key_value_heads")?,
@@ -330,7 +331,10 @@ fn decoder_io(session: &Session, spec: &mut ChatSpec) -> Result<DecoderIo, Strin
         return Err(format!("past_key_values.0.key is {:?}, expected float32", key0.dtype().tensor_type()));
     }
     if shape.len() != 4 || shape[1] <= 0 || shape[3] <= 0 {
-        return Err(format!("past_key_values.0.key has shape {:?}, expected [batch, kv_heads, past, head_dim]", &shape[..]));
+        return Err(format!(
+            "past_key_values.0.key has shape {:?}, expected [batch, kv_heads, past, head_dim]",
+            &shape[..]
+        ));
     }
     let (heads, head_dim) = (shape[1] as usize, shape[3] as usize);
     let layers = session
@@ -392,7 +396,17 @@ impl ChatModel {
         let io = decoder_io(&session, &mut spec).map_err(|m| model_err(name, dir, m))?;
         let token_bytes = Arc::new(TokenBytes::new(&tokenizer));
         let (tokenizer, template) = (Arc::new(tokenizer), Arc::new(template));
-        Ok(ChatModel { name: name.to_string(), dir: dir.to_path_buf(), spec, provider, tokenizer, template, token_bytes, session, io })
+        Ok(ChatModel {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            spec,
+            provider,
+            tokenizer,
+            template,
+            token_bytes,
+            session,
+            io,
+        })
     }
 
     /// The KV layout of this model.

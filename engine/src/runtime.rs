@@ -13,10 +13,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ort::ep::{self, ExecutionProvider};
 use ort::environment::Environment;
-use ort::session::Session;
+use ort::ep::{self, ExecutionProvider};
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
+use ort::session::Session;
 
 use crate::config::{Provider, RuntimeConfig};
 
@@ -75,8 +75,8 @@ pub fn runtime() -> Result<&'static Runtime, RuntimeError> {
 
 fn init() -> Result<Runtime, RuntimeError> {
     let library = find_library()?;
-    let builder = ort::init_from(&library)
-        .map_err(|e| RuntimeError::Load { path: library.clone(), message: e.to_string() })?;
+    let builder =
+        ort::init_from(&library).map_err(|e| RuntimeError::Load { path: library.clone(), message: e.to_string() })?;
     let env = builder
         .with_name("meridian-engine")
         .build()
@@ -114,10 +114,7 @@ pub fn find_library() -> Result<PathBuf, RuntimeError> {
             return Ok(path);
         }
         // Named explicitly but absent: say so rather than silently using another one.
-        return Err(RuntimeError::Load {
-            path,
-            message: "ORT_DYLIB_PATH names no file".into(),
-        });
+        return Err(RuntimeError::Load { path, message: "ORT_DYLIB_PATH names no file".into() });
     }
     looked.push("ORT_DYLIB_PATH (unset)".to_string());
     let home = meridian_home().join("ort").join("libonnxruntime.so");
@@ -145,11 +142,7 @@ fn python_onnxruntime() -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("libonnxruntime.so"))
-        })
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libonnxruntime.so")))
         .collect();
     // The longest name is the versioned file (libonnxruntime.so.1.31.1), never a dangling link.
     found.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
@@ -165,14 +158,9 @@ impl Runtime {
     /// A session builder with the thread settings, spinning, full graph optimisation and the
     /// execution provider registered; returns the provider that actually registered (never
     /// `Auto`).
-    pub fn session_builder(
-        &self,
-        cfg: &RuntimeConfig,
-    ) -> Result<(SessionBuilder, Provider), RuntimeError> {
-        let err = |e: ort::Error<SessionBuilder>| RuntimeError::Session {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        };
+    pub fn session_builder(&self, cfg: &RuntimeConfig) -> Result<(SessionBuilder, Provider), RuntimeError> {
+        let err =
+            |e: ort::Error<SessionBuilder>| RuntimeError::Session { path: PathBuf::new(), message: e.to_string() };
         let spin = if cfg.spinning { "1" } else { "0" };
         let intra = match cfg.intra_op_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -194,16 +182,11 @@ impl Runtime {
     }
 
     /// Opens `model` with [`Runtime::session_builder`]'s settings.
-    pub fn session(
-        &self,
-        cfg: &RuntimeConfig,
-        model: &Path,
-    ) -> Result<(Session, Provider), RuntimeError> {
+    pub fn session(&self, cfg: &RuntimeConfig, model: &Path) -> Result<(Session, Provider), RuntimeError> {
         let (mut builder, provider) = self.session_builder(cfg)?;
-        let session = builder.commit_from_file(model).map_err(|e| RuntimeError::Session {
-            path: model.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let session = builder
+            .commit_from_file(model)
+            .map_err(|e| RuntimeError::Session { path: model.to_path_buf(), message: e.to_string() })?;
         tracing::info!(model = %model.display(), %provider, "session ready");
         Ok((session, provider))
     }
@@ -242,26 +225,19 @@ fn try_register(
     })
 }
 
-fn register_provider(
-    builder: SessionBuilder,
-    cfg: &RuntimeConfig,
-) -> Result<(SessionBuilder, Provider), RuntimeError> {
+fn register_provider(builder: SessionBuilder, cfg: &RuntimeConfig) -> Result<(SessionBuilder, Provider), RuntimeError> {
     let trt_available = || ep::TensorRT::is_available().map_err(|e| e.to_string());
     let cuda_available = || ep::CUDA::is_available().map_err(|e| e.to_string());
-    let explicit = |provider, (_, message): (SessionBuilder, String)| RuntimeError::Provider {
-        provider,
-        message,
-    };
+    let explicit = |provider, (_, message): (SessionBuilder, String)| RuntimeError::Provider { provider, message };
     match cfg.provider {
         Provider::Cpu => Ok((builder, Provider::Cpu)),
         Provider::Cuda => {
-            let b = try_register(builder, cuda_available(), cuda(cfg))
-                .map_err(|e| explicit(Provider::Cuda, e))?;
+            let b = try_register(builder, cuda_available(), cuda(cfg)).map_err(|e| explicit(Provider::Cuda, e))?;
             Ok((b, Provider::Cuda))
         }
         Provider::Tensorrt => {
-            let b = try_register(builder, trt_available(), tensorrt(cfg))
-                .map_err(|e| explicit(Provider::Tensorrt, e))?;
+            let b =
+                try_register(builder, trt_available(), tensorrt(cfg)).map_err(|e| explicit(Provider::Tensorrt, e))?;
             // CUDA takes the nodes TensorRT does not; without it they run on the CPU.
             let b = try_register(b, cuda_available(), cuda(cfg)).unwrap_or_else(|(b, _)| b);
             Ok((b, Provider::Tensorrt))

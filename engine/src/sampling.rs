@@ -164,14 +164,24 @@ mod tests {
         let l = logits();
         let mut order: Vec<u32> = (0..100).collect();
         order.sort_by(|&a, &b| l[b as usize].total_cmp(&l[a as usize]));
-        let mut s = Sampler::new(SamplingParams { temperature: Some(5.0), top_k: Some(3), seed: Some(7), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: Some(5.0),
+            top_k: Some(3),
+            seed: Some(7),
+            ..Default::default()
+        });
         for _ in 0..200 {
             assert!(order[..3].contains(&s.sample(&l)));
         }
         // Sharp distribution: the top token holds almost all mass, so top_p 0.5 keeps only it.
         let mut sharp = vec![0.0f32; 50];
         sharp[17] = 20.0;
-        let mut s = Sampler::new(SamplingParams { temperature: Some(1.0), top_p: Some(0.5), seed: Some(7), ..Default::default() });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: Some(1.0),
+            top_p: Some(0.5),
+            seed: Some(7),
+            ..Default::default()
+        });
         for _ in 0..100 {
             assert_eq!(s.sample(&sharp), 17);
         }

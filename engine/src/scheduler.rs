@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +30,7 @@ use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::embed::EmbeddingModel;
 use crate::kv::{Batch, Logits, Prefilled};
-use crate::model::{ChatModel, Prompter, infer_kind, model_err};
+use crate::model::{infer_kind, model_err, ChatModel, Prompter};
 use crate::sampling::{Sampler, SamplingParams};
 
 pub use crate::model::LoadError;
@@ -385,7 +385,8 @@ impl ModelLoop {
             let (prefilled, logits) = match Batch::prefill(&mut self.model, &job.prompt_ids) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ = job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, format!("prefill: {e}"))));
+                    let _ =
+                        job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, format!("prefill: {e}"))));
                     continue;
                 }
             };
@@ -407,7 +408,8 @@ impl ModelLoop {
             }
         }
         // Leave: finished and cancelled sequences. Join: the new ones.
-        let keep: Vec<usize> = (0..self.seqs.len()).filter(|&i| !self.seqs[i].done && !self.seqs[i].tx.is_closed()).collect();
+        let keep: Vec<usize> =
+            (0..self.seqs.len()).filter(|&i| !self.seqs[i].done && !self.seqs[i].tx.is_closed()).collect();
         let (new_seqs, prefilled): (Vec<Seq>, Vec<Prefilled>) = added.into_iter().unzip();
         let mut old: Vec<Option<Seq>> = self.seqs.drain(..).map(Some).collect();
         self.seqs = keep.iter().map(|&i| old[i].take().expect("kept once")).chain(new_seqs).collect();

@@ -5,7 +5,7 @@
 //! function `raise_exception(message)`. Blocks are trimmed as transformers does (`trim_blocks`,
 //! `lstrip_blocks`).
 
-use minijinja::{Environment, Error, ErrorKind, context};
+use minijinja::{context, Environment, Error, ErrorKind};
 
 use crate::api::Message;
 
@@ -21,11 +21,7 @@ const NAME: &str = "chat_template";
 
 impl ChatTemplate {
     /// Compiles `source`; `bos_token`/`eos_token` are the strings the template may insert.
-    pub fn new(
-        source: &str,
-        bos_token: Option<&str>,
-        eos_token: Option<&str>,
-    ) -> Result<ChatTemplate, String> {
+    pub fn new(source: &str, bos_token: Option<&str>, eos_token: Option<&str>) -> Result<ChatTemplate, String> {
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
@@ -83,9 +79,8 @@ mod tests {
     #[test]
     fn smollm2_own_system_prompt_and_turns() {
         let t = ChatTemplate::new(SMOLLM2, None, Some("<|im_end|>")).unwrap();
-        let p = t
-            .render(&[msg("system", "Be brief."), msg("user", "A"), msg("assistant", "B"), msg("user", "C")])
-            .unwrap();
+        let p =
+            t.render(&[msg("system", "Be brief."), msg("user", "A"), msg("assistant", "B"), msg("user", "C")]).unwrap();
         assert_eq!(
             p,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nA<|im_end|>\n\
