@@ -48,16 +48,17 @@ impl std::fmt::Display for Provider {
 pub struct RuntimeConfig {
     /// Execution provider (default `auto`: TensorRT ▸ CUDA ▸ CPU).
     pub provider: Provider,
-    /// Threads inside one operator, per session (default 0: one per available CPU). Measured on a
-    /// 2-CPU machine with SmolLM2-135M int4 and the engine as its only load: 2 threads with
-    /// spinning decoded 125 tok/s at batch 1 and 245 tok/s aggregate with 8 concurrent requests,
-    /// 1 thread 96 and 151. Under competing load, 1 thread without spinning can be faster.
+    /// Threads inside one operator, per session (default 0: one per available CPU). On a 2-CPU
+    /// machine with SmolLM2-135M int4 and the engine as its only load, 2 threads with spinning
+    /// decoded 125 tok/s at batch 1 and 245 tok/s aggregate with 8 concurrent requests, 1 thread
+    /// 96 and 151 (`engine-bench --weights int4` against `--threads 1 --spinning off`). Under
+    /// competing load, 1 thread without spinning can be faster.
     pub intra_op_threads: usize,
     /// Threads across operators, per session (default 1; the graphs run sequentially).
     pub inter_op_threads: usize,
     /// Let intra-op threads spin while waiting for work (default true: on a machine that runs only
-    /// the engine it gained 20% at batch 1 and 10% at batch 8; turn it off when other processes
-    /// compete for the CPUs, where spinning hurts).
+    /// the engine it gained 20% at batch 1 and 10% at batch 8, `engine-bench --spinning on|off`;
+    /// turn it off when other processes compete for the CPUs, where spinning hurts).
     pub spinning: bool,
     /// Where TensorRT keeps its built engines (default: none, engines are rebuilt at every start).
     pub trt_cache_dir: Option<PathBuf>,

@@ -11,7 +11,7 @@
 //!
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
-//! `--runs N` batch-1 repetitions (default 3, the median is printed), `--provider
+//! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` batch-1 repetitions (default 3, the median is printed), `--provider
 //! auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the Python comparison.
 //!
 //! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
@@ -44,6 +44,7 @@ struct Options {
     tokens: u32,
     weights: Vec<String>,
     threads: Option<usize>,
+    spinning: Option<bool>,
     runs: usize,
     provider: Provider,
     golden: Option<PathBuf>,
@@ -60,6 +61,11 @@ fn main() {
         tokens: num("--tokens", 128) as u32,
         weights: opt("--weights").unwrap_or_else(|| "int4,fp32".into()).split(',').map(str::to_string).collect(),
         threads: opt("--threads").map(|v| v.parse().expect("--threads takes a number")),
+        spinning: opt("--spinning").map(|v| match v.as_str() {
+            "on" => true,
+            "off" => false,
+            _ => panic!("--spinning takes on or off"),
+        }),
         runs: num("--runs", 3),
         provider: opt("--provider").map_or(Provider::Auto, |p| {
             serde_json::from_value(Value::String(p.clone())).unwrap_or_else(|_| panic!("unknown provider {p}"))
@@ -244,14 +250,22 @@ fn completion_tokens(stream: &[u8]) -> Option<u32> {
 }
 
 /// `engine/bench/ort_loop.py` on the same file and prompt ids: (ttft ms, decode tokens/s).
-fn python_loop(python: &Path, model: &Path, prompt: &[u32], tokens: u32, threads: usize) -> Result<(f64, f64), String> {
+fn python_loop(
+    python: &Path,
+    model: &Path,
+    prompt: &[u32],
+    tokens: u32,
+    threads: usize,
+    spinning: bool,
+) -> Result<(f64, f64), String> {
     let script = repo().join("engine/bench/ort_loop.py");
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let out = Command::new(python)
         .arg(&script)
         .args(["--model".as_ref(), model.as_os_str()])
         .args(["--prompt-ids", &ids.join(","), "--max-tokens", &tokens.to_string()])
-        .args(["--threads", &threads.to_string(), "--ignore-eos", "--warmup", "1"])
+        .args(["--threads", &threads.to_string(), "--spinning", if spinning { "on" } else { "off" }])
+        .args(["--ignore-eos", "--warmup", "1"])
         .output()
         .map_err(|e| format!("{}: {e}", python.display()))?;
     if !out.status.success() {
@@ -330,7 +344,11 @@ async fn run(options: Options) -> Result<(), String> {
         if let Some(t) = options.threads {
             runtime.intra_op_threads = t;
         }
-        // The Python loop gets the engine's thread count (0 means one per CPU) and spinning (on).
+        if let Some(spinning) = options.spinning {
+            runtime.spinning = spinning;
+        }
+        let spinning = runtime.spinning;
+        // The Python loop gets the engine's thread count (0 means one per CPU) and spinning.
         let threads = match runtime.intra_op_threads {
             0 => std::thread::available_parallelism().map_or(1, usize::from),
             n => n,
@@ -408,7 +426,7 @@ async fn run(options: Options) -> Result<(), String> {
         // Run to run, either side varies by ~10% on this machine: medians of as many runs.
         let mut loops = Vec::new();
         for _ in 0..options.runs {
-            loops.push(python_loop(&python, &dir, &prompt, options.tokens, threads)?);
+            loops.push(python_loop(&python, &dir, &prompt, options.tokens, threads, spinning)?);
         }
         let ttft = median(loops.iter().map(|l| l.0).collect());
         let rate = median(loops.iter().map(|l| l.1).collect());
