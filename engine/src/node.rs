@@ -57,6 +57,9 @@ pub enum NodeError {
     /// The QUIC server could not start.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// Loading the models stopped without a result (its thread panicked).
+    #[error("model loading stopped: {0}")]
+    Interrupted(String),
 }
 
 /// The engine node's whole config file.
@@ -203,7 +206,7 @@ impl Node {
         let engine_config = config.engine();
         let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_config))
             .await
-            .map_err(|e| NodeError::Config { path: PathBuf::new(), message: format!("model loading panicked: {e}") })??;
+            .map_err(|e| NodeError::Interrupted(e.to_string()))??;
         let server = EngineServer::bind(config.node.listen, &identity, Arc::clone(&engine) as _, config.limits())?;
         let addr = server.local_addr().map_err(|source| ServerError::Bind { addr: config.node.listen, source })?;
         info!(node = %config.node.name, %addr, provider = engine.provider(), "engine node ready");

@@ -109,7 +109,7 @@ pub fn up(args: &UpArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    crate::init_logging(&edge.log.level, false);
+    crate::init_logging(&edge.log.level, edge.log.format == meridian::config::LogFormat::Json);
     crate::runtime(async move {
         let node = match Node::start(engine).await {
             Ok(n) => n,

@@ -491,10 +491,8 @@ impl EventStream {
                         Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
                         Ok(Some(Ok(event))) => {
                             let finished = matches!(event, meridian_engine::api::Event::Finished { .. });
-                            let mut out = Vec::new();
-                            match engine::events(event, &mut out) {
-                                Ok(()) => self.pending.extend(out),
-                                Err(e) => self.fail(self.target.engine_error(ClientError::Remote(e))),
+                            if let Err(e) = engine::events(event, &mut self.pending) {
+                                self.fail(self.target.engine_error(ClientError::Remote(e)));
                             }
                             self.done |= finished;
                         }

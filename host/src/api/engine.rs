@@ -70,20 +70,18 @@ pub fn start(model: &str) -> StreamEvent {
     }
 }
 
-/// The canonical events for one engine event; a failure is returned as the engine's error.
-pub fn events(event: Event, out: &mut Vec<StreamEvent>) -> Result<(), wire::EngineError> {
+/// Appends the canonical events for one engine event to `out`; a failure is returned as the
+/// engine's error.
+pub fn events(event: Event, out: &mut impl Extend<StreamEvent>) -> Result<(), wire::EngineError> {
     match event {
-        Event::Delta(text) => out.push(StreamEvent::Text(text)),
-        Event::Finished { finish_reason, usage } => {
-            out.push(StreamEvent::Finish(match finish_reason {
+        Event::Delta(text) => out.extend([StreamEvent::Text(text)]),
+        Event::Finished { finish_reason, usage } => out.extend([
+            StreamEvent::Finish(match finish_reason {
                 wire::FinishReason::Stop => FinishReason::Stop,
                 wire::FinishReason::Length => FinishReason::Length,
-            }));
-            out.push(StreamEvent::Usage(Usage {
-                input_tokens: usage.prompt_tokens,
-                output_tokens: usage.completion_tokens,
-            }));
-        }
+            }),
+            StreamEvent::Usage(Usage { input_tokens: usage.prompt_tokens, output_tokens: usage.completion_tokens }),
+        ]),
         Event::Failed(e) => return Err(e),
     }
     Ok(())

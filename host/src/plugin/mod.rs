@@ -23,7 +23,8 @@
 //! `max_instances`. Instances are still never shared between answers or requests.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), meridian::plugin::PluginError> {
+//! # use meridian::plugin::{RequestSummary, Target};
+//! # async fn run(summary: RequestSummary, targets: Vec<Target>) -> Result<(), meridian::plugin::PluginError> {
 //! use std::sync::Arc;
 //! use meridian::plugin::{CallLimits, PluginMetrics, PluginRuntime, PluginSettings};
 //!
@@ -31,7 +32,6 @@
 //! let runtime = PluginRuntime::new(PluginSettings::default(), metrics)?;
 //! let path = std::path::Path::new("target/wasm32-wasip2/release/latency_router.wasm");
 //! let router = runtime.load_router("latency-router", "1.0.0", path, "{}", CallLimits::default()).await?;
-//! # let (summary, targets): (meridian::plugin::RequestSummary, Vec<meridian::plugin::Target>) = todo!();
 //! let outcome = router.route(&summary, &targets).await?;
 //! # Ok(()) }
 //! ```
