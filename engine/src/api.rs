@@ -31,6 +31,36 @@ pub enum Request {
     Chat(ChatRequest),
     /// Embed texts.
     Embed(EmbedRequest),
+    /// A chat request relayed by another region's edge, for the receiving edge to dispatch with
+    /// its own targets (edges only; engines refuse it).
+    Relay(RelayRequest),
+}
+
+/// A request one edge hands to another region's edge. The answer is a stream of `EVENT` frames
+/// (the canonical stream events of the edge's request path), ended by the server finishing its
+/// side, or an `ERROR` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayRequest {
+    /// The client's request id, kept across regions for tracing.
+    pub request_id: String,
+    /// The tenant it is served for (the mutual-TLS peer vouches for the client's key).
+    pub tenant: String,
+    /// The region the client is in, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_region: Option<String>,
+    /// The regions the request has passed through, the origin first: its hop count is the
+    /// length. The receiving edge refuses it when its own region is listed (a loop).
+    pub path: Vec<String>,
+    /// The labels the origin's filters gave it (`pii.email`, `pii.email.redacted`…), for the
+    /// receiving edge's routers and relay policy.
+    #[serde(default)]
+    pub labels: Vec<String>,
+    /// Whether filters replaced anything in the text with placeholders (the originals never
+    /// leave the origin, which restores them in the answer).
+    #[serde(default)]
+    pub redacted: bool,
+    /// The canonical chat request as the origin's filters left it (the edge's JSON form).
+    pub request: serde_json::Value,
 }
 
 /// A chat generation request.
@@ -163,6 +193,12 @@ pub enum ErrorCode {
     FrameTooLarge,
     /// The engine failed (HTTP 500); another engine may take it.
     Internal,
+    /// A peer edge refused a relayed request; the error's `status` is how it would have answered
+    /// a client of its own.
+    Refused,
+    /// A relayed request came back to a region it had passed through, or exceeded the hop limit
+    /// (HTTP 508); another target may take it.
+    LoopDetected,
 }
 
 /// A typed engine error; travels as an error frame with its code and message.
@@ -173,12 +209,20 @@ pub struct EngineError {
     pub code: ErrorCode,
     /// What went wrong, for people.
     pub message: String,
+    /// The HTTP status the sender would answer with, where the code alone does not say it (an
+    /// edge's refusals: 400, 451…).
+    pub status: Option<u16>,
 }
 
 impl EngineError {
     /// An error of class `code`.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> EngineError {
-        EngineError { code, message: message.into() }
+        EngineError { code, message: message.into(), status: None }
+    }
+
+    /// An error of class `code` that stands for HTTP `status`.
+    pub fn with_status(code: ErrorCode, status: u16, message: impl Into<String>) -> EngineError {
+        EngineError { code, message: message.into(), status: Some(status) }
     }
 }
 
@@ -197,4 +241,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Current load and health.
     fn health(&self) -> Health;
+
+    /// Takes a request relayed by a peer edge. Each item on the receiver is one or more encoded
+    /// frames (`EVENT`s, then possibly an `ERROR`), written to the stream as they come; the
+    /// answer is complete when the sender is dropped. Dropping the receiver cancels it. Engines
+    /// do not relay: the default refuses.
+    fn relay(&self, request: RelayRequest) -> Result<mpsc::Receiver<bytes::Bytes>, EngineError> {
+        let _ = request;
+        Err(EngineError::new(ErrorCode::BadRequest, "this node is an engine: it does not take relayed requests"))
+    }
 }

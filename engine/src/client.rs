@@ -7,11 +7,13 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use tracing::debug;
 
 use crate::api::{
-    ChatRequest, EmbedRequest, Embeddings, EngineError, Envelope, ErrorCode, Event, Health, Request, Usage,
-    PROTOCOL_VERSION,
+    ChatRequest, EmbedRequest, Embeddings, EngineError, Envelope, ErrorCode, Event, Health, RelayRequest, Request,
+    Usage, PROTOCOL_VERSION,
 };
 use crate::server::CODE_CANCELLED;
 use crate::tls::{self, Identity, TlsError};
@@ -80,7 +82,9 @@ impl ClientError {
         match self {
             ClientError::Connect(_) | ClientError::Timeout => true,
             ClientError::Reset { answer_started, .. } => !answer_started,
-            ClientError::Remote(e) => matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal),
+            ClientError::Remote(e) => {
+                matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::LoopDetected)
+            }
             ClientError::Protocol(_) => false,
         }
     }
@@ -235,6 +239,30 @@ impl EngineClient {
                     stream.pending = Some(first);
                     Ok(stream)
                 }
+            }
+        })
+        .await
+    }
+
+    /// Hands a request to a peer edge (`Request::Relay`) and waits for the first frame of its
+    /// answer within the request timeout: a refusal before any event is returned as
+    /// [`ClientError::Remote`], so the caller may try elsewhere.
+    pub async fn relay(&self, request: RelayRequest) -> Result<RelayStream, ClientError> {
+        let envelope = Envelope { v: PROTOCOL_VERSION, request: Request::Relay(request) };
+        self.within(self.opts.request_timeout, async {
+            let (send, recv) = self.open_with(Frame::Request(envelope)).await?;
+            let mut stream =
+                RelayStream { send, recv, dec: Decoder::new(self.opts.max_frame), pending: None, done: false };
+            match stream.read_event(false).await {
+                Some(Ok(first)) => {
+                    stream.pending = Some(first);
+                    Ok(stream)
+                }
+                Some(Err(e)) => {
+                    stream.done = true;
+                    Err(e)
+                }
+                None => Err(ClientError::Protocol("relay stream ended before its first event".into())),
             }
         })
         .await
@@ -399,6 +427,57 @@ impl Drop for ChatStream {
             let _ = self.recv.stop(CODE_CANCELLED.into());
             let _ = self.send.reset(CODE_CANCELLED.into());
         }
+    }
+}
+
+/// A relayed answer in progress. [`next`](RelayStream::next) yields each `EVENT` frame's JSON,
+/// then `None` when the peer finished the stream, or one error. Dropping it before the end cancels
+/// the request on the peer edge.
+pub struct RelayStream {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    dec: Decoder,
+    pending: Option<Bytes>,
+    done: bool,
+}
+
+impl RelayStream {
+    /// The next event's JSON; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Result<Bytes, ClientError>> {
+        if let Some(ev) = self.pending.take() {
+            return Some(Ok(ev));
+        }
+        if self.done {
+            return None;
+        }
+        self.read_event(true).await
+    }
+
+    async fn read_event(&mut self, answer_started: bool) -> Option<Result<Bytes, ClientError>> {
+        let item = match read_frame(&mut self.recv, &mut self.dec, answer_started).await {
+            Ok(Some(Frame::Event(json))) => return Some(Ok(json)),
+            Ok(Some(Frame::Error(e))) => Some(Err(ClientError::Remote(e))),
+            Ok(Some(other)) => Some(Err(unexpected(&other, "a relayed answer"))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        };
+        self.done = true;
+        item
+    }
+}
+
+impl Drop for RelayStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.recv.stop(CODE_CANCELLED.into());
+            let _ = self.send.reset(CODE_CANCELLED.into());
+        }
+    }
+}
+
+impl std::fmt::Debug for RelayStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayStream").finish_non_exhaustive()
     }
 }
 

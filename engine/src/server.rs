@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
@@ -299,7 +299,14 @@ async fn serve_stream(
             Request::Chat(req) => {
                 debug!(model = %req.model, "chat");
                 match backend.chat(req) {
-                    Ok(rx) => serve_chat(send, recv, rx).await,
+                    Ok(rx) => serve_answer(send, recv, rx, "chat", encode_chat).await,
+                    Err(e) => fail_stream(&mut send, &mut recv, e).await,
+                }
+            }
+            Request::Relay(req) => {
+                debug!(tenant = %req.tenant, path = ?req.path, request_id = %req.request_id, "relay");
+                match backend.relay(req) {
+                    Ok(rx) => serve_answer(send, recv, rx, "relay", encode_relay).await,
                     Err(e) => fail_stream(&mut send, &mut recv, e).await,
                 }
             }
@@ -354,46 +361,66 @@ async fn cancelled(
     }
 }
 
-async fn serve_chat(
+/// Encodes one chat event (`None`: the generation vanished) into `buf`; true for the last.
+fn encode_chat(event: Option<Event>, buf: &mut BytesMut) -> bool {
+    match event {
+        Some(Event::Delta(text)) => {
+            Frame::Delta(text).encode_into(buf);
+            false
+        }
+        Some(Event::Finished { finish_reason, usage }) => {
+            Frame::Usage(usage).encode_into(buf);
+            Frame::Done { finish_reason }.encode_into(buf);
+            true
+        }
+        Some(Event::Failed(e)) => {
+            Frame::Error(e).encode_into(buf);
+            true
+        }
+        None => {
+            Frame::Error(EngineError::new(ErrorCode::Internal, "generation ended without a result")).encode_into(buf);
+            true
+        }
+    }
+}
+
+/// Takes one piece of a relayed answer, already encoded by the backend; the end of the channel
+/// is the end of the answer.
+fn encode_relay(frames: Option<Bytes>, buf: &mut BytesMut) -> bool {
+    match frames {
+        Some(frames) => {
+            buf.extend_from_slice(&frames);
+            false
+        }
+        None => true,
+    }
+}
+
+/// Writes an answer's items to the stream as the backend produces them, until `encode` says the
+/// last was written; then finishes the stream. The peer cancelling (or the connection going) ends
+/// it at once, dropping `rx`, which frees what the backend holds for it.
+async fn serve_answer<T>(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+    what: &'static str,
+    encode: fn(Option<T>, &mut BytesMut) -> bool,
 ) {
     let stopped = send.stopped();
     let cancel = cancelled(stopped, &mut recv);
     tokio::pin!(cancel);
     let mut buf = BytesMut::new();
     loop {
-        let event = tokio::select! {
+        let item = tokio::select! {
             biased;
             why = &mut cancel => {
-                // Dropping `rx` here (on return) frees the engine slot right away.
-                info!(reason = %why, "chat cancelled by peer");
+                info!(reason = %why, "{what} cancelled by peer");
                 return;
             }
-            event = rx.recv() => event,
+            item = rx.recv() => item,
         };
         buf.clear();
-        let last = match event {
-            Some(Event::Delta(text)) => {
-                Frame::Delta(text).encode_into(&mut buf);
-                false
-            }
-            Some(Event::Finished { finish_reason, usage }) => {
-                Frame::Usage(usage).encode_into(&mut buf);
-                Frame::Done { finish_reason }.encode_into(&mut buf);
-                true
-            }
-            Some(Event::Failed(e)) => {
-                Frame::Error(e).encode_into(&mut buf);
-                true
-            }
-            None => {
-                Frame::Error(EngineError::new(ErrorCode::Internal, "generation ended without a result"))
-                    .encode_into(&mut buf);
-                true
-            }
-        };
+        let last = encode(item, &mut buf);
         // A write blocked on flow control also ends when the peer stops the stream.
         let written = tokio::select! {
             biased;
@@ -401,12 +428,12 @@ async fn serve_chat(
             w = send.write_all(&buf) => w.map_err(|e| e.to_string()),
         };
         if let Err(why) = written {
-            info!(reason = %why, "chat cancelled by peer");
+            info!(reason = %why, "{what} cancelled by peer");
             return;
         }
         if last {
             let _ = send.finish();
-            debug!("chat answered");
+            debug!("{what} answered");
             return;
         }
     }

@@ -36,6 +36,9 @@ pub enum FrameType {
     HealthRequest = 0x07,
     /// JSON [`Health`] (server → client).
     Health = 0x08,
+    /// One JSON stream event of a relayed answer (server → client), opaque to this crate: the
+    /// edges' canonical event format.
+    Event = 0x09,
 }
 
 impl FrameType {
@@ -50,6 +53,7 @@ impl FrameType {
             0x06 => FrameType::Embeddings,
             0x07 => FrameType::HealthRequest,
             0x08 => FrameType::Health,
+            0x09 => FrameType::Event,
             _ => return None,
         })
     }
@@ -65,6 +69,7 @@ impl FrameType {
             FrameType::Embeddings => "EMBEDDINGS",
             FrameType::HealthRequest => "HEALTH_REQUEST",
             FrameType::Health => "HEALTH",
+            FrameType::Event => "EVENT",
         }
     }
 }
@@ -91,6 +96,8 @@ pub enum Frame {
     HealthRequest,
     /// Health answer.
     Health(Health),
+    /// A relayed answer's stream event, as JSON bytes.
+    Event(Bytes),
 }
 
 impl Frame {
@@ -105,6 +112,7 @@ impl Frame {
             Frame::Embeddings(_) => FrameType::Embeddings,
             Frame::HealthRequest => FrameType::HealthRequest,
             Frame::Health(_) => FrameType::Health,
+            Frame::Event(_) => FrameType::Event,
         }
     }
 
@@ -118,10 +126,13 @@ impl Frame {
             Frame::Delta(text) => out.put_slice(text.as_bytes()),
             Frame::Usage(u) => put_json(out, u),
             Frame::Done { finish_reason } => put_json(out, &DonePayload { finish_reason: *finish_reason }),
-            Frame::Error(e) => put_json(out, &ErrorPayload { code: e.code, message: e.message.clone() }),
+            Frame::Error(e) => {
+                put_json(out, &ErrorPayload { code: e.code, message: e.message.clone(), status: e.status })
+            }
             Frame::Embeddings(e) => put_json(out, e),
             Frame::HealthRequest => {}
             Frame::Health(h) => put_json(out, h),
+            Frame::Event(json) => out.put_slice(json),
         }
         let len = out.len() - start - LENGTH_BYTES;
         let len = u32::try_from(len).expect("frame length fits u32");
@@ -153,6 +164,8 @@ struct DonePayload {
 struct ErrorPayload {
     code: ErrorCode,
     message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
 }
 
 /// Why bytes could not be decoded into a frame.
@@ -340,8 +353,8 @@ pub fn decode_payload(frame_type: FrameType, payload: &[u8]) -> Result<Frame, Wi
             Frame::Done { finish_reason }
         }
         FrameType::Error => {
-            let ErrorPayload { code, message } = json(frame_type, payload)?;
-            Frame::Error(EngineError { code, message })
+            let ErrorPayload { code, message, status } = json(frame_type, payload)?;
+            Frame::Error(EngineError { code, message, status })
         }
         FrameType::Embeddings => Frame::Embeddings(json(frame_type, payload)?),
         FrameType::HealthRequest => {
@@ -351,6 +364,12 @@ pub fn decode_payload(frame_type: FrameType, payload: &[u8]) -> Result<Frame, Wi
             Frame::HealthRequest
         }
         FrameType::Health => Frame::Health(json(frame_type, payload)?),
+        FrameType::Event => {
+            // Checked to be JSON here so that a broken peer is a framing error on this stream;
+            // what the JSON means is the edges' business.
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload).map_err(|e| malformed(frame_type, e))?;
+            Frame::Event(Bytes::copy_from_slice(payload))
+        }
     })
 }
 
@@ -392,7 +411,34 @@ mod tests {
                 tokens_per_second: 12.5,
                 ..Default::default()
             }),
+            Frame::Request(Envelope {
+                v: PROTOCOL_VERSION,
+                request: Request::Relay(crate::api::RelayRequest {
+                    request_id: "r-1".into(),
+                    tenant: "acme".into(),
+                    client_region: Some("us-east".into()),
+                    path: vec!["us-east".into()],
+                    labels: vec!["pii.email.redacted".into()],
+                    redacted: true,
+                    request: serde_json::json!({ "model": "m", "messages": [] }),
+                }),
+            }),
+            Frame::Event(Bytes::from_static(br#"{"text":"hi"}"#)),
+            Frame::Error(EngineError::with_status(ErrorCode::Refused, 451, "not here")),
         ]
+    }
+
+    #[test]
+    fn an_event_frame_must_hold_json() {
+        let mut dec = Decoder::default();
+        dec.push(&Frame::Event(Bytes::from_static(b"{not json")).encode());
+        assert!(matches!(dec.next_frame(), Err(WireError::Malformed { frame: "EVENT", .. })));
+    }
+
+    #[test]
+    fn an_error_without_a_status_is_version_one_compatible() {
+        let bytes = Frame::Error(EngineError::new(ErrorCode::Internal, "x")).encode();
+        assert_eq!(&bytes[5..], br#"{"code":"internal","message":"x"}"#);
     }
 
     #[test]

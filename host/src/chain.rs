@@ -141,16 +141,23 @@ fn filter_failed(plugin: &PluginId, e: impl std::fmt::Display) -> GatewayError {
     GatewayError::FilterFailed { plugin: plugin.to_string(), message: e.to_string() }
 }
 
+/// Whether labels say that personal data is still in the text: a `pii.` label without the
+/// `.redacted` suffix (the contract's rule, which the SDK's residency rule uses too).
+pub fn carries_unredacted_pii(labels: &[String]) -> bool {
+    labels.iter().any(|l| l.starts_with("pii.") && !l.ends_with(".redacted"))
+}
+
 /// Runs the chain's filters over the request's text. Every filter sees the original text; the
 /// union of what they ask to redact is replaced with placeholders in place, and their labels
-/// join the summary. A block, or any filter failure, ends the request here.
+/// join the summary's (a relayed request arrives with the origin's). A block, or any filter
+/// failure, ends the request here.
 async fn filter_request(
     chain: &Chain,
     req: &mut ChatRequest,
     summary: &mut RequestSummary,
 ) -> Result<Placeholders, GatewayError> {
     let segments = redaction::segments(req);
-    let mut labels = BTreeSet::new();
+    let mut labels: BTreeSet<String> = summary.labels.iter().cloned().collect();
     let mut spans = Vec::new();
     for f in &chain.filters {
         match f.inspect_request(summary, &segments).await {
@@ -167,7 +174,7 @@ async fn filter_request(
         Err(e) => return Err(GatewayError::FilterFailed { plugin: "chain".into(), message: e.to_string() }),
     };
     summary.labels = labels.into_iter().collect();
-    summary.redacted = !placeholders.is_empty();
+    summary.redacted |= !placeholders.is_empty();
     Ok(placeholders)
 }
 
@@ -265,10 +272,11 @@ impl AnswerFilter {
 }
 
 /// Runs a tenant's chain on a parsed request, given its [`summary`]: filters (redacting the
-/// request in place), then the router. Returns the answer side of the filters, if the tenant has any, and the plan.
+/// request in place, and adding their labels to the summary), then the router. Returns the answer
+/// side of the filters, if the tenant has any, and the plan.
 pub async fn run(
     chain: &Chain,
-    mut summary: RequestSummary,
+    summary: &mut RequestSummary,
     req: &mut ChatRequest,
     model: Arc<ModelRoute>,
     models: &HashMap<String, Arc<ModelRoute>>,
@@ -276,9 +284,9 @@ pub async fn run(
     let answer = if chain.filters.is_empty() {
         None
     } else {
-        Some(AnswerFilter::new(chain, filter_request(chain, req, &mut summary).await?))
+        Some(AnswerFilter::new(chain, filter_request(chain, req, summary).await?))
     };
-    let plan = route(chain, &summary, model, models).await?;
+    let plan = route(chain, summary, model, models).await?;
     Ok((answer, plan))
 }
 
@@ -374,6 +382,7 @@ fn target(route: &Route) -> plugin::Target {
             TargetKind::Managed => plugin::TargetKind::Managed,
             TargetKind::Serverless => plugin::TargetKind::Serverless,
             TargetKind::Dedicated => plugin::TargetKind::Dedicated,
+            TargetKind::RemoteEdge => plugin::TargetKind::RemoteEdge,
         },
         region: t.region.clone(),
         own_infrastructure: t.own_infrastructure,

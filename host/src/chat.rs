@@ -294,7 +294,8 @@ pub struct FunctionCall {
 }
 
 /// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     /// A natural end or a stop sequence.
     Stop,
@@ -349,7 +350,7 @@ impl FinishReason {
 }
 
 /// Token counts of one answer.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
     /// Prompt tokens.
     pub input_tokens: u32,
@@ -409,8 +410,10 @@ impl ChatResponse {
 }
 
 /// One event of a streamed answer, in canonical order: `Start`, then text and tool-call events,
-/// then `Finish`, then `Usage` if the upstream reported it.
-#[derive(Debug, Clone, PartialEq)]
+/// then `Finish`, then `Usage` if the upstream reported it. Serialized (externally tagged, snake
+/// case) they are the `EVENT` frames of a relayed answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum StreamEvent {
     /// The answer began.
     Start {

@@ -92,8 +92,11 @@ pub struct Config {
     /// `[plugins.NAME]`: the plugins tenants may use.
     #[serde(default)]
     pub plugins: BTreeMap<String, PluginConfig>,
-    /// `[quic]`: this node's identity in the cluster, for engine targets.
+    /// `[quic]`: this node's identity in the cluster, for engine and peer-edge targets and the
+    /// relay listener.
     pub quic: Option<QuicConfig>,
+    /// `[relay]`: accept requests relayed by other regions' edges over QUIC.
+    pub relay: Option<RelayConfig>,
     /// `[health]`: outlier ejection and active probes of targets.
     #[serde(default)]
     pub health: HealthConfig,
@@ -118,6 +121,27 @@ impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig { ejection_threshold: 5, base_ejection_ms: 1000, max_ejection_ms: 30_000, probe_interval_ms: 2000 }
     }
+}
+
+/// `[relay]`: this edge accepts requests that peer edges relay to it, over the cluster's
+/// mutual-TLS QUIC protocol (the same one engines speak, `engine/PROTOCOL.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address of the QUIC listener (the topology's `quic` address of this edge).
+    pub listen: SocketAddr,
+    /// Most relays a request may have taken to reach this edge and still be dispatched, and the
+    /// most it may take in all: a request that arrives at the limit is served only by this
+    /// edge's own (non-edge) targets. Default 1: one relay, never onwards.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: u8,
+}
+
+/// The hop limit of an edge without a `[relay]` section (for the requests it relays itself).
+pub const DEFAULT_MAX_HOPS: u8 = 1;
+
+fn default_max_hops() -> u8 {
+    DEFAULT_MAX_HOPS
 }
 
 /// `[quic]`: PEM files of the cluster's mutual TLS (`meridian certs` makes them). Relative paths
@@ -293,6 +317,24 @@ pub struct TenantConfig {
     pub allowed_regions: Vec<String>,
     /// The highest cost in USD the tenant accepts for one request, for routers that price.
     pub price_cap_usd: Option<f64>,
+    /// Whether its requests may be relayed to another region's edge (`api = "edge"` targets).
+    #[serde(default)]
+    pub relay: RelayPolicy,
+}
+
+/// A tenant's rule for handing requests to other regions' edges. Whatever it says, routers still
+/// apply `allowed_regions` to peer edges as to any target.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayPolicy {
+    /// Relayed like any target.
+    #[default]
+    Allowed,
+    /// Relayed only after the tenant's filters ran and left no unredacted personal data (no
+    /// `pii.*` label without `.redacted`); needs at least one filter.
+    Redacted,
+    /// Never relayed.
+    Never,
 }
 
 /// A tenant's cache policy.
@@ -319,6 +361,16 @@ pub enum TargetApi {
     /// A Meridian engine node over QUIC with mutual TLS (`base_url = "quic://host:port"`, the
     /// node's identity from `[quic]`).
     Engine,
+    /// Another region's Meridian edge, which dispatches relayed requests with its own targets
+    /// (`base_url = "quic://host:port"` of its `[relay]` listener; `kind = "remote_edge"`).
+    Edge,
+}
+
+impl TargetApi {
+    /// Whether it is reached over the cluster's QUIC protocol rather than HTTPS.
+    pub fn is_quic(self) -> bool {
+        matches!(self, TargetApi::Engine | TargetApi::Edge)
+    }
 }
 
 /// How capacity behind a target is bought; routers weigh it.
@@ -332,6 +384,8 @@ pub enum TargetKind {
     Serverless,
     /// Pay per hour, busy or not.
     Dedicated,
+    /// Another region's edge (`api = "edge"`); what it costs is accounted there.
+    RemoteEdge,
 }
 
 /// `[targets.NAME]`: one upstream.
@@ -485,14 +539,14 @@ impl Config {
         let base_url = expand_env(&target.base_url, &key("base_url"))?;
         let parsed: hyper::Uri =
             base_url.parse().map_err(|e| invalid(key("base_url"), format!("not a URL ({e}): `{base_url}`")))?;
-        let (schemes, what) = match target.api {
-            TargetApi::Engine => (&["quic"][..], "a quic://host:port URL"),
-            _ => (&["http", "https"][..], "an absolute http:// or https:// URL"),
+        let (schemes, what) = match target.api.is_quic() {
+            true => (&["quic"][..], "a quic://host:port URL"),
+            false => (&["http", "https"][..], "an absolute http:// or https:// URL"),
         };
         if !parsed.scheme_str().is_some_and(|s| schemes.contains(&s)) || parsed.host().is_none() {
             return Err(invalid(key("base_url"), format!("must be {what}, not `{base_url}`")));
         }
-        if target.api == TargetApi::Engine && parsed.port_u16().is_none() {
+        if target.api.is_quic() && parsed.port_u16().is_none() {
             return Err(invalid(key("base_url"), format!("needs a port: `{base_url}`")));
         }
         let api_key = match &target.api_key {
@@ -587,6 +641,12 @@ impl Config {
             if t.price_cap_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
                 return Err(invalid(format!("tenants[{i}].price_cap_usd"), "must be a non-negative number"));
             }
+            if t.relay == RelayPolicy::Redacted && t.filters.is_empty() {
+                return Err(invalid(
+                    format!("tenants[{i}].relay"),
+                    "`redacted` needs at least one filter: without one nothing is redacted or labelled",
+                ));
+            }
         }
         for (name, t) in &self.targets {
             let key = format!("targets.{name}");
@@ -607,21 +667,55 @@ impl Config {
                     return Err(invalid(format!("{key}.headers"), format!("`{h}` is not a valid header name")));
                 }
             }
-            if t.api == TargetApi::Engine {
+            if t.api.is_quic() {
                 if self.quic.is_none() {
                     return Err(invalid(
                         format!("{key}.api"),
-                        "engine targets need the [quic] section (cluster CA, node certificate and key; `meridian certs` makes them)",
+                        "engine and edge targets need the [quic] section (cluster CA, node certificate and key; `meridian certs` makes them)",
                     ));
                 }
                 if t.api_key.is_some() || !t.headers.is_empty() {
                     return Err(invalid(
                         format!("{key}.api_key"),
-                        "engine targets authenticate with the [quic] certificates, not keys or headers",
+                        "engine and edge targets authenticate with the [quic] certificates, not keys or headers",
                     ));
                 }
             }
+            if (t.api == TargetApi::Edge) != (t.kind == TargetKind::RemoteEdge) {
+                return Err(invalid(
+                    format!("{key}.kind"),
+                    "`api = \"edge\"` and `kind = \"remote_edge\"` go together",
+                ));
+            }
+            if t.api == TargetApi::Edge {
+                match &t.region {
+                    None => {
+                        return Err(invalid(
+                            format!("{key}.region"),
+                            "edge targets need their region (loops are detected by region)",
+                        ))
+                    }
+                    Some(r) if *r == self.node.region => {
+                        return Err(invalid(
+                            format!("{key}.region"),
+                            format!("is this node's own region `{r}`: relay is between regions"),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
             self.target_env(name)?;
+        }
+        if let Some(r) = &self.relay {
+            if self.quic.is_none() {
+                return Err(invalid(
+                    "relay",
+                    "the relay listener needs the [quic] section (this node's cluster identity)",
+                ));
+            }
+            if r.max_hops == 0 {
+                return Err(invalid("relay.max_hops", "must be at least 1 (0 would refuse every relayed request)"));
+            }
         }
         for (name, p) in &self.plugins {
             if p.deadline_ms == 0 {
@@ -759,7 +853,7 @@ mod tests {
         };
         assert!(Config::parse(&engine("quic://127.0.0.1:7443", true)).is_ok());
         assert!(err(&engine("quic://127.0.0.1:7443", false))
-            .starts_with("targets.oa.api: engine targets need the [quic] section"));
+            .starts_with("targets.oa.api: engine and edge targets need the [quic] section"));
         assert!(err(&engine("http://127.0.0.1:7443", true))
             .starts_with("targets.oa.base_url: must be a quic://host:port URL"));
         assert!(err(&engine("quic://127.0.0.1", true)).starts_with("targets.oa.base_url: needs a port"));

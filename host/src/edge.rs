@@ -31,9 +31,11 @@ use crate::config::{parse_key_hash, CachePolicy, Config, ConfigError};
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
+use crate::relay::{self, Dispatch, RelayRefusal, Via};
 use crate::stats::Admission;
 use crate::tenant::{self, Tenant, Tenants};
 use crate::upstream::{self, EventStream, HttpClient, Target};
+use meridian_engine::api::RelayRequest;
 
 /// The body of every response the edge sends.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -254,9 +256,11 @@ impl Edge {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let request_id = request_id(req.headers());
         let response = match (req.method(), req.uri().path()) {
-            (&Method::POST, "/v1/chat/completions") => self.chat(ApiShape::OpenAi, req, &request_id).await,
-            (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, req, &request_id).await,
-            (&Method::POST, "/v1/embeddings") => match self.embeddings(req).await {
+            (&Method::POST, "/v1/chat/completions") => {
+                self.chat(ApiShape::OpenAi, Inbound::Client(req), &request_id).await
+            }
+            (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, Inbound::Client(req), &request_id).await,
+            (&Method::POST, "/v1/embeddings") => match self.embeddings(req, &request_id).await {
                 Ok(resp) => resp,
                 Err(e) => error_response(ApiShape::OpenAi, &e),
             },
@@ -303,9 +307,31 @@ impl Edge {
         resp
     }
 
-    async fn chat(self: Arc<Self>, api: ApiShape, req: Request<Incoming>, request_id: &str) -> Response<Body> {
+    /// Answers a request relayed by a peer edge ([`crate::relay`]): the body of the response is
+    /// the relay frames of the answer, or of the error.
+    pub async fn relay(self: Arc<Self>, request: RelayRequest) -> Response<Body> {
+        let request_id = request.request_id.clone();
+        self.chat(ApiShape::Relay, Inbound::Relayed(Box::new(request)), &request_id).await
+    }
+
+    /// What this edge tells peer edges' health probes: its models, and requests in flight
+    /// against its limit.
+    pub fn relay_health(&self) -> meridian_engine::api::Health {
+        let capacity = self.config.node.max_in_flight;
+        let mut chat_models: Vec<String> = self.models.keys().cloned().collect();
+        chat_models.sort();
+        meridian_engine::api::Health {
+            provider: "edge".into(),
+            chat_models,
+            queue_capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+            active_sequences: u32::try_from(capacity - self.in_flight.available_permits()).unwrap_or(u32::MAX),
+            ..Default::default()
+        }
+    }
+
+    async fn chat(self: Arc<Self>, api: ApiShape, inbound: Inbound, request_id: &str) -> Response<Body> {
         let mut record = Record::new(Arc::clone(&self), api, request_id);
-        match self.chat_inner(api, req, &mut record).await {
+        match self.chat_inner(api, inbound, &mut record).await {
             Ok(resp) => resp,
             Err(e) => {
                 if matches!(e, GatewayError::Upstream(_)) {
@@ -319,20 +345,56 @@ impl Edge {
         }
     }
 
+    /// A relayed request's checks on arrival: neither a loop back to this region nor past the hop
+    /// limit; its tenant known here and its relay policy met.
+    fn arrival(&self, r: &RelayRequest) -> Result<Arc<Tenant>, GatewayError> {
+        let own = &self.config.node.region;
+        let path = || r.path.join(" > ");
+        if r.path.contains(own) {
+            return Err(RelayRefusal::Loop { region: own.clone(), path: path() }.into());
+        }
+        let max_hops = self.config.relay.as_ref().map_or(0, |c| c.max_hops);
+        if r.path.len() > usize::from(max_hops) {
+            return Err(RelayRefusal::HopLimit { max: max_hops, path: path() }.into());
+        }
+        let tenant =
+            self.loaded.load().tenants.named(&r.tenant).ok_or_else(|| RelayRefusal::UnknownTenant(r.tenant.clone()))?;
+        match relay::policy_forbids(tenant.relay, &r.labels) {
+            Some(refusal) => Err(refusal.into()),
+            None => Ok(tenant),
+        }
+    }
+
     async fn chat_inner(
         self: &Arc<Self>,
         api: ApiShape,
-        req: Request<Incoming>,
+        inbound: Inbound,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
-        let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
+        let (tenant, header_cache, client_region, via, body) = match inbound {
+            Inbound::Client(req) => {
+                let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
+                let header_cache = self.cache_use(&tenant, req.headers());
+                let client_region =
+                    req.headers().get("x-meridian-client-region").and_then(|v| v.to_str().ok()).map(str::to_string);
+                (tenant, header_cache, client_region, Via::default(), PendingBody::Http(req))
+            }
+            Inbound::Relayed(r) => {
+                let tenant = self.arrival(&r)?;
+                let header_cache = self.cache_use(&tenant, &HeaderMap::new());
+                let RelayRequest { client_region, path, labels, redacted, request, .. } = *r;
+                // Re-encoding the parsed JSON value cannot fail.
+                let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
+                (tenant, header_cache, client_region, Via { path, labels, redacted }, PendingBody::Ready(body))
+            }
+        };
         record.tenant = Arc::clone(&tenant.name);
         tenant.admit()?;
         let permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
-        let header_cache = self.cache_use(&tenant, req.headers());
-        let client_region =
-            req.headers().get("x-meridian-client-region").and_then(|v| v.to_str().ok()).map(str::to_string);
-        let body = self.read_body(req).await?;
+        let body = match body {
+            PendingBody::Http(req) => self.read_body(req).await?,
+            PendingBody::Ready(body) => body,
+        };
         let mut request = api.parse_request(&body)?;
         record.model.clone_from(&request.model);
         record.prompt_tokens = request.estimated_prompt_tokens();
@@ -343,12 +405,26 @@ impl Edge {
             .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
 
         let chain = &tenant.chain;
+        let region = &self.config.node.region;
+        let mut summary = chain::summary(&record.request_id, &tenant.name, chain, region, client_region, &request);
+        summary.labels = via.labels;
+        summary.redacted = via.redacted;
         let (mut answer_filter, plan) = if chain.is_empty() {
             (None, Plan::fixed(model))
         } else {
-            let region = &self.config.node.region;
-            let summary = chain::summary(&record.request_id, &tenant.name, chain, region, client_region, &request);
-            chain::run(chain, summary, &mut request, model, &self.models).await?
+            chain::run(chain, &mut summary, &mut request, model, &self.models).await?
+        };
+        let mut path = via.path;
+        path.push(region.clone());
+        let dispatch = Dispatch {
+            request_id: record.request_id.clone(),
+            tenant: tenant.name.to_string(),
+            policy: tenant.relay,
+            client_region: summary.client_region,
+            labels: summary.labels,
+            redacted: summary.redacted,
+            path,
+            max_hops: self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops),
         };
 
         // Headers and the tenant's policy first, then the router's wish, then determinism.
@@ -379,14 +455,14 @@ impl Edge {
         self.metrics.cache_lookups.with_label_values(&[cache_status]).inc();
 
         let response = if request.is_stream() {
-            let (stream, head, route) = self.open_stream(&request, &plan, &record.request_id).await?;
+            let (stream, head, route) = self.open_stream(&request, &plan, &dispatch).await?;
             record.route(route);
             let encoder = api.stream_encoder(&request);
             let source = Source::Upstream(Box::new(stream));
             let stream = ClientStream::new(source, head, encoder, fill, record.take(), permit, answer_filter);
             with_header(sse_response(stream), "x-meridian-target", &route.target.name)
         } else {
-            let (mut answer, route) = self.complete(&request, &plan, &record.request_id).await?;
+            let (mut answer, route) = self.complete(&request, &plan, &dispatch).await?;
             record.route(route);
             if let Some(f) = &mut answer_filter {
                 f.inspect(answer.text.as_deref().unwrap_or("")).await?;
@@ -412,7 +488,7 @@ impl Edge {
     /// `POST /v1/embeddings`: served by the model's engine targets in fallback order. Tenant
     /// filters are not run: an engine runs on the operator's own infrastructure, and a vector of
     /// placeholders would be worthless for similarity.
-    async fn embeddings(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    async fn embeddings(&self, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, GatewayError> {
         let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
         tenant.admit()?;
         let _permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
@@ -424,8 +500,10 @@ impl Edge {
             .cloned()
             .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
         let plan = Plan::fixed(model);
-        let (answer, route) =
-            self.first_answer(&plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
+        let dispatch = Dispatch::local(request_id, &self.config.node.region);
+        let (answer, route) = self
+            .first_answer(&plan, &dispatch, |route| route.target.embed(input.clone(), &route.upstream_model))
+            .await?;
         let body = crate::api::openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
         Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
     }
@@ -500,21 +578,43 @@ impl Edge {
     /// Tries each target of the plan in order until one answers. A refusal of the request itself
     /// ends the attempts at once; other failures move on to the next target.
     ///
+    /// Peer edges that may not take the request (its relay policy, a region it passed through,
+    /// the hop limit) are left out first; if that leaves nothing, the request is refused with why.
+    ///
     /// Ejected targets (and half-open ones whose one trial is under way) are skipped, and not
     /// counted as attempts, unless every target of the plan is out: then each is tried in order
     /// anyway, a probable failure being better than a certain one. Each attempt's outcome feeds
     /// its target's live statistics.
-    async fn first_answer<'m, T, F, Fut>(&self, plan: &'m Plan, mut attempt: F) -> Result<(T, &'m Route), GatewayError>
+    async fn first_answer<'m, T, F, Fut>(
+        &self,
+        plan: &'m Plan,
+        dispatch: &Dispatch,
+        mut attempt: F,
+    ) -> Result<(T, &'m Route), GatewayError>
     where
         F: FnMut(&'m Route) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
+        let mut refused = None;
+        let mut routes = Vec::with_capacity(plan.order.len());
+        for route in plan.routes() {
+            match dispatch.refuses(&route.target) {
+                None => routes.push(route),
+                Some(why) => {
+                    debug!(target_name = %route.target.name, reason = %why, "peer edge left out");
+                    refused.get_or_insert(why);
+                }
+            }
+        }
+        if let (true, Some(why)) = (routes.is_empty(), refused) {
+            return Err(why.into());
+        }
         let mut last = None;
         // Every target out: each is tried anyway. Also when all turn out to be out only as they
         // are reached (a concurrent request took a half-open target's one trial).
-        let mut anyway = plan.routes().all(|r| !r.target.stats.available(Instant::now()));
+        let mut anyway = routes.iter().all(|r| !r.target.stats.available(Instant::now()));
         loop {
-            for route in plan.routes() {
+            for &route in &routes {
                 if !anyway && route.target.stats.admit(Instant::now()) == Admission::Skip {
                     debug!(target_name = %route.target.name, "target ejected: skipped");
                     continue;
@@ -550,11 +650,11 @@ impl Edge {
         &self,
         req: &ChatRequest,
         plan: &'m Plan,
-        request_id: &str,
+        dispatch: &Dispatch,
     ) -> Result<(ChatResponse, &'m Route), GatewayError> {
         let max_tokens = plan.model.default_max_tokens;
-        self.first_answer(plan, |route| {
-            route.target.complete(&self.client, req, &route.upstream_model, max_tokens, request_id)
+        self.first_answer(plan, dispatch, |route| {
+            route.target.complete(&self.client, req, &route.upstream_model, max_tokens, dispatch)
         })
         .await
     }
@@ -567,13 +667,12 @@ impl Edge {
         &self,
         req: &ChatRequest,
         plan: &'m Plan,
-        request_id: &str,
+        dispatch: &Dispatch,
     ) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
         let max_tokens = plan.model.default_max_tokens;
         let ((stream, head), route) = self
-            .first_answer(plan, |route| async move {
-                let mut s =
-                    route.target.stream(&self.client, req, &route.upstream_model, max_tokens, request_id).await?;
+            .first_answer(plan, dispatch, |route| async move {
+                let mut s = route.target.stream(&self.client, req, &route.upstream_model, max_tokens, dispatch).await?;
                 let mut head = VecDeque::new();
                 loop {
                     match s.next().await {
@@ -598,6 +697,20 @@ impl Edge {
             .await?;
         Ok((stream, head, route))
     }
+}
+
+/// Where a chat request came from.
+enum Inbound {
+    /// A client, over HTTP.
+    Client(Request<Incoming>),
+    /// A peer edge, over QUIC.
+    Relayed(Box<RelayRequest>),
+}
+
+/// A request body, read once the request is admitted.
+enum PendingBody {
+    Http(Request<Incoming>),
+    Ready(Bytes),
 }
 
 /// Cacheable under the `auto` policy: the same request gets the same answer.

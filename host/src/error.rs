@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 
+use crate::relay::RelayRefusal;
+
 /// Everything that can end a client request without an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -78,6 +80,10 @@ pub enum GatewayError {
         /// Its reason.
         reason: String,
     },
+    /// The request may not be relayed where its targets are (a loop, the hop limit, the tenant's
+    /// relay policy), or a relayed request was refused on arrival.
+    #[error(transparent)]
+    Relay(#[from] RelayRefusal),
 }
 
 /// Why one upstream attempt failed.
@@ -188,6 +194,7 @@ impl GatewayError {
             GatewayError::Overloaded | GatewayError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Blocked { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
+            GatewayError::Relay(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamError::Status { status: 429, .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -214,6 +221,9 @@ impl GatewayError {
                 500.. => ErrorClass::Upstream,
                 _ => ErrorClass::InvalidRequest,
             },
+            GatewayError::Relay(RelayRefusal::UnknownTenant(_)) => ErrorClass::Authentication,
+            GatewayError::Relay(RelayRefusal::Policy(_)) => ErrorClass::InvalidRequest,
+            GatewayError::Relay(_) => ErrorClass::Upstream,
             GatewayError::Unauthorized => ErrorClass::Authentication,
             GatewayError::NotFound { .. } => ErrorClass::NotFound,
             GatewayError::RateLimited { .. } => ErrorClass::RateLimit,
@@ -261,6 +271,8 @@ impl GatewayError {
             GatewayError::Blocked { .. } => "content_blocked",
             GatewayError::FilterFailed { .. } => "filter_failed",
             GatewayError::Rejected { .. } => "rejected_by_router",
+            GatewayError::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) => "relay_loop",
+            GatewayError::Relay(_) => "relay_refused",
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => "upstream_timeout",
                 _ => "upstream_error",

@@ -27,6 +27,7 @@ pub mod error;
 pub mod metrics;
 pub mod plugin;
 pub mod redaction;
+pub mod relay;
 pub mod server;
 pub mod simulate;
 pub mod sse;

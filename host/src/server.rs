@@ -22,6 +22,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, TlsConfig};
 use crate::edge::{BuildError, Edge};
+use crate::relay::RelayBackend;
+use meridian_engine::server::{EngineServer, ServerLimits};
+use meridian_engine::tls::Identity;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,9 @@ pub enum StartError {
     /// The TLS certificate or key could not be loaded.
     #[error("node.tls: {0}")]
     Tls(String),
+    /// The relay listener could not start (its identity, or its UDP address).
+    #[error("relay: {0}")]
+    Relay(String),
 }
 
 /// A bound, not yet serving, edge node.
@@ -47,6 +53,7 @@ pub struct Server {
     edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    relay: Option<EngineServer>,
 }
 
 impl Server {
@@ -56,7 +63,13 @@ impl Server {
         let addr = config.node.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
         let edge = Arc::new(Edge::new(config).await?);
-        Ok(Server { edge, listener, tls })
+        let relay = relay_listener(&edge)?;
+        Ok(Server { edge, listener, tls, relay })
+    }
+
+    /// The bound address of the relay listener, if `[relay]` is configured.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().and_then(|r| r.local_addr().ok())
     }
 
     /// The bound address (useful with port 0).
@@ -71,7 +84,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then stops accepting and waits (bounded) for requests in
     /// flight to finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let node = &self.edge.config().node;
         let head_timeout = Duration::from_millis(node.header_read_timeout_ms);
         let mut http1 = http1::Builder::new();
@@ -85,6 +98,14 @@ impl Server {
         let protocols = Arc::new(Protocols { http1, http2 });
         let graceful = GracefulShutdown::new();
         let reloader = self.edge.has_plugins().then(|| tokio::spawn(reload_triggers(Arc::clone(&self.edge))));
+        let relay = match self.relay.take().map(EngineServer::spawn) {
+            Some(Ok(handle)) => Some(handle),
+            Some(Err(e)) => {
+                warn!(error = %e, "the relay listener could not start: peer edges cannot relay to this node");
+                None
+            }
+            None => None,
+        };
         info!(addr = %self.local_addr(), tls = self.tls.is_some(), "edge listening");
         tokio::pin!(shutdown);
         loop {
@@ -136,10 +157,32 @@ impl Server {
             reloader.abort();
         }
         info!("shutting down: waiting for requests in flight");
-        if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
-            warn!("requests still in flight after 30s; closing them");
-        }
+        let http = async {
+            if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
+                warn!("requests still in flight after 30s; closing them");
+            }
+        };
+        let relayed = async {
+            if let Some(relay) = relay {
+                relay.shutdown().await;
+            }
+        };
+        tokio::join!(http, relayed);
     }
+}
+
+/// The QUIC listener for requests relayed by peer edges, if `[relay]` is configured; it speaks
+/// the engine protocol with the edge as its backend, under the node's cluster identity.
+fn relay_listener(edge: &Arc<Edge>) -> Result<Option<EngineServer>, StartError> {
+    let config = edge.config();
+    let (Some(relay), Some(quic)) = (&config.relay, &config.quic) else { return Ok(None) };
+    let identity = Identity::from_pem_files(&quic.ca, &quic.cert, &quic.key)
+        .map_err(|e| StartError::Relay(format!("the [quic] identity: {e}")))?;
+    let backend = Arc::new(RelayBackend::new(edge));
+    let server = EngineServer::bind(relay.listen, &identity, backend, ServerLimits::default())
+        .map_err(|e| StartError::Relay(e.to_string()))?;
+    info!(addr = %relay.listen, "relay listener bound");
+    Ok(Some(server))
 }
 
 /// Reloads the node's plugins on SIGHUP and when a plugin file changes (checked every

@@ -399,7 +399,7 @@ pub fn run(scenario: &Scenario) -> Result<Report, PluginError> {
 /// unredacted personal data (a `pii.` label not ending in `.redacted`) goes only to the tenant's
 /// own infrastructure or a target in an allowed region (any region when none is listed).
 pub fn residency_allows(summary: &RequestSummary, target: &Target) -> bool {
-    let pii = summary.labels.iter().any(|l| l.starts_with("pii.") && !l.ends_with(".redacted"));
+    let pii = crate::chain::carries_unredacted_pii(&summary.labels);
     if !pii || target.own_infrastructure {
         return true;
     }

@@ -10,7 +10,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 
 use crate::chain::{Chain, Plugins};
-use crate::config::{parse_key_hash, CachePolicy, Config};
+use crate::config::{parse_key_hash, CachePolicy, Config, RelayPolicy};
 use crate::error::GatewayError;
 
 /// One tenant.
@@ -22,6 +22,8 @@ pub struct Tenant {
     pub cache: CachePolicy,
     /// Its privacy filters and router.
     pub chain: Chain,
+    /// Whether its requests may be relayed to other regions' edges.
+    pub relay: RelayPolicy,
     /// Shared with the tenant's next incarnation after a plugin reload, so a reload does not
     /// reset its rate.
     limiter: Arc<Option<DefaultDirectRateLimiter>>,
@@ -42,6 +44,7 @@ impl Tenant {
 #[derive(Debug, Default)]
 pub struct Tenants {
     by_key: HashMap<[u8; 32], Arc<Tenant>>,
+    by_name: HashMap<Arc<str>, Arc<Tenant>>,
 }
 
 impl Tenants {
@@ -57,8 +60,9 @@ impl Tenants {
 
     fn build(config: &Config, plugins: &Plugins, previous: Option<&Tenants>) -> Tenants {
         let mut by_key = HashMap::new();
+        let mut by_name = HashMap::new();
         for t in &config.tenants {
-            let kept = previous.and_then(|p| p.by_key.values().find(|old| *old.name == *t.name));
+            let kept = previous.and_then(|p| p.by_name.get(t.name.as_str()));
             let limiter = kept.map_or_else(
                 || {
                     Arc::new(t.requests_per_second.and_then(NonZeroU32::new).map(|rate| {
@@ -75,7 +79,9 @@ impl Tenants {
                 allowed_regions: t.allowed_regions.clone(),
                 price_cap_usd: t.price_cap_usd,
             };
-            let tenant = Arc::new(Tenant { name: t.name.as_str().into(), cache: t.cache, chain, limiter });
+            let tenant =
+                Arc::new(Tenant { name: t.name.as_str().into(), cache: t.cache, chain, relay: t.relay, limiter });
+            by_name.insert(Arc::clone(&tenant.name), Arc::clone(&tenant));
             for k in &t.keys {
                 // Validation already parsed every hash.
                 if let Ok(digest) = parse_key_hash(k) {
@@ -83,7 +89,13 @@ impl Tenants {
                 }
             }
         }
-        Tenants { by_key }
+        Tenants { by_key, by_name }
+    }
+
+    /// The tenant of that name: a peer edge relays requests by tenant name, having checked the
+    /// client's key itself (the peer is authenticated by its cluster certificate).
+    pub fn named(&self, name: &str) -> Option<Arc<Tenant>> {
+        self.by_name.get(name).cloned()
     }
 
     /// The tenant whose key the request carries: `Authorization: Bearer KEY` (OpenAI) or

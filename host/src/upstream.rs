@@ -1,7 +1,7 @@
-//! Upstream targets: managed APIs reached over HTTPS (pooled, HTTP/2 where offered) and Meridian
-//! engine nodes reached over QUIC with mutual TLS.
+//! Upstream targets: managed APIs reached over HTTPS (pooled, HTTP/2 where offered), and Meridian
+//! engine nodes and other regions' edges reached over QUIC with mutual TLS.
 //!
-//! A [`Target`] is anything a request can be dispatched to; both kinds answer with the same
+//! A [`Target`] is anything a request can be dispatched to; every kind answers with the same
 //! canonical [`StreamEvent`]s, so the request path does not care which it talks to.
 
 use std::collections::VecDeque;
@@ -18,13 +18,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use meridian_engine::client::{ChatStream, ClientError, ClientOptions, EngineClient};
+use meridian_engine::client::{ChatStream, ClientError, ClientOptions, EngineClient, RelayStream};
 use meridian_engine::tls::Identity;
 
 use crate::api::{anthropic, engine, openai};
 use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetKind};
 use crate::error::UpstreamError;
+use crate::relay::{self, Dispatch};
 use crate::sse::{SseEvent, SseParser};
 use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
 
@@ -77,7 +78,8 @@ pub struct Target {
     endpoint: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     secret: Option<Secret>,
-    engine: Option<EngineClient>,
+    /// The QUIC client of an engine or peer-edge target.
+    quic: Option<EngineClient>,
 }
 
 impl Target {
@@ -90,7 +92,7 @@ impl Target {
         let endpoint = match tc.api {
             TargetApi::Openai => format!("{base}/chat/completions"),
             TargetApi::Anthropic => format!("{base}/v1/messages"),
-            TargetApi::Engine => base.to_string(),
+            TargetApi::Engine | TargetApi::Edge => base.to_string(),
         };
         let endpoint: Uri = endpoint.parse().map_err(|e| bad(format!("targets.{name}.base_url"), format!("{e}")))?;
         let mut headers = Vec::new();
@@ -124,9 +126,9 @@ impl Target {
             value.set_sensitive(true);
             headers.push((hname, value));
         }
-        let engine = match tc.api {
-            TargetApi::Engine => Some(engine_client(name, tc, &endpoint, config)?),
-            _ => None,
+        let quic = match tc.api.is_quic() {
+            true => Some(quic_client(name, tc, &endpoint, config)?),
+            false => None,
         };
         Ok(Target {
             name: name.to_string(),
@@ -138,7 +140,7 @@ impl Target {
             endpoint,
             headers,
             secret: secrets.api_key,
-            engine,
+            quic,
         })
     }
 
@@ -154,11 +156,6 @@ impl Target {
         }
     }
 
-    /// The engine client of an engine target.
-    pub fn engine(&self) -> Option<&EngineClient> {
-        self.engine.as_ref()
-    }
-
     /// Records the outcome of one attempt that began at `started`: an answer (its latency to the
     /// first byte feeds the smoothed latency), a refusal of the request itself (the target is
     /// alive: a success without a latency), or a failure of the target. A target skipped because
@@ -172,10 +169,11 @@ impl Target {
         }
     }
 
-    /// Asks an engine target for its health once (within its connect timeout), and records the
-    /// load and RTT it reports, or the failure. Not an engine target: nothing.
+    /// Asks an engine or peer-edge target for its health once (within its connect and first-byte
+    /// timeouts), and records the load and RTT it reports, or the failure. A managed target:
+    /// nothing.
     pub async fn probe(&self) {
-        let Some(client) = &self.engine else { return };
+        let Some(client) = &self.quic else { return };
         let after = self.config.connect_timeout() + self.config.first_byte_timeout();
         let result = match tokio::time::timeout(after, client.health()).await {
             Ok(Ok(h)) => Some((
@@ -193,7 +191,8 @@ impl Target {
         self.stats.probe(Instant::now(), result);
     }
 
-    /// An engine client's failure as an upstream error, under the edge's fallback rules.
+    /// A QUIC client's failure as an upstream error, under the edge's fallback rules. A peer
+    /// edge's refusal keeps the status it gave.
     pub fn engine_error(&self, e: ClientError) -> UpstreamError {
         let target = self.name.clone();
         match e {
@@ -201,9 +200,11 @@ impl Target {
             ClientError::Timeout => {
                 UpstreamError::Timeout { target, phase: "response", after: self.config.first_byte_timeout() }
             }
-            ClientError::Remote(e) => {
-                UpstreamError::Status { target, status: engine::status(e.code), message: e.message }
-            }
+            ClientError::Remote(e) => UpstreamError::Status {
+                target,
+                status: e.status.unwrap_or_else(|| engine::status(e.code)),
+                message: e.message,
+            },
             other => self.protocol(other.to_string()),
         }
     }
@@ -296,12 +297,12 @@ impl Target {
         req: &ChatRequest,
         upstream_model: &str,
         default_max_tokens: u32,
-        request_id: &str,
+        dispatch: &Dispatch,
     ) -> Result<ChatResponse, UpstreamError> {
-        if self.engine.is_some() {
-            // One code path for engines: a whole answer is the folded stream (which counts
+        if self.quic.is_some() {
+            // One code path for QUIC targets: a whole answer is the folded stream (which counts
             // itself in flight).
-            let mut stream = self.stream_engine(req, upstream_model).await?;
+            let mut stream = self.stream_quic(req, upstream_model, dispatch).await?;
             // Its failure is this call's, which the request path records.
             stream.records_failure = false;
             let mut builder = ResponseBuilder::default();
@@ -312,7 +313,7 @@ impl Target {
         }
         let _in_flight = self.stats.start();
         let body = self.body(req, upstream_model, default_max_tokens)?;
-        let response = self.send(client, body, request_id).await?;
+        let response = self.send(client, body, &dispatch.request_id).await?;
         let body = self.read_body(response.into_body(), 64 << 20).await?;
         match self.config.api {
             TargetApi::Anthropic => anthropic::decode_response(&body, upstream_model),
@@ -328,14 +329,14 @@ impl Target {
         req: &ChatRequest,
         upstream_model: &str,
         default_max_tokens: u32,
-        request_id: &str,
+        dispatch: &Dispatch,
     ) -> Result<EventStream, UpstreamError> {
-        if self.engine.is_some() {
-            return self.stream_engine(req, upstream_model).await;
+        if self.quic.is_some() {
+            return self.stream_quic(req, upstream_model, dispatch).await;
         }
         let (started, in_flight) = (Instant::now(), self.stats.start());
         let body = self.body(req, upstream_model, default_max_tokens)?;
-        let response = self.send(client, body, request_id).await?;
+        let response = self.send(client, body, &dispatch.request_id).await?;
         let is_sse = response
             .headers()
             .get(CONTENT_TYPE)
@@ -360,7 +361,11 @@ impl Target {
         input: Vec<String>,
         upstream_model: &str,
     ) -> Result<meridian_engine::api::Embeddings, UpstreamError> {
-        let client = self.engine.as_ref().ok_or_else(|| self.protocol(NO_EMBEDDINGS))?;
+        let client = self
+            .quic
+            .as_ref()
+            .filter(|_| self.api() == TargetApi::Engine)
+            .ok_or_else(|| self.protocol(NO_EMBEDDINGS))?;
         let _in_flight = self.stats.start();
         let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
         let after = self.config.first_byte_timeout();
@@ -370,27 +375,34 @@ impl Target {
         }
     }
 
-    /// An engine's stream: one QUIC stream on the target's connection, opened within the
-    /// first-byte timeout. Dropping the returned stream resets it, which cancels the generation.
-    async fn stream_engine(
+    /// An engine's or peer edge's answer: one QUIC stream on the target's connection, opened
+    /// within the first-byte timeout. Dropping the returned stream resets it, which cancels the
+    /// request there.
+    async fn stream_quic(
         self: &Arc<Self>,
         req: &ChatRequest,
         upstream_model: &str,
+        dispatch: &Dispatch,
     ) -> Result<EventStream, UpstreamError> {
-        let client = self.engine.as_ref().ok_or_else(|| self.protocol("not an engine target"))?;
+        let client = self.quic.as_ref().ok_or_else(|| self.protocol("not a QUIC target"))?;
         let (started, in_flight) = (Instant::now(), self.stats.start());
-        let request = engine::request(req, upstream_model).map_err(|e| UpstreamError::Status {
-            target: self.name.clone(),
-            status: 400,
-            message: e.to_string(),
-        })?;
         let after = self.config.first_byte_timeout();
-        let stream = match tokio::time::timeout(after, client.chat(request)).await {
-            Err(_) => return Err(UpstreamError::Timeout { target: self.name.clone(), phase: "response", after }),
-            Ok(result) => result.map_err(|e| self.engine_error(e))?,
+        let timed_out = || UpstreamError::Timeout { target: self.name.clone(), phase: "response", after };
+        let (source, head) = if self.api() == TargetApi::Edge {
+            let opened = tokio::time::timeout(after, client.relay(dispatch.request(req, upstream_model))).await;
+            let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
+            (Source::Relay { stream: Box::new(stream), finished: false }, VecDeque::new())
+        } else {
+            let request = engine::request(req, upstream_model).map_err(|e| UpstreamError::Status {
+                target: self.name.clone(),
+                status: 400,
+                message: e.to_string(),
+            })?;
+            let opened = tokio::time::timeout(after, client.chat(request)).await;
+            let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
+            (Source::Engine(Box::new(stream)), VecDeque::from([engine::start(&req.model)]))
         };
-        let head = VecDeque::from([engine::start(&req.model)]);
-        Ok(EventStream::new(Arc::clone(self), Source::Engine(Box::new(stream)), head, started, in_flight))
+        Ok(EventStream::new(Arc::clone(self), source, head, started, in_flight))
     }
 }
 
@@ -418,6 +430,8 @@ enum Source {
     Sse { body: Incoming, parser: SseParser, decoder: Decoder, parsed: Vec<SseEvent> },
     /// An engine's frames.
     Engine(Box<ChatStream>),
+    /// A peer edge's relayed events; `finished` once its `Finish` event came.
+    Relay { stream: Box<RelayStream>, finished: bool },
 }
 
 /// Canonical events from an upstream's stream, each within the between-chunk timeout. A stream
@@ -482,11 +496,7 @@ impl EventStream {
                 Source::Engine(stream) => {
                     let after = self.target.config.chunk_timeout();
                     match tokio::time::timeout(after, stream.next()).await {
-                        Err(_) => self.fail(UpstreamError::Timeout {
-                            target: self.target.name.clone(),
-                            phase: "stream chunk",
-                            after,
-                        }),
+                        Err(_) => self.fail(self.chunk_timeout()),
                         Ok(None) => self.fail(self.target.protocol("engine stream ended before its done frame")),
                         Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
                         Ok(Some(Ok(event))) => {
@@ -498,7 +508,32 @@ impl EventStream {
                         }
                     }
                 }
+                Source::Relay { stream, finished } => {
+                    let after = self.target.config.chunk_timeout();
+                    match tokio::time::timeout(after, stream.next()).await {
+                        Err(_) => self.fail(self.chunk_timeout()),
+                        // The peer finished its side: a whole answer if its `Finish` came.
+                        Ok(None) if *finished => self.done = true,
+                        Ok(None) => self.fail(self.target.protocol("relayed stream ended before its finish event")),
+                        Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
+                        Ok(Some(Ok(json))) => match relay::decode_event(&json) {
+                            Ok(event) => {
+                                *finished |= matches!(event, StreamEvent::Finish(_));
+                                self.pending.push_back(event);
+                            }
+                            Err(message) => self.fail(self.target.protocol(message)),
+                        },
+                    }
+                }
             }
+        }
+    }
+
+    fn chunk_timeout(&self) -> UpstreamError {
+        UpstreamError::Timeout {
+            target: self.target.name.clone(),
+            phase: "stream chunk",
+            after: self.target.config.chunk_timeout(),
         }
     }
 
@@ -554,11 +589,11 @@ impl EventStream {
     }
 }
 
-/// Probes every engine target's health every `interval`, each in a task of its own that ends when
-/// the target is dropped. Managed targets are not probed (they have no free probe endpoint): they
-/// recover through half-open requests.
+/// Probes every engine and peer-edge target's health every `interval`, each in a task of its own
+/// that ends when the target is dropped. Managed targets are not probed (they have no free probe
+/// endpoint): they recover through half-open requests.
 pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, interval: Duration) {
-    for target in targets.into_iter().filter(|t| t.engine.is_some()) {
+    for target in targets.into_iter().filter(|t| t.quic.is_some()) {
         let weak: Weak<Target> = Arc::downgrade(target);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -572,13 +607,14 @@ pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, inte
     }
 }
 
-/// The QUIC client of an engine target, with this node's cluster identity from `[quic]`.
-fn engine_client(name: &str, tc: &TargetConfig, endpoint: &Uri, config: &Config) -> Result<EngineClient, ConfigError> {
+/// The QUIC client of an engine or peer-edge target, with this node's cluster identity from
+/// `[quic]`.
+fn quic_client(name: &str, tc: &TargetConfig, endpoint: &Uri, config: &Config) -> Result<EngineClient, ConfigError> {
     let key = |field: &str| format!("targets.{name}.{field}");
     // Validation guarantees `[quic]` for engine targets and a host and port in the URL.
     let quic = config.quic.as_ref().ok_or_else(|| ConfigError::Invalid {
         key: key("api"),
-        message: "engine targets need the [quic] section".into(),
+        message: "engine and edge targets need the [quic] section".into(),
     })?;
     let identity = Identity::from_pem_files(&quic.ca, &quic.cert, &quic.key)
         .map_err(|e| ConfigError::Invalid { key: "quic".into(), message: e.to_string() })?;

@@ -92,7 +92,8 @@ pub fn status(code: wire::ErrorCode) -> u16 {
     use wire::ErrorCode as C;
     match code {
         C::Overloaded => 429,
-        C::BadRequest | C::ContextLength => 400,
+        C::BadRequest | C::ContextLength | C::Refused => 400,
+        C::LoopDetected => 508,
         C::UnknownModel => 404,
         C::UnsupportedVersion | C::MalformedFrame | C::FrameTooLarge | C::Internal => 502,
     }

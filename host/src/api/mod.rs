@@ -17,6 +17,8 @@ pub enum ApiShape {
     OpenAi,
     /// `POST /v1/messages`.
     Anthropic,
+    /// A request relayed by a peer edge over QUIC ([`crate::relay`]), answered in frames.
+    Relay,
 }
 
 impl ApiShape {
@@ -25,6 +27,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => "openai",
             ApiShape::Anthropic => "anthropic",
+            ApiShape::Relay => "relay",
         }
     }
 
@@ -33,6 +36,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::parse_request(body),
             ApiShape::Anthropic => anthropic::parse_request(body),
+            ApiShape::Relay => crate::relay::parse_request(body),
         }
     }
 
@@ -41,6 +45,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::encode_response(resp),
             ApiShape::Anthropic => anthropic::encode_response(resp),
+            ApiShape::Relay => crate::relay::encode_response(resp),
         }
     }
 
@@ -49,6 +54,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => StreamEncoder::OpenAi(openai::StreamEncoder::new(req.include_usage())),
             ApiShape::Anthropic => StreamEncoder::Anthropic(anthropic::StreamEncoder::default()),
+            ApiShape::Relay => StreamEncoder::Relay(crate::relay::StreamEncoder),
         }
     }
 
@@ -57,6 +63,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::error_body(err),
             ApiShape::Anthropic => anthropic::error_body(err),
+            ApiShape::Relay => crate::relay::error_body(err),
         }
     }
 }
@@ -68,6 +75,8 @@ pub enum StreamEncoder {
     OpenAi(openai::StreamEncoder),
     /// Anthropic events.
     Anthropic(anthropic::StreamEncoder),
+    /// Relay frames.
+    Relay(crate::relay::StreamEncoder),
 }
 
 impl StreamEncoder {
@@ -76,6 +85,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::OpenAi(e) => e.event(event, out),
             StreamEncoder::Anthropic(e) => e.event(event, out),
+            StreamEncoder::Relay(e) => e.event(event, out),
         }
     }
 
@@ -84,6 +94,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::OpenAi(e) => e.finish(out),
             StreamEncoder::Anthropic(e) => e.finish(out),
+            StreamEncoder::Relay(e) => e.finish(out),
         }
     }
 
@@ -92,6 +103,7 @@ impl StreamEncoder {
         match self {
             StreamEncoder::OpenAi(e) => e.error(err, out),
             StreamEncoder::Anthropic(e) => e.error(err, out),
+            StreamEncoder::Relay(e) => e.error(err, out),
         }
     }
 }

@@ -15,6 +15,12 @@ use crate::sse;
 /// Parses and validates a client's request body.
 pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     let req: ChatRequest = parse_json(body)?;
+    validate(&req)?;
+    Ok(req)
+}
+
+/// The checks a parsed request must pass beyond its types.
+pub fn validate(req: &ChatRequest) -> Result<(), GatewayError> {
     require_non_empty("model", &req.model)?;
     if req.messages.is_empty() {
         return Err(field_error("messages", "must contain at least one message"));
@@ -31,7 +37,7 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
             return Err(field_error(format!("messages[{i}].tool_call_id"), "is required on a tool message"));
         }
     }
-    Ok(req)
+    Ok(())
 }
 
 /// `POST /v1/embeddings`, as OpenAI takes it.

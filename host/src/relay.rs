@@ -1,0 +1,298 @@
+//! Edge-to-edge relay: one region's edge hands a request to another region's edge, which
+//! dispatches it with its own targets, over the cluster's mutual-TLS QUIC protocol
+//! (`engine/PROTOCOL.md`, `REQUEST` with `op = "relay"`, answered with `EVENT` frames).
+//!
+//! What crosses the link is the request as the origin's filters left it: placeholders in place of
+//! what they redacted (the originals stay at the origin, which restores them in the answer), with
+//! the labels and redaction state, so the receiving edge's routers apply the same residency rule.
+//! Before anything is relayed the tenant's [`RelayPolicy`] is checked, at both ends.
+//!
+//! Loops: a relayed request carries the regions it passed through. An edge refuses one that lists
+//! its own region or took more than its `relay.max_hops`, and never relays onward to a listed
+//! region or past the limit, so a request cannot bounce between regions.
+
+use std::sync::{Arc, Weak};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use meridian_engine::api::{self as wire, Backend, BoxFuture, EngineError, ErrorCode, RelayRequest};
+use meridian_engine::wire::Frame;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::chain::carries_unredacted_pii;
+use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use crate::config::{RelayPolicy, TargetApi};
+use crate::edge::Edge;
+use crate::error::GatewayError;
+use crate::upstream::Target;
+
+/// Why a request may not be relayed, or was refused as relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayRefusal {
+    /// It came back to a region it had passed through.
+    #[error("relay loop: the request already passed through `{region}` (path: {path})")]
+    Loop {
+        /// The region seen twice.
+        region: String,
+        /// Its path, origin first.
+        path: String,
+    },
+    /// It took more relays than allowed.
+    #[error("relay hop limit of {max} reached (path: {path})")]
+    HopLimit {
+        /// The limit.
+        max: u8,
+        /// Its path, origin first.
+        path: String,
+    },
+    /// The receiving edge does not know the tenant.
+    #[error("tenant `{0}` is not configured on this edge")]
+    UnknownTenant(String),
+    /// The tenant's relay policy forbids it.
+    #[error("not relayed: {0}")]
+    Policy(&'static str),
+}
+
+impl RelayRefusal {
+    /// The HTTP status it answers with: 508 for loops (another target may take the request),
+    /// 403 for a tenant the peer does not serve, 451 for a policy refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. } => 508,
+            RelayRefusal::UnknownTenant(_) => 403,
+            RelayRefusal::Policy(_) => 451,
+        }
+    }
+}
+
+/// Why a request would not be relayed under `policy`, given its labels; `None` if it may be.
+pub fn policy_forbids(policy: RelayPolicy, labels: &[String]) -> Option<RelayRefusal> {
+    match policy {
+        RelayPolicy::Allowed => None,
+        RelayPolicy::Never => Some(RelayRefusal::Policy("the tenant's requests never leave their region")),
+        RelayPolicy::Redacted if carries_unredacted_pii(labels) => Some(RelayRefusal::Policy(
+            "the request carries unredacted personal data, and the tenant's policy requires redaction before it leaves the region",
+        )),
+        RelayPolicy::Redacted => None,
+    }
+}
+
+/// How a request reached this edge: empty for one from a client, else from the relay frame.
+#[derive(Debug, Clone, Default)]
+pub struct Via {
+    /// Regions it passed through before this one, origin first.
+    pub path: Vec<String>,
+    /// Labels given by the filters of the edges before this one.
+    pub labels: Vec<String>,
+    /// Whether those filters redacted anything.
+    pub redacted: bool,
+}
+
+/// What dispatching one request needs besides its text: who it is for, what the filters found,
+/// and where it has been, to decide which peer edges may take it and to build what they get.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// The request's id.
+    pub request_id: String,
+    /// The tenant.
+    pub tenant: String,
+    /// The tenant's relay policy.
+    pub policy: RelayPolicy,
+    /// The client's region, when known.
+    pub client_region: Option<String>,
+    /// Every label the filters gave it, here and before.
+    pub labels: Vec<String>,
+    /// Whether anything was redacted, here or before.
+    pub redacted: bool,
+    /// Regions it passed through, this one last.
+    pub path: Vec<String>,
+    /// The most relays a request may take in all.
+    pub max_hops: u8,
+}
+
+impl Dispatch {
+    /// A dispatch with no tenant or labels, from the node's own region, for requests outside the
+    /// plugin chain (embeddings, which peer edges do not serve).
+    pub fn local(request_id: &str, region: &str) -> Dispatch {
+        Dispatch {
+            request_id: request_id.to_string(),
+            tenant: String::new(),
+            policy: RelayPolicy::Allowed,
+            client_region: None,
+            labels: Vec::new(),
+            redacted: false,
+            path: vec![region.to_string()],
+            max_hops: crate::config::DEFAULT_MAX_HOPS,
+        }
+    }
+
+    /// Why `target` may not take the request; `None` when it may. Only peer edges can refuse.
+    pub fn refuses(&self, target: &Target) -> Option<RelayRefusal> {
+        if target.api() != TargetApi::Edge {
+            return None;
+        }
+        if let Some(refusal) = policy_forbids(self.policy, &self.labels) {
+            return Some(refusal);
+        }
+        if let Some(region) = target.region.as_ref().filter(|r| self.path.contains(r)) {
+            return Some(RelayRefusal::Loop { region: region.clone(), path: self.path.join(" > ") });
+        }
+        if self.path.len() > usize::from(self.max_hops) {
+            return Some(RelayRefusal::HopLimit { max: self.max_hops, path: self.path.join(" > ") });
+        }
+        None
+    }
+
+    /// The relay frame for `req` under the peer's model name.
+    pub fn request(&self, req: &ChatRequest, upstream_model: &str) -> RelayRequest {
+        let mut chat = req.clone();
+        chat.model = upstream_model.to_string();
+        let anthropic_extra = std::mem::take(&mut chat.anthropic_extra);
+        RelayRequest {
+            request_id: self.request_id.clone(),
+            tenant: self.tenant.clone(),
+            client_region: self.client_region.clone(),
+            path: self.path.clone(),
+            labels: self.labels.clone(),
+            redacted: self.redacted,
+            // A canonical request always serializes (string keys, finite numbers from parsed JSON).
+            request: serde_json::to_value(Relayed { chat, anthropic_extra }).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// A canonical request as it travels: the OpenAI-form body, plus what an Anthropic client sent
+/// that has no OpenAI field (kept out of that body so no OpenAI upstream ever sees it).
+#[derive(Serialize, Deserialize)]
+struct Relayed {
+    chat: ChatRequest,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    anthropic_extra: Map<String, Value>,
+}
+
+/// Parses a relayed request body (the `request` of a [`RelayRequest`], as bytes), validated as a
+/// client's request would be.
+pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
+    let Relayed { mut chat, anthropic_extra } = crate::api::parse_json(body)?;
+    chat.anthropic_extra = anthropic_extra;
+    crate::api::openai::validate(&chat)?;
+    Ok(chat)
+}
+
+/// One stream event as the JSON of an `EVENT` frame.
+fn event_frame(event: &StreamEvent, out: &mut BytesMut) {
+    // Events are plain data with string keys: serializing them cannot fail.
+    let json = serde_json::to_vec(event).unwrap_or_default();
+    Frame::Event(Bytes::from(json)).encode_into(out);
+}
+
+/// The stream event in an `EVENT` frame's JSON.
+pub fn decode_event(json: &[u8]) -> Result<StreamEvent, String> {
+    serde_json::from_slice(json).map_err(|e| format!("relayed event: {e}"))
+}
+
+/// A whole answer as the frames of a relayed answer.
+pub fn encode_response(resp: &ChatResponse) -> Bytes {
+    let mut out = BytesMut::new();
+    for event in resp.to_events() {
+        event_frame(&event, &mut out);
+    }
+    out.freeze()
+}
+
+/// An error as an `ERROR` frame.
+pub fn error_body(err: &GatewayError) -> Bytes {
+    Frame::Error(wire_error(err)).encode()
+}
+
+/// The wire error for a request-path error: the HTTP status the edge would have answered with,
+/// under the code that tells the origin whether another target may take the request.
+pub fn wire_error(err: &GatewayError) -> EngineError {
+    let status = err.status().as_u16();
+    let code = match err {
+        GatewayError::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) => ErrorCode::LoopDetected,
+        GatewayError::UnknownModel(_) => ErrorCode::UnknownModel,
+        GatewayError::Overloaded | GatewayError::RateLimited { .. } => ErrorCode::Overloaded,
+        _ if status >= 500 => ErrorCode::Internal,
+        _ => ErrorCode::Refused,
+    };
+    EngineError::with_status(code, status, err.to_string())
+}
+
+/// Writes a streamed answer's events as `EVENT` frames; a failure after the first becomes an
+/// `ERROR` frame.
+#[derive(Debug, Default)]
+pub struct StreamEncoder;
+
+impl StreamEncoder {
+    /// Encodes one event.
+    pub fn event(&mut self, event: &StreamEvent, out: &mut BytesMut) {
+        event_frame(event, out);
+    }
+
+    /// Nothing: the end of the QUIC stream ends the answer.
+    pub fn finish(&mut self, _out: &mut BytesMut) {}
+
+    /// Ends a broken stream.
+    pub fn error(&mut self, err: &GatewayError, out: &mut BytesMut) {
+        Frame::Error(wire_error(err)).encode_into(out);
+    }
+}
+
+/// The edge as a [`Backend`] of the QUIC server on its `[relay]` address: it takes relayed
+/// requests and answers health probes from peer edges; it serves no engine chat or embeddings.
+pub struct RelayBackend {
+    edge: Weak<Edge>,
+}
+
+impl RelayBackend {
+    /// The backend of `edge` (held weakly: the listener does not keep a stopped edge alive).
+    pub fn new(edge: &Arc<Edge>) -> RelayBackend {
+        RelayBackend { edge: Arc::downgrade(edge) }
+    }
+
+    fn not_an_engine() -> EngineError {
+        EngineError::new(ErrorCode::BadRequest, "this node is an edge: it takes relayed requests, not engine requests")
+    }
+}
+
+impl Backend for RelayBackend {
+    fn chat(&self, _request: wire::ChatRequest) -> Result<mpsc::Receiver<wire::Event>, EngineError> {
+        Err(RelayBackend::not_an_engine())
+    }
+
+    fn embed(&self, _request: wire::EmbedRequest) -> BoxFuture<'_, Result<wire::Embeddings, EngineError>> {
+        Box::pin(async { Err(RelayBackend::not_an_engine()) })
+    }
+
+    fn health(&self) -> wire::Health {
+        self.edge.upgrade().map(|e| e.relay_health()).unwrap_or_default()
+    }
+
+    fn relay(&self, request: RelayRequest) -> Result<mpsc::Receiver<Bytes>, EngineError> {
+        let edge =
+            self.edge.upgrade().ok_or_else(|| EngineError::new(ErrorCode::Internal, "the edge is shutting down"))?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            // The answer (or its error) is already in relay frames; the body is copied to the
+            // stream as it comes. The peer going away drops the receiver, which ends this task
+            // and with it the upstream request.
+            let response = tokio::select! {
+                r = edge.relay(request) => r,
+                () = tx.closed() => return,
+            };
+            let mut body = response.into_body();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else { continue };
+                if tx.send(data).await.is_err() {
+                    debug!("relay peer went away mid-answer");
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
