@@ -598,7 +598,7 @@ impl Edge {
         let mut refused = None;
         let mut routes = Vec::with_capacity(plan.order.len());
         for route in plan.routes() {
-            match dispatch.refuses(&route.target) {
+            match dispatch.refuses(route.target.api(), route.target.region.as_deref()) {
                 None => routes.push(route),
                 Some(why) => {
                     debug!(target_name = %route.target.name, reason = %why, "peer edge left out");

@@ -198,6 +198,8 @@ impl GatewayError {
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 UpstreamError::Status { status: 429, .. } => StatusCode::TOO_MANY_REQUESTS,
+                // A relay loop found further along: the client learns it was one.
+                UpstreamError::Status { status: 508, .. } => StatusCode::LOOP_DETECTED,
                 // The request itself was refused: the client should see that, not a 502.
                 UpstreamError::Status { status, .. } if !e.is_retryable() => {
                     StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)

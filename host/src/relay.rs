@@ -27,7 +27,6 @@ use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::config::{RelayPolicy, TargetApi};
 use crate::edge::Edge;
 use crate::error::GatewayError;
-use crate::upstream::Target;
 
 /// Why a request may not be relayed, or was refused as relayed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,16 +128,17 @@ impl Dispatch {
         }
     }
 
-    /// Why `target` may not take the request; `None` when it may. Only peer edges can refuse.
-    pub fn refuses(&self, target: &Target) -> Option<RelayRefusal> {
-        if target.api() != TargetApi::Edge {
+    /// Why a target (its protocol, its region) may not take the request; `None` when it may.
+    /// Only peer edges can refuse.
+    pub fn refuses(&self, api: TargetApi, region: Option<&str>) -> Option<RelayRefusal> {
+        if api != TargetApi::Edge {
             return None;
         }
         if let Some(refusal) = policy_forbids(self.policy, &self.labels) {
             return Some(refusal);
         }
-        if let Some(region) = target.region.as_ref().filter(|r| self.path.contains(r)) {
-            return Some(RelayRefusal::Loop { region: region.clone(), path: self.path.join(" > ") });
+        if let Some(region) = region.filter(|r| self.path.iter().any(|p| p == r)) {
+            return Some(RelayRefusal::Loop { region: region.to_string(), path: self.path.join(" > ") });
         }
         if self.path.len() > usize::from(self.max_hops) {
             return Some(RelayRefusal::HopLimit { max: self.max_hops, path: self.path.join(" > ") });
@@ -213,7 +213,8 @@ pub fn error_body(err: &GatewayError) -> Bytes {
 pub fn wire_error(err: &GatewayError) -> EngineError {
     let status = err.status().as_u16();
     let code = match err {
-        GatewayError::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) => ErrorCode::LoopDetected,
+        // A loop found further along comes back as 508 too.
+        _ if status == 508 => ErrorCode::LoopDetected,
         GatewayError::UnknownModel(_) => ErrorCode::UnknownModel,
         GatewayError::Overloaded | GatewayError::RateLimited { .. } => ErrorCode::Overloaded,
         _ if status >= 500 => ErrorCode::Internal,
@@ -294,5 +295,89 @@ impl Backend for RelayBackend {
             }
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::{FinishReason, Usage};
+
+    fn labels(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn the_policy_decides_on_labels() {
+        let pii = labels(&["pii.email", "pii.phone.redacted"]);
+        let redacted = labels(&["pii.email.redacted"]);
+        assert_eq!(policy_forbids(RelayPolicy::Allowed, &pii), None);
+        assert_eq!(policy_forbids(RelayPolicy::Redacted, &redacted), None);
+        assert_eq!(policy_forbids(RelayPolicy::Redacted, &pii).map(|r| r.status()), Some(451));
+        assert_eq!(policy_forbids(RelayPolicy::Never, &[]).map(|r| r.status()), Some(451));
+    }
+
+    #[test]
+    fn peer_edges_on_the_path_or_past_the_hop_limit_are_refused() {
+        let eu = Some("eu-west");
+        let mut d = Dispatch::local("r", "us-east");
+        assert_eq!(d.refuses(TargetApi::Edge, eu), None);
+        d.path = labels(&["eu-west", "us-east"]);
+        assert!(
+            matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::Loop { region, .. }) if region == "eu-west")
+        );
+        assert_eq!(d.refuses(TargetApi::Openai, eu), None, "only peer edges relay");
+        d.path = labels(&["ap-south", "us-east"]);
+        assert!(matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::HopLimit { max: 1, .. })));
+        d.max_hops = 2;
+        assert_eq!(d.refuses(TargetApi::Edge, eu), None);
+        d.policy = RelayPolicy::Never;
+        assert!(matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::Policy(_))));
+    }
+
+    #[test]
+    fn events_and_requests_survive_the_trip() {
+        let events = [
+            StreamEvent::Start { id: "c1".into(), model: "m".into(), created: 7, input_tokens: Some(3) },
+            StreamEvent::Text("héllo".into()),
+            StreamEvent::ToolCallStart { index: 0, id: "t".into(), name: "f".into() },
+            StreamEvent::ToolCallArgs { index: 0, json: "{\"a\":1}".into() },
+            StreamEvent::Finish(FinishReason::ToolCalls),
+            StreamEvent::Usage(Usage { input_tokens: 3, output_tokens: 4 }),
+        ];
+        let mut out = BytesMut::new();
+        let mut enc = StreamEncoder;
+        events.iter().for_each(|e| enc.event(e, &mut out));
+        let mut dec = meridian_engine::wire::Decoder::default();
+        dec.push(&out);
+        for e in &events {
+            let Some(Frame::Event(json)) = dec.next_frame().unwrap() else { panic!("an EVENT frame") };
+            assert_eq!(&decode_event(&json).unwrap(), e);
+        }
+
+        let mut req: ChatRequest = serde_json::from_value(
+            serde_json::json!({"model": "front", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
+        req.anthropic_extra.insert("top_k".into(), 5.into());
+        let relayed = Dispatch::local("r", "us-east").request(&req, "back");
+        let body = serde_json::to_vec(&relayed.request).unwrap();
+        let back = parse_request(&body).unwrap();
+        assert_eq!(back.model, "back");
+        assert_eq!(back.anthropic_extra.get("top_k"), Some(&5.into()));
+        assert!(!serde_json::to_string(&back).unwrap().contains("top_k"), "never in the OpenAI-form body");
+        assert!(parse_request(br#"{"chat": {"model": "", "messages": []}}"#).is_err());
+    }
+
+    #[test]
+    fn errors_keep_their_status_and_say_whether_to_go_on() {
+        let e = wire_error(&RelayRefusal::Loop { region: "eu".into(), path: "us > eu".into() }.into());
+        assert_eq!((e.code, e.status), (ErrorCode::LoopDetected, Some(508)));
+        let e = wire_error(&GatewayError::Rejected { status: 451, reason: "no".into() });
+        assert_eq!((e.code, e.status), (ErrorCode::Refused, Some(451)));
+        let e = wire_error(&GatewayError::Overloaded);
+        assert_eq!((e.code, e.status), (ErrorCode::Overloaded, Some(503)));
+        let e = wire_error(&GatewayError::UnknownModel("m".into()));
+        assert_eq!(e.code, ErrorCode::UnknownModel);
     }
 }

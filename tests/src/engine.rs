@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian::config::{Config, QuicConfig, TargetApi, TargetConfig, TargetKind};
+use meridian::config::{Config, QuicConfig, RelayConfig, TargetApi, TargetConfig, TargetKind};
 use meridian_engine::client::{ClientOptions, EngineClient};
 use meridian_engine::node::{Node, NodeConfig};
 use meridian_engine::tls::Identity;
@@ -98,8 +98,7 @@ impl Cluster {
         engine_name: &str,
         addr: SocketAddr,
     ) {
-        let (cert, key) = self.node(edge_name);
-        config.quic = Some(QuicConfig { ca: self.dir().join("ca.pem"), cert, key });
+        self.join(config, edge_name);
         let mut tc: TargetConfig = toml::from_str(&format!(
             "api = \"engine\"\nbase_url = \"quic://{addr}\"\nserver_name = \"{engine_name}\"\n\
              kind = \"dedicated\"\nown_infrastructure = true\nprice = {{ per = \"hour\", usd_per_hour = 2.0, capacity = 8 }}\n"
@@ -107,6 +106,31 @@ impl Cluster {
         .expect("target config parses");
         debug_assert_eq!((tc.api, tc.kind), (TargetApi::Engine, TargetKind::Dedicated));
         tc.first_byte_timeout_ms = 60_000;
+        config.targets.insert(target.to_string(), tc);
+    }
+
+    /// Gives `config` the cluster identity of node `edge_name`.
+    pub fn join(&self, config: &mut Config, edge_name: &str) {
+        let (cert, key) = self.node(edge_name);
+        config.quic = Some(QuicConfig { ca: self.dir().join("ca.pem"), cert, key });
+    }
+
+    /// Makes `config` (node `edge_name`) take relayed requests on a free loopback UDP port, with
+    /// hop limit `max_hops`; returns the port's address.
+    pub fn accept_relays(&self, config: &mut Config, edge_name: &str, max_hops: u8) -> SocketAddr {
+        self.join(config, edge_name);
+        let listen = free_udp_addr();
+        config.relay = Some(RelayConfig { listen, max_hops });
+        listen
+    }
+
+    /// Adds target `target`: the peer edge `peer_name` of `region`, relaying to it at `addr`.
+    pub fn add_edge_target(&self, config: &mut Config, target: &str, peer_name: &str, region: &str, addr: SocketAddr) {
+        let tc: TargetConfig = toml::from_str(&format!(
+            "api = \"edge\"\nkind = \"remote_edge\"\nbase_url = \"quic://{addr}\"\nserver_name = \"{peer_name}\"\n\
+             region = \"{region}\"\nconnect_timeout_ms = 2000\nfirst_byte_timeout_ms = 10000\n"
+        ))
+        .expect("edge target config parses");
         config.targets.insert(target.to_string(), tc);
     }
 
