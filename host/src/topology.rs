@@ -30,9 +30,10 @@
 //!
 //! Direction: the topology names each node's config file, and the configs are *validated against
 //! the topology* ([`Topology::check`], `meridian regions check`): an edge config's region, listen
-//! address, cluster identity, engine targets (name and address), managed targets, the models it
-//! routes to engines and its tenants' allowed regions must agree with the topology; an engine
-//! config's name, address and models likewise. Node configs are not (yet) derived from it.
+//! address, cluster identity, relay listener, engine targets (name and address), peer-edge relay
+//! targets (name, address, region, and that the peer accepts relays for its tenants and models),
+//! managed targets, the models it routes to engines and its tenants' allowed regions must agree
+//! with the topology; an engine config's name, address and models likewise. Node configs are not (yet) derived from it.
 //!
 //! Parsing and the structural checks ([`Topology::check_structure`]) do no I/O; the file checks
 //! (certificates, node configs) read only the files the topology names.
@@ -46,7 +47,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::accounting::PriceModel;
-use crate::config::{Config, TargetApi, TargetKind};
+use crate::config::{Config, RelayPolicy, TargetApi, TargetKind};
 
 /// A whole topology file.
 #[derive(Debug, Clone, Deserialize)]
@@ -417,11 +418,24 @@ impl Topology {
                 }
             }
         }
+        if let Some(r) = &c.relay {
+            if !same_bind(r.listen, edge.quic) {
+                out.push(problem(
+                    at("relay.listen"),
+                    format!(
+                        "is {}, but the topology says peer edges relay to `{}` at {}",
+                        r.listen, edge.name, edge.quic
+                    ),
+                ));
+            }
+        }
         // Config target key -> the engine it reaches, for the model routes below.
         let mut engines: HashMap<&str, &EngineEntry> = HashMap::new();
+        // Config target key -> the peer edge it relays to, and that edge's config if it loads.
+        let mut peers: HashMap<&str, (&EdgeEntry, Option<Config>)> = HashMap::new();
         for (key, t) in &c.targets {
             let place = at(&format!("targets.{key}"));
-            if t.api != TargetApi::Engine {
+            if !t.api.is_quic() {
                 match self.find(key) {
                     Some((p, target_region, Node::Target(_))) => {
                         if let Some(r) = t.region.as_ref().filter(|r| *r != target_region) {
@@ -457,6 +471,77 @@ impl Topology {
                 continue;
             };
             let name = t.server_name.clone().unwrap_or_else(|| host.clone());
+            let addr_ok = |listed: SocketAddr| match host.parse::<IpAddr>() {
+                Ok(ip) => SocketAddr::new(ip, port) == listed,
+                Err(_) => port == listed.port(),
+            };
+            if t.api == TargetApi::Edge {
+                let (p, peer_region, peer) = match self.find(&name) {
+                    Some((p, r, Node::Edge(peer))) => (p, r, peer),
+                    found => {
+                        let what = match found {
+                            Some((p, _, n)) => {
+                                let kind = if matches!(n, Node::Engine(_)) { "an engine" } else { "a managed target" };
+                                format!("`{name}` is {kind} ({p}), not an edge")
+                            }
+                            None => format!("edge `{name}` is in no region of the topology"),
+                        };
+                        out.push(problem(
+                            place,
+                            format!("unreachable: {what} (edges: {})", self.list(|n| matches!(n, Node::Edge(_)))),
+                        ));
+                        continue;
+                    }
+                };
+                if peer_region == region {
+                    out.push(problem(
+                        place,
+                        format!("edge `{name}` is in this edge's own region `{region}`: relay is between regions"),
+                    ));
+                    continue;
+                }
+                if !addr_ok(peer.quic) {
+                    out.push(problem(
+                        format!("{place}.base_url"),
+                        format!("is {url}, but edge `{name}` takes relayed requests at quic://{} ({p})", peer.quic),
+                    ));
+                }
+                if let Some(r) = t.region.as_ref().filter(|r| *r != peer_region) {
+                    out.push(problem(
+                        format!("{place}.region"),
+                        format!("is `{r}`, but edge `{name}` is in region `{peer_region}`"),
+                    ));
+                }
+                // The peer's own config problems are reported when it is checked; here only
+                // what makes this edge's relays fail there.
+                let peer_config = Config::load(&peer.config).ok();
+                if let Some(pc) = &peer_config {
+                    if pc.relay.is_none() {
+                        out.push(problem(
+                            place.clone(),
+                            format!(
+                                "unreachable: edge `{name}` accepts no relayed requests: its config {} has no [relay] section (listen = \"{}\")",
+                                peer.config.display(),
+                                peer.quic
+                            ),
+                        ));
+                    }
+                    for tenant in c.tenants.iter().filter(|x| x.relay != RelayPolicy::Never) {
+                        if !pc.tenants.iter().any(|x| x.name == tenant.name) {
+                            out.push(problem(
+                                place.clone(),
+                                format!(
+                                    "edge `{name}` has no tenant `{}` ({}), so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here",
+                                    tenant.name,
+                                    peer.config.display()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                peers.insert(key, (peer, peer_config));
+                continue;
+            }
             let Some((p, engine_region, Node::Engine(engine))) = self.find(&name) else {
                 out.push(problem(
                     place,
@@ -468,11 +553,7 @@ impl Topology {
                 continue;
             };
             engines.insert(key, engine);
-            let addr_ok = match host.parse::<IpAddr>() {
-                Ok(ip) => SocketAddr::new(ip, port) == engine.quic,
-                Err(_) => port == engine.quic.port(),
-            };
-            if !addr_ok {
+            if !addr_ok(engine.quic) {
                 out.push(problem(
                     format!("{place}.base_url"),
                     format!("is {url}, but engine `{name}` is at quic://{} ({p})", engine.quic),
@@ -489,8 +570,21 @@ impl Topology {
         }
         for (i, m) in c.models.iter().enumerate() {
             for (j, route) in m.targets.iter().enumerate() {
-                let Some(engine) = engines.get(route.target.as_str()) else { continue };
                 let model = route.model.as_deref().unwrap_or(&m.name);
+                if let Some((peer, Some(pc))) = peers.get(route.target.as_str()) {
+                    if !pc.models.iter().any(|x| x.name == model) {
+                        out.push(problem(
+                            at(&format!("models[{i}].targets[{j}]")),
+                            format!(
+                                "relays model `{model}` to edge `{}`, which has no such model ({})",
+                                peer.name,
+                                peer.config.display()
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                let Some(engine) = engines.get(route.target.as_str()) else { continue };
                 if !engine.models.iter().any(|x| x == model) {
                     out.push(problem(
                         at(&format!("models[{i}].targets[{j}]")),
@@ -976,6 +1070,128 @@ mod tests {
                 format!("{g}: tls.key: is {}, but node `engine-eu`'s file is engine-eu.key", dir.join("eu/../certs/edge-eu.key").display()),
                 format!("{g}: models: the topology says `engine-eu` serves `m`, but this config has no such model"),
                 format!("{g}: models: serves `m3`, which the topology does not list for `engine-eu`"),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A second region with an edge, for relay between `edge-eu` and `edge-us`.
+    const US_EDGE_ENTRY: &str = r#"
+        [[regions.us-east.edges]]
+        name = "edge-us"
+        listen = "127.0.0.1:8081"
+        quic = "127.0.0.1:7461"
+        config = "us/edge.toml"
+    "#;
+
+    const US_EDGE: &str = r#"
+        [node]
+        listen = "127.0.0.1:8081"
+        region = "us-east"
+        [[tenants]]
+        name = "acme"
+        keys = ["sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"]
+        allowed_regions = ["eu-west"]
+        [quic]
+        ca = "../certs/ca.pem"
+        cert = "../certs/edge-us.pem"
+        key = "../certs/edge-us.key"
+        [relay]
+        listen = "127.0.0.1:7461"
+        [targets.openai]
+        api = "openai"
+        base_url = "https://api.openai.com/v1"
+        [[models]]
+        name = "m"
+        targets = [{ target = "openai", model = "gpt-4o-mini" }]
+    "#;
+
+    /// `EDGE` with a relay listener and `m` falling back to `edge-us`.
+    fn relaying_edge() -> String {
+        let edge = EDGE.replace(
+            r#"targets = [{ target = "eu-engine" }, { target = "openai", model = "gpt-4o-mini" }]"#,
+            r#"targets = [{ target = "eu-engine" }, { target = "openai", model = "gpt-4o-mini" }, { target = "edge-us" }]"#,
+        );
+        format!(
+            "{edge}\n[relay]\nlisten = \"127.0.0.1:7462\"\n[targets.edge-us]\napi = \"edge\"\nkind = \"remote_edge\"\nbase_url = \"quic://127.0.0.1:7461\"\nserver_name = \"edge-us\"\nregion = \"us-east\"\n"
+        )
+    }
+
+    /// The fixture with `edge-us` added, `edge` as edge-eu's config and `us_edge` as edge-us's.
+    fn relay_deployment(tag: &str, edge: &str, us_edge: &str) -> (PathBuf, PathBuf) {
+        let (dir, path) = deployment(tag, edge, ENGINE);
+        std::fs::write(&path, format!("{TOPOLOGY}\n{US_EDGE_ENTRY}")).unwrap();
+        std::fs::create_dir_all(dir.join("us")).unwrap();
+        std::fs::write(dir.join("us/edge.toml"), us_edge).unwrap();
+        certs::write_node(&dir.join("certs"), "edge-us", &["edge-us".to_string()], &[], false).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn consistent_relay_between_edges() {
+        let (dir, path) = relay_deployment("relay-ok", &relaying_edge(), US_EDGE);
+        assert_eq!(check(&path), Vec::<String>::new());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn relay_target_to_an_edge_in_no_region() {
+        let edge = relaying_edge().replace(r#"server_name = "edge-us""#, r#"server_name = "edge-ap""#);
+        let (dir, path) = relay_deployment("relay-unknown", &edge, US_EDGE);
+        assert_eq!(
+            check(&path),
+            [format!(
+                "{}: targets.edge-us: unreachable: edge `edge-ap` is in no region of the topology (edges: edge-eu, edge-us)",
+                dir.join("eu/edge.toml").display()
+            )]
+        );
+        // An engine's name is not an edge's.
+        let edge = relaying_edge().replace(r#"server_name = "edge-us""#, r#"server_name = "engine-eu""#);
+        let (dir2, path) = relay_deployment("relay-engine", &edge, US_EDGE);
+        assert_eq!(
+            check(&path),
+            [format!(
+                "{}: targets.edge-us: unreachable: `engine-eu` is an engine (regions.eu-west.engines[0]), not an edge (edges: edge-eu, edge-us)",
+                dir2.join("eu/edge.toml").display()
+            )]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir2).unwrap();
+    }
+
+    #[test]
+    fn relay_addresses_disagreeing_with_the_topology() {
+        let edge = relaying_edge()
+            .replace("quic://127.0.0.1:7461", "quic://127.0.0.1:7463")
+            .replace(r#"listen = "127.0.0.1:7462""#, r#"listen = "127.0.0.1:7465""#);
+        let (dir, path) = relay_deployment("relay-addr", &edge, US_EDGE);
+        let e = dir.join("eu/edge.toml");
+        let e = e.display();
+        assert_eq!(
+            check(&path),
+            [
+                format!("{e}: relay.listen: is 127.0.0.1:7465, but the topology says peer edges relay to `edge-eu` at 127.0.0.1:7462"),
+                format!("{e}: targets.edge-us.base_url: is quic://127.0.0.1:7463, but edge `edge-us` takes relayed requests at quic://127.0.0.1:7461 (regions.us-east.edges[0])"),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn relay_to_an_edge_that_cannot_serve_it() {
+        let us_edge = US_EDGE
+            .replace("[relay]\n        listen = \"127.0.0.1:7461\"\n", "")
+            .replace(r#"name = "acme""#, r#"name = "other""#)
+            .replace(r#"name = "m""#, r#"name = "m2""#);
+        let (dir, path) = relay_deployment("relay-peer", &relaying_edge(), &us_edge);
+        let (e, u) = (dir.join("eu/edge.toml"), dir.join("us/edge.toml"));
+        let (e, u) = (e.display(), u.display());
+        assert_eq!(
+            check(&path),
+            [
+                format!("{e}: targets.edge-us: unreachable: edge `edge-us` accepts no relayed requests: its config {u} has no [relay] section (listen = \"127.0.0.1:7461\")"),
+                format!("{e}: targets.edge-us: edge `edge-us` has no tenant `acme` ({u}), so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here"),
+                format!("{e}: models[0].targets[2]: relays model `m` to edge `edge-us`, which has no such model ({u})"),
             ]
         );
         std::fs::remove_dir_all(dir).unwrap();
