@@ -59,6 +59,10 @@ pub struct RelayRequest {
     /// leave the origin, which restores them in the answer).
     #[serde(default)]
     pub redacted: bool,
+    /// The client asked that no cache answer it or keep its answer (`cache-control: no-store`);
+    /// the receiving edge honours it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_cache: bool,
     /// The canonical chat request as the origin's filters left it (the edge's JSON form).
     pub request: serde_json::Value,
 }

@@ -420,6 +420,7 @@ mod tests {
                     path: vec!["us-east".into()],
                     labels: vec!["pii.email.redacted".into()],
                     redacted: true,
+                    no_cache: true,
                     request: serde_json::json!({ "model": "m", "messages": [] }),
                 }),
             }),

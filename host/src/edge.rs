@@ -371,23 +371,26 @@ impl Edge {
         inbound: Inbound,
         record: &mut Record,
     ) -> Result<Response<Body>, GatewayError> {
-        let (tenant, header_cache, client_region, via, body) = match inbound {
+        let (tenant, requested, client_region, via, body) = match inbound {
             Inbound::Client(req) => {
                 let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
-                let header_cache = self.cache_use(&tenant, req.headers());
+                let requested = requested_cache(req.headers());
                 let client_region =
                     req.headers().get("x-meridian-client-region").and_then(|v| v.to_str().ok()).map(str::to_string);
-                (tenant, header_cache, client_region, Via::default(), PendingBody::Http(req))
+                (tenant, requested, client_region, Via::default(), PendingBody::Http(req))
             }
             Inbound::Relayed(r) => {
                 let tenant = self.arrival(&r)?;
-                let header_cache = self.cache_use(&tenant, &HeaderMap::new());
+                // Personal data that reached this region unredacted is answered, never kept here.
+                let bypass = r.no_cache || chain::carries_unredacted_pii(&r.labels);
+                let requested = bypass.then_some(CacheUse::Bypass);
                 let RelayRequest { client_region, path, labels, redacted, request, .. } = *r;
                 // Re-encoding the parsed JSON value cannot fail.
                 let body = Bytes::from(serde_json::to_vec(&request).unwrap_or_default());
-                (tenant, header_cache, client_region, Via { path, labels, redacted }, PendingBody::Ready(body))
+                (tenant, requested, client_region, Via { path, labels, redacted }, PendingBody::Ready(body))
             }
         };
+        let header_cache = self.cache_use(&tenant, requested);
         record.tenant = Arc::clone(&tenant.name);
         tenant.admit()?;
         let permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
@@ -425,6 +428,7 @@ impl Edge {
             redacted: summary.redacted,
             path,
             max_hops: self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops),
+            no_cache: requested == Some(CacheUse::Bypass),
         };
 
         // Headers and the tenant's policy first, then the router's wish, then determinism.
@@ -539,23 +543,17 @@ impl Edge {
         Ok(with_header(response, "x-meridian-cache", "hit"))
     }
 
-    /// The cache decision that headers and tenant policy make before the body is read; `None`
-    /// leaves it to whether the request is deterministic.
-    fn cache_use(&self, tenant: &Tenant, headers: &HeaderMap) -> Option<CacheUse> {
+    /// The cache decision that the client's wish (see [`requested_cache`]) and the tenant's
+    /// policy make before the body is read; `None` leaves it to whether the request is
+    /// deterministic.
+    fn cache_use(&self, tenant: &Tenant, requested: Option<CacheUse>) -> Option<CacheUse> {
         if self.cache.is_none() || tenant.cache == CachePolicy::Never {
             return Some(CacheUse::Bypass);
         }
-        let no_store = headers
-            .get_all(CACHE_CONTROL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|d| matches!(d.trim(), "no-store" | "no-cache")));
-        match headers.get("x-meridian-cache").and_then(|v| v.to_str().ok()) {
-            _ if no_store => Some(CacheUse::Bypass),
-            Some("bypass") => Some(CacheUse::Bypass),
-            Some("force") => Some(CacheUse::Lookup),
-            _ if tenant.cache == CachePolicy::Always => Some(CacheUse::Lookup),
-            _ => None,
+        match requested {
+            Some(u) => Some(u),
+            None if tenant.cache == CachePolicy::Always => Some(CacheUse::Lookup),
+            None => None,
         }
     }
 
@@ -711,6 +709,22 @@ enum Inbound {
 enum PendingBody {
     Http(Request<Incoming>),
     Ready(Bytes),
+}
+
+/// What the client's headers ask of the cache: `cache-control: no-store` or `no-cache`, or
+/// `x-meridian-cache: bypass`, keep it out; `x-meridian-cache: force` asks for it.
+fn requested_cache(headers: &HeaderMap) -> Option<CacheUse> {
+    let no_store = headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|d| matches!(d.trim(), "no-store" | "no-cache")));
+    match headers.get("x-meridian-cache").and_then(|v| v.to_str().ok()) {
+        _ if no_store => Some(CacheUse::Bypass),
+        Some("bypass") => Some(CacheUse::Bypass),
+        Some("force") => Some(CacheUse::Lookup),
+        _ => None,
+    }
 }
 
 /// Cacheable under the `auto` policy: the same request gets the same answer.

@@ -110,6 +110,8 @@ pub struct Dispatch {
     pub path: Vec<String>,
     /// The most relays a request may take in all.
     pub max_hops: u8,
+    /// Whether the client asked that no cache answer the request or keep its answer.
+    pub no_cache: bool,
 }
 
 impl Dispatch {
@@ -125,6 +127,7 @@ impl Dispatch {
             redacted: false,
             path: vec![region.to_string()],
             max_hops: crate::config::DEFAULT_MAX_HOPS,
+            no_cache: false,
         }
     }
 
@@ -158,6 +161,7 @@ impl Dispatch {
             path: self.path.clone(),
             labels: self.labels.clone(),
             redacted: self.redacted,
+            no_cache: self.no_cache,
             // A canonical request always serializes (string keys, finite numbers from parsed JSON).
             request: serde_json::to_value(Relayed { chat, anthropic_extra }).unwrap_or(Value::Null),
         }

@@ -221,27 +221,23 @@ pub async fn spawn_relay(listen: SocketAddr, upstream: SocketAddr, local_ip: IpA
     });
 }
 
-/// A `meridian engine` process inside a region's namespace, killed (SIGKILL) when dropped.
-pub struct NsEngine {
-    /// Its engine name (certificate name).
+/// A `meridian engine` or `meridian edge` process inside a region's namespace, killed (SIGKILL)
+/// when dropped.
+pub struct NsNode {
+    /// Its node name (certificate name).
     pub name: String,
+    command: &'static str,
     config: PathBuf,
     ns: String,
     child: Option<Child>,
     _dir: TempDir,
 }
 
-impl NsEngine {
+impl NsNode {
     /// Writes engine `name`'s certificate (DNS `name`, IP SANs `ips`) and config (the int4 chat
     /// model as `smol`, on `listen`), and starts it in namespace `ns`. Does not wait for it.
-    pub fn spawn(cluster: &Cluster, name: &str, ns: &str, listen: SocketAddr, ips: &[IpAddr]) -> NsEngine {
-        let (cert, key) = meridian_engine::certs::node_paths(cluster.dir(), name);
-        if !cert.exists() {
-            meridian_engine::certs::write_node(cluster.dir(), name, &[name.to_string()], ips, false)
-                .expect("node certificate is written");
-        }
-        let dir = TempDir::new(name);
-        let config = dir.path().join("engine.toml");
+    pub fn engine(cluster: &Cluster, name: &str, ns: &str, listen: SocketAddr, ips: &[IpAddr]) -> NsNode {
+        let (cert, key) = NsNode::certificate(cluster, name, ips);
         let text = format!(
             "[node]\nname = \"{name}\"\nlisten = \"{listen}\"\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
@@ -251,10 +247,35 @@ impl NsEngine {
             ca = cluster.dir().join("ca.pem"),
             chat = meridian_home().join("models").join(CHAT_MODEL),
         );
+        NsNode::spawn("engine", name, ns, &text)
+    }
+
+    /// Writes edge `name`'s certificate (DNS `name`, IP SANs `ips`) and starts `meridian edge` in
+    /// namespace `ns` with `config` (TOML; `[quic]` is added, with this certificate). Does not wait
+    /// for it.
+    pub fn edge(cluster: &Cluster, name: &str, ns: &str, ips: &[IpAddr], config: &str) -> NsNode {
+        let (cert, key) = NsNode::certificate(cluster, name, ips);
+        let ca = cluster.dir().join("ca.pem");
+        let text = format!("{config}\n[quic]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n");
+        NsNode::spawn("edge", name, ns, &text)
+    }
+
+    fn certificate(cluster: &Cluster, name: &str, ips: &[IpAddr]) -> (PathBuf, PathBuf) {
+        let (cert, key) = meridian_engine::certs::node_paths(cluster.dir(), name);
+        if !cert.exists() {
+            meridian_engine::certs::write_node(cluster.dir(), name, &[name.to_string()], ips, false)
+                .expect("node certificate is written");
+        }
+        (cert, key)
+    }
+
+    fn spawn(command: &'static str, name: &str, ns: &str, text: &str) -> NsNode {
+        let dir = TempDir::new(name);
+        let config = dir.path().join(format!("{command}.toml"));
         std::fs::write(&config, text).unwrap();
-        let mut engine = NsEngine { name: name.into(), config, ns: ns.into(), child: None, _dir: dir };
-        engine.start();
-        engine
+        let mut node = NsNode { name: name.into(), command, config, ns: ns.into(), child: None, _dir: dir };
+        node.start();
+        node
     }
 
     /// (Re)starts the process with the same config (so on the same address).
@@ -264,19 +285,19 @@ impl NsEngine {
         let child = Command::new("ip")
             .args(["netns", "exec", &self.ns])
             .arg(meridian_bin())
-            .args(["engine", "-c"])
+            .args([self.command, "-c"])
             .arg(&self.config)
             .env("MERIDIAN_HOME", meridian_home())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("ip netns exec meridian engine starts");
+            .unwrap_or_else(|e| panic!("ip netns exec meridian {} starts: {e}", self.command));
         self.child = Some(child);
     }
 
-    /// Kills it the hard way: no goodbye reaches its peers. (`ip netns exec` execs the engine, so
-    /// the child is the engine itself.)
+    /// Kills it the hard way: no goodbye reaches its peers. (`ip netns exec` execs the node, so
+    /// the child is the node itself.)
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -290,7 +311,7 @@ impl NsEngine {
     }
 }
 
-impl Drop for NsEngine {
+impl Drop for NsNode {
     fn drop(&mut self) {
         self.kill();
     }

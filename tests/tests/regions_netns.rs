@@ -12,7 +12,10 @@
 //! 4. a tenant allowed only `eu`, routed by the residency router, is answered only by eu though us
 //!    is nearer; with the eu engine killed its requests fail with a clear error and go nowhere
 //!    else;
-//! 5. it prints the end-to-end latency (p50, max) the us client saw from each region.
+//! 5. it prints the end-to-end latency (p50, max) the us client saw from each region;
+//! 6. relay: `meridian edge` processes in eu and ap take relayed requests over QUIC (through the
+//!    delayed links); the us edge relays to eu, whose own engine answers; a ring us → eu → ap → us
+//!    is refused as a loop (508) at once.
 //!
 //! Needs root and iproute2: elsewhere it prints why and returns; under CI (`CI` set) it fails
 //! instead, so that it never passes there without running.
@@ -21,9 +24,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meridian::config::{hash_key, Config, PluginKind};
+use meridian::config::{hash_key, Config, PluginKind, RelayConfig};
 use meridian_e2e::engine::Cluster;
-use meridian_e2e::netns::{spawn_relay, Netns, NsEngine, Region};
+use meridian_e2e::netns::{spawn_relay, Netns, NsNode, Region};
 use meridian_e2e::{add_plugin, metric, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde_json::{json, Value};
 
@@ -31,6 +34,13 @@ const ADMIN_KEY: &str = "sk-admin-test";
 /// Tenant `eu-only`: personal data may leave only to eu.
 const EU_KEY: &str = "sk-eu-only-test";
 const ENGINE_PORT: u16 = 7443;
+/// Where each region's edge takes relayed requests (in its namespace).
+const RELAY_PORT: u16 = 8443;
+/// Where the client namespace forwards to a region edge's relay port, over the delayed link.
+const EDGE_LINK_PORT: u16 = 9443;
+/// Where the client namespace forwards from eu to ap's edge (the region namespaces are joined
+/// only through the client namespace).
+const EU_TO_AP_PORT: u16 = 9444;
 const REGIONS: [(&str, u64); 3] = [("us", 25), ("eu", 100), ("ap", 200)];
 /// Tight limits where failover and partition timing is asserted; model work on a loaded 2-core
 /// machine fits in them with room (2 tokens).
@@ -136,6 +146,7 @@ fn ms(d: Duration) -> f64 {
 /// for tenant `eu-only` through pii-redactor (labelling e-mails) and the residency router.
 fn edge_config(mocks: &Mocks, cluster: &Cluster, regions: &[Region], cache: &TempDir) -> Config {
     let mut cfg = mocks.config();
+    cfg.node.region = "us".into();
     cfg.node.admin_keys = vec![hash_key(ADMIN_KEY)];
     cfg.plugin_runtime.cache_dir = cache.path().to_path_buf();
     cfg.health.ejection_threshold = 2;
@@ -181,7 +192,88 @@ fn edge_config(mocks: &Mocks, cluster: &Cluster, regions: &[Region], cache: &Tem
     eu_only.router = Some("residency".into());
     eu_only.allowed_regions = vec!["eu".into()];
     cfg.tenants.push(eu_only);
+    // Relay: `smol-relay` is eu's edge (which serves it with its own engine); `smol-loop` starts
+    // the ring us → eu → ap → us. The us edge takes relays too, so that ap can point back at it.
+    cfg.relay = Some(RelayConfig { listen: SocketAddr::from(([0, 0, 0, 0], RELAY_PORT)), max_hops: 3 });
+    let eu = &regions[1];
+    cluster.add_edge_target(
+        &mut cfg,
+        "edge-eu",
+        "edge-eu",
+        "eu",
+        SocketAddr::new(IpAddr::V4(eu.client_ip), EDGE_LINK_PORT),
+    );
+    let relayed: Config = toml::from_str(
+        "[[models]]\nname = \"smol-relay\"\ntargets = [{ target = \"edge-eu\", model = \"smol\" }]\n\
+         [[models]]\nname = \"smol-loop\"\ntargets = [{ target = \"edge-eu\" }]\n",
+    )
+    .expect("relay models parse");
+    cfg.models.extend(relayed.models);
     cfg
+}
+
+/// The config of the `meridian edge` process in region `r` (its `[quic]` is added by
+/// [`NsNode::edge`]): tenant acme, relays taken on `RELAY_PORT`, and `targets` (TOML).
+fn region_edge_config(r: &Region, targets: &str) -> String {
+    format!(
+        "[node]\nlisten = \"{ip}:8080\"\nregion = \"{name}\"\n\
+         [health]\nprobe_interval_ms = 250\n\
+         [relay]\nlisten = \"{ip}:{RELAY_PORT}\"\nmax_hops = 3\n\
+         [[tenants]]\nname = \"acme\"\nkeys = [\"{acme}\"]\n{targets}",
+        ip = r.region_ip,
+        name = r.name,
+        acme = hash_key(ACME_KEY),
+    )
+}
+
+/// A peer-edge target section.
+fn edge_target(name: &str, region: &str, addr: SocketAddr) -> String {
+    format!(
+        "[targets.{name}]\napi = \"edge\"\nkind = \"remote_edge\"\nbase_url = \"quic://{addr}\"\n\
+         server_name = \"{name}\"\nregion = \"{region}\"\nconnect_timeout_ms = {CONNECT_TIMEOUT_MS}\n"
+    )
+}
+
+/// The edges of eu (its engine serves `smol`; `smol-loop` goes on to ap) and ap (`smol-loop` goes
+/// back to us), each in its region's namespace.
+fn region_edges(cluster: &Cluster, regions: &[Region]) -> Vec<NsNode> {
+    let (us, eu, ap) = (&regions[0], &regions[1], &regions[2]);
+    let ips = |r: &Region| [IpAddr::V4(r.region_ip)];
+    let eu_engine = format!(
+        "[targets.eu]\napi = \"engine\"\nbase_url = \"quic://{}:{ENGINE_PORT}\"\nserver_name = \"engine-eu\"\n\
+         kind = \"dedicated\"\nregion = \"eu\"\n",
+        eu.region_ip
+    );
+    let eu_config = region_edge_config(
+        eu,
+        &format!(
+            "{eu_engine}{}\n[[models]]\nname = \"smol\"\ntargets = [{{ target = \"eu\" }}]\n\
+             [[models]]\nname = \"smol-loop\"\ntargets = [{{ target = \"edge-ap\" }}]\n",
+            edge_target("edge-ap", "ap", SocketAddr::new(IpAddr::V4(eu.client_ip), EU_TO_AP_PORT))
+        ),
+    );
+    // ap reaches the us edge directly: the client namespace's end of ap's link.
+    let ap_config = region_edge_config(
+        ap,
+        &format!(
+            "{}\n[[models]]\nname = \"smol-loop\"\ntargets = [{{ target = \"edge-us\" }}]\n",
+            edge_target("edge-us", &us.name, SocketAddr::new(IpAddr::V4(ap.client_ip), RELAY_PORT))
+        ),
+    );
+    vec![
+        NsNode::edge(cluster, "edge-eu", &eu.ns, &ips(eu), &eu_config),
+        NsNode::edge(cluster, "edge-ap", &ap.ns, &ips(ap), &ap_config),
+    ]
+}
+
+/// `GET /metrics` of a region edge, over plain HTTP/1.0 from the client namespace.
+async fn region_metrics(r: &Region) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect((r.region_ip, 8080)).await.expect("region edge reachable");
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").await.expect("request sent");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("metrics read");
+    out
 }
 
 async fn scenario(regions: Vec<Region>) {
@@ -195,14 +287,34 @@ async fn scenario(regions: Vec<Region>) {
         let engine = SocketAddr::new(IpAddr::V4(r.region_ip), ENGINE_PORT);
         spawn_relay(listen, engine, IpAddr::V4(r.client_ip), r.delay).await;
     }
-    let mut engines: Vec<NsEngine> = regions
+    let mut engines: Vec<NsNode> = regions
         .iter()
         .map(|r| {
             let listen = SocketAddr::new(IpAddr::V4(r.region_ip), ENGINE_PORT);
             let ips = [IpAddr::V4(r.region_ip), IpAddr::V4(r.client_ip)];
-            NsEngine::spawn(&cluster, &format!("engine-{}", r.name), &r.ns, listen, &ips)
+            NsNode::engine(&cluster, &format!("engine-{}", r.name), &r.ns, listen, &ips)
         })
         .collect();
+    // The region edges' relay ports, reached through the delayed links.
+    let (eu, ap) = (&regions[1], &regions[2]);
+    let eu_relay = SocketAddr::new(IpAddr::V4(eu.region_ip), RELAY_PORT);
+    spawn_relay(
+        SocketAddr::new(IpAddr::V4(eu.client_ip), EDGE_LINK_PORT),
+        eu_relay,
+        IpAddr::V4(eu.client_ip),
+        eu.delay,
+    )
+    .await;
+    let ap_relay = SocketAddr::new(IpAddr::V4(ap.region_ip), RELAY_PORT);
+    // eu to ap crosses both links.
+    spawn_relay(
+        SocketAddr::new(IpAddr::V4(eu.client_ip), EU_TO_AP_PORT),
+        ap_relay,
+        IpAddr::V4(ap.client_ip),
+        eu.delay + ap.delay,
+    )
+    .await;
+    let region_edges = region_edges(&cluster, &regions);
     let edge = TestEdge::start(edge_config(&mocks, &cluster, &regions, &cache)).await;
     // The engines answer probes (through their links) once their model is loaded.
     for (r, e) in regions.iter().zip(&engines) {
@@ -257,6 +369,32 @@ async fn scenario(regions: Vec<Region>) {
         let (got, _) = answered(&edge, ACME_KEY, "smol", "nearest").await;
         assert_eq!(got, "us", "request {i}: the nearest region answers: {}", targets(&edge).await);
     }
+
+    // 6. Relay: the eu edge (a process in eu's namespace) serves `smol-relay` with its own engine.
+    until_target(&edge, "edge-eu", 60, "the eu edge answers probes", |t| t["engine"]["provider"] == "edge").await;
+    let mut relayed = Vec::new();
+    for i in 0..4 {
+        let (r, took) = ask(&edge, ACME_KEY, "smol-relay", "Say hello.").await;
+        assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("edge-eu")), "relay {i}: {}", r.text());
+        relayed.push(took);
+    }
+    let eu_metrics = region_metrics(&regions[1]).await;
+    let by_engine =
+        metric(&eu_metrics, "meridian_requests_total", &["api=\"relay\"", "target=\"eu\"", "status=\"ok\""]);
+    assert_eq!(by_engine, 4.0, "the eu edge served them with its engine: {eu_metrics}");
+    eprintln!(
+        "regions_netns: relayed through the eu edge: p50 {:.0} ms (direct to the eu engine: {:.0} ms)",
+        ms(p50(&mut relayed)),
+        ms(table[1].2)
+    );
+    // A ring us → eu → ap → us: ap finds us on the path and refuses at once; nothing bounces.
+    let (r, took) = ask(&edge, ACME_KEY, "smol-loop", "Say hello.").await;
+    assert_eq!(r.status, 508, "{}", r.text());
+    assert!(r.text().contains("relay loop") && r.text().contains("us > eu > ap"), "{}", r.text());
+    assert!(took < Duration::from_secs(5), "refused, not timed out: {took:?}");
+    let ap_metrics = region_metrics(&regions[2]).await;
+    assert_eq!(metric(&ap_metrics, "meridian_requests_total", &["status=\"relay_loop\""]), 1.0, "{ap_metrics}");
+    eprintln!("regions_netns: relay loop refused in {:.0} ms", ms(took));
 
     // 4a. Residency: personal data for eu-only goes to eu though us is listed first and nearer.
     let personal = "Write to ann.lee@example.com and say hello.";
@@ -343,6 +481,7 @@ async fn scenario(regions: Vec<Region>) {
     assert_eq!(got, "us");
 
     drop(edge);
+    drop(region_edges);
     drop(engines);
     eprintln!("regions_netns: scenario took {:.1} s", t_start.elapsed().as_secs_f64());
 }

@@ -112,6 +112,13 @@ async fn a_relayed_request_is_served_by_the_peer_edges_own_targets() {
     assert_eq!((relayed("oa"), relayed("an")), (2.0, 1.0), "{eu}");
     let us = p.us.metrics().await;
     assert_eq!(metric(&us, "meridian_requests_total", &["target=\"edge-eu\"", "status=\"ok\""]), 3.0);
+    // The client's `no-store` holds at the peer's cache too.
+    let same = json!({"model": "gpt-test", "temperature": 0, "messages": [{"role": "user", "content": "same"}]});
+    for _ in 0..2 {
+        let r = p.us.post_with("/v1/chat/completions", ACME_KEY, &[("cache-control", "no-store")], &same).await;
+        assert_eq!(answer_text(&r), "Echo: same");
+    }
+    assert_eq!(p.mocks.openai.request_count(), 4, "both went upstream");
 
     // The origin probes its peer over the same QUIC connection: health, models and RTT.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -254,6 +261,7 @@ async fn relay_loops_and_hop_limits_are_refused() {
         path: path.iter().map(|s| s.to_string()).collect(),
         labels: Vec::new(),
         redacted: false,
+        no_cache: false,
         request,
     };
     let good = json!({"chat": chat("gpt-test", "hi", false)});
