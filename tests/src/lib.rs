@@ -237,6 +237,23 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// The answer's text of a 200 OpenAI-shaped reply, whole or streamed (a stream must end with
+    /// `[DONE]`).
+    pub fn answer_text(&self) -> String {
+        assert_eq!(self.status, 200, "{}", self.text());
+        if self.header("content-type") == Some("text/event-stream") {
+            assert_eq!(self.events().last().map(|e| e.data.as_str()), Some("[DONE]"), "a clean end: {}", self.text());
+            self.event_json().iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect()
+        } else {
+            self.json()["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
+        }
+    }
+
+    /// The error `code` of an OpenAI-shaped error reply.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+
     /// The body as JSON (panics with the body if it is not).
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))

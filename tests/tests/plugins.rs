@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use meridian::accounting::PriceModel;
 use meridian::config::{Config, PluginKind};
-use meridian_e2e::{add_plugin, metric, Behavior, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{add_plugin, metric, Behavior, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -37,22 +37,6 @@ fn pii_config(mocks: &Mocks, cache: &TempDir, settings: Value) -> Config {
 
 fn chat(model: &str, text: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]})
-}
-
-/// The answer's text, whole or streamed (OpenAI shape).
-fn answer_text(r: &Reply) -> String {
-    assert_eq!(r.status, 200, "{}", r.text());
-    if r.header("content-type") == Some("text/event-stream") {
-        assert_eq!(r.events().last().map(|e| e.data.as_str()), Some("[DONE]"), "a clean end: {}", r.text());
-        r.event_json().iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect()
-    } else {
-        r.json()["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-/// The error `code` of an OpenAI-shaped error reply.
-fn code(r: &Reply) -> String {
-    r.json()["error"]["code"].as_str().unwrap_or_default().to_string()
 }
 
 /// The plugin names in a `/readyz` list, whose entries are `name` or `name@version`.
@@ -186,7 +170,7 @@ async fn corpus_pii_never_reaches_the_upstream_and_every_answer_gets_it_back() {
             // A secret blocks the whole request before anything leaves the node.
             let before = mocks.openai.request_count();
             let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", &sample.text, false)).await;
-            assert_eq!((r.status, code(&r)), (400, "content_blocked".into()), "{:?}: {}", sample.text, r.text());
+            assert_eq!((r.status, r.error_code()), (400, "content_blocked".into()), "{:?}: {}", sample.text, r.text());
             assert_eq!(mocks.openai.request_count(), before, "nothing of {:?} was sent", sample.text);
             continue;
         }
@@ -194,7 +178,7 @@ async fn corpus_pii_never_reaches_the_upstream_and_every_answer_gets_it_back() {
         for stream in [false, true] {
             let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", &sample.text, stream)).await;
             assert_eq!(
-                answer_text(&r),
+                r.answer_text(),
                 format!("Echo: {}", sample.text),
                 "the client gets its own text back (stream: {stream})"
             );
@@ -296,7 +280,7 @@ async fn a_secret_is_refused_in_both_api_shapes_before_anything_leaves() {
 
     // Tenants without the filter are not filtered.
     let r = edge.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", &text, false)).await;
-    assert_eq!(answer_text(&r), format!("Echo: {text}"));
+    assert_eq!(r.answer_text(), format!("Echo: {text}"));
 }
 
 #[tokio::test]
@@ -307,7 +291,7 @@ async fn equal_values_share_a_placeholder_and_tool_call_arguments_are_redacted_t
 
     let text = "Mail ann.lee@example.com, cc bob@example.org, and ann.lee@example.com again";
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", text, false)).await;
-    assert_eq!(answer_text(&r), format!("Echo: {text}"));
+    assert_eq!(r.answer_text(), format!("Echo: {text}"));
     let sent = &mocks.openai.received()[0];
     assert_eq!(sent.body["messages"][0]["content"], "Mail [EMAIL_1], cc [EMAIL_2], and [EMAIL_1] again");
 
@@ -323,7 +307,7 @@ async fn equal_values_share_a_placeholder_and_tool_call_arguments_are_redacted_t
         let mut body = body.clone();
         body["stream"] = json!(stream);
         let r = edge.post("/v1/chat/completions", ACME_KEY, &body).await;
-        assert_eq!(answer_text(&r), "Tool said: sent to ann.lee@example.com", "stream: {stream}");
+        assert_eq!(r.answer_text(), "Tool said: sent to ann.lee@example.com", "stream: {stream}");
         let sent = mocks.openai.received().pop().unwrap();
         assert!(!sent.body.to_string().contains("ann.lee"), "no e-mail upstream: {}", sent.body);
         let messages = &sent.body["messages"];
@@ -338,7 +322,7 @@ async fn equal_values_share_a_placeholder_and_tool_call_arguments_are_redacted_t
     let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "from ann.lee@example.com"}, {"type": "text", "text": "to bob@example.org"}]}]});
     let r = edge.post("/v1/chat/completions", ACME_KEY, &body).await;
-    assert_eq!(answer_text(&r), "Echo: from ann.lee@example.comto bob@example.org");
+    assert_eq!(r.answer_text(), "Echo: from ann.lee@example.comto bob@example.org");
     let sent = mocks.openai.received().pop().unwrap();
     assert_eq!(sent.body["messages"][0]["content"][0]["text"], "from [EMAIL_1]");
     assert_eq!(sent.body["messages"][0]["content"][1]["text"], "to [EMAIL_2]");
@@ -393,15 +377,15 @@ async fn redacted_requests_share_a_cache_entry_and_each_client_gets_its_own_data
 
     let r = edge.post("/v1/chat/completions", ACME_KEY, &ask("ann.lee@example.com", false)).await;
     assert_eq!(r.header("x-meridian-cache"), Some("miss"));
-    assert_eq!(answer_text(&r), "Echo: Draft a reply to ann.lee@example.com about the refund");
+    assert_eq!(r.answer_text(), "Echo: Draft a reply to ann.lee@example.com about the refund");
 
     let r = edge.post("/v1/chat/completions", ACME_KEY, &ask("bob@example.org", false)).await;
     assert_eq!(r.header("x-meridian-cache"), Some("hit"), "the same redacted request");
-    assert_eq!(answer_text(&r), "Echo: Draft a reply to bob@example.org about the refund");
+    assert_eq!(r.answer_text(), "Echo: Draft a reply to bob@example.org about the refund");
 
     let r = edge.post("/v1/chat/completions", ACME_KEY, &ask("carol@example.net", true)).await;
     assert_eq!(r.header("x-meridian-cache"), Some("hit"), "streamed from the same entry");
-    assert_eq!(answer_text(&r), "Echo: Draft a reply to carol@example.net about the refund");
+    assert_eq!(r.answer_text(), "Echo: Draft a reply to carol@example.net about the refund");
 
     let received = mocks.openai.received();
     assert_eq!(received.len(), 1, "one upstream request for all three");
@@ -425,13 +409,13 @@ async fn a_failing_filter_fails_closed_while_other_tenants_are_served() {
     for i in 0..6 {
         let stream = i % 2 == 1;
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "mail ann@example.com", stream)).await;
-        assert_eq!((r.status, code(&r)), (503, "filter_failed".into()), "{}", r.text());
+        assert_eq!((r.status, r.error_code()), (503, "filter_failed".into()), "{}", r.text());
         let message = r.json()["error"]["message"].as_str().unwrap().to_string();
         assert!(message.contains("`bad@"), "names the filter: {message}");
         assert!(!message.contains("ann@example.com"), "{message}");
         // Meanwhile, a tenant without filters is served as usual.
         let r = edge.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", &format!("hello {i}"), stream)).await;
-        assert_eq!(answer_text(&r), format!("Echo: hello {i}"));
+        assert_eq!(r.answer_text(), format!("Echo: hello {i}"));
     }
     let received = mocks.openai.received();
     assert_eq!(received.len(), 6, "only globex's requests went upstream");
@@ -442,7 +426,7 @@ async fn a_failing_filter_fails_closed_while_other_tenants_are_served() {
     let quarantined = ready["quarantined_plugins"].as_array().unwrap();
     assert!(quarantined.len() == 1 && quarantined[0].as_str().unwrap().starts_with("bad@"), "{ready}");
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "no pii at all", false)).await;
-    assert_eq!((r.status, code(&r)), (503, "filter_failed".into()));
+    assert_eq!((r.status, r.error_code()), (503, "filter_failed".into()));
     assert_eq!(mocks.openai.request_count(), 6);
 }
 
@@ -476,7 +460,7 @@ async fn residency_router_keeps_unredacted_personal_data_in_allowed_regions() {
     for stream in [false, true] {
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", personal, stream)).await;
         assert_eq!(r.header("x-meridian-target"), Some("oa2"), "the eu-west target, though oa is first");
-        assert_eq!(answer_text(&r), format!("Echo: {personal}"));
+        assert_eq!(r.answer_text(), format!("Echo: {personal}"));
     }
     let sent = mocks.openai2.received();
     assert_eq!(sent.len(), 2);
@@ -486,12 +470,12 @@ async fn residency_router_keeps_unredacted_personal_data_in_allowed_regions() {
     let r =
         edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "what is a good name for a cat", false)).await;
     assert_eq!(r.header("x-meridian-target"), Some("oa"), "no personal data: the static order");
-    assert_eq!(answer_text(&r), "Echo: what is a good name for a cat");
+    assert_eq!(r.answer_text(), "Echo: what is a good name for a cat");
 
     // No target of globex's only region: refused, and nothing leaves.
     let before = [&mocks.openai, &mocks.openai2, &mocks.anthropic].map(|m| m.request_count());
     let r = edge.post("/v1/chat/completions", GLOBEX_KEY, &chat("fallback", personal, false)).await;
-    assert_eq!((r.status, code(&r)), (451, "rejected_by_router".into()), "{}", r.text());
+    assert_eq!((r.status, r.error_code()), (451, "rejected_by_router".into()), "{}", r.text());
     let message = r.json()["error"]["message"].as_str().unwrap().to_string();
     assert!(message.starts_with("unavailable for legal reasons") && !message.contains("ann.lee"), "{message}");
     assert_eq!([&mocks.openai, &mocks.openai2, &mocks.anthropic].map(|m| m.request_count()), before);
@@ -510,7 +494,7 @@ async fn a_labelled_value_stays_in_allowed_regions_when_another_one_is_redacted(
     let edge = TestEdge::start(residency_config(&mocks, &cache)).await;
     let mixed = "forward this to ann.lee@example.com or call +1 (646) 555-0187";
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", mixed, false)).await;
-    assert_eq!(answer_text(&r), format!("Echo: {mixed}"));
+    assert_eq!(r.answer_text(), format!("Echo: {mixed}"));
     assert_eq!(r.header("x-meridian-target"), Some("oa2"), "the e-mail is still in the text");
     assert_eq!(mocks.openai.request_count(), 0, "nothing went to us-east");
 }
@@ -533,16 +517,16 @@ async fn cost_router_tries_the_cheapest_target_first_and_holds_the_price_cap() {
 
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "cheap please", false)).await;
     assert_eq!(r.header("x-meridian-target"), Some("oa2"));
-    assert_eq!(answer_text(&r), "Echo: cheap please");
+    assert_eq!(r.answer_text(), "Echo: cheap please");
     // The router's order is also the fallback order: oa2, then an, then oa.
     mocks.openai2.push(Behavior::Status(503));
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "next cheapest", true)).await;
     assert_eq!(r.header("x-meridian-target"), Some("an"));
-    assert_eq!(answer_text(&r), "Echo: next cheapest");
+    assert_eq!(r.answer_text(), "Echo: next cheapest");
     assert_eq!(mocks.openai.request_count(), 0, "the dearest target was never needed");
 
     let r = edge.post("/v1/chat/completions", GLOBEX_KEY, &chat("fallback", "too dear", false)).await;
-    assert_eq!((r.status, code(&r)), (402, "rejected_by_router".into()), "{}", r.text());
+    assert_eq!((r.status, r.error_code()), (402, "rejected_by_router".into()), "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("price cap"), "{}", r.text());
     assert_eq!(mocks.openai2.request_count(), 2, "refused before any upstream");
 }
@@ -561,7 +545,7 @@ async fn a_router_that_times_out_is_replaced_by_the_static_order() {
     for stream in [false, true] {
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "route me", stream)).await;
         assert_eq!(r.header("x-meridian-target"), Some("oa"), "the first target of the static order");
-        assert_eq!(answer_text(&r), "Echo: route me");
+        assert_eq!(r.answer_text(), "Echo: route me");
     }
     assert!(started.elapsed() < Duration::from_secs(5), "the deadline bounds the router: {:?}", started.elapsed());
     let m = edge.metrics().await;
@@ -604,7 +588,7 @@ async fn a_secret_split_across_stream_events_cuts_the_answer_off() {
     // Without a filter the answer arrives whole: the mock said what it was told to.
     mocks.openai.push(say());
     let r = edge.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", "tell me a story", true)).await;
-    assert_eq!(answer_text(&r), pieces.concat());
+    assert_eq!(r.answer_text(), pieces.concat());
 
     mocks.openai.push(say());
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "tell me a story", true)).await;
@@ -620,8 +604,8 @@ async fn a_secret_split_across_stream_events_cuts_the_answer_off() {
     // A whole answer is one call; a later streamed answer starts clean on a new instance.
     mocks.openai.push(say());
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "tell me a story", false)).await;
-    assert_eq!((r.status, code(&r)), (400, "content_blocked".into()), "{}", r.text());
+    assert_eq!((r.status, r.error_code()), (400, "content_blocked".into()), "{}", r.text());
     mocks.openai.push(Behavior::Say { pieces: vec![pieces[1].into(), pieces[2].into()], gap: Duration::ZERO });
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "tell me a story", true)).await;
-    assert_eq!(answer_text(&r), pieces[1..].concat(), "the earlier answer's half-secret is not remembered");
+    assert_eq!(r.answer_text(), pieces[1..].concat(), "the earlier answer's half-secret is not remembered");
 }

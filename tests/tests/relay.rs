@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use meridian::config::{hash_key, Config, PluginKind, RelayPolicy, RouteConfig};
 use meridian_e2e::engine::Cluster;
-use meridian_e2e::{add_plugin, metric, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{add_plugin, metric, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use meridian_engine::api::{ErrorCode, RelayRequest};
 use meridian_engine::client::ClientError;
 use serde_json::{json, Value};
@@ -63,21 +63,6 @@ fn chat(model: &str, text: &str, stream: bool) -> Value {
     json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]})
 }
 
-/// The answer's text, whole or streamed (OpenAI shape), after checking the stream ended cleanly.
-fn answer_text(r: &Reply) -> String {
-    assert_eq!(r.status, 200, "{}", r.text());
-    if r.header("content-type") == Some("text/event-stream") {
-        assert_eq!(r.events().last().map(|e| e.data.as_str()), Some("[DONE]"), "a clean end: {}", r.text());
-        r.event_json().iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect()
-    } else {
-        r.json()["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string()
-    }
-}
-
-fn code(r: &Reply) -> String {
-    r.json()["error"]["code"].as_str().unwrap_or_default().to_string()
-}
-
 /// What the mocks were sent, as text.
 fn sent_texts(mocks: &Mocks) -> Vec<String> {
     [&mocks.openai, &mocks.openai2, &mocks.anthropic]
@@ -93,7 +78,7 @@ async fn a_relayed_request_is_served_by_the_peer_edges_own_targets() {
     for stream in [false, true] {
         let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "hello over the sea", stream)).await;
         assert_eq!(r.header("x-meridian-target"), Some("edge-eu"));
-        assert_eq!(answer_text(&r), "Echo: hello over the sea");
+        assert_eq!(r.answer_text(), "Echo: hello over the sea");
     }
     // An Anthropic client of the origin, an Anthropic upstream behind the peer.
     let body = json!({"model": "claude-test", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]});
@@ -116,7 +101,7 @@ async fn a_relayed_request_is_served_by_the_peer_edges_own_targets() {
     let same = json!({"model": "gpt-test", "temperature": 0, "messages": [{"role": "user", "content": "same"}]});
     for _ in 0..2 {
         let r = p.us.post_with("/v1/chat/completions", ACME_KEY, &[("cache-control", "no-store")], &same).await;
-        assert_eq!(answer_text(&r), "Echo: same");
+        assert_eq!(r.answer_text(), "Echo: same");
     }
     assert_eq!(p.mocks.openai.request_count(), 4, "both went upstream");
 
@@ -154,7 +139,7 @@ async fn personal_data_is_redacted_before_it_leaves_the_region_and_restored_afte
     let personal = "write to ann.lee@example.com today";
     for stream in [false, true] {
         let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", personal, stream)).await;
-        assert_eq!(answer_text(&r), format!("Echo: {personal}"), "restored at the origin");
+        assert_eq!(r.answer_text(), format!("Echo: {personal}"), "restored at the origin");
     }
     let sent = sent_texts(&p.mocks);
     assert_eq!(sent.len(), 2);
@@ -162,11 +147,11 @@ async fn personal_data_is_redacted_before_it_leaves_the_region_and_restored_afte
 
     // globex's filter only labels the address: it is still in the text, so it is not relayed.
     let r = p.us.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", personal, false)).await;
-    assert_eq!((r.status, code(&r)), (451, "relay_refused".to_string()), "{}", r.text());
+    assert_eq!((r.status, r.error_code()), (451, "relay_refused".to_string()), "{}", r.text());
     assert!(!r.text().contains("ann.lee"));
     assert_eq!(sent_texts(&p.mocks).len(), 2, "nothing left the region");
     let r = p.us.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", "nothing personal", false)).await;
-    assert_eq!(answer_text(&r), "Echo: nothing personal");
+    assert_eq!(r.answer_text(), "Echo: nothing personal");
 }
 
 #[tokio::test]
@@ -188,10 +173,10 @@ async fn labels_travel_with_the_request_and_the_peer_applies_residency_by_them()
     .await;
     let personal = "forward this to ann.lee@example.com please";
     let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("fallback", personal, false)).await;
-    assert_eq!(answer_text(&r), format!("Echo: {personal}"));
+    assert_eq!(r.answer_text(), format!("Echo: {personal}"));
     assert_eq!((p.mocks.openai.request_count(), p.mocks.openai2.request_count()), (0, 1), "eu-west only");
     let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "a cat name?", false)).await;
-    assert_eq!(answer_text(&r), "Echo: a cat name?");
+    assert_eq!(r.answer_text(), "Echo: a cat name?");
     assert_eq!(p.mocks.openai.request_count(), 1, "no personal data: the peer's static order");
 }
 
@@ -217,9 +202,9 @@ async fn a_peer_that_is_down_or_refuses_is_skipped_for_the_next_target() {
     )
     .await;
     let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "one", false)).await;
-    assert_eq!((r.header("x-meridian-target"), answer_text(&r)), (Some("edge-eu"), "Echo: one".to_string()));
+    assert_eq!((r.header("x-meridian-target"), r.answer_text()), (Some("edge-eu"), "Echo: one".to_string()));
     let r = p.us.post("/v1/chat/completions", GLOBEX_KEY, &chat("gpt-test", "two", true)).await;
-    assert_eq!((r.header("x-meridian-target"), answer_text(&r)), (Some("oa2"), "Echo: two".to_string()));
+    assert_eq!((r.header("x-meridian-target"), r.answer_text()), (Some("oa2"), "Echo: two".to_string()));
     assert_eq!((p.mocks.openai.request_count(), p.mocks.openai2.request_count()), (1, 1));
 }
 
