@@ -422,12 +422,16 @@ impl ChatStream {
 impl Drop for ChatStream {
     fn drop(&mut self) {
         if !self.done {
-            // STOP_SENDING is what the engine watches for; RESET_STREAM for completeness (our
-            // side is finished already, so it usually has no effect).
-            let _ = self.recv.stop(CODE_CANCELLED.into());
-            let _ = self.send.reset(CODE_CANCELLED.into());
+            cancel(&mut self.send, &mut self.recv);
         }
     }
+}
+
+/// Abandons a request stream: STOP_SENDING is what the server watches for; RESET_STREAM for
+/// completeness (our side is finished already, so it usually has no effect).
+fn cancel(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream) {
+    let _ = recv.stop(CODE_CANCELLED.into());
+    let _ = send.reset(CODE_CANCELLED.into());
 }
 
 /// A relayed answer in progress. [`next`](RelayStream::next) yields each `EVENT` frame's JSON,
@@ -469,8 +473,7 @@ impl RelayStream {
 impl Drop for RelayStream {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.recv.stop(CODE_CANCELLED.into());
-            let _ = self.send.reset(CODE_CANCELLED.into());
+            cancel(&mut self.send, &mut self.recv);
         }
     }
 }
