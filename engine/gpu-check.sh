@@ -17,7 +17,7 @@ WHEELS=(onnxruntime-gpu==$ORT_VERSION nvidia-cuda-runtime-cu12 nvidia-cublas-cu1
         nvidia-cufft-cu12 nvidia-curand-cu12 nvidia-cuda-nvrtc-cu12 tensorrt-cu12-libs)
 
 if [ "${1:-}" = --prepare ]; then
-  cargo build --release --locked -p meridian-e2e --bin engine-bench
+  cargo build --release --locked -p meridian-bench --bin engine-bench
   scripts/setup-engine
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

@@ -246,12 +246,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Current load and health.
     fn health(&self) -> Health;
 
-    /// Takes a request relayed by a peer edge. Each item on the receiver is one or more encoded
-    /// frames (`EVENT`s, then possibly an `ERROR`), written to the stream as they come; the
-    /// answer is complete when the sender is dropped. Dropping the receiver cancels it. Engines
-    /// do not relay: the default refuses.
-    fn relay(&self, request: RelayRequest) -> Result<mpsc::Receiver<bytes::Bytes>, EngineError> {
-        let _ = request;
+    /// Takes a request relayed by a peer edge. `peer` is the subject common name of the client
+    /// certificate the request came with (the sending node's name in the cluster; empty when the
+    /// certificate has none): the mutual TLS only says the cluster CA signed it, so the backend
+    /// decides whether that node may relay at all. Each item on the receiver is one or more
+    /// encoded frames (`EVENT`s, then possibly an `ERROR`), written to the stream as they come;
+    /// the answer is complete when the sender is dropped. Dropping the receiver cancels it. An
+    /// `Err` is sent back as an `ERROR` frame. Engines do not relay: the default refuses.
+    fn relay(&self, peer: &str, request: RelayRequest) -> Result<mpsc::Receiver<bytes::Bytes>, EngineError> {
+        let _ = (peer, request);
         Err(EngineError::new(ErrorCode::BadRequest, "this node is an engine: it does not take relayed requests"))
     }
 }

@@ -195,7 +195,10 @@ async fn serve_connection(
     limits: ServerLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let client = peer_name(&conn).unwrap_or_else(|| "?".into());
+    // The certificate's name goes to the backend, which decides who may relay; an empty one
+    // (a certificate without a common name) matches no node.
+    let peer: Arc<str> = Arc::from(peer_name(&conn).unwrap_or_default());
+    let client = if peer.is_empty() { "?" } else { &*peer };
     info!(client = %client, "connection established");
     let mut streams = JoinSet::new();
     loop {
@@ -204,7 +207,7 @@ async fn serve_connection(
                 Ok((send, recv)) => {
                     let id = send.id();
                     streams.spawn(
-                        serve_stream(send, recv, backend.clone(), limits.clone(), shutdown.clone())
+                        serve_stream(send, recv, backend.clone(), limits.clone(), shutdown.clone(), peer.clone())
                             .instrument(tracing::debug_span!("stream", client = %client, id = %id)),
                     );
                 }
@@ -285,6 +288,7 @@ async fn serve_stream(
     backend: Arc<dyn Backend>,
     limits: ServerLimits,
     shutdown: watch::Receiver<bool>,
+    peer: Arc<str>,
 ) {
     let mut dec = Decoder::new(limits.max_frame);
     let first = match tokio::time::timeout(limits.first_frame_timeout, read_frame(&mut recv, &mut dec)).await {
@@ -305,7 +309,7 @@ async fn serve_stream(
             }
             Request::Relay(req) => {
                 debug!(tenant = %req.tenant, path = ?req.path, request_id = %req.request_id, "relay");
-                match backend.relay(req) {
+                match backend.relay(&peer, req) {
                     Ok(rx) => serve_answer(send, recv, rx, "relay", encode_relay).await,
                     Err(e) => fail_stream(&mut send, &mut recv, e).await,
                 }

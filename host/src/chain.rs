@@ -2,7 +2,8 @@
 //! the router (step 5).
 //!
 //! Failure policy, from the contract: a filter that fails blocks the request (fail closed), so no
-//! unfiltered text leaves the node; a router that fails is replaced by the static target order.
+//! unfiltered text leaves the node; a router that fails is replaced by the static target order,
+//! which the dispatch core filters by the tenant's policy as it does any router's answer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -10,17 +11,15 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 use tracing::warn;
 
-use crate::accounting;
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
-use crate::config::{Config, PluginKind, TargetKind};
-use crate::edge::{ModelRoute, Route};
+use crate::config::{Config, PluginKind};
 use crate::error::GatewayError;
 use crate::plugin::{
-    self, CachePolicy, FilterPlugin, Health, HourPrice, Outcome, PluginError, PluginId, PluginRuntime, PriceModel,
-    RequestSummary, RequestVerdict, ResponseSession, ResponseVerdict, RouterPlugin, TokenPrice,
+    self, CachePolicy, FilterPlugin, Outcome, PluginError, PluginId, PluginRuntime, RequestSummary, RequestVerdict,
+    ResponseSession, ResponseVerdict, RouterPlugin,
 };
 use crate::redaction::{self, Placeholders, StreamRestorer};
-use crate::stats::HealthState;
+use crate::routes::{ModelRoute, Routing};
 
 /// Why a plugin named in the config could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -139,12 +138,6 @@ pub fn summary(
 fn filter_failed(plugin: &PluginId, e: impl std::fmt::Display) -> GatewayError {
     warn!(%plugin, error = %e, "privacy filter failed: request blocked");
     GatewayError::FilterFailed { plugin: plugin.to_string(), message: e.to_string() }
-}
-
-/// Whether labels say that personal data is still in the text: a `pii.` label without the
-/// `.redacted` suffix (the contract's rule, which the SDK's residency rule uses too).
-pub fn carries_unredacted_pii(labels: &[String]) -> bool {
-    labels.iter().any(|l| l.starts_with("pii.") && !l.ends_with(".redacted"))
 }
 
 /// Runs the chain's filters over the request's text. Every filter sees the original text; the
@@ -273,183 +266,58 @@ impl AnswerFilter {
 
 /// Runs a tenant's chain on a parsed request, given its [`summary`]: filters (redacting the
 /// request in place, and adding their labels to the summary), then the router. Returns the answer
-/// side of the filters, if the tenant has any, and the plan.
+/// side of the filters, if the tenant has any, and what the router made of it.
 pub async fn run(
     chain: &Chain,
     summary: &mut RequestSummary,
     req: &mut ChatRequest,
     model: Arc<ModelRoute>,
     models: &HashMap<String, Arc<ModelRoute>>,
-) -> Result<(Option<AnswerFilter>, Plan), GatewayError> {
+) -> Result<(Option<AnswerFilter>, Routed), GatewayError> {
     let answer = if chain.filters.is_empty() {
         None
     } else {
         Some(AnswerFilter::new(chain, filter_request(chain, req, summary).await?))
     };
-    let plan = route(chain, summary, model, models).await?;
-    Ok((answer, plan))
+    let routed = route(chain, summary, model, models).await?;
+    Ok((answer, routed))
 }
 
-/// Where a request goes: the targets of a model to try, in order, and the router's cache policy.
-pub struct Plan {
-    /// The model whose targets these are (a router may rewrite the model).
+/// What the router made of a request: the model (a router may rewrite it), its answer, and its
+/// cache policy. The dispatch core checks the answer against the tenant's policy
+/// ([`crate::routes::Plan::new`]).
+pub struct Routed {
+    /// The model whose targets the answer orders.
     pub model: Arc<ModelRoute>,
-    /// Indices into `model.routes`, in the order to try them.
-    pub order: Vec<usize>,
-    /// The router's cache policy, if it set one.
+    /// The router's answer.
+    pub routing: Routing,
+    /// The router's cache policy, if it gave one.
     pub cache: Option<CachePolicy>,
 }
 
-impl Plan {
-    /// The static order from config.
-    pub fn fixed(model: Arc<ModelRoute>) -> Plan {
-        let order = (0..model.routes.len()).collect();
-        Plan { model, order, cache: None }
-    }
-
-    /// The routes to try, in order.
-    pub fn routes(&self) -> impl Iterator<Item = &Route> {
-        self.order.iter().map(|&i| &self.model.routes[i])
-    }
-}
-
-/// Asks the chain's router where the request goes. A router failure falls back to the static
-/// order; a refusal ends the request.
+/// Asks the chain's router where the request goes. A refusal ends the request; a failure is
+/// reported as such, for the dispatch core to replace with the static order under the tenant's
+/// policy.
 async fn route(
     chain: &Chain,
     summary: &RequestSummary,
     model: Arc<ModelRoute>,
     models: &HashMap<String, Arc<ModelRoute>>,
-) -> Result<Plan, GatewayError> {
-    let Some(router) = &chain.router else { return Ok(Plan::fixed(model)) };
-    let targets: Vec<plugin::Target> = model.routes.iter().map(target).collect();
+) -> Result<Routed, GatewayError> {
+    let Some(router) = &chain.router else { return Ok(Routed { model, routing: Routing::Static, cache: None }) };
+    let now = std::time::Instant::now();
+    let targets: Vec<plugin::Target> = model.routes.iter().map(|r| r.router_view(now)).collect();
     let decision = match router.route(summary, &targets).await {
         Ok(Outcome::Route(d)) => d,
         Ok(Outcome::Reject(r)) => return Err(GatewayError::Rejected { status: r.status, reason: r.reason }),
         Err(e) => {
-            warn!(plugin = %router.id(), error = %e, "router failed: using the static target order");
-            return Ok(Plan::fixed(model));
+            warn!(plugin = %router.id(), error = %e, "router failed: the static order under the tenant's policy");
+            return Ok(Routed { model, routing: Routing::Failed(e.to_string()), cache: None });
         }
     };
     let model = match decision.model_rewrite.as_ref().and_then(|m| models.get(m)) {
         Some(rewritten) => Arc::clone(rewritten),
         None => model,
     };
-    let by_name: BTreeMap<&str, usize> =
-        model.routes.iter().enumerate().map(|(i, r)| (r.target.name.as_str(), i)).collect();
-    let mut order: Vec<usize> = decision.targets.iter().filter_map(|t| by_name.get(t.as_str()).copied()).collect();
-    if order.is_empty() {
-        // A rewrite to a model served by none of the chosen targets: its own static order.
-        order = (0..model.routes.len()).collect();
-    }
-    Ok(Plan { model, order, cache: Some(decision.cache) })
-}
-
-impl From<accounting::PriceModel> for PriceModel {
-    fn from(p: accounting::PriceModel) -> PriceModel {
-        match p {
-            accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
-                PriceModel::Token(TokenPrice { input_usd_per_mtok, output_usd_per_mtok })
-            }
-            accounting::PriceModel::GpuSecond { usd_per_second } => PriceModel::GpuSecond(usd_per_second),
-            accounting::PriceModel::Hour { usd_per_hour, capacity } => {
-                PriceModel::Hour(HourPrice { usd_per_hour, capacity })
-            }
-        }
-    }
-}
-
-/// A route as the router sees it, with the target's live statistics: health (half-open is
-/// reported degraded, ejected down), smoothed latencies (0 until measured), requests in flight,
-/// and the capacity its engine reports, else its price model's.
-fn target(route: &Route) -> plugin::Target {
-    let t = &route.target;
-    let stats = t.stats.snapshot(std::time::Instant::now());
-    let price = route.price.map(PriceModel::from);
-    let capacity = match (stats.engine.as_ref().map(|e| e.max_batch), route.price) {
-        (Some(max_batch), _) if max_batch > 0 => Some(max_batch),
-        (_, Some(accounting::PriceModel::Hour { capacity, .. })) => Some(capacity),
-        _ => None,
-    };
-    let health = match stats.health {
-        HealthState::Healthy => Health::Healthy,
-        HealthState::Degraded | HealthState::HalfOpen => Health::Degraded,
-        HealthState::Ejected => Health::Down,
-    };
-    plugin::Target {
-        name: t.name.clone(),
-        kind: match t.kind {
-            TargetKind::Managed => plugin::TargetKind::Managed,
-            TargetKind::Serverless => plugin::TargetKind::Serverless,
-            TargetKind::Dedicated => plugin::TargetKind::Dedicated,
-            TargetKind::RemoteEdge => plugin::TargetKind::RemoteEdge,
-        },
-        region: t.region.clone(),
-        own_infrastructure: t.own_infrastructure,
-        model: route.upstream_model.clone(),
-        price,
-        health,
-        latency_ms: stats.latency_ms.unwrap_or(0.0),
-        ttft_ms: stats.ttft_ms.unwrap_or(0.0),
-        in_flight: stats.in_flight,
-        capacity,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, Instant};
-
-    use super::*;
-    use crate::upstream::Target;
-
-    fn route() -> Route {
-        let config = Config::parse(
-            r#"
-            [targets.gpu]
-            api = "openai"
-            base_url = "http://127.0.0.1:9/v1"
-            kind = "dedicated"
-            price = { per = "hour", usd_per_hour = 2.0, capacity = 8 }
-            [health]
-            ejection_threshold = 2
-            [[models]]
-            name = "m"
-            targets = [{ target = "gpu" }]
-        "#,
-        )
-        .unwrap();
-        let target = Arc::new(Target::new("gpu", &config).unwrap());
-        Route { target, upstream_model: "m".into(), price: config.targets["gpu"].price }
-    }
-
-    #[test]
-    fn routers_see_the_live_stats() {
-        let r = route();
-        let t = target(&r);
-        assert_eq!((t.health, t.latency_ms, t.ttft_ms, t.in_flight), (Health::Healthy, 0.0, 0.0, 0));
-        assert_eq!(t.capacity, Some(8), "the price model's capacity until an engine reports one");
-
-        let stats = &r.target.stats;
-        stats.success(Some(Duration::from_millis(120)));
-        stats.ttft(Duration::from_millis(40));
-        let _busy = stats.start();
-        let t = target(&r);
-        assert_eq!((t.latency_ms, t.ttft_ms, t.in_flight), (120.0, 40.0, 1));
-
-        let load = crate::stats::EngineLoad {
-            provider: "cpu".into(),
-            tokens_per_second: 0.0,
-            queue_depth: 0,
-            active_sequences: 1,
-            max_batch: 4,
-        };
-        stats.probe(Instant::now(), Some((load, None)));
-        assert_eq!(target(&r).capacity, Some(4), "the engine's own figure wins");
-
-        stats.failure(Instant::now());
-        assert_eq!(target(&r).health, Health::Degraded);
-        stats.failure(Instant::now());
-        assert_eq!(target(&r).health, Health::Down, "ejected");
-    }
+    Ok(Routed { model, routing: Routing::Order(decision.targets), cache: Some(decision.cache) })
 }

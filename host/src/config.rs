@@ -135,6 +135,24 @@ pub struct RelayConfig {
     /// edge's own (non-edge) targets. Default 1: one relay, never onwards.
     #[serde(default = "default_max_hops")]
     pub max_hops: u8,
+    /// `[[relay.peers]]`: the peer edges this edge takes relayed requests from, each for some
+    /// tenants. Any other node of the cluster (an engine, an edge not listed) is refused: the
+    /// cluster CA signs every node's certificate, so the TLS handshake alone does not say who may
+    /// relay. At least one is required.
+    #[serde(default)]
+    pub peers: Vec<RelayPeer>,
+}
+
+/// `[[relay.peers]]`: a peer edge this edge takes relayed requests from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayPeer {
+    /// The peer's node name: the common name of its cluster certificate, its name in the topology.
+    pub name: String,
+    /// The peer's region: what it relays must come from there (its path ends with this region).
+    pub region: String,
+    /// The tenants whose requests it may relay here, each a tenant of this edge.
+    pub tenants: Vec<String>,
 }
 
 /// The hop limit of an edge without a `[relay]` section (for the requests it relays itself).
@@ -561,6 +579,53 @@ impl Config {
         Ok(TargetEnv { base_url, api_key, headers })
     }
 
+    /// `[[relay.peers]]`: at least one; each a usable node name listed once, in another region,
+    /// for some of this edge's tenants.
+    fn validate_relay_peers(&self, peers: &[RelayPeer]) -> Result<(), ConfigError> {
+        if peers.is_empty() {
+            return Err(invalid(
+                "relay.peers",
+                "needs at least one peer edge ([[relay.peers]] with name, region and tenants): with none every relayed request is refused",
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, p) in peers.iter().enumerate() {
+            let key = format!("relay.peers[{i}]");
+            meridian_engine::certs::check_node_name(&p.name)
+                .map_err(|e| invalid(format!("{key}.name"), e.to_string()))?;
+            if !names.insert(&p.name) {
+                return Err(invalid(format!("{key}.name"), format!("duplicate peer `{}`", p.name)));
+            }
+            if p.region.is_empty() {
+                return Err(invalid(format!("{key}.region"), "must not be empty"));
+            }
+            if p.region == self.node.region {
+                return Err(invalid(
+                    format!("{key}.region"),
+                    format!("is this node's own region `{}`: relay is between regions", p.region),
+                ));
+            }
+            if p.tenants.is_empty() {
+                return Err(invalid(
+                    format!("{key}.tenants"),
+                    format!("needs at least one tenant: those whose requests `{}` may relay here", p.name),
+                ));
+            }
+            let mut listed = HashSet::new();
+            for (j, t) in p.tenants.iter().enumerate() {
+                let key = format!("{key}.tenants[{j}]");
+                if !self.tenants.iter().any(|c| c.name == *t) {
+                    let known: Vec<_> = self.tenants.iter().map(|c| c.name.as_str()).collect();
+                    return Err(invalid(key, format!("unknown tenant `{t}` (known: {})", known.join(", "))));
+                }
+                if !listed.insert(t) {
+                    return Err(invalid(key, format!("tenant `{t}` is already listed")));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let n = &self.node;
         if n.max_body_bytes == 0 {
@@ -716,6 +781,7 @@ impl Config {
             if r.max_hops == 0 {
                 return Err(invalid("relay.max_hops", "must be at least 1 (0 would refuse every relayed request)"));
             }
+            self.validate_relay_peers(&r.peers)?;
         }
         for (name, p) in &self.plugins {
             if p.deadline_ms == 0 {
@@ -876,6 +942,53 @@ mod tests {
         assert!(bad("probe_interval_ms = 0").starts_with("health.probe_interval_ms"));
         let unknown = bad("threshold = 3");
         assert!(unknown.contains("unknown field `threshold`"), "{unknown}");
+    }
+
+    /// `BASE` as an edge of `eu-west` taking relays, with `peers` (TOML) as its `[[relay.peers]]`.
+    fn relaying(peers: &str) -> String {
+        format!(
+            "[node]\nregion = \"eu-west\"\n{BASE}\n[quic]\nca = \"ca.pem\"\ncert = \"e.pem\"\nkey = \"e.key\"\n\
+             [relay]\nlisten = \"127.0.0.1:7462\"\n{peers}"
+        )
+    }
+
+    fn peer(name: &str, region: &str, tenants: &str) -> String {
+        format!("[[relay.peers]]\nname = \"{name}\"\nregion = \"{region}\"\ntenants = {tenants}\n")
+    }
+
+    #[test]
+    fn relay_peers_name_edges_of_other_regions_and_known_tenants() {
+        let ok = Config::parse(&relaying(&peer("edge-us", "us-east", r#"["acme"]"#))).unwrap();
+        let peers = ok.relay.unwrap().peers;
+        assert_eq!(
+            peers,
+            [RelayPeer { name: "edge-us".into(), region: "us-east".into(), tenants: vec!["acme".into()] }]
+        );
+        assert!(err(&relaying("")).starts_with("relay.peers: needs at least one peer edge"));
+        let twice =
+            format!("{}{}", peer("edge-us", "us-east", r#"["acme"]"#), peer("edge-us", "ap-south", r#"["acme"]"#));
+        assert_eq!(err(&relaying(&twice)), "relay.peers[1].name: duplicate peer `edge-us`");
+        assert!(err(&relaying(&peer("", "us-east", r#"["acme"]"#))).starts_with("relay.peers[0].name: "));
+        assert!(err(&relaying(&peer("edge us", "us-east", r#"["acme"]"#))).starts_with("relay.peers[0].name: "));
+        assert_eq!(err(&relaying(&peer("edge-us", "", r#"["acme"]"#))), "relay.peers[0].region: must not be empty");
+        assert_eq!(
+            err(&relaying(&peer("edge-eu2", "eu-west", r#"["acme"]"#))),
+            "relay.peers[0].region: is this node's own region `eu-west`: relay is between regions"
+        );
+        assert_eq!(
+            err(&relaying(&peer("edge-us", "us-east", "[]"))),
+            "relay.peers[0].tenants: needs at least one tenant: those whose requests `edge-us` may relay here"
+        );
+        assert_eq!(
+            err(&relaying(&peer("edge-us", "us-east", r#"["acme", "initech"]"#))),
+            "relay.peers[0].tenants[1]: unknown tenant `initech` (known: acme)"
+        );
+        assert_eq!(
+            err(&relaying(&peer("edge-us", "us-east", r#"["acme", "acme"]"#))),
+            "relay.peers[0].tenants[1]: tenant `acme` is already listed"
+        );
+        let unknown = err(&relaying(&format!("{}secret = 1\n", peer("edge-us", "us-east", r#"["acme"]"#))));
+        assert!(unknown.contains("unknown field `secret`"), "{unknown}");
     }
 
     #[test]

@@ -25,13 +25,15 @@ use tracing::{debug, info, warn};
 use crate::accounting::PriceModel;
 use crate::api::{ApiShape, StreamEncoder};
 use crate::cache::{self, CachedAnswer, FillGuard, Lookup, PromptCache};
-use crate::chain::{self, AnswerFilter, LoadError, Plan, Plugins};
+use crate::chain::{self, AnswerFilter, LoadError, Plugins, Routed};
 use crate::chat::{estimate_tokens, ChatRequest, ChatResponse, StreamEvent, Usage};
 use crate::config::{parse_key_hash, CachePolicy, Config, ConfigError};
+use crate::dispatch::{self, Admit, Attempts, Policy, Step};
 use crate::error::{GatewayError, UpstreamError};
 use crate::metrics::Metrics;
 use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
 use crate::relay::{self, Dispatch, RelayRefusal, Via};
+use crate::routes::{ModelRoute, Plan, Route, Routing};
 use crate::stats::Admission;
 use crate::tenant::{self, Tenant, Tenants};
 use crate::upstream::{self, EventStream, HttpClient, Target};
@@ -39,28 +41,6 @@ use meridian_engine::api::RelayRequest;
 
 /// The body of every response the edge sends.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
-
-/// One target of a model, with the model's name and price there.
-#[derive(Debug)]
-pub struct Route {
-    /// The target.
-    pub target: Arc<Target>,
-    /// The model's name at the target.
-    pub upstream_model: String,
-    /// What a request costs there.
-    pub price: Option<PriceModel>,
-}
-
-/// A client-facing model and its targets in fallback order.
-#[derive(Debug)]
-pub struct ModelRoute {
-    /// The name clients send.
-    pub name: String,
-    /// Output limit for upstreams that need one.
-    pub default_max_tokens: u32,
-    /// Targets, primary first.
-    pub routes: Vec<Route>,
-}
 
 /// An edge node's shared state.
 pub struct Edge {
@@ -260,7 +240,7 @@ impl Edge {
                 self.chat(ApiShape::OpenAi, Inbound::Client(req), &request_id).await
             }
             (&Method::POST, "/v1/messages") => self.chat(ApiShape::Anthropic, Inbound::Client(req), &request_id).await,
-            (&Method::POST, "/v1/embeddings") => match self.embeddings(req, &request_id).await {
+            (&Method::POST, "/v1/embeddings") => match self.embeddings(req).await {
                 Ok(resp) => resp,
                 Err(e) => error_response(ApiShape::OpenAi, &e),
             },
@@ -382,7 +362,7 @@ impl Edge {
             Inbound::Relayed(r) => {
                 let tenant = self.arrival(&r)?;
                 // Personal data that reached this region unredacted is answered, never kept here.
-                let bypass = r.no_cache || chain::carries_unredacted_pii(&r.labels);
+                let bypass = r.no_cache || dispatch::carries_unredacted_pii(&r.labels);
                 let requested = bypass.then_some(CacheUse::Bypass);
                 let RelayRequest { client_region, path, labels, redacted, request, .. } = *r;
                 // Re-encoding the parsed JSON value cannot fail.
@@ -412,8 +392,8 @@ impl Edge {
         let mut summary = chain::summary(&record.request_id, &tenant.name, chain, region, client_region, &request);
         summary.labels = via.labels;
         summary.redacted = via.redacted;
-        let (mut answer_filter, plan) = if chain.is_empty() {
-            (None, Plan::fixed(model))
+        let (mut answer_filter, routed) = if chain.is_empty() {
+            (None, Routed { model, routing: Routing::Static, cache: None })
         } else {
             chain::run(chain, &mut summary, &mut request, model, &self.models).await?
         };
@@ -422,14 +402,16 @@ impl Edge {
         let dispatch = Dispatch {
             request_id: record.request_id.clone(),
             tenant: tenant.name.to_string(),
-            policy: tenant.relay,
             client_region: summary.client_region,
             labels: summary.labels,
             redacted: summary.redacted,
             path,
-            max_hops: self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops),
             no_cache: requested == Some(CacheUse::Bypass),
         };
+        // The host's guarantees hold whatever the router answered, or if it failed.
+        let size = (request.estimated_prompt_tokens(), request.output_limit());
+        let policy = self.policy(&tenant, &dispatch.labels, &dispatch.path, size);
+        let plan = Plan::new(routed.model, &routed.routing, routed.cache, &policy, Instant::now())?;
 
         // Headers and the tenant's policy first, then the router's wish, then determinism.
         let cache_use = match (header_cache, plan.cache) {
@@ -492,7 +474,7 @@ impl Edge {
     /// `POST /v1/embeddings`: served by the model's engine targets in fallback order. Tenant
     /// filters are not run: an engine runs on the operator's own infrastructure, and a vector of
     /// placeholders would be worthless for similarity.
-    async fn embeddings(&self, req: Request<Incoming>, request_id: &str) -> Result<Response<Body>, GatewayError> {
+    async fn embeddings(&self, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
         let tenant = self.loaded.load().tenants.authenticate(req.headers())?;
         tenant.admit()?;
         let _permit = Arc::clone(&self.in_flight).try_acquire_owned().map_err(|_| GatewayError::Overloaded)?;
@@ -503,11 +485,12 @@ impl Edge {
             .get(&request.model)
             .cloned()
             .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
-        let plan = Plan::fixed(model);
-        let dispatch = Dispatch::local(request_id, &self.config.node.region);
-        let (answer, route) = self
-            .first_answer(&plan, &dispatch, |route| route.target.embed(input.clone(), &route.upstream_model))
-            .await?;
+        // Filters do not run on embeddings, so they carry no labels; the price cap still holds.
+        let region = [self.config.node.region.clone()];
+        let policy = self.policy(&tenant, &[], &region, (0, None));
+        let plan = Plan::new(model, &Routing::Static, None, &policy, Instant::now())?;
+        let (answer, route) =
+            self.first_answer(&plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
         let body = crate::api::openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
         Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
     }
@@ -573,74 +556,63 @@ impl Edge {
         }
     }
 
-    /// Tries each target of the plan in order until one answers. A refusal of the request itself
-    /// ends the attempts at once; other failures move on to the next target.
-    ///
-    /// Peer edges that may not take the request (its relay policy, a region it passed through,
-    /// the hop limit) are left out first; if that leaves nothing, the request is refused with why.
-    ///
-    /// Ejected targets (and half-open ones whose one trial is under way) are skipped, and not
-    /// counted as attempts, unless every target of the plan is out: then each is tried in order
-    /// anyway, a probable failure being better than a certain one. Each attempt's outcome feeds
-    /// its target's live statistics.
-    async fn first_answer<'m, T, F, Fut>(
-        &self,
-        plan: &'m Plan,
-        dispatch: &Dispatch,
-        mut attempt: F,
-    ) -> Result<(T, &'m Route), GatewayError>
+    /// The tenant's guarantees for one request, for the dispatch core: its allowed regions and
+    /// price cap, its relay policy and this edge's hop limit, with the request's labels, path and
+    /// size (estimated prompt tokens, output limit).
+    fn policy(&self, tenant: &Tenant, labels: &[String], path: &[String], size: (u32, Option<u32>)) -> Policy {
+        Policy {
+            allowed_regions: tenant.chain.allowed_regions.clone(),
+            price_cap_usd: tenant.chain.price_cap_usd,
+            relay: tenant.relay,
+            labels: labels.to_vec(),
+            path: path.to_vec(),
+            max_hops: self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops),
+            prompt_tokens: size.0,
+            max_output_tokens: size.1,
+        }
+    }
+
+    /// Drives the dispatch core ([`Attempts`]) along the plan: sends each attempt it asks for,
+    /// records the outcome in the target's health and the metrics, and hands the typed outcome
+    /// back to the core, which decides what happens next. Returns the first answer and its route.
+    async fn first_answer<'m, T, F, Fut>(&self, plan: &'m Plan, mut attempt: F) -> Result<(T, &'m Route), GatewayError>
     where
         F: FnMut(&'m Route) -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,
     {
-        let mut refused = None;
-        let mut routes = Vec::with_capacity(plan.order.len());
-        for route in plan.routes() {
-            match dispatch.refuses(route.target.api(), route.target.region.as_deref()) {
-                None => routes.push(route),
-                Some(why) => {
-                    debug!(target_name = %route.target.name, reason = %why, "peer edge left out");
-                    refused.get_or_insert(why);
-                }
-            }
-        }
-        if let (true, Some(why)) = (routes.is_empty(), refused) {
-            return Err(why.into());
-        }
-        let mut last = None;
-        // Every target out: each is tried anyway. Also when all turn out to be out only as they
-        // are reached (a concurrent request took a half-open target's one trial).
-        let mut anyway = routes.iter().all(|r| !r.target.stats.available(Instant::now()));
+        let routes = &plan.model.routes;
+        let mut health = LiveHealth(routes);
+        let mut attempts = Attempts::new(plan.order.clone(), &health);
+        let mut answer = None;
         loop {
-            for &route in &routes {
-                if !anyway && route.target.stats.admit(Instant::now()) == Admission::Skip {
-                    debug!(target_name = %route.target.name, "target ejected: skipped");
-                    continue;
+            match attempts.next(&mut health) {
+                Step::Try(i) => {
+                    let route = &routes[i];
+                    let started = Instant::now();
+                    let outcome = match attempt(route).await {
+                        Ok(value) => {
+                            answer = Some(value);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
+                            Err(e)
+                        }
+                    };
+                    let retry = outcome.as_ref().map_err(UpstreamError::retry).copied();
+                    route.target.stats.attempt(Instant::now(), Some(started.elapsed()), retry);
+                    let label = outcome.as_ref().map_or_else(UpstreamError::kind, |()| "ok");
+                    self.metrics.attempts.with_label_values(&[&route.target.name, label]).inc();
+                    attempts.record(i, outcome);
                 }
-                let started = Instant::now();
-                let result = attempt(route).await;
-                route.target.record(started, result.as_ref().map(|_| ()));
-                let outcome = match &result {
-                    Ok(_) => "ok",
-                    Err(e) => {
-                        warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
-                        e.kind()
-                    }
-                };
-                self.metrics.attempts.with_label_values(&[&route.target.name, outcome]).inc();
-                match result {
-                    Ok(answer) => return Ok((answer, route)),
-                    Err(e) if e.is_retryable() => last = Some(e),
-                    Err(e) => return Err(e.into()),
+                Step::Answered(i) => {
+                    // The core answers only after an attempt recorded as answered, which set it.
+                    let lost = || UpstreamError::Protocol { target: routes[i].target.name.clone(), message: "answer lost".into() };
+                    return answer.take().map(|value| (value, &routes[i])).ok_or_else(|| lost().into());
                 }
+                Step::Failed(e) => return Err(e.into()),
             }
-            if last.is_some() || anyway {
-                break;
-            }
-            anyway = true;
         }
-        // Config guarantees every model at least one target, so `last` is set here.
-        Err(last.map_or_else(|| GatewayError::UnknownModel(plan.model.name.clone()), GatewayError::from))
     }
 
     /// A whole answer from the first target that gives one.
@@ -651,7 +623,7 @@ impl Edge {
         dispatch: &Dispatch,
     ) -> Result<(ChatResponse, &'m Route), GatewayError> {
         let max_tokens = plan.model.default_max_tokens;
-        self.first_answer(plan, dispatch, |route| {
+        self.first_answer(plan, |route| {
             route.target.complete(&self.client, req, &route.upstream_model, max_tokens, dispatch)
         })
         .await
@@ -669,7 +641,7 @@ impl Edge {
     ) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
         let max_tokens = plan.model.default_max_tokens;
         let ((stream, head), route) = self
-            .first_answer(plan, dispatch, |route| async move {
+            .first_answer(plan, |route| async move {
                 let mut s = route.target.stream(&self.client, req, &route.upstream_model, max_tokens, dispatch).await?;
                 let mut head = VecDeque::new();
                 loop {
@@ -694,6 +666,24 @@ impl Edge {
             })
             .await?;
         Ok((stream, head, route))
+    }
+}
+
+/// The live health of a plan's targets, for the dispatch core: ejection and half-open trials as
+/// their statistics say now.
+struct LiveHealth<'a>(&'a [Route]);
+
+impl Admit for LiveHealth<'_> {
+    fn available(&self, i: usize) -> bool {
+        self.0[i].target.stats.available(Instant::now())
+    }
+
+    fn admit(&mut self, i: usize) -> bool {
+        let admitted = self.0[i].target.stats.admit(Instant::now()) != Admission::Skip;
+        if !admitted {
+            debug!(target_name = %self.0[i].target.name, "target ejected: skipped");
+        }
+        admitted
     }
 }
 

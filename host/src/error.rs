@@ -84,12 +84,31 @@ pub enum GatewayError {
     /// relay policy), or a relayed request was refused on arrival.
     #[error(transparent)]
     Relay(#[from] RelayRefusal),
+    /// No target may take the request under the tenant's guarantees (see `dispatch::policy`).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
 }
 
-/// Why one upstream attempt failed.
-#[derive(Debug, Clone, thiserror::Error)]
+/// What the request path does after a failed attempt, decided where the failure was seen (in the
+/// manner of pingora's `Error`): never derived later from a status number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The target failed: try the next one, and count it against the target's health.
+    Next,
+    /// The target cannot serve this kind of request (tools or images to an engine, embeddings to
+    /// a chat API): try the next one; the target is not at fault.
+    Skip,
+    /// The request itself was refused, and another target would refuse it too: it goes back to
+    /// the client. The target is alive.
+    Stop,
+}
+
+/// Why one upstream attempt failed. Each variant carries its retry decision
+/// ([`UpstreamError::retry`]) and the status the client sees if it is the last word
+/// ([`GatewayError::status`]).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum UpstreamError {
-    /// TCP or TLS connection failed.
+    /// TCP, TLS or QUIC connection failed.
     #[error("target `{target}`: connection failed: {message}")]
     Connect {
         /// The target.
@@ -107,14 +126,78 @@ pub enum UpstreamError {
         /// The limit that passed.
         after: Duration,
     },
-    /// The upstream answered with an error status.
+    /// A managed API's rate limit (HTTP 429).
+    #[error("target `{target}` answered 429: {message}")]
+    RateLimited {
+        /// The target.
+        target: String,
+        /// Its message (secrets scrubbed).
+        message: String,
+    },
+    /// An engine or peer edge at capacity; `status` is what it stands for (429 or 503).
+    #[error("target `{target}` is overloaded: {message}")]
+    Overloaded {
+        /// The target.
+        target: String,
+        /// 429 (its queue is full, or the tenant's rate at the peer) or 503 (its in-flight limit).
+        status: u16,
+        /// Its message.
+        message: String,
+    },
+    /// The target failed the request (5xx, an engine's internal error, a broken frame).
+    #[error("target `{target}` failed ({status}): {message}")]
+    Failed {
+        /// The target.
+        target: String,
+        /// Its HTTP status, or the one its error code stands for.
+        status: u16,
+        /// Its message (secrets scrubbed).
+        message: String,
+    },
+    /// The target is misconfigured for this node (a managed API answering 401/403/404: a wrong
+    /// key, URL or model name; an engine that does not know the model).
     #[error("target `{target}` answered {status}: {message}")]
-    Status {
+    Misconfigured {
         /// The target.
         target: String,
         /// Its status.
         status: u16,
-        /// Its error message (secrets scrubbed).
+        /// Its message (secrets scrubbed).
+        message: String,
+    },
+    /// A peer edge that will not take requests of this tenant from this edge.
+    #[error("target `{target}` refused the relay: {message}")]
+    PeerRefused {
+        /// The target.
+        target: String,
+        /// Its reason.
+        message: String,
+    },
+    /// A relay loop found further along.
+    #[error("target `{target}`: {message}")]
+    Loop {
+        /// The target.
+        target: String,
+        /// The path it saw.
+        message: String,
+    },
+    /// The target refused the request itself (a 4xx that another target would give too: a bad
+    /// field, a context too long, a peer's policy). It goes back to the client with `status`.
+    #[error("target `{target}` answered {status}: {message}")]
+    Rejected {
+        /// The target.
+        target: String,
+        /// The status the client gets.
+        status: u16,
+        /// Its message (secrets scrubbed).
+        message: String,
+    },
+    /// The target cannot serve this kind of request; the next one may.
+    #[error("target `{target}` cannot serve this request: {message}")]
+    Unsupported {
+        /// The target.
+        target: String,
+        /// What it cannot serve.
         message: String,
     },
     /// The upstream's answer could not be understood, or its stream broke off.
@@ -128,14 +211,25 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether the next target should be tried (when nothing has reached the client yet).
-    ///
-    /// A 4xx other than 401/403/404/408/429 means the request itself is at fault; another target
-    /// would refuse it too, so it goes back to the client.
-    pub fn is_retryable(&self) -> bool {
+    /// What to do next (when nothing has reached the client yet).
+    pub fn retry(&self) -> Retry {
         match self {
-            UpstreamError::Status { status, .. } => matches!(status, 401 | 403 | 404 | 408 | 429 | 500..),
-            _ => true,
+            UpstreamError::Rejected { .. } => Retry::Stop,
+            UpstreamError::Unsupported { .. } => Retry::Skip,
+            _ => Retry::Next,
+        }
+    }
+
+    /// A managed API's error status, classified where it was read: 429 is its rate limit,
+    /// 401/403/404 a target misconfigured for this node, 408 and 5xx its failure, any other 4xx a
+    /// refusal of the request itself.
+    pub fn from_http_status(target: &str, status: u16, message: String) -> UpstreamError {
+        let target = target.to_string();
+        match status {
+            429 => UpstreamError::RateLimited { target, message },
+            401 | 403 | 404 => UpstreamError::Misconfigured { target, status, message },
+            400..=499 if status != 408 => UpstreamError::Rejected { target, status, message },
+            _ => UpstreamError::Failed { target, status, message },
         }
     }
 
@@ -144,7 +238,14 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { target, .. }
             | UpstreamError::Timeout { target, .. }
-            | UpstreamError::Status { target, .. }
+            | UpstreamError::RateLimited { target, .. }
+            | UpstreamError::Overloaded { target, .. }
+            | UpstreamError::Failed { target, .. }
+            | UpstreamError::Misconfigured { target, .. }
+            | UpstreamError::PeerRefused { target, .. }
+            | UpstreamError::Loop { target, .. }
+            | UpstreamError::Rejected { target, .. }
+            | UpstreamError::Unsupported { target, .. }
             | UpstreamError::Protocol { target, .. } => target,
         }
     }
@@ -154,10 +255,104 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect { .. } => "connect",
             UpstreamError::Timeout { .. } => "timeout",
-            UpstreamError::Status { status: 429, .. } => "rate_limited",
-            UpstreamError::Status { status: 500.., .. } => "server_error",
-            UpstreamError::Status { .. } => "client_error",
+            UpstreamError::RateLimited { .. } => "rate_limited",
+            UpstreamError::Overloaded { .. } => "overloaded",
+            UpstreamError::Failed { .. } => "server_error",
+            UpstreamError::Misconfigured { .. } => "misconfigured",
+            UpstreamError::PeerRefused { .. } => "peer_refused",
+            UpstreamError::Loop { .. } => "loop",
+            UpstreamError::Rejected { .. } => "client_error",
+            UpstreamError::Unsupported { .. } => "unsupported",
             UpstreamError::Protocol { .. } => "protocol",
+        }
+    }
+
+    /// The status the client gets when this is the request's last word.
+    fn client_status(&self) -> StatusCode {
+        let from = |s: u16| StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY);
+        match self {
+            UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            UpstreamError::Overloaded { status, .. } | UpstreamError::Rejected { status, .. } => from(*status),
+            // A relay loop found further along: the client learns it was one.
+            UpstreamError::Loop { .. } => StatusCode::LOOP_DETECTED,
+            // No target of the model serves this kind of request.
+            UpstreamError::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// Why a candidate may not take the request.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Exclusion {
+    /// Unredacted personal data, and the target is outside the allowed regions.
+    #[error("target `{target}` is in {region}, outside the tenant's allowed regions [{allowed}], and the request carries unredacted personal data")]
+    Residency {
+        /// The target.
+        target: String,
+        /// Its region (`an unknown region` when none is configured).
+        region: String,
+        /// The allowed regions.
+        allowed: String,
+    },
+    /// The estimate is over the tenant's cap.
+    #[error("target `{target}` would cost about ${cost:.6}, over the tenant's price cap of ${cap:.6}")]
+    PriceCap {
+        /// The target.
+        target: String,
+        /// Its estimate.
+        cost: f64,
+        /// The cap.
+        cap: f64,
+    },
+    /// A peer edge that may not take the request.
+    #[error(transparent)]
+    Relay(RelayRefusal),
+}
+
+/// Why a request has no target to go to.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Refusal {
+    /// Every target the plan could use breaks one of the tenant's guarantees; `first` is why the
+    /// first of them was excluded.
+    #[error("no target may take this request: {first}")]
+    Policy {
+        /// The first exclusion, in plan order.
+        first: Exclusion,
+    },
+    /// The router failed, and no target of the static order keeps the tenant's guarantees.
+    #[error("the router failed ({reason}), and no target of the static order may take this request: {first}")]
+    RouterFailed {
+        /// The router's failure.
+        reason: String,
+        /// Why the first static target was excluded.
+        first: Exclusion,
+    },
+}
+
+impl Refusal {
+    /// The HTTP status: 451 for residency, 402 for the price cap, the relay refusal's own (451
+    /// policy, 508 loop), and 503 when the router failed.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::RouterFailed { .. } => 503,
+            Refusal::Policy { first: Exclusion::Residency { .. } } => 451,
+            Refusal::Policy { first: Exclusion::PriceCap { .. } } => 402,
+            Refusal::Policy { first: Exclusion::Relay(r) } => r.status(),
+        }
+    }
+
+    /// A short label for metrics and the error body's `code`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::RouterFailed { .. } => "router_failed",
+            Refusal::Policy { first: Exclusion::Residency { .. } } => "residency",
+            Refusal::Policy { first: Exclusion::PriceCap { .. } } => "price_cap",
+            Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) } => {
+                "relay_loop"
+            }
+            Refusal::Policy { first: Exclusion::Relay(_) } => "relay_refused",
         }
     }
 }
@@ -195,17 +390,8 @@ impl GatewayError {
             GatewayError::Blocked { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
             GatewayError::Relay(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
-            GatewayError::Upstream(e) => match e {
-                UpstreamError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-                UpstreamError::Status { status: 429, .. } => StatusCode::TOO_MANY_REQUESTS,
-                // A relay loop found further along: the client learns it was one.
-                UpstreamError::Status { status: 508, .. } => StatusCode::LOOP_DETECTED,
-                // The request itself was refused: the client should see that, not a 502.
-                UpstreamError::Status { status, .. } if !e.is_retryable() => {
-                    StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY)
-                }
-                _ => StatusCode::BAD_GATEWAY,
-            },
+            GatewayError::Refused(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
+            GatewayError::Upstream(e) => e.client_status(),
         }
     }
 
@@ -226,15 +412,22 @@ impl GatewayError {
             GatewayError::Relay(RelayRefusal::UnknownTenant(_)) => ErrorClass::Authentication,
             GatewayError::Relay(RelayRefusal::Policy(_)) => ErrorClass::InvalidRequest,
             GatewayError::Relay(_) => ErrorClass::Upstream,
+            GatewayError::Refused(Refusal::RouterFailed { .. }) => ErrorClass::Overloaded,
+            GatewayError::Refused(Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Policy(_)) }) => {
+                ErrorClass::InvalidRequest
+            }
+            GatewayError::Refused(Refusal::Policy { first: Exclusion::Relay(_) }) => ErrorClass::Upstream,
+            GatewayError::Refused(Refusal::Policy { .. }) => ErrorClass::InvalidRequest,
             GatewayError::Unauthorized => ErrorClass::Authentication,
             GatewayError::NotFound { .. } => ErrorClass::NotFound,
             GatewayError::RateLimited { .. } => ErrorClass::RateLimit,
             GatewayError::Overloaded => ErrorClass::Overloaded,
             GatewayError::BodyTimeout(_) => ErrorClass::Timeout,
-            GatewayError::Upstream(e) => match e {
-                UpstreamError::Timeout { .. } => ErrorClass::Timeout,
-                UpstreamError::Status { status: 429, .. } => ErrorClass::RateLimit,
-                UpstreamError::Status { .. } if !e.is_retryable() => ErrorClass::InvalidRequest,
+            GatewayError::Upstream(e) => match e.client_status().as_u16() {
+                504 => ErrorClass::Timeout,
+                429 => ErrorClass::RateLimit,
+                503 => ErrorClass::Overloaded,
+                400..=499 => ErrorClass::InvalidRequest,
                 _ => ErrorClass::Upstream,
             },
         }
@@ -275,6 +468,7 @@ impl GatewayError {
             GatewayError::Rejected { .. } => "rejected_by_router",
             GatewayError::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) => "relay_loop",
             GatewayError::Relay(_) => "relay_refused",
+            GatewayError::Refused(r) => r.code(),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => "upstream_timeout",
                 _ => "upstream_error",
@@ -288,7 +482,7 @@ mod tests {
     use super::*;
 
     fn status(s: u16) -> UpstreamError {
-        UpstreamError::Status { target: "t".into(), status: s, message: "m".into() }
+        UpstreamError::from_http_status("t", s, "m".into())
     }
 
     #[test]
@@ -299,6 +493,9 @@ mod tests {
         assert_eq!(GatewayError::from(status(400)).status(), StatusCode::BAD_REQUEST);
         let timeout = UpstreamError::Timeout { target: "t".into(), phase: "response", after: Duration::from_secs(1) };
         assert_eq!(GatewayError::from(timeout).status(), StatusCode::GATEWAY_TIMEOUT);
-        assert!(status(503).is_retryable() && status(429).is_retryable() && !status(422).is_retryable());
+        assert_eq!((status(503).retry(), status(429).retry(), status(404).retry()), (Retry::Next, Retry::Next, Retry::Next));
+        assert_eq!(status(422).retry(), Retry::Stop);
+        let unsupported = UpstreamError::Unsupported { target: "e".into(), message: "tools".into() };
+        assert_eq!((unsupported.retry(), GatewayError::from(unsupported).status()), (Retry::Skip, StatusCode::BAD_REQUEST));
     }
 }

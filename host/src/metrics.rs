@@ -46,6 +46,10 @@ pub struct Metrics {
     pub engine_tokens_per_second: GaugeVec,
     /// `meridian_target_ejections_total{target}`: outlier ejections.
     pub target_ejections: IntCounterVec,
+    /// `meridian_relay_refusals_total{reason}`: relayed requests refused before dispatch because
+    /// the sending node may not relay them (`unauthorized_peer`, `bad_path`,
+    /// `tenant_not_accepted`).
+    pub relay_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -125,6 +129,14 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let relay_refusals = IntCounterVec::new(
+            Opts::new(
+                "meridian_relay_refusals_total",
+                "Relayed requests refused because the sender may not relay them",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(target_latency.clone()),
@@ -133,6 +145,7 @@ impl Metrics {
             Box::new(engine_info.clone()),
             Box::new(engine_tokens_per_second.clone()),
             Box::new(target_ejections.clone()),
+            Box::new(relay_refusals.clone()),
             Box::new(duration.clone()),
             Box::new(ttft.clone()),
             Box::new(tokens.clone()),
@@ -165,6 +178,7 @@ impl Metrics {
             engine_info,
             engine_tokens_per_second,
             target_ejections,
+            relay_refusals,
         }
     }
 

@@ -19,11 +19,14 @@ use clap::{Subcommand, ValueEnum};
 use meridian::accounting;
 use meridian::chain::{self, Chain};
 use meridian::chat::ChatRequest;
+use meridian::config::TargetKind;
 use meridian::plugin::{
-    self, CachePolicy, CallLimits, FilterPlugin, Health, Outcome, PluginError, PluginMetrics, PluginRuntime,
-    PluginSettings, PriceModel, RequestVerdict, RouterPlugin, SegmentKind,
+    self, CachePolicy, CallLimits, FilterPlugin, Outcome, PluginError, PluginMetrics, PluginRuntime, PluginSettings,
+    RequestVerdict, RouterPlugin, SegmentKind,
 };
 use meridian::redaction::{self, SpanError};
+use meridian::routes::{self, TargetFacts};
+use meridian::stats::{EngineLoad, HealthState, TargetStats};
 use serde::Deserialize;
 
 /// The `plugin` subcommands.
@@ -617,39 +620,48 @@ fn read_targets(path: &Path, req: &ChatRequest) -> Result<Vec<plugin::Target>, C
         .collect()
 }
 
-/// A target as the router sees it, priced the way the edge converts the node config's prices.
+/// A target as the router sees it: the edge's own conversion ([`routes::router_view`]) of the
+/// configured fields and of the statistics the file gives, over a target with no history.
 fn to_target(t: TargetSpec, req: &ChatRequest) -> plugin::Target {
-    let capacity = t.capacity.or(match t.price {
-        Some(accounting::PriceModel::Hour { capacity, .. }) => Some(capacity),
-        _ => None,
+    let mut stats = TargetStats::default().snapshot(Instant::now());
+    stats.health = match t.health {
+        HealthSpec::Healthy => HealthState::Healthy,
+        HealthSpec::Degraded => HealthState::Degraded,
+        HealthSpec::Down => HealthState::Ejected,
+    };
+    // 0 stands for "not measured" either way.
+    stats.latency_ms = Some(t.latency_ms);
+    stats.ttft_ms = Some(t.ttft_ms);
+    stats.in_flight = t.in_flight;
+    // The file's capacity stands for what the target's engine reports (its batch size).
+    stats.engine = t.capacity.map(|max_batch| EngineLoad {
+        provider: String::new(),
+        tokens_per_second: 0.0,
+        queue_depth: 0,
+        active_sequences: 0,
+        max_batch,
     });
-    let price = t.price.map(PriceModel::from);
-    plugin::Target {
-        name: t.name,
+    let model = t.model.unwrap_or_else(|| req.model.clone());
+    let facts = TargetFacts {
+        name: &t.name,
         kind: match t.kind {
-            TargetKindSpec::Managed => plugin::TargetKind::Managed,
-            TargetKindSpec::Serverless => plugin::TargetKind::Serverless,
-            TargetKindSpec::Dedicated => plugin::TargetKind::Dedicated,
-            TargetKindSpec::RemoteEdge => plugin::TargetKind::RemoteEdge,
+            TargetKindSpec::Managed => TargetKind::Managed,
+            TargetKindSpec::Serverless => TargetKind::Serverless,
+            TargetKindSpec::Dedicated => TargetKind::Dedicated,
+            TargetKindSpec::RemoteEdge => TargetKind::RemoteEdge,
         },
-        region: t.region,
+        region: t.region.as_deref(),
         own_infrastructure: t.own_infrastructure,
-        model: t.model.unwrap_or_else(|| req.model.clone()),
-        price,
-        health: match t.health {
-            HealthSpec::Healthy => Health::Healthy,
-            HealthSpec::Degraded => Health::Degraded,
-            HealthSpec::Down => Health::Down,
-        },
-        latency_ms: t.latency_ms,
-        ttft_ms: t.ttft_ms,
-        in_flight: t.in_flight,
-        capacity,
-    }
+        model: &model,
+        price: t.price,
+    };
+    routes::router_view(&facts, &stats)
 }
 
 #[cfg(test)]
 mod tests {
+    use meridian::plugin::{Health, PriceModel};
+
     use super::*;
 
     #[test]

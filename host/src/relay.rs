@@ -20,11 +20,11 @@ use meridian_engine::wire::Frame;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
-use tracing::debug;
+use tracing::{debug, warn};
 
-use crate::chain::carries_unredacted_pii;
+use crate::dispatch::carries_unredacted_pii;
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
-use crate::config::{RelayPolicy, TargetApi};
+use crate::config::{RelayPeer, RelayPolicy};
 use crate::edge::Edge;
 use crate::error::GatewayError;
 
@@ -53,18 +53,75 @@ pub enum RelayRefusal {
     /// The tenant's relay policy forbids it.
     #[error("not relayed: {0}")]
     Policy(&'static str),
+    /// The sending node (its certificate's name) is not one of this edge's `[[relay.peers]]`:
+    /// an engine, or an edge this one does not take relays from.
+    #[error("node `{0}` is not a peer edge this edge takes relayed requests from")]
+    UnauthorizedPeer(String),
+    /// The request's path does not end in the sending peer's region, where it must come from.
+    #[error("edge `{peer}` relays from region `{region}`, but the request's path does not end there (path: {path})")]
+    BadPath {
+        /// The sending peer.
+        peer: String,
+        /// Its region, as this edge's config lists it.
+        region: String,
+        /// The request's path, origin first (`none` when empty).
+        path: String,
+    },
+    /// The sending peer may not relay requests of this tenant here.
+    #[error("edge `{peer}` may not relay requests of tenant `{tenant}` here")]
+    TenantNotAccepted {
+        /// The sending peer.
+        peer: String,
+        /// The request's tenant.
+        tenant: String,
+    },
 }
 
 impl RelayRefusal {
     /// The HTTP status it answers with: 508 for loops (another target may take the request),
-    /// 403 for a tenant the peer does not serve, 451 for a policy refusal.
+    /// 403 for a tenant the peer does not serve or a sender that may not relay it (the origin
+    /// goes on to its next target), 451 for a policy refusal.
     pub fn status(&self) -> u16 {
         match self {
             RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. } => 508,
-            RelayRefusal::UnknownTenant(_) => 403,
+            RelayRefusal::UnknownTenant(_)
+            | RelayRefusal::UnauthorizedPeer(_)
+            | RelayRefusal::BadPath { .. }
+            | RelayRefusal::TenantNotAccepted { .. } => 403,
             RelayRefusal::Policy(_) => 451,
         }
     }
+
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RelayRefusal::Loop { .. } => "loop",
+            RelayRefusal::HopLimit { .. } => "hop_limit",
+            RelayRefusal::UnknownTenant(_) => "unknown_tenant",
+            RelayRefusal::Policy(_) => "policy",
+            RelayRefusal::UnauthorizedPeer(_) => "unauthorized_peer",
+            RelayRefusal::BadPath { .. } => "bad_path",
+            RelayRefusal::TenantNotAccepted { .. } => "tenant_not_accepted",
+        }
+    }
+}
+
+/// Whether node `peer` (the common name of the certificate it connected with) may relay
+/// `request` to this edge, whose `[[relay.peers]]` are `peers`: it must be listed there, the
+/// request's path must end in its listed region (the region it relays from; an empty path is no
+/// relay at all), and the tenant must be one it is accepted for. Loops, the hop limit and the
+/// tenant's own policy are checked after this, when the edge takes the request.
+pub fn authorize(peers: &[RelayPeer], peer: &str, request: &RelayRequest) -> Result<(), RelayRefusal> {
+    let listed =
+        peers.iter().find(|p| p.name == peer).ok_or_else(|| RelayRefusal::UnauthorizedPeer(peer.to_string()))?;
+    if request.path.last() != Some(&listed.region) {
+        let path = if request.path.is_empty() { "none".to_string() } else { request.path.join(" > ") };
+        return Err(RelayRefusal::BadPath { peer: peer.to_string(), region: listed.region.clone(), path });
+    }
+    if !listed.tenants.contains(&request.tenant) {
+        return Err(RelayRefusal::TenantNotAccepted { peer: peer.to_string(), tenant: request.tenant.clone() });
+    }
+    Ok(())
 }
 
 /// Why a request would not be relayed under `policy`, given its labels; `None` if it may be.
@@ -90,16 +147,15 @@ pub struct Via {
     pub redacted: bool,
 }
 
-/// What dispatching one request needs besides its text: who it is for, what the filters found,
-/// and where it has been, to decide which peer edges may take it and to build what they get.
+/// What a peer edge gets with a request besides its text: who it is for, what the filters found,
+/// and where it has been (which peer edges may take it is the dispatch core's
+/// [`crate::dispatch::Policy`]).
 #[derive(Debug, Clone)]
 pub struct Dispatch {
     /// The request's id.
     pub request_id: String,
     /// The tenant.
     pub tenant: String,
-    /// The tenant's relay policy.
-    pub policy: RelayPolicy,
     /// The client's region, when known.
     pub client_region: Option<String>,
     /// Every label the filters gave it, here and before.
@@ -108,47 +164,11 @@ pub struct Dispatch {
     pub redacted: bool,
     /// Regions it passed through, this one last.
     pub path: Vec<String>,
-    /// The most relays a request may take in all.
-    pub max_hops: u8,
     /// Whether the client asked that no cache answer the request or keep its answer.
     pub no_cache: bool,
 }
 
 impl Dispatch {
-    /// A dispatch with no tenant or labels, from the node's own region, for requests outside the
-    /// plugin chain (embeddings, which peer edges do not serve).
-    pub fn local(request_id: &str, region: &str) -> Dispatch {
-        Dispatch {
-            request_id: request_id.to_string(),
-            tenant: String::new(),
-            policy: RelayPolicy::Allowed,
-            client_region: None,
-            labels: Vec::new(),
-            redacted: false,
-            path: vec![region.to_string()],
-            max_hops: crate::config::DEFAULT_MAX_HOPS,
-            no_cache: false,
-        }
-    }
-
-    /// Why a target (its protocol, its region) may not take the request; `None` when it may.
-    /// Only peer edges can refuse.
-    pub fn refuses(&self, api: TargetApi, region: Option<&str>) -> Option<RelayRefusal> {
-        if api != TargetApi::Edge {
-            return None;
-        }
-        if let Some(refusal) = policy_forbids(self.policy, &self.labels) {
-            return Some(refusal);
-        }
-        if let Some(region) = region.filter(|r| self.path.iter().any(|p| p == r)) {
-            return Some(RelayRefusal::Loop { region: region.to_string(), path: self.path.join(" > ") });
-        }
-        if self.path.len() > usize::from(self.max_hops) {
-            return Some(RelayRefusal::HopLimit { max: self.max_hops, path: self.path.join(" > ") });
-        }
-        None
-    }
-
     /// The relay frame for `req` under the peer's model name.
     pub fn request(&self, req: &ChatRequest, upstream_model: &str) -> RelayRequest {
         let mut chat = req.clone();
@@ -264,6 +284,19 @@ impl RelayBackend {
     }
 }
 
+/// [`authorize`] under `edge`'s `[relay]`. A refusal is counted and logged, and becomes the
+/// `ERROR` the sender gets (`refused`, 403), before anything is dispatched.
+fn admit_peer(edge: &Edge, peer: &str, request: &RelayRequest) -> Result<(), EngineError> {
+    let peers = edge.config().relay.as_ref().map_or(&[][..], |r| r.peers.as_slice());
+    authorize(peers, peer, request).map_err(|refusal| {
+        edge.metrics.relay_refusals.with_label_values(&[refusal.reason()]).inc();
+        // The tenant and path are the sender's words: Debug-quoted, so they cannot forge log lines.
+        warn!(peer, tenant = ?request.tenant, path = ?request.path, request_id = ?request.request_id,
+              reason = refusal.reason(), "relayed request refused: the sender may not relay it");
+        wire_error(&refusal.into())
+    })
+}
+
 impl Backend for RelayBackend {
     fn chat(&self, _request: wire::ChatRequest) -> Result<mpsc::Receiver<wire::Event>, EngineError> {
         Err(RelayBackend::not_an_engine())
@@ -277,9 +310,10 @@ impl Backend for RelayBackend {
         self.edge.upgrade().map(|e| e.relay_health()).unwrap_or_default()
     }
 
-    fn relay(&self, request: RelayRequest) -> Result<mpsc::Receiver<Bytes>, EngineError> {
+    fn relay(&self, peer: &str, request: RelayRequest) -> Result<mpsc::Receiver<Bytes>, EngineError> {
         let edge =
             self.edge.upgrade().ok_or_else(|| EngineError::new(ErrorCode::Internal, "the edge is shutting down"))?;
+        admit_peer(&edge, peer, &request)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             // The answer (or its error) is already in relay frames; the body is copied to the
@@ -321,22 +355,63 @@ mod tests {
         assert_eq!(policy_forbids(RelayPolicy::Never, &[]).map(|r| r.status()), Some(451));
     }
 
+    fn relayed(tenant: &str, path: &[&str]) -> RelayRequest {
+        RelayRequest {
+            request_id: "r-1".into(),
+            tenant: tenant.into(),
+            client_region: None,
+            path: labels(path),
+            labels: Vec::new(),
+            redacted: false,
+            no_cache: false,
+            request: Value::Null,
+        }
+    }
+
     #[test]
-    fn peer_edges_on_the_path_or_past_the_hop_limit_are_refused() {
-        let eu = Some("eu-west");
-        let mut d = Dispatch::local("r", "us-east");
-        assert_eq!(d.refuses(TargetApi::Edge, eu), None);
-        d.path = labels(&["eu-west", "us-east"]);
-        assert!(
-            matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::Loop { region, .. }) if region == "eu-west")
+    fn only_listed_peers_relay_from_their_region_for_their_tenants() {
+        let peers = [
+            RelayPeer { name: "edge-us".into(), region: "us-east".into(), tenants: labels(&["acme"]) },
+            RelayPeer { name: "edge-ap".into(), region: "ap-south".into(), tenants: labels(&["acme", "globex"]) },
+        ];
+        let refused = |peer: &str, r: &RelayRequest| authorize(&peers, peer, r).unwrap_err();
+        assert_eq!(authorize(&peers, "edge-us", &relayed("acme", &["us-east"])), Ok(()));
+        assert_eq!(authorize(&peers, "edge-ap", &relayed("globex", &["us-east", "ap-south"])), Ok(()));
+
+        let acme = relayed("acme", &["us-east"]);
+        for stranger in ["engine-us", "edge-eu", "", "EDGE-US"] {
+            assert_eq!(refused(stranger, &acme), RelayRefusal::UnauthorizedPeer(stranger.into()));
+        }
+        assert!(matches!(
+            refused("edge-us", &relayed("acme", &[])),
+            RelayRefusal::BadPath { region, path, .. } if region == "us-east" && path == "none"
+        ));
+        assert!(matches!(
+            refused("edge-us", &relayed("acme", &["us-east", "ap-south"])),
+            RelayRefusal::BadPath { path, .. } if path == "us-east > ap-south"
+        ));
+        // The right region elsewhere on the path is not where the request came from.
+        assert!(matches!(refused("edge-ap", &relayed("acme", &["ap-south", "us-east"])), RelayRefusal::BadPath { .. }));
+        assert_eq!(
+            refused("edge-us", &relayed("globex", &["us-east"])),
+            RelayRefusal::TenantNotAccepted { peer: "edge-us".into(), tenant: "globex".into() }
         );
-        assert_eq!(d.refuses(TargetApi::Openai, eu), None, "only peer edges relay");
-        d.path = labels(&["ap-south", "us-east"]);
-        assert!(matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::HopLimit { max: 1, .. })));
-        d.max_hops = 2;
-        assert_eq!(d.refuses(TargetApi::Edge, eu), None);
-        d.policy = RelayPolicy::Never;
-        assert!(matches!(d.refuses(TargetApi::Edge, eu), Some(RelayRefusal::Policy(_))));
+        assert_eq!(authorize(&[], "edge-us", &acme), Err(RelayRefusal::UnauthorizedPeer("edge-us".into())));
+    }
+
+    #[test]
+    fn peer_refusals_answer_403_refused_so_the_origin_goes_on() {
+        let refusals = [
+            RelayRefusal::UnauthorizedPeer("engine-x".into()),
+            RelayRefusal::BadPath { peer: "edge-us".into(), region: "us-east".into(), path: "none".into() },
+            RelayRefusal::TenantNotAccepted { peer: "edge-us".into(), tenant: "globex".into() },
+        ];
+        let reasons: Vec<_> = refusals.iter().map(RelayRefusal::reason).collect();
+        assert_eq!(reasons, ["unauthorized_peer", "bad_path", "tenant_not_accepted"]);
+        for r in refusals {
+            let e = wire_error(&r.into());
+            assert_eq!((e.code, e.status), (ErrorCode::Refused, Some(403)));
+        }
     }
 
     #[test]
@@ -364,7 +439,16 @@ mod tests {
         )
         .unwrap();
         req.anthropic_extra.insert("top_k".into(), 5.into());
-        let relayed = Dispatch::local("r", "us-east").request(&req, "back");
+        let dispatch = Dispatch {
+            request_id: "r".into(),
+            tenant: "acme".into(),
+            client_region: None,
+            labels: Vec::new(),
+            redacted: false,
+            path: vec!["us-east".into()],
+            no_cache: false,
+        };
+        let relayed = dispatch.request(&req, "back");
         let body = serde_json::to_vec(&relayed.request).unwrap();
         let back = parse_request(&body).unwrap();
         assert_eq!(back.model, "back");

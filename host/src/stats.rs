@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::HealthConfig;
+use crate::error::Retry;
 
 /// Weight of a new latency sample in the smoothed latencies.
 const LATENCY_ALPHA: f64 = 0.3;
@@ -263,6 +264,20 @@ impl TargetStats {
                 Admission::Trial
             }
             _ => Admission::Open,
+        }
+    }
+
+    /// The outcome of one attempt, ended at `now`: the one mapping from an attempt's outcome to
+    /// the target's health, for the edge and the simulation alike. An answer (`latency` to its
+    /// first byte, when it is a measure of the target) and a refusal of the request itself (the
+    /// target is alive) are successes; a request it cannot serve is neither; a failure counts
+    /// toward ejection.
+    pub fn attempt(&self, now: Instant, latency: Option<Duration>, outcome: Result<(), Retry>) {
+        match outcome {
+            Ok(()) => self.success(latency),
+            Err(Retry::Stop) => self.success(None),
+            Err(Retry::Skip) => {}
+            Err(Retry::Next) => self.failure(now),
         }
     }
 

@@ -30,10 +30,11 @@
 //!
 //! Direction: the topology names each node's config file, and the configs are *validated against
 //! the topology* ([`Topology::check`], `meridian regions check`): an edge config's region, listen
-//! address, cluster identity, relay listener, engine targets (name and address), peer-edge relay
-//! targets (name, address, region, and that the peer accepts relays for its tenants and models),
-//! managed targets, the models it routes to engines and its tenants' allowed regions must agree
-//! with the topology; an engine config's name, address and models likewise. Node configs are not (yet) derived from it.
+//! address, cluster identity, relay listener and the peers it takes relays from (`[[relay.peers]]`:
+//! edges of the topology, in their regions), engine targets (name and address), peer-edge relay
+//! targets (name, address, region, and that the peer has its tenants and models and takes relays
+//! from this edge for those tenants), managed targets, the models it routes to engines and its
+//! tenants' allowed regions must agree with the topology; an engine config's name, address and models likewise. Node configs are not (yet) derived from it.
 //!
 //! Parsing and the structural checks ([`Topology::check_structure`]) do no I/O; the file checks
 //! (certificates, node configs) read only the files the topology names.
@@ -47,7 +48,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use crate::accounting::PriceModel;
-use crate::config::{Config, RelayPolicy, TargetApi, TargetKind};
+use crate::config::{Config, RelayPeer, RelayPolicy, TargetApi, TargetKind};
 
 /// A whole topology file.
 #[derive(Debug, Clone, Deserialize)]
@@ -428,6 +429,7 @@ impl Topology {
                     ),
                 ));
             }
+            out.extend(self.check_relay_peers(&r.peers));
         }
         // Config target key -> the engine it reaches, for the model routes below.
         let mut engines: HashMap<&str, &EngineEntry> = HashMap::new();
@@ -526,18 +528,7 @@ impl Topology {
                             ),
                         ));
                     }
-                    for tenant in c.tenants.iter().filter(|x| x.relay != RelayPolicy::Never) {
-                        if !pc.tenants.iter().any(|x| x.name == tenant.name) {
-                            out.push(problem(
-                                place.clone(),
-                                format!(
-                                    "edge `{name}` has no tenant `{}` ({}), so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here",
-                                    tenant.name,
-                                    peer.config.display()
-                                ),
-                            ));
-                        }
-                    }
+                    out.extend(peer_acceptance(&place, &edge.name, c, peer, pc));
                 }
                 peers.insert(key, (peer, peer_config));
                 continue;
@@ -599,6 +590,39 @@ impl Topology {
         }
         for p in &mut out {
             p.file = Some(edge.config.clone());
+        }
+        out
+    }
+
+    /// Checks an edge's `[[relay.peers]]`: each names an edge of the topology (an engine or a
+    /// managed target never relays) and gives that edge's region, which its relays come from.
+    fn check_relay_peers(&self, peers: &[RelayPeer]) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for (i, p) in peers.iter().enumerate() {
+            let place = format!("relay.peers[{i}]");
+            match self.find(&p.name) {
+                Some((at, region, Node::Edge(_))) => {
+                    if p.region != region {
+                        out.push(problem(
+                            format!("{place}.region"),
+                            format!("is `{}`, but edge `{}` is in region `{region}` ({at})", p.region, p.name),
+                        ));
+                    }
+                }
+                found => {
+                    let what = match found {
+                        Some((at, _, n)) => {
+                            let kind = if matches!(n, Node::Engine(_)) { "an engine" } else { "a managed target" };
+                            format!("`{}` is {kind} ({at}), not an edge: only edges relay", p.name)
+                        }
+                        None => format!("edge `{}` is in no region of the topology", p.name),
+                    };
+                    out.push(problem(
+                        format!("{place}.name"),
+                        format!("{what} (edges: {})", self.list(|n| matches!(n, Node::Edge(_)))),
+                    ));
+                }
+            }
         }
         out
     }
@@ -746,6 +770,45 @@ fn identity_names(name: &str, cert: &Path, key: &Path, place: &str) -> Vec<Probl
                 format!("is {}, but node `{name}`'s file is {want}", path.display()),
             ));
         }
+    }
+    out
+}
+
+/// What makes edge `sender` (config `c`) relaying to `peer` (config `pc`) fail there, reported on
+/// the sender's target `place`: each tenant the sender may relay must be a tenant of the peer and,
+/// when the peer takes relays (a missing `[relay]` is reported on its own), one its
+/// `[[relay.peers]]` entry for the sender accepts.
+fn peer_acceptance(place: &str, sender: &str, c: &Config, peer: &EdgeEntry, pc: &Config) -> Vec<Problem> {
+    let file = peer.config.display();
+    let mut out = Vec::new();
+    let entry = pc.relay.as_ref().and_then(|r| r.peers.iter().enumerate().find(|(_, p)| p.name == sender));
+    if pc.relay.is_some() && entry.is_none() {
+        out.push(problem(
+            place,
+            format!(
+                "edge `{}` refuses every request this edge relays: its config {file} lists no `[[relay.peers]]` named `{sender}`",
+                peer.name
+            ),
+        ));
+    }
+    for tenant in c.tenants.iter().filter(|x| x.relay != RelayPolicy::Never) {
+        let t = &tenant.name;
+        let why = match entry {
+            _ if !pc.tenants.iter().any(|x| x.name == *t) => {
+                format!("edge `{}` has no tenant `{t}` ({file})", peer.name)
+            }
+            Some((k, e)) if !e.tenants.contains(t) => format!(
+                "edge `{}` takes no relays of tenant `{t}` from `{sender}` ({file}: relay.peers[{k}].tenants)",
+                peer.name
+            ),
+            _ => continue,
+        };
+        out.push(problem(
+            place,
+            format!(
+                "{why}, so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here"
+            ),
+        ));
     }
     out
 }
@@ -1084,6 +1147,7 @@ mod tests {
         config = "us/edge.toml"
     "#;
 
+    /// `edge-us`'s config, without a relay listener.
     const US_EDGE: &str = r#"
         [node]
         listen = "127.0.0.1:8081"
@@ -1096,8 +1160,6 @@ mod tests {
         ca = "../certs/ca.pem"
         cert = "../certs/edge-us.pem"
         key = "../certs/edge-us.key"
-        [relay]
-        listen = "127.0.0.1:7461"
         [targets.openai]
         api = "openai"
         base_url = "https://api.openai.com/v1"
@@ -1106,15 +1168,35 @@ mod tests {
         targets = [{ target = "openai", model = "gpt-4o-mini" }]
     "#;
 
-    /// `EDGE` with a relay listener and `m` falling back to `edge-us`.
-    fn relaying_edge() -> String {
+    /// A `[[relay.peers]]` entry.
+    fn relay_peer(name: &str, region: &str, tenants: &str) -> String {
+        format!("[[relay.peers]]\nname = \"{name}\"\nregion = \"{region}\"\ntenants = {tenants}\n")
+    }
+
+    /// `US_EDGE` taking relays from `peers` (`[[relay.peers]]` entries).
+    fn us_edge_with(peers: &str) -> String {
+        format!("{US_EDGE}\n[relay]\nlisten = \"127.0.0.1:7461\"\n{peers}")
+    }
+
+    /// `US_EDGE` taking relays of `acme` from `edge-eu`.
+    fn us_edge() -> String {
+        us_edge_with(&relay_peer("edge-eu", "eu-west", r#"["acme"]"#))
+    }
+
+    /// `EDGE` with a relay listener taking relays from `peers`, and `m` falling back to `edge-us`.
+    fn relaying_edge_with(peers: &str) -> String {
         let edge = EDGE.replace(
             r#"targets = [{ target = "eu-engine" }, { target = "openai", model = "gpt-4o-mini" }]"#,
             r#"targets = [{ target = "eu-engine" }, { target = "openai", model = "gpt-4o-mini" }, { target = "edge-us" }]"#,
         );
         format!(
-            "{edge}\n[relay]\nlisten = \"127.0.0.1:7462\"\n[targets.edge-us]\napi = \"edge\"\nkind = \"remote_edge\"\nbase_url = \"quic://127.0.0.1:7461\"\nserver_name = \"edge-us\"\nregion = \"us-east\"\n"
+            "{edge}\n[relay]\nlisten = \"127.0.0.1:7462\"\n{peers}[targets.edge-us]\napi = \"edge\"\nkind = \"remote_edge\"\nbase_url = \"quic://127.0.0.1:7461\"\nserver_name = \"edge-us\"\nregion = \"us-east\"\n"
         )
+    }
+
+    /// `EDGE` relaying to `edge-us`, and taking relays of `acme` from it.
+    fn relaying_edge() -> String {
+        relaying_edge_with(&relay_peer("edge-us", "us-east", r#"["acme"]"#))
     }
 
     /// The fixture with `edge-us` added, `edge` as edge-eu's config and `us_edge` as edge-us's.
@@ -1129,7 +1211,7 @@ mod tests {
 
     #[test]
     fn consistent_relay_between_edges() {
-        let (dir, path) = relay_deployment("relay-ok", &relaying_edge(), US_EDGE);
+        let (dir, path) = relay_deployment("relay-ok", &relaying_edge(), &us_edge());
         assert_eq!(check(&path), Vec::<String>::new());
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -1137,7 +1219,7 @@ mod tests {
     #[test]
     fn relay_target_to_an_edge_in_no_region() {
         let edge = relaying_edge().replace(r#"server_name = "edge-us""#, r#"server_name = "edge-ap""#);
-        let (dir, path) = relay_deployment("relay-unknown", &edge, US_EDGE);
+        let (dir, path) = relay_deployment("relay-unknown", &edge, &us_edge());
         assert_eq!(
             check(&path),
             [format!(
@@ -1147,7 +1229,7 @@ mod tests {
         );
         // An engine's name is not an edge's.
         let edge = relaying_edge().replace(r#"server_name = "edge-us""#, r#"server_name = "engine-eu""#);
-        let (dir2, path) = relay_deployment("relay-engine", &edge, US_EDGE);
+        let (dir2, path) = relay_deployment("relay-engine", &edge, &us_edge());
         assert_eq!(
             check(&path),
             [format!(
@@ -1164,7 +1246,7 @@ mod tests {
         let edge = relaying_edge()
             .replace("quic://127.0.0.1:7461", "quic://127.0.0.1:7463")
             .replace(r#"listen = "127.0.0.1:7462""#, r#"listen = "127.0.0.1:7465""#);
-        let (dir, path) = relay_deployment("relay-addr", &edge, US_EDGE);
+        let (dir, path) = relay_deployment("relay-addr", &edge, &us_edge());
         let e = dir.join("eu/edge.toml");
         let e = e.display();
         assert_eq!(
@@ -1179,10 +1261,8 @@ mod tests {
 
     #[test]
     fn relay_to_an_edge_that_cannot_serve_it() {
-        let us_edge = US_EDGE
-            .replace("[relay]\n        listen = \"127.0.0.1:7461\"\n", "")
-            .replace(r#"name = "acme""#, r#"name = "other""#)
-            .replace(r#"name = "m""#, r#"name = "m2""#);
+        let us_edge =
+            US_EDGE.replace(r#"name = "acme""#, r#"name = "other""#).replace(r#"name = "m""#, r#"name = "m2""#);
         let (dir, path) = relay_deployment("relay-peer", &relaying_edge(), &us_edge);
         let (e, u) = (dir.join("eu/edge.toml"), dir.join("us/edge.toml"));
         let (e, u) = (e.display(), u.display());
@@ -1193,6 +1273,63 @@ mod tests {
                 format!("{e}: targets.edge-us: edge `edge-us` has no tenant `acme` ({u}), so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here"),
                 format!("{e}: models[0].targets[2]: relays model `m` to edge `edge-us`, which has no such model ({u})"),
             ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn relay_peers_disagreeing_with_the_topology() {
+        let peers = [
+            relay_peer("edge-us", "ap-south", r#"["acme"]"#),
+            relay_peer("engine-eu", "us-east", r#"["acme"]"#),
+            relay_peer("edge-ap", "ap-south", r#"["acme"]"#),
+        ]
+        .concat();
+        let (dir, path) = relay_deployment("relay-peers", &relaying_edge_with(&peers), &us_edge());
+        let e = dir.join("eu/edge.toml");
+        let e = e.display();
+        assert_eq!(
+            check(&path),
+            [
+                format!("{e}: relay.peers[0].region: is `ap-south`, but edge `edge-us` is in region `us-east` (regions.us-east.edges[0])"),
+                format!("{e}: relay.peers[1].name: `engine-eu` is an engine (regions.eu-west.engines[0]), not an edge: only edges relay (edges: edge-eu, edge-us)"),
+                format!("{e}: relay.peers[2].name: edge `edge-ap` is in no region of the topology (edges: edge-eu, edge-us)"),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn relay_to_an_edge_that_does_not_take_relays_from_the_sender() {
+        // edge-us takes relays only from an edge-ap: nothing edge-eu relays is taken.
+        let us_edge = us_edge_with(&relay_peer("edge-ap", "ap-south", r#"["acme"]"#));
+        let (dir, path) = relay_deployment("relay-sender", &relaying_edge(), &us_edge);
+        let (e, u) = (dir.join("eu/edge.toml"), dir.join("us/edge.toml"));
+        let (e, u) = (e.display(), u.display());
+        assert_eq!(
+            check(&path),
+            [
+                format!("{e}: targets.edge-us: edge `edge-us` refuses every request this edge relays: its config {u} lists no `[[relay.peers]]` named `edge-eu`"),
+                format!("{u}: relay.peers[0].name: edge `edge-ap` is in no region of the topology (edges: edge-eu, edge-us)"),
+            ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+
+        // edge-us takes relays from edge-eu, but only of another tenant.
+        let globex = format!("[[tenants]]\nname = \"globex\"\nkeys = [\"{}\"]\n", crate::config::hash_key("globex"));
+        let us_edge = us_edge_with(&relay_peer("edge-eu", "eu-west", r#"["globex"]"#)).replacen(
+            "[quic]",
+            &format!("{globex}[quic]"),
+            1,
+        );
+        let (dir, path) = relay_deployment("relay-tenant", &relaying_edge(), &us_edge);
+        let (e, u) = (dir.join("eu/edge.toml"), dir.join("us/edge.toml"));
+        let (e, u) = (e.display(), u.display());
+        assert_eq!(
+            check(&path),
+            [format!(
+                "{e}: targets.edge-us: edge `edge-us` takes no relays of tenant `acme` from `edge-eu` ({u}: relay.peers[0].tenants), so it refuses that tenant's relayed requests; add it there or set its `relay = \"never\"` here"
+            )]
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -29,10 +29,6 @@ use crate::relay::{self, Dispatch};
 use crate::sse::{SseEvent, SseParser};
 use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
 
-/// The message of the error an embeddings request gets from a target that does not serve them:
-/// a skip, not a failure of the target.
-const NO_EMBEDDINGS: &str = "this target does not serve embeddings";
-
 /// The shared HTTP(S) client of all managed targets.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -156,19 +152,6 @@ impl Target {
         }
     }
 
-    /// Records the outcome of one attempt that began at `started`: an answer (its latency to the
-    /// first byte feeds the smoothed latency), a refusal of the request itself (the target is
-    /// alive: a success without a latency), or a failure of the target. A target skipped because
-    /// it does not serve embeddings is neither.
-    pub fn record(&self, started: Instant, result: Result<(), &UpstreamError>) {
-        match result {
-            Ok(()) => self.stats.success(Some(started.elapsed())),
-            Err(UpstreamError::Protocol { message, .. }) if message == NO_EMBEDDINGS => {}
-            Err(e) if !e.is_retryable() => self.stats.success(None),
-            Err(_) => self.stats.failure(Instant::now()),
-        }
-    }
-
     /// Asks an engine or peer-edge target for its health once (within its connect and first-byte
     /// timeouts), and records the load and RTT it reports, or the failure. A managed target:
     /// nothing.
@@ -191,20 +174,34 @@ impl Target {
         self.stats.probe(Instant::now(), result);
     }
 
-    /// A QUIC client's failure as an upstream error, under the edge's fallback rules. A peer
-    /// edge's refusal keeps the status it gave.
+    /// A QUIC client's failure as an upstream error, classified by the engine's or peer edge's
+    /// error code (the status a peer edge gives is kept for the client).
     pub fn engine_error(&self, e: ClientError) -> UpstreamError {
+        use meridian_engine::api::ErrorCode as C;
         let target = self.name.clone();
         match e {
             ClientError::Connect(message) => UpstreamError::Connect { target, message },
             ClientError::Timeout => {
                 UpstreamError::Timeout { target, phase: "response", after: self.config.first_byte_timeout() }
             }
-            ClientError::Remote(e) => UpstreamError::Status {
-                target,
-                status: e.status.unwrap_or_else(|| engine::status(e.code)),
-                message: e.message,
-            },
+            ClientError::Remote(e) => {
+                let message = e.message;
+                match e.code {
+                    C::Overloaded => UpstreamError::Overloaded { target, status: e.status.unwrap_or(429), message },
+                    // This engine's context is too short; a target with a longer one may serve it.
+                    C::ContextLength => UpstreamError::Unsupported { target, message },
+                    C::UnknownModel => UpstreamError::Misconfigured { target, status: 404, message },
+                    C::LoopDetected => UpstreamError::Loop { target, message },
+                    // A peer edge that does not take this tenant's relays from this edge.
+                    C::Refused if e.status == Some(403) => UpstreamError::PeerRefused { target, message },
+                    C::BadRequest | C::Refused => {
+                        UpstreamError::Rejected { target, status: e.status.unwrap_or(400), message }
+                    }
+                    C::UnsupportedVersion | C::MalformedFrame | C::FrameTooLarge | C::Internal => {
+                        UpstreamError::Failed { target, status: e.status.unwrap_or(502), message }
+                    }
+                }
+            }
             other => self.protocol(other.to_string()),
         }
     }
@@ -249,7 +246,7 @@ impl Target {
         let body = self.read_body(response.into_body(), 64 << 10).await.unwrap_or_default();
         let message = crate::api::error_message(&body)
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-        Err(UpstreamError::Status { target: self.name.clone(), status: status.as_u16(), message: self.scrub(&message) })
+        Err(UpstreamError::from_http_status(&self.name, status.as_u16(), self.scrub(&message)))
     }
 
     /// Reads a whole body, each chunk within the between-chunk timeout, up to `limit` bytes.
@@ -365,7 +362,10 @@ impl Target {
             .quic
             .as_ref()
             .filter(|_| self.api() == TargetApi::Engine)
-            .ok_or_else(|| self.protocol(NO_EMBEDDINGS))?;
+            .ok_or_else(|| UpstreamError::Unsupported {
+                target: self.name.clone(),
+                message: "this target does not serve embeddings".into(),
+            })?;
         let _in_flight = self.stats.start();
         let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
         let after = self.config.first_byte_timeout();
@@ -393,11 +393,8 @@ impl Target {
             let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
             (Source::Relay { stream: Box::new(stream), finished: false }, VecDeque::new())
         } else {
-            let request = engine::request(req, upstream_model).map_err(|e| UpstreamError::Status {
-                target: self.name.clone(),
-                status: 400,
-                message: e.to_string(),
-            })?;
+            let request = engine::request(req, upstream_model)
+                .map_err(|e| UpstreamError::Unsupported { target: self.name.clone(), message: e.to_string() })?;
             let opened = tokio::time::timeout(after, client.chat(request)).await;
             let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
             (Source::Engine(Box::new(stream)), VecDeque::from([engine::start(&req.model)]))
@@ -554,7 +551,7 @@ impl EventStream {
         }
         if let Some(err) = self.failed.take() {
             if self.begun && self.records_failure {
-                self.target.stats.failure(Instant::now());
+                self.target.stats.attempt(Instant::now(), None, Err(err.retry()));
             }
             return Some(Some(Err(err)));
         }

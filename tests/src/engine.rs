@@ -120,7 +120,7 @@ impl Cluster {
     pub fn accept_relays(&self, config: &mut Config, edge_name: &str, max_hops: u8) -> SocketAddr {
         self.join(config, edge_name);
         let listen = free_udp_addr();
-        config.relay = Some(RelayConfig { listen, max_hops });
+        config.relay = Some(RelayConfig { listen, max_hops, peers: Vec::new() });
         listen
     }
 

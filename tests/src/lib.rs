@@ -14,7 +14,8 @@ use hyper::Request;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use meridian::config::{hash_key, Config, PluginConfig, PluginKind};
+use meridian::accounting::PriceModel;
+use meridian::config::{hash_key, Config, ModelConfig, PluginConfig, PluginKind, TargetConfig, TenantConfig};
 use meridian::edge::Edge;
 use meridian::server::{Server, StartError};
 use meridian::sse::{SseEvent, SseParser};
@@ -70,65 +71,114 @@ body_read_timeout_ms = 1000
 max_bytes = 1048576
 ttl_secs = 60
 
-[[tenants]]
-name = "acme"
-keys = ["{acme}"]
-
-[[tenants]]
-name = "globex"
-keys = ["{globex}"]
-
-[targets.oa]
-api = "openai"
-base_url = "{oa}/v1"
-api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
-first_byte_timeout_ms = 1000
-chunk_timeout_ms = 1000
-price = {{ per = "token", input_usd_per_mtok = 1.0, output_usd_per_mtok = 2.0 }}
-
-[targets.oa2]
-api = "openai"
-base_url = "{oa2}/v1"
-api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
-first_byte_timeout_ms = 1000
-chunk_timeout_ms = 1000
-price = {{ per = "token", input_usd_per_mtok = 1.0, output_usd_per_mtok = 2.0 }}
-
-[targets.an]
-api = "anthropic"
-base_url = "{an}"
-api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
-first_byte_timeout_ms = 1000
-chunk_timeout_ms = 1000
-price = {{ per = "token", input_usd_per_mtok = 3.0, output_usd_per_mtok = 15.0 }}
-
-[[models]]
-name = "gpt-test"
-targets = [{{ target = "oa", model = "gpt-4o-mini" }}]
-
-[[models]]
-name = "claude-test"
-targets = [{{ target = "an", model = "claude-haiku-4-5" }}]
-
-[[models]]
-name = "gpt-via-claude"
-targets = [{{ target = "an", model = "claude-haiku-4-5" }}]
-
-[[models]]
-name = "claude-via-gpt"
-targets = [{{ target = "oa", model = "gpt-4o-mini" }}]
-
-[[models]]
-name = "fallback"
-targets = [{{ target = "oa" }}, {{ target = "oa2" }}, {{ target = "an", model = "claude-haiku-4-5" }}]
-"#,
-            acme = hash_key(ACME_KEY),
-            globex = hash_key(GLOBEX_KEY),
-            oa = self.openai.url(),
-            oa2 = self.openai2.url(),
-            an = self.anthropic.url(),
+{tenants}
+{targets}
+{models}"#,
+            tenants = [tenant_toml("acme", ACME_KEY), tenant_toml("globex", GLOBEX_KEY)].join("\n"),
+            targets = self.targets_toml(),
+            models = [
+                model_toml("gpt-test", &[("oa", Some("gpt-4o-mini"))]),
+                model_toml("claude-test", &[("an", Some("claude-haiku-4-5"))]),
+                model_toml("gpt-via-claude", &[("an", Some("claude-haiku-4-5"))]),
+                model_toml("claude-via-gpt", &[("oa", Some("gpt-4o-mini"))]),
+                model_toml("fallback", &[("oa", None), ("oa2", None), ("an", Some("claude-haiku-4-5"))]),
+            ]
+            .join("\n"),
         );
         Config::parse(&text).expect("the standard test config is valid")
+    }
+
+    /// The standard `[targets]` block: `oa` and `oa2` (OpenAI API, $1/$2 per million tokens) and
+    /// `an` (Anthropic API, $3/$15), each one of these mocks (see [`mock_target_toml`]).
+    pub fn targets_toml(&self) -> String {
+        [
+            mock_target_toml("oa", "openai", &format!("{}/v1", self.openai.url()), (1.0, 2.0)),
+            mock_target_toml("oa2", "openai", &format!("{}/v1", self.openai2.url()), (1.0, 2.0)),
+            mock_target_toml("an", "anthropic", &self.anthropic.url(), (3.0, 15.0)),
+        ]
+        .join("\n")
+    }
+
+    /// Requests received so far by oa, oa2 and an.
+    pub fn request_counts(&self) -> [usize; 3] {
+        [self.openai.request_count(), self.openai2.request_count(), self.anthropic.request_count()]
+    }
+}
+
+/// The TOML of `[targets.NAME]` for a mock upstream speaking `api` (`openai` or `anthropic`) at
+/// `base_url`: the upstream key from `${MERIDIAN_E2E_UPSTREAM_KEY}` (see [`UPSTREAM_KEY`]),
+/// first-byte and chunk timeouts of 1 s, and `price` as (input, output) USD per million tokens.
+pub fn mock_target_toml(name: &str, api: &str, base_url: &str, price: (f64, f64)) -> String {
+    let (input, output) = price;
+    format!(
+        r#"[targets.{name}]
+api = "{api}"
+base_url = "{base_url}"
+api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
+first_byte_timeout_ms = 1000
+chunk_timeout_ms = 1000
+price = {{ per = "token", input_usd_per_mtok = {input:?}, output_usd_per_mtok = {output:?} }}
+"#
+    )
+}
+
+/// The TOML of a `[[tenants]]` entry: tenant `name` with API key `key` (stored hashed).
+pub fn tenant_toml(name: &str, key: &str) -> String {
+    format!("[[tenants]]\nname = \"{name}\"\nkeys = [\"{}\"]\n", hash_key(key))
+}
+
+/// The TOML of a `[[models]]` entry: model `name` served by `routes` in fallback order, each a
+/// target and the model's name there (`None`: the client's name for it).
+pub fn model_toml(name: &str, routes: &[(&str, Option<&str>)]) -> String {
+    format!("[[models]]\n{}", model_fields(name, routes))
+}
+
+/// Model `name` served by `routes` (as in [`model_toml`]), with the defaults a config file gets.
+pub fn model(name: &str, routes: &[(&str, Option<&str>)]) -> ModelConfig {
+    toml::from_str(&model_fields(name, routes)).expect("model config parses")
+}
+
+fn model_fields(name: &str, routes: &[(&str, Option<&str>)]) -> String {
+    let routes: Vec<String> = routes
+        .iter()
+        .map(|(target, model)| match model {
+            Some(model) => format!("{{ target = \"{target}\", model = \"{model}\" }}"),
+            None => format!("{{ target = \"{target}\" }}"),
+        })
+        .collect();
+    format!("name = \"{name}\"\ntargets = [{}]\n", routes.join(", "))
+}
+
+/// A per-token price: USD per million input and output tokens.
+pub fn token_price(input_usd_per_mtok: f64, output_usd_per_mtok: f64) -> Option<PriceModel> {
+    Some(PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok })
+}
+
+/// Edits of a [`Config`] by name. Each panics when the name is absent, so that a test never
+/// edits nothing by mistake.
+pub trait ConfigExt {
+    /// Target `name`.
+    fn target_mut(&mut self, name: &str) -> &mut TargetConfig;
+    /// Tenant `name`.
+    fn tenant_mut(&mut self, name: &str) -> &mut TenantConfig;
+    /// Sets the first-byte and chunk timeouts of every target.
+    fn set_timeouts(&mut self, first_byte_ms: u64, chunk_ms: u64);
+}
+
+impl ConfigExt for Config {
+    fn target_mut(&mut self, name: &str) -> &mut TargetConfig {
+        self.targets.get_mut(name).unwrap_or_else(|| panic!("no target {name}"))
+    }
+
+    fn tenant_mut(&mut self, name: &str) -> &mut TenantConfig {
+        self.tenants.iter_mut().find(|t| t.name == name).unwrap_or_else(|| panic!("no tenant {name}"))
+    }
+
+    fn set_timeouts(&mut self, first_byte_ms: u64, chunk_ms: u64) {
+        for t in self.targets.values_mut() {
+            t.first_byte_timeout_ms = first_byte_ms;
+            t.chunk_timeout_ms = chunk_ms;
+        }
     }
 }
 

@@ -87,18 +87,6 @@ pub fn events(event: Event, out: &mut impl Extend<StreamEvent>) -> Result<(), wi
     Ok(())
 }
 
-/// The HTTP status an engine error stands for (the edge's fallback rules read it).
-pub fn status(code: wire::ErrorCode) -> u16 {
-    use wire::ErrorCode as C;
-    match code {
-        C::Overloaded => 429,
-        C::BadRequest | C::ContextLength | C::Refused => 400,
-        C::LoopDetected => 508,
-        C::UnknownModel => 404,
-        C::UnsupportedVersion | C::MalformedFrame | C::FrameTooLarge | C::Internal => 502,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,11 +2,9 @@
 //! refused with an error that names the file at fault. The directories here hold the real int4
 //! SmolLM2 files (linked) beside config files in optimum's and onnxruntime-genai's formats.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use meridian_engine::config::RuntimeConfig;
 use meridian_engine::model::ChatModel;
 use serde_json::{json, Value};

@@ -8,9 +8,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meridian::accounting::PriceModel;
 use meridian::config::{Config, PluginKind};
-use meridian_e2e::{add_plugin, metric, Behavior, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{
+    add_plugin, metric, token_price, Behavior, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -31,7 +32,7 @@ fn config_in(mocks: &Mocks, cache: &TempDir) -> Config {
 fn pii_config(mocks: &Mocks, cache: &TempDir, settings: Value) -> Config {
     let mut cfg = config_in(mocks, cache);
     add_plugin(&mut cfg, "pii", PluginKind::Filter, "pii-redactor", settings);
-    cfg.tenants[0].filters = vec!["pii".into()];
+    cfg.tenant_mut("acme").filters = vec!["pii".into()];
     cfg
 }
 
@@ -153,7 +154,7 @@ fn ratio(num: usize, den: usize) -> f64 {
 
 #[tokio::test]
 async fn corpus_pii_never_reaches_the_upstream_and_every_answer_gets_it_back() {
-    let corpus: Vec<Sample> = serde_json::from_str(include_str!("../../plugins/pii-redactor/corpus.json"))
+    let corpus: Vec<Sample> = serde_json::from_str(include_str!("../../../plugins/pii-redactor/corpus.json"))
         .expect("corpus.json is a list of samples");
     let mocks = Mocks::start().await;
     let cache = TempDir::new("corpus");
@@ -399,7 +400,7 @@ async fn a_failing_filter_fails_closed_while_other_tenants_are_served() {
     let mut cfg = config_in(&mocks, &cache);
     // Its redactions end past the text: a contract violation, so the filter has failed.
     add_plugin(&mut cfg, "bad", PluginKind::Filter, "fixture-invalid-redaction", json!({}));
-    cfg.tenants[0].filters = vec!["bad".into()];
+    cfg.tenant_mut("acme").filters = vec!["bad".into()];
     let edge = TestEdge::start(cfg).await;
 
     let ready = edge.send("GET", "/readyz", None, &[], Default::default()).await.json();
@@ -435,12 +436,13 @@ async fn a_failing_filter_fails_closed_while_other_tenants_are_served() {
 /// only ap-south.
 fn residency_config(mocks: &Mocks, cache: &TempDir) -> Config {
     let mut cfg = config_in(mocks, cache);
-    cfg.targets.get_mut("oa").unwrap().region = Some("us-east".into());
-    cfg.targets.get_mut("oa2").unwrap().region = Some("eu-west".into());
+    cfg.target_mut("oa").region = Some("us-east".into());
+    cfg.target_mut("oa2").region = Some("eu-west".into());
     // Label only: the data stays in the request, so where it goes matters.
     add_plugin(&mut cfg, "pii", PluginKind::Filter, "pii-redactor", json!({"actions": {"email": "label"}}));
     add_plugin(&mut cfg, "residency", PluginKind::Router, "residency", json!({}));
-    for (tenant, region) in cfg.tenants.iter_mut().zip(["eu-west", "ap-south"]) {
+    for (name, region) in [("acme", "eu-west"), ("globex", "ap-south")] {
+        let tenant = cfg.tenant_mut(name);
         tenant.filters = vec!["pii".into()];
         tenant.router = Some("residency".into());
         tenant.allowed_regions = vec![region.into()];
@@ -504,15 +506,15 @@ async fn cost_router_tries_the_cheapest_target_first_and_holds_the_price_cap() {
     let mocks = Mocks::start().await;
     let cache = TempDir::new("cost");
     let mut cfg = config_in(&mocks, &cache);
-    let token = |input, output| Some(PriceModel::Token { input_usd_per_mtok: input, output_usd_per_mtok: output });
     // `fallback` lists oa, oa2, an: the cheapest (oa2) is not first, the dearest (oa) is.
-    cfg.targets.get_mut("oa").unwrap().price = token(5.0, 20.0);
-    cfg.targets.get_mut("oa2").unwrap().price = token(0.1, 0.4);
-    cfg.targets.get_mut("an").unwrap().price = token(3.0, 15.0);
+    cfg.target_mut("oa").price = token_price(5.0, 20.0);
+    cfg.target_mut("oa2").price = token_price(0.1, 0.4);
+    cfg.target_mut("an").price = token_price(3.0, 15.0);
     add_plugin(&mut cfg, "cost", PluginKind::Router, "cost-router", json!({}));
-    cfg.tenants[0].router = Some("cost".into());
-    cfg.tenants[1].router = Some("cost".into());
-    cfg.tenants[1].price_cap_usd = Some(1e-7);
+    cfg.tenant_mut("acme").router = Some("cost".into());
+    let globex = cfg.tenant_mut("globex");
+    globex.router = Some("cost".into());
+    globex.price_cap_usd = Some(1e-7);
     let edge = TestEdge::start(cfg).await;
 
     let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", "cheap please", false)).await;
@@ -538,7 +540,7 @@ async fn a_router_that_times_out_is_replaced_by_the_static_order() {
     let mut cfg = config_in(&mocks, &cache);
     add_plugin(&mut cfg, "spin", PluginKind::Router, "fixture-spin", json!({}));
     cfg.plugins.get_mut("spin").unwrap().deadline_ms = 20;
-    cfg.tenants[0].router = Some("spin".into());
+    cfg.tenant_mut("acme").router = Some("spin".into());
     let edge = TestEdge::start(cfg).await;
 
     let started = Instant::now();

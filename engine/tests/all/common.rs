@@ -1,4 +1,4 @@
-//! Shared by the integration tests: finds the real model files (never mocks) and builds engines.
+//! Shared by the test modules: finds the real model files (never mocks) and builds engines.
 #![allow(dead_code)]
 
 use std::path::PathBuf;

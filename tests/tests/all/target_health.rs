@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use meridian::config::{hash_key, Config, PluginKind};
 use meridian_e2e::engine::{free_udp_addr, Cluster};
-use meridian_e2e::{add_plugin, metric, Behavior, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{
+    add_plugin, metric, model, Behavior, ConfigExt, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY,
+};
 use meridian_engine::node::{Node, NodeConfig};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -49,10 +51,6 @@ async fn metrics(edge: &TestEdge) -> String {
     edge.send("GET", "/metrics", None, &[], Bytes::new()).await.text()
 }
 
-fn counts(mocks: &Mocks) -> [usize; 3] {
-    [mocks.openai.request_count(), mocks.openai2.request_count(), mocks.anthropic.request_count()]
-}
-
 #[tokio::test]
 async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_request() {
     let mocks = Mocks::start().await;
@@ -64,7 +62,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
         let r = ask(&edge, ACME_KEY, "fallback").await;
         assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa2")), "request {i}: {}", r.text());
     }
-    assert_eq!(counts(&mocks), [3, 3, 0]);
+    assert_eq!(mocks.request_counts(), [3, 3, 0]);
     let t = targets(&edge).await;
     assert_eq!(t["oa"]["health"], "ejected", "{t}");
     assert_eq!(t["oa"]["consecutive_failures"], 3, "{t}");
@@ -82,7 +80,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", stream)).await;
         assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa2")), "{}", r.text());
     }
-    assert_eq!(counts(&mocks), [3, 6, 0], "the ejected target is not asked");
+    assert_eq!(mocks.request_counts(), [3, 6, 0], "the ejected target is not asked");
     let m = metrics(&edge).await;
     let attempts = metric(&m, "meridian_upstream_attempts_total", &["target=\"oa\""]);
     assert_eq!(attempts, 3.0, "skips are not attempts:\n{m}");
@@ -98,7 +96,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
     mocks.openai.push(Behavior::Status(503));
     let r = ask(&edge, ACME_KEY, "fallback").await;
     assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa2")), "{}", r.text());
-    assert_eq!(counts(&mocks), [4, 7, 0], "the half-open target got one request");
+    assert_eq!(mocks.request_counts(), [4, 7, 0], "the half-open target got one request");
     let t = targets(&edge).await;
     assert_eq!(t["oa"]["health"], "ejected", "{t}");
     assert_eq!(t["oa"]["ejections_total"], 2, "{t}");
@@ -106,7 +104,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
     assert!(until > BASE_EJECTION_MS && until <= 2 * BASE_EJECTION_MS, "a longer backoff: {t}");
     let r = ask(&edge, ACME_KEY, "fallback").await;
     assert_eq!(r.header("x-meridian-target"), Some("oa2"));
-    assert_eq!(counts(&mocks), [4, 8, 0]);
+    assert_eq!(mocks.request_counts(), [4, 8, 0]);
 
     // After the longer backoff its half-open request succeeds: it is back.
     tokio::time::sleep(Duration::from_millis(2 * BASE_EJECTION_MS + 50)).await;
@@ -119,7 +117,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
     for _ in 0..2 {
         assert_eq!(ask(&edge, ACME_KEY, "fallback").await.header("x-meridian-target"), Some("oa"));
     }
-    assert_eq!(counts(&mocks), [7, 8, 0]);
+    assert_eq!(mocks.request_counts(), [7, 8, 0]);
 }
 
 #[tokio::test]
@@ -167,12 +165,9 @@ async fn the_latency_router_sees_measured_latencies_and_picks_the_faster_target(
     let mut cfg = config(&mocks);
     cfg.plugin_runtime.cache_dir = cache.path().to_path_buf();
     add_plugin(&mut cfg, "latency", PluginKind::Router, "latency-router", json!({}));
-    cfg.tenants[0].router = Some("latency".into());
-    // `only-oa2`: a way for globex (no router) to measure oa2 alone.
-    let mut only_oa2 = cfg.models.iter().find(|m| m.name == "gpt-test").cloned().unwrap();
-    only_oa2.name = "only-oa2".into();
-    only_oa2.targets[0].target = "oa2".into();
-    cfg.models.push(only_oa2);
+    cfg.tenant_mut("acme").router = Some("latency".into());
+    // `only-oa2`: a way for globex (no router) to measure oa2 alone, as `gpt-test` does oa.
+    cfg.models.push(model("only-oa2", &[("oa2", Some("gpt-4o-mini"))]));
     let edge = TestEdge::start(cfg).await;
 
     // Measure, whole and streamed: oa slow (250 ms to its response head), oa2 fast.
@@ -188,14 +183,14 @@ async fn the_latency_router_sees_measured_latencies_and_picks_the_faster_target(
         let (slow, fast) = (t["oa"][key].as_f64().unwrap(), t["oa2"][key].as_f64().unwrap());
         assert!(slow >= 250.0 && fast > 0.0 && fast < slow, "{key}: {t}");
     }
-    assert_eq!(counts(&mocks), [2, 2, 0]);
+    assert_eq!(mocks.request_counts(), [2, 2, 0]);
 
     // `fallback` lists oa first; the router, seeing the latencies, sends it to oa2.
     for stream in [false, true] {
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("fallback", stream)).await;
         assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa2")), "{}", r.text());
     }
-    assert_eq!(counts(&mocks), [2, 4, 0], "the slow target is not asked");
+    assert_eq!(mocks.request_counts(), [2, 4, 0], "the slow target is not asked");
 }
 
 /// An engine node in this process on `addr`, until the returned sender fires (then await the task:
@@ -243,7 +238,7 @@ async fn engine_targets_are_probed_for_load_and_rtt_ejected_when_down_and_back_w
     let (stop, task) = engine_on(&cluster, &dir, addr, 3).await;
     let mut cfg = config(&mocks);
     cluster.add_engine_target(&mut cfg, "edge-test", "engine-a", "engine-a", addr);
-    let t = cfg.targets.get_mut("engine-a").unwrap();
+    let t = cfg.target_mut("engine-a");
     t.connect_timeout_ms = 300;
     t.first_byte_timeout_ms = 500;
     cfg.health.ejection_threshold = 2;

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 
 use bytes::Bytes;
 use meridian::config::Config;
-use meridian_e2e::{Behavior, Mocks, Reply, TestEdge, ACME_KEY};
+use meridian_e2e::{Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 
 const PROMPT: &str = "alpha beta gamma delta epsilon zeta";
@@ -27,17 +27,6 @@ async fn start(mocks: &Mocks, tweak: impl FnOnce(&mut Config)) -> TestEdge {
     let mut cfg = mocks.config();
     tweak(&mut cfg);
     TestEdge::start(cfg).await
-}
-
-fn set_timeouts(cfg: &mut Config, first_byte_ms: u64, chunk_ms: u64) {
-    for t in cfg.targets.values_mut() {
-        t.first_byte_timeout_ms = first_byte_ms;
-        t.chunk_timeout_ms = chunk_ms;
-    }
-}
-
-fn counts(mocks: &Mocks) -> [usize; 3] {
-    [mocks.openai.request_count(), mocks.openai2.request_count(), mocks.anthropic.request_count()]
 }
 
 async fn messages(edge: &TestEdge, body: &Value) -> Reply {
@@ -85,12 +74,12 @@ async fn failures_before_the_first_byte_fall_back_to_the_next_target() {
             }
             let what = format!("{what} (stream: {stream})");
             let mocks = Mocks::start().await;
-            let edge = start(&mocks, |cfg| set_timeouts(cfg, 300, 300)).await;
+            let edge = start(&mocks, |cfg| cfg.set_timeouts(300, 300)).await;
             mocks.openai.push(behavior.clone());
             let r = edge.post("/v1/chat/completions", ACME_KEY, &chat(stream)).await;
             assert_clean_answer(&r, stream, &what);
             assert_eq!(r.header("x-meridian-target"), Some("oa2"), "{what}");
-            assert_eq!(counts(&mocks), [1, 1, 0], "{what}: each target asked at most once");
+            assert_eq!(mocks.request_counts(), [1, 1, 0], "{what}: each target asked at most once");
         }
     }
 }
@@ -99,11 +88,11 @@ async fn failures_before_the_first_byte_fall_back_to_the_next_target() {
 async fn a_refused_connection_falls_back() {
     for stream in [false, true] {
         let mocks = Mocks::start().await;
-        let edge = start(&mocks, |cfg| cfg.targets.get_mut("oa").unwrap().base_url = closed_port_url()).await;
+        let edge = start(&mocks, |cfg| cfg.target_mut("oa").base_url = closed_port_url()).await;
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat(stream)).await;
         assert_clean_answer(&r, stream, &format!("connection refused (stream: {stream})"));
         assert_eq!(r.header("x-meridian-target"), Some("oa2"));
-        assert_eq!(counts(&mocks), [0, 1, 0]);
+        assert_eq!(mocks.request_counts(), [0, 1, 0]);
     }
 }
 
@@ -117,7 +106,7 @@ async fn falls_back_across_api_shapes_to_the_last_target() {
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat(stream)).await;
         assert_clean_answer(&r, stream, &format!("anthropic last (stream: {stream})"));
         assert_eq!(r.header("x-meridian-target"), Some("an"));
-        assert_eq!(counts(&mocks), [1, 1, 1]);
+        assert_eq!(mocks.request_counts(), [1, 1, 1]);
         assert_eq!(mocks.anthropic.received()[0].body["model"], "claude-haiku-4-5");
     }
 
@@ -130,7 +119,7 @@ async fn falls_back_across_api_shapes_to_the_last_target() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-meridian-target"), Some("oa2"));
     assert_eq!(r.json()["content"][0]["text"], format!("Echo: {PROMPT}"));
-    assert_eq!(counts(&mocks), [1, 1, 0]);
+    assert_eq!(mocks.request_counts(), [1, 1, 0]);
 }
 
 #[tokio::test]
@@ -144,7 +133,7 @@ async fn a_refusal_of_the_request_itself_is_not_retried() {
         let v = r.json();
         assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("injected status 400"), "the upstream's reason: {v}");
-        assert_eq!(counts(&mocks), [1, 0, 0], "stream {stream}: another target would refuse it too");
+        assert_eq!(mocks.request_counts(), [1, 0, 0], "stream {stream}: another target would refuse it too");
     }
 
     // In the Anthropic client's shape.
@@ -157,7 +146,7 @@ async fn a_refusal_of_the_request_itself_is_not_retried() {
     let v = r.json();
     assert_eq!(v["type"], "error");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
-    assert_eq!(counts(&mocks), [1, 0, 0]);
+    assert_eq!(mocks.request_counts(), [1, 0, 0]);
 }
 
 #[tokio::test]
@@ -169,7 +158,7 @@ async fn an_openai_stream_broken_after_the_first_byte_ends_with_an_error_event()
     ];
     for (what, behavior, kind) in cases {
         let mocks = Mocks::start().await;
-        let edge = start(&mocks, |cfg| set_timeouts(cfg, 1000, 300)).await;
+        let edge = start(&mocks, |cfg| cfg.set_timeouts(1000, 300)).await;
         mocks.openai.push(behavior);
         let r = edge.post("/v1/chat/completions", ACME_KEY, &chat(true)).await;
         assert_eq!(r.status, 200, "{what}: the stream had begun: {}", r.text());
@@ -183,7 +172,7 @@ async fn an_openai_stream_broken_after_the_first_byte_ends_with_an_error_event()
         assert_eq!(chunks.iter().filter(|c| c.get("error").is_some()).count(), 1, "{what}");
         let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
         assert_eq!(text, "Echo: alpha ", "{what}: what was sent stays sent, and nothing twice");
-        assert_eq!(counts(&mocks), [1, 0, 0], "{what}: no other target is tried once bytes were sent");
+        assert_eq!(mocks.request_counts(), [1, 0, 0], "{what}: no other target is tried once bytes were sent");
     }
 }
 
@@ -198,7 +187,7 @@ async fn an_anthropic_stream_broken_after_the_first_byte_ends_with_an_error_even
         for (what, behavior, kind) in cases.clone() {
             let what = format!("{what} ({model})");
             let mocks = Mocks::start().await;
-            let edge = start(&mocks, |cfg| set_timeouts(cfg, 1000, 300)).await;
+            let edge = start(&mocks, |cfg| cfg.set_timeouts(1000, 300)).await;
             let primary = if upstream == "an" { &mocks.anthropic } else { &mocks.openai };
             primary.push(behavior);
             let body = json!({"model": model, "max_tokens": 50, "stream": true,
@@ -222,7 +211,7 @@ async fn an_anthropic_stream_broken_after_the_first_byte_ends_with_an_error_even
                 1,
                 "{what}: the primary is asked once and nothing is tried after the first byte"
             );
-            assert_eq!(counts(&mocks).iter().sum::<usize>(), 1, "{what}");
+            assert_eq!(mocks.request_counts().iter().sum::<usize>(), 1, "{what}");
         }
     }
 }
@@ -239,7 +228,7 @@ async fn when_every_target_fails_the_client_gets_the_last_failure() {
         for stream in [false, true] {
             let what = format!("{what} (stream: {stream})");
             let mocks = Mocks::start().await;
-            let edge = start(&mocks, |cfg| set_timeouts(cfg, 200, 200)).await;
+            let edge = start(&mocks, |cfg| cfg.set_timeouts(200, 200)).await;
             for m in [&mocks.openai, &mocks.openai2, &mocks.anthropic] {
                 m.push(behavior.clone());
             }
@@ -249,7 +238,7 @@ async fn when_every_target_fails_the_client_gets_the_last_failure() {
             let v = r.json();
             assert_eq!(v["error"]["type"], kind, "{what}: {v}");
             assert!(v["error"]["message"].as_str().unwrap().contains("`an`"), "{what}: the last failure: {v}");
-            assert_eq!(counts(&mocks), [1, 1, 1], "{what}: every target tried once");
+            assert_eq!(mocks.request_counts(), [1, 1, 1], "{what}: every target tried once");
         }
     }
 
@@ -263,5 +252,5 @@ async fn when_every_target_fails_the_client_gets_the_last_failure() {
     let r = messages(&edge, &body).await;
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["type"], "api_error");
-    assert_eq!(counts(&mocks), [1, 1, 1]);
+    assert_eq!(mocks.request_counts(), [1, 1, 1]);
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use meridian::config::Config;
 use meridian_e2e::engine::{Cluster, EngineProcess, TestEngine};
-use meridian_e2e::{metric, Mocks, Reply, TestEdge, ACME_KEY};
+use meridian_e2e::{metric, model, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,13 +25,10 @@ async fn edge(
     for (name, addr) in engines {
         cluster.add_engine_target(&mut config, "edge-test", name, name, *addr);
     }
-    let routes: Vec<String> = engines.iter().map(|(n, _)| format!("{{ target = \"{n}\" }}")).collect();
-    let extra: Config = toml::from_str::<Config>(&format!(
-        "[[models]]\nname = \"smol\"\ndefault_max_tokens = 64\ntargets = [{r}]\n[[models]]\nname = \"minilm\"\ntargets = [{r}]\n",
-        r = routes.join(", ")
-    ))
-    .expect("models parse");
-    config.models.extend(extra.models);
+    let routes: Vec<(&str, Option<&str>)> = engines.iter().map(|(name, _)| (*name, None)).collect();
+    let mut smol = model("smol", &routes);
+    smol.default_max_tokens = 64;
+    config.models.extend([smol, model("minilm", &routes)]);
     tweak(&mut config);
     TestEdge::start(config).await
 }
@@ -219,7 +216,7 @@ async fn killing_an_engine_falls_back_with_no_request_lost() {
     let edge = edge(&mocks, &cluster, &[("engine-a", primary.addr), ("engine-b", fallback.addr)], |c| {
         // A dead engine says nothing: the edge notices by its own timeouts.
         for name in ["engine-a", "engine-b"] {
-            let t = c.targets.get_mut(name).unwrap();
+            let t = c.target_mut(name);
             t.connect_timeout_ms = 1_000;
             t.chunk_timeout_ms = 2_000;
         }

@@ -15,7 +15,7 @@ use hyper_util::rt::TokioExecutor;
 use meridian::config::{Config, TlsConfig};
 use meridian::server::{Server, StartError};
 use meridian::sse::SseParser;
-use meridian_e2e::{Behavior, Mocks, Reply, TestEdge, ACME_KEY};
+use meridian_e2e::{Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use serde_json::{json, Value};
@@ -248,7 +248,7 @@ async fn bad_tls_config_fails_at_start_naming_the_problem() {
 async fn stream_events_are_flushed_as_they_arrive() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
-    cfg.targets.get_mut("oa").expect("target oa").chunk_timeout_ms = 30_000;
+    cfg.target_mut("oa").chunk_timeout_ms = 30_000;
     let edge = TestEdge::start(cfg).await;
     // Two content events ("Echo: " and "one "), then the upstream stream stays open, silent.
     mocks.openai.push(Behavior::StallAfter(2));

@@ -24,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meridian::config::{hash_key, Config, PluginKind, RelayConfig};
+use meridian::config::{hash_key, Config, PluginKind, RelayConfig, RelayPeer};
 use meridian_e2e::engine::Cluster;
 use meridian_e2e::netns::{spawn_relay, Netns, NsNode, Region};
 use meridian_e2e::{add_plugin, metric, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
@@ -193,8 +193,11 @@ fn edge_config(mocks: &Mocks, cluster: &Cluster, regions: &[Region], cache: &Tem
     eu_only.allowed_regions = vec!["eu".into()];
     cfg.tenants.push(eu_only);
     // Relay: `smol-relay` is eu's edge (which serves it with its own engine); `smol-loop` starts
-    // the ring us → eu → ap → us. The us edge takes relays too, so that ap can point back at it.
-    cfg.relay = Some(RelayConfig { listen: SocketAddr::from(([0, 0, 0, 0], RELAY_PORT)), max_hops: 3 });
+    // the ring us → eu → ap → us. The us edge takes relays too (from ap's edge), so that ap can
+    // point back at it.
+    let from_ap = RelayPeer { name: "edge-ap".into(), region: regions[2].name.clone(), tenants: vec!["acme".into()] };
+    cfg.relay =
+        Some(RelayConfig { listen: SocketAddr::from(([0, 0, 0, 0], RELAY_PORT)), max_hops: 3, peers: vec![from_ap] });
     let eu = &regions[1];
     cluster.add_edge_target(
         &mut cfg,
@@ -213,15 +216,18 @@ fn edge_config(mocks: &Mocks, cluster: &Cluster, regions: &[Region], cache: &Tem
 }
 
 /// The config of the `meridian edge` process in region `r` (its `[quic]` is added by
-/// [`NsNode::edge`]): tenant acme, relays taken on `RELAY_PORT`, and `targets` (TOML).
-fn region_edge_config(r: &Region, targets: &str) -> String {
+/// [`NsNode::edge`]): tenant acme, relays taken on `RELAY_PORT` from the edge of region `from`,
+/// and `targets` (TOML).
+fn region_edge_config(r: &Region, from: &Region, targets: &str) -> String {
     format!(
         "[node]\nlisten = \"{ip}:8080\"\nregion = \"{name}\"\n\
          [health]\nprobe_interval_ms = 250\n\
          [relay]\nlisten = \"{ip}:{RELAY_PORT}\"\nmax_hops = 3\n\
+         [[relay.peers]]\nname = \"edge-{from}\"\nregion = \"{from}\"\ntenants = [\"acme\"]\n\
          [[tenants]]\nname = \"acme\"\nkeys = [\"{acme}\"]\n{targets}",
         ip = r.region_ip,
         name = r.name,
+        from = from.name,
         acme = hash_key(ACME_KEY),
     )
 }
@@ -235,7 +241,7 @@ fn edge_target(name: &str, region: &str, addr: SocketAddr) -> String {
 }
 
 /// The edges of eu (its engine serves `smol`; `smol-loop` goes on to ap) and ap (`smol-loop` goes
-/// back to us), each in its region's namespace.
+/// back to us), each in its region's namespace and taking relays from the edge before it.
 fn region_edges(cluster: &Cluster, regions: &[Region]) -> Vec<NsNode> {
     let (us, eu, ap) = (&regions[0], &regions[1], &regions[2]);
     let ips = |r: &Region| [IpAddr::V4(r.region_ip)];
@@ -246,6 +252,7 @@ fn region_edges(cluster: &Cluster, regions: &[Region]) -> Vec<NsNode> {
     );
     let eu_config = region_edge_config(
         eu,
+        us,
         &format!(
             "{eu_engine}{}\n[[models]]\nname = \"smol\"\ntargets = [{{ target = \"eu\" }}]\n\
              [[models]]\nname = \"smol-loop\"\ntargets = [{{ target = \"edge-ap\" }}]\n",
@@ -255,6 +262,7 @@ fn region_edges(cluster: &Cluster, regions: &[Region]) -> Vec<NsNode> {
     // ap reaches the us edge directly: the client namespace's end of ap's link.
     let ap_config = region_edge_config(
         ap,
+        eu,
         &format!(
             "{}\n[[models]]\nname = \"smol-loop\"\ntargets = [{{ target = \"edge-us\" }}]\n",
             edge_target("edge-us", &us.name, SocketAddr::new(IpAddr::V4(ap.client_ip), RELAY_PORT))

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use meridian_e2e::{metric, Behavior, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{metric, Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -272,9 +272,9 @@ async fn bodies_over_the_limit_are_413_with_or_without_content_length() {
 async fn a_tenant_over_its_rate_gets_429_with_retry_after() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
-    assert_eq!(cfg.tenants[0].name, "acme");
-    cfg.tenants[0].requests_per_second = Some(1);
-    cfg.tenants[0].burst = Some(1);
+    let acme = cfg.tenant_mut("acme");
+    acme.requests_per_second = Some(1);
+    acme.burst = Some(1);
     let edge = TestEdge::start(cfg).await;
 
     assert_eq!(edge.post(OPENAI, ACME_KEY, &openai_body()).await.status, 200);
@@ -300,7 +300,7 @@ async fn a_full_node_answers_503_with_retry_after() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
     cfg.node.max_in_flight = 1;
-    cfg.targets.get_mut("oa").unwrap().first_byte_timeout_ms = 5000;
+    cfg.target_mut("oa").first_byte_timeout_ms = 5000;
     let edge = std::sync::Arc::new(TestEdge::start(cfg).await);
 
     mocks.openai.push(Behavior::Delay(Duration::from_millis(800)));
@@ -447,7 +447,7 @@ async fn a_connection_that_sends_nothing_is_closed_not_held() {
 async fn the_node_keeps_serving_after_every_kind_of_error() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
-    cfg.targets.get_mut("oa").unwrap().first_byte_timeout_ms = 300;
+    cfg.target_mut("oa").first_byte_timeout_ms = 300;
     let edge = TestEdge::start(cfg).await;
 
     assert_eq!(edge.send("POST", OPENAI, Some(ACME_KEY), &[], "{".into()).await.status, 400);

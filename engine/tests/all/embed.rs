@@ -1,9 +1,7 @@
 //! Embeddings from the real all-MiniLM-L6-v2: unit vectors, similar sentences closer than unrelated
 //! ones, a batch equal to one-by-one.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use meridian_engine::api::{Backend, EmbedRequest, ErrorCode};
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -1,17 +1,19 @@
 //! Edge-to-edge relay on loopback: real edges joined by real QUIC with the cluster's mutual TLS,
 //! the real pii-redactor and residency components (build them first with `scripts/build-plugins`),
 //! and mock managed APIs behind the receiving edge. The origin edges route every model to a peer
-//! edge, so whatever reaches the mocks went through the relay.
+//! edge, so whatever reaches the mocks went through the relay. Each receiving edge takes relays
+//! only from the edge before it (`[[relay.peers]]`); other nodes of the same cluster are refused.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use meridian::config::{hash_key, Config, PluginKind, RelayPolicy, RouteConfig};
+use meridian::chat::StreamEvent;
+use meridian::config::{hash_key, Config, PluginKind, RelayPeer, RelayPolicy, RouteConfig};
 use meridian_e2e::engine::Cluster;
 use meridian_e2e::{add_plugin, metric, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use meridian_engine::api::{ErrorCode, RelayRequest};
-use meridian_engine::client::ClientError;
+use meridian_engine::client::{ClientError, EngineClient};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "sk-admin-relay";
@@ -26,6 +28,14 @@ fn edge_config(mocks: &Mocks, cache: &TempDir, region: &str) -> Config {
     c
 }
 
+/// Makes `config` (which takes relays) take them from edge `name` of `region`, for each of its
+/// tenants.
+fn accept_from(config: &mut Config, name: &str, region: &str) {
+    let tenants = config.tenants.iter().map(|t| t.name.clone()).collect();
+    let relay = config.relay.as_mut().expect("the edge takes relays");
+    relay.peers.push(RelayPeer { name: name.into(), region: region.into(), tenants });
+}
+
 /// Sends every model of `config` to target `target` only.
 fn route_all_to(config: &mut Config, target: &str) {
     for m in &mut config.models {
@@ -33,12 +43,15 @@ fn route_all_to(config: &mut Config, target: &str) {
     }
 }
 
-/// Edge `us-east` relaying everything to edge `eu-west`, whose targets are the mocks.
+/// Edge `us-east` (`edge-us`) relaying everything to edge `eu-west` (`edge-eu`, which takes relays
+/// from it for every tenant), whose targets are the mocks.
 struct Pair {
     us: TestEdge,
     eu: TestEdge,
     mocks: Mocks,
-    _cluster: Cluster,
+    cluster: Cluster,
+    /// `edge-eu`'s relay listener.
+    relay: SocketAddr,
     _cache: TempDir,
 }
 
@@ -48,6 +61,7 @@ async fn pair(us: impl FnOnce(&mut Config), eu: impl FnOnce(&mut Config)) -> Pai
     let cache = TempDir::new("relay-pair");
     let mut eu_cfg = edge_config(&mocks, &cache, "eu-west");
     let relay = cluster.accept_relays(&mut eu_cfg, "edge-eu", 1);
+    accept_from(&mut eu_cfg, "edge-us", "us-east");
     eu(&mut eu_cfg);
     let mut us_cfg = edge_config(&mocks, &cache, "us-east");
     cluster.join(&mut us_cfg, "edge-us");
@@ -56,7 +70,43 @@ async fn pair(us: impl FnOnce(&mut Config), eu: impl FnOnce(&mut Config)) -> Pai
     us(&mut us_cfg);
     let eu = TestEdge::start(eu_cfg).await;
     let us = TestEdge::start(us_cfg).await;
-    Pair { us, eu, mocks, _cluster: cluster, _cache: cache }
+    Pair { us, eu, mocks, cluster, relay, _cache: cache }
+}
+
+/// A relay frame for `tenant` that passed through `path`.
+fn relay_request(path: &[&str], tenant: &str, request: Value) -> RelayRequest {
+    RelayRequest {
+        request_id: "r-1".into(),
+        tenant: tenant.into(),
+        client_region: None,
+        path: path.iter().map(|s| s.to_string()).collect(),
+        labels: Vec::new(),
+        redacted: false,
+        no_cache: false,
+        request,
+    }
+}
+
+/// The error code and status of a refused relay.
+fn refusal<T>(result: Result<T, ClientError>) -> (ErrorCode, Option<u16>) {
+    match result {
+        Err(ClientError::Remote(e)) => (e.code, e.status),
+        Err(other) => panic!("a typed refusal, not {other}"),
+        Ok(_) => panic!("a refusal, not an answer"),
+    }
+}
+
+/// The answer text of a relayed request sent straight to a peer edge by `client`.
+async fn relayed_text(client: &EngineClient, request: RelayRequest) -> String {
+    let mut stream = client.relay(request).await.unwrap_or_else(|e| panic!("an answer, not {e}"));
+    let mut text = String::new();
+    while let Some(event) = stream.next().await {
+        let json = event.expect("the answer streams");
+        if let StreamEvent::Text(t) = meridian::relay::decode_event(&json).expect("an event") {
+            text.push_str(&t);
+        }
+    }
+    text
 }
 
 fn chat(model: &str, text: &str, stream: bool) -> Value {
@@ -217,12 +267,13 @@ async fn relay_loops_and_hop_limits_are_refused() {
     let mut configs: Vec<Config> = regions.iter().map(|r| edge_config(&mocks, &cache, r)).collect();
     let addrs: Vec<SocketAddr> =
         configs.iter_mut().zip(regions).map(|(c, r)| cluster.accept_relays(c, &format!("edge-{r}"), 3)).collect();
-    // us → eu → ap → us: a ring, each edge's only target the next one.
+    // us → eu → ap → us: a ring, each edge's only target the next one, which takes its relays.
     for i in 0..3 {
         let next = (i + 1) % 3;
         let name = format!("edge-{}", regions[next]);
         cluster.add_edge_target(&mut configs[i], &name, &name, regions[next], addrs[next]);
         route_all_to(&mut configs[i], &name);
+        accept_from(&mut configs[next], &format!("edge-{}", regions[i]), regions[i]);
     }
     let mut edges = Vec::new();
     for c in configs {
@@ -237,37 +288,82 @@ async fn relay_loops_and_hop_limits_are_refused() {
     assert_eq!(metric(&ap, "meridian_requests_total", &["api=\"relay\"", "status=\"relay_loop\""]), 1.0, "{ap}");
     assert_eq!(sent_texts(&mocks).len(), 0);
 
-    // A peer speaking the protocol directly gets typed refusals, never an answer.
-    let eu = cluster.client("edge-intruder", "edge-eu-west", addrs[1]);
-    let relay = |path: &[&str], tenant: &str, request: Value| RelayRequest {
-        request_id: "r-1".into(),
-        tenant: tenant.into(),
-        client_region: None,
-        path: path.iter().map(|s| s.to_string()).collect(),
-        labels: Vec::new(),
-        redacted: false,
-        no_cache: false,
-        request,
-    };
+    // eu's peer (us) speaking the protocol directly gets typed refusals, never an answer.
+    let eu = cluster.client("edge-us-east", "edge-eu-west", addrs[1]);
     let good = json!({"chat": chat("gpt-test", "hi", false)});
-    let refusal = |result: Result<_, ClientError>| match result {
-        Err(ClientError::Remote(e)) => (e.code, e.status),
-        Err(other) => panic!("a typed refusal, not {other}"),
-        Ok(_) => panic!("a refusal, not an answer"),
-    };
     assert_eq!(
-        refusal(eu.relay(relay(&["eu-west"], "acme", good.clone())).await),
+        refusal(eu.relay(relay_request(&["eu-west", "us-east"], "acme", good.clone())).await),
         (ErrorCode::LoopDetected, Some(508))
     );
-    let long = ["a", "b", "c", "d"];
-    assert_eq!(refusal(eu.relay(relay(&long, "acme", good.clone())).await), (ErrorCode::LoopDetected, Some(508)));
-    assert_eq!(refusal(eu.relay(relay(&["us-east"], "initech", good.clone())).await), (ErrorCode::Refused, Some(403)));
+    let long = ["a", "b", "c", "us-east"];
+    assert_eq!(
+        refusal(eu.relay(relay_request(&long, "acme", good.clone())).await),
+        (ErrorCode::LoopDetected, Some(508))
+    );
+    assert_eq!(
+        refusal(eu.relay(relay_request(&["us-east"], "initech", good.clone())).await),
+        (ErrorCode::Refused, Some(403))
+    );
     let bad = json!({"chat": {"model": 7}});
-    assert_eq!(refusal(eu.relay(relay(&["us-east"], "acme", bad)).await), (ErrorCode::Refused, Some(400)));
+    assert_eq!(refusal(eu.relay(relay_request(&["us-east"], "acme", bad)).await), (ErrorCode::Refused, Some(400)));
     let unknown = json!({"chat": chat("no-such-model", "hi", false)});
-    assert_eq!(refusal(eu.relay(relay(&["us-east"], "acme", unknown)).await).0, ErrorCode::UnknownModel);
+    assert_eq!(refusal(eu.relay(relay_request(&["us-east"], "acme", unknown)).await).0, ErrorCode::UnknownModel);
     let engine_op = meridian_engine::api::ChatRequest { model: "gpt-test".into(), ..Default::default() };
     let Err(ClientError::Remote(e)) = eu.chat(engine_op).await else { panic!("an edge is not an engine") };
     assert_eq!(e.code, ErrorCode::BadRequest);
     assert_eq!(sent_texts(&mocks).len(), 0);
+}
+
+#[tokio::test]
+async fn only_listed_peer_edges_relay_and_only_from_their_region() {
+    // edge-eu takes relays from edge-us for acme only.
+    let p = pair(|_| {}, |eu| eu.relay.as_mut().unwrap().peers[0].tenants.retain(|t| t == "acme")).await;
+    let good = |path: &[&str]| relay_request(path, "acme", json!({"chat": chat("gpt-test", "hi", false)}));
+    let refused = (ErrorCode::Refused, Some(403));
+
+    // Certificates from the same CA: an engine's, and an edge that is not a listed peer.
+    for name in ["engine-x", "edge-ap"] {
+        let intruder = p.cluster.client(name, "edge-eu", p.relay);
+        assert_eq!(refusal(intruder.relay(good(&["us-east"])).await), refused, "{name}");
+    }
+    // The peer itself, with a path that does not end in its region, or with another tenant.
+    let us = p.cluster.client("edge-us", "edge-eu", p.relay);
+    for path in [&[][..], &["ap-south"][..], &["us-east", "ap-south"][..]] {
+        assert_eq!(refusal(us.relay(good(path)).await), refused, "{path:?}");
+    }
+    let globex = relay_request(&["us-east"], "globex", json!({"chat": chat("gpt-test", "hi", false)}));
+    assert_eq!(refusal(us.relay(globex).await), refused);
+    assert_eq!(sent_texts(&p.mocks).len(), 0, "nothing reached an upstream");
+    let eu = p.eu.metrics().await;
+    let refusals = |reason: &str| metric(&eu, "meridian_relay_refusals_total", &[&format!("reason=\"{reason}\"")]);
+    assert_eq!(
+        (refusals("unauthorized_peer"), refusals("bad_path"), refusals("tenant_not_accepted")),
+        (2.0, 3.0, 1.0),
+        "{eu}"
+    );
+
+    // The peer's legitimate request is served, directly and through the origin edge.
+    assert_eq!(relayed_text(&us, good(&["us-east"])).await, "Echo: hi");
+    let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "hello", false)).await;
+    assert_eq!((r.header("x-meridian-target"), r.answer_text()), (Some("edge-eu"), "Echo: hello".to_string()));
+    assert_eq!(p.mocks.openai.request_count(), 2);
+}
+
+#[tokio::test]
+async fn an_origin_the_peer_does_not_list_goes_on_to_its_next_target() {
+    let p = pair(
+        |us| {
+            for m in &mut us.models {
+                let local = RouteConfig { target: "oa2".into(), model: Some("gpt-4o-mini".into()), price: None };
+                m.targets.push(local);
+            }
+        },
+        |eu| eu.relay.as_mut().unwrap().peers[0].name = "edge-ap".into(),
+    )
+    .await;
+    let r = p.us.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "refused there", false)).await;
+    assert_eq!((r.header("x-meridian-target"), r.answer_text()), (Some("oa2"), "Echo: refused there".to_string()));
+    assert_eq!((p.mocks.openai.request_count(), p.mocks.openai2.request_count()), (0, 1));
+    let eu = p.eu.metrics().await;
+    assert_eq!(metric(&eu, "meridian_relay_refusals_total", &["reason=\"unauthorized_peer\""]), 1.0, "{eu}");
 }

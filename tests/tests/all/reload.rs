@@ -5,9 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meridian::accounting::PriceModel;
 use meridian::config::{hash_key, Config, PluginKind};
-use meridian_e2e::{add_plugin, plugin_wasm, Mocks, TempDir, TestEdge, ACME_KEY};
+use meridian_e2e::{add_plugin, plugin_wasm, token_price, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY};
 use serde_json::json;
 
 const ADMIN_KEY: &str = "sk-admin-test";
@@ -19,15 +18,13 @@ fn config(mocks: &Mocks, dir: &TempDir, poll_ms: u64) -> Config {
     cfg.plugin_runtime.cache_dir = dir.path().join("cache");
     cfg.plugin_runtime.reload_poll_ms = poll_ms;
     cfg.node.admin_keys = vec![hash_key(ADMIN_KEY)];
-    cfg.targets.get_mut("oa").unwrap().price =
-        Some(PriceModel::Token { input_usd_per_mtok: 10.0, output_usd_per_mtok: 30.0 });
-    cfg.targets.get_mut("oa2").unwrap().price =
-        Some(PriceModel::Token { input_usd_per_mtok: 0.1, output_usd_per_mtok: 0.2 });
+    cfg.target_mut("oa").price = token_price(10.0, 30.0);
+    cfg.target_mut("oa2").price = token_price(0.1, 0.2);
     add_plugin(&mut cfg, "r", PluginKind::Router, "fixture-good-router", json!({}));
     let path = dir.path().join("router.wasm");
     std::fs::copy(plugin_wasm("fixture-good-router"), &path).unwrap();
     cfg.plugins.get_mut("r").unwrap().path = path;
-    cfg.tenants[0].router = Some("r".into());
+    cfg.tenant_mut("acme").router = Some("r".into());
     cfg
 }
 

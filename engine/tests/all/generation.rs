@@ -2,11 +2,9 @@
 //! each request gives alone, stop strings, max_tokens, seeded sampling, cancellation, overload and
 //! admission errors.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use meridian_engine::api::{Backend, ChatRequest, ErrorCode, Event, FinishReason};
 use meridian_engine::config::SchedulerConfig;
 

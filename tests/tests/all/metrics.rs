@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_e2e::{metric, Behavior, Mocks, TestEdge, ACME_KEY};
+use meridian_e2e::{metric, Behavior, ConfigExt, Mocks, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -180,7 +180,7 @@ async fn a_client_gone_mid_stream_leaves_no_request_in_flight() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
     // Long enough that only the client's going away can end the request within the test.
-    cfg.targets.get_mut("oa").unwrap().chunk_timeout_ms = 30_000;
+    cfg.target_mut("oa").chunk_timeout_ms = 30_000;
     cfg.node.max_in_flight = 1;
     let edge = TestEdge::start(cfg).await;
 
@@ -229,7 +229,7 @@ async fn a_client_gone_mid_stream_leaves_no_request_in_flight() {
 async fn a_client_gone_while_waiting_for_upstream_leaves_no_request_in_flight() {
     let mocks = Mocks::start().await;
     let mut cfg = mocks.config();
-    cfg.targets.get_mut("oa").unwrap().first_byte_timeout_ms = 30_000;
+    cfg.target_mut("oa").first_byte_timeout_ms = 30_000;
     cfg.node.max_in_flight = 1;
     let edge = TestEdge::start(cfg).await;
 

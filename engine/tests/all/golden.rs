@@ -2,9 +2,7 @@
 //! fp32 file, token for token: the prompt (template + tokenizer), the answer with the KV cache and
 //! without it, and the text through the whole engine.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use meridian_engine::api::{FinishReason, Message};
 use meridian_engine::config::RuntimeConfig;
 use meridian_engine::model::ChatModel;
