@@ -29,10 +29,10 @@ use crate::chain::{self, AnswerFilter, LoadError, Plugins, Routed};
 use crate::chat::{estimate_tokens, ChatRequest, ChatResponse, StreamEvent, Usage};
 use crate::config::{parse_key_hash, CachePolicy, Config, ConfigError};
 use crate::dispatch::{self, Admit, Attempts, Policy, Step};
-use crate::error::{GatewayError, UpstreamError};
+use crate::api::relay::Dispatch;
+use crate::error::{GatewayError, RelayRefusal, UpstreamError};
 use crate::metrics::Metrics;
 use crate::plugin::{CachePolicy as RouterCache, PluginError, PluginMetrics, PluginRuntime};
-use crate::relay::{self, Dispatch, RelayRefusal, Via};
 use crate::routes::{ModelRoute, Plan, Route, Routing};
 use crate::stats::Admission;
 use crate::tenant::{self, Tenant, Tenants};
@@ -339,7 +339,7 @@ impl Edge {
         }
         let tenant =
             self.loaded.load().tenants.named(&r.tenant).ok_or_else(|| RelayRefusal::UnknownTenant(r.tenant.clone()))?;
-        match relay::policy_forbids(tenant.relay, &r.labels) {
+        match dispatch::policy::policy_forbids(tenant.relay, &r.labels) {
             Some(refusal) => Err(refusal.into()),
             None => Ok(tenant),
         }
@@ -399,6 +399,9 @@ impl Edge {
         };
         let mut path = via.path;
         path.push(region.clone());
+        // The host's guarantees hold whatever the router answered, or if it failed.
+        let policy = Policy::for_request(&summary, tenant.relay, path.clone(), self.max_hops());
+        let plan = Plan::new(routed.model, &routed.routing, routed.cache, &policy, Instant::now())?;
         let dispatch = Dispatch {
             request_id: record.request_id.clone(),
             tenant: tenant.name.to_string(),
@@ -408,10 +411,6 @@ impl Edge {
             path,
             no_cache: requested == Some(CacheUse::Bypass),
         };
-        // The host's guarantees hold whatever the router answered, or if it failed.
-        let size = (request.estimated_prompt_tokens(), request.output_limit());
-        let policy = self.policy(&tenant, &dispatch.labels, &dispatch.path, size);
-        let plan = Plan::new(routed.model, &routed.routing, routed.cache, &policy, Instant::now())?;
 
         // Headers and the tenant's policy first, then the router's wish, then determinism.
         let cache_use = match (header_cache, plan.cache) {
@@ -486,8 +485,14 @@ impl Edge {
             .cloned()
             .ok_or_else(|| GatewayError::UnknownModel(request.model.clone()))?;
         // Filters do not run on embeddings, so they carry no labels; the price cap still holds.
-        let region = [self.config.node.region.clone()];
-        let policy = self.policy(&tenant, &[], &region, (0, None));
+        let policy = Policy {
+            allowed_regions: tenant.chain.allowed_regions.clone(),
+            price_cap_usd: tenant.chain.price_cap_usd,
+            relay: tenant.relay,
+            path: vec![self.config.node.region.clone()],
+            max_hops: self.max_hops(),
+            ..Policy::default()
+        };
         let plan = Plan::new(model, &Routing::Static, None, &policy, Instant::now())?;
         let (answer, route) =
             self.first_answer(&plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
@@ -556,20 +561,9 @@ impl Edge {
         }
     }
 
-    /// The tenant's guarantees for one request, for the dispatch core: its allowed regions and
-    /// price cap, its relay policy and this edge's hop limit, with the request's labels, path and
-    /// size (estimated prompt tokens, output limit).
-    fn policy(&self, tenant: &Tenant, labels: &[String], path: &[String], size: (u32, Option<u32>)) -> Policy {
-        Policy {
-            allowed_regions: tenant.chain.allowed_regions.clone(),
-            price_cap_usd: tenant.chain.price_cap_usd,
-            relay: tenant.relay,
-            labels: labels.to_vec(),
-            path: path.to_vec(),
-            max_hops: self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops),
-            prompt_tokens: size.0,
-            max_output_tokens: size.1,
-        }
+    /// The most relays a request may take in all: this edge's `relay.max_hops`.
+    fn max_hops(&self) -> u8 {
+        self.config.relay.as_ref().map_or(crate::config::DEFAULT_MAX_HOPS, |c| c.max_hops)
     }
 
     /// Drives the dispatch core ([`Attempts`]) along the plan: sends each attempt it asks for,
@@ -685,6 +679,17 @@ impl Admit for LiveHealth<'_> {
         }
         admitted
     }
+}
+
+/// How a request reached this edge: empty for one from a client, else from the relay frame.
+#[derive(Debug, Clone, Default)]
+struct Via {
+    /// Regions it passed through before this one, origin first.
+    path: Vec<String>,
+    /// Labels given by the filters of the edges before this one.
+    labels: Vec<String>,
+    /// Whether those filters redacted anything.
+    redacted: bool,
 }
 
 /// Where a chat request came from.

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 
-use crate::relay::RelayRefusal;
 
 /// Everything that can end a client request without an answer.
 #[derive(Debug, thiserror::Error)]
@@ -353,6 +352,84 @@ impl Refusal {
                 "relay_loop"
             }
             Refusal::Policy { first: Exclusion::Relay(_) } => "relay_refused",
+        }
+    }
+}
+
+/// Why a request may not be relayed, or was refused as relayed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RelayRefusal {
+    /// It came back to a region it had passed through.
+    #[error("relay loop: the request already passed through `{region}` (path: {path})")]
+    Loop {
+        /// The region seen twice.
+        region: String,
+        /// Its path, origin first.
+        path: String,
+    },
+    /// It took more relays than allowed.
+    #[error("relay hop limit of {max} reached (path: {path})")]
+    HopLimit {
+        /// The limit.
+        max: u8,
+        /// Its path, origin first.
+        path: String,
+    },
+    /// The receiving edge does not know the tenant.
+    #[error("tenant `{0}` is not configured on this edge")]
+    UnknownTenant(String),
+    /// The tenant's relay policy forbids it.
+    #[error("not relayed: {0}")]
+    Policy(&'static str),
+    /// The sending node (its certificate's name) is not one of this edge's `[[relay.peers]]`:
+    /// an engine, or an edge this one does not take relays from.
+    #[error("node `{0}` is not a peer edge this edge takes relayed requests from")]
+    UnauthorizedPeer(String),
+    /// The request's path does not end in the sending peer's region, where it must come from.
+    #[error("edge `{peer}` relays from region `{region}`, but the request's path does not end there (path: {path})")]
+    BadPath {
+        /// The sending peer.
+        peer: String,
+        /// Its region, as this edge's config lists it.
+        region: String,
+        /// The request's path, origin first (`none` when empty).
+        path: String,
+    },
+    /// The sending peer may not relay requests of this tenant here.
+    #[error("edge `{peer}` may not relay requests of tenant `{tenant}` here")]
+    TenantNotAccepted {
+        /// The sending peer.
+        peer: String,
+        /// The request's tenant.
+        tenant: String,
+    },
+}
+
+impl RelayRefusal {
+    /// The HTTP status it answers with: 508 for loops (another target may take the request),
+    /// 403 for a tenant the peer does not serve or a sender that may not relay it (the origin
+    /// goes on to its next target), 451 for a policy refusal.
+    pub fn status(&self) -> u16 {
+        match self {
+            RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. } => 508,
+            RelayRefusal::UnknownTenant(_)
+            | RelayRefusal::UnauthorizedPeer(_)
+            | RelayRefusal::BadPath { .. }
+            | RelayRefusal::TenantNotAccepted { .. } => 403,
+            RelayRefusal::Policy(_) => 451,
+        }
+    }
+
+    /// A short label for metrics and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RelayRefusal::Loop { .. } => "loop",
+            RelayRefusal::HopLimit { .. } => "hop_limit",
+            RelayRefusal::UnknownTenant(_) => "unknown_tenant",
+            RelayRefusal::Policy(_) => "policy",
+            RelayRefusal::UnauthorizedPeer(_) => "unauthorized_peer",
+            RelayRefusal::BadPath { .. } => "bad_path",
+            RelayRefusal::TenantNotAccepted { .. } => "tenant_not_accepted",
         }
     }
 }

@@ -221,12 +221,6 @@ impl StreamRestorer {
     }
 }
 
-/// Whether `entity` can name a placeholder: 1–32 of `[a-z0-9_]`, as the contract says.
-pub fn valid_entity(entity: &str) -> bool {
-    (1..=32).contains(&entity.len())
-        && entity.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-}
-
 /// Joins overlapping spans of one segment into their union, so that what any filter
 /// asked to hide stays hidden; the union keeps the entity of the span that starts first.
 pub fn merge(mut spans: Vec<Redaction>) -> Vec<Redaction> {
@@ -255,7 +249,7 @@ pub fn redact(req: &mut ChatRequest, spans: &[Redaction]) -> Result<Placeholders
         if !ok {
             return Err(SpanError::OutOfRange { index: i });
         }
-        if !valid_entity(&s.entity) {
+        if !crate::plugin::valid_entity(&s.entity) {
             return Err(SpanError::BadEntity { index: i });
         }
     }

@@ -35,37 +35,32 @@ pub struct ModelRoute {
 }
 
 impl Route {
-    /// The target as the dispatch core sees it at `now`.
-    pub fn candidate(&self, now: Instant) -> Candidate {
+    /// What is configured of the target, with the model's name and price there.
+    pub fn facts(&self) -> TargetFacts<'_> {
         let t = &self.target;
-        let stats = t.stats.snapshot(now);
-        Candidate {
-            name: t.name.clone(),
-            protocol: match t.api() {
-                TargetApi::Openai | TargetApi::Anthropic => Protocol::Managed,
-                TargetApi::Engine => Protocol::Engine,
-                TargetApi::Edge => Protocol::PeerEdge,
-            },
-            region: t.region.clone(),
-            own_infrastructure: t.own_infrastructure,
-            price: self.price,
-            latency_ms: stats.latency_ms.unwrap_or(0.0),
-            in_flight: stats.in_flight,
-        }
-    }
-
-    /// The target as a router sees it at `now`.
-    pub fn router_view(&self, now: Instant) -> plugin::Target {
-        let t = &self.target;
-        let facts = TargetFacts {
+        TargetFacts {
             name: &t.name,
             kind: t.kind,
             region: t.region.as_deref(),
             own_infrastructure: t.own_infrastructure,
             model: &self.upstream_model,
             price: self.price,
+        }
+    }
+
+    /// The target as the dispatch core sees it at `now`.
+    pub fn candidate(&self, now: Instant) -> Candidate {
+        let protocol = match self.target.api() {
+            TargetApi::Openai | TargetApi::Anthropic => Protocol::Managed,
+            TargetApi::Engine => Protocol::Engine,
+            TargetApi::Edge => Protocol::PeerEdge,
         };
-        router_view(&facts, &t.stats.snapshot(now))
+        candidate(&self.facts(), protocol, &self.target.stats.snapshot(now))
+    }
+
+    /// The target as a router sees it at `now`.
+    pub fn router_view(&self, now: Instant) -> plugin::Target {
+        router_view(&self.facts(), &self.target.stats.snapshot(now))
     }
 }
 
@@ -84,6 +79,20 @@ pub struct TargetFacts<'a> {
     pub model: &'a str,
     /// Its price model.
     pub price: Option<accounting::PriceModel>,
+}
+
+/// A target as the dispatch core sees it, with its live statistics: the edge and the simulation
+/// both build candidates here.
+pub fn candidate(t: &TargetFacts<'_>, protocol: Protocol, stats: &Snapshot) -> Candidate {
+    Candidate {
+        name: t.name.to_string(),
+        protocol,
+        region: t.region.map(str::to_string),
+        own_infrastructure: t.own_infrastructure,
+        price: t.price,
+        latency_ms: stats.latency_ms.unwrap_or(0.0),
+        in_flight: stats.in_flight,
+    }
 }
 
 /// A target as the router sees it, with its live statistics: health (half-open is reported

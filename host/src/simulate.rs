@@ -694,16 +694,7 @@ fn request(world: &World, i: u64) -> Request {
 /// default relay policy): its tenant's allowed regions and price cap, its labels and size, the
 /// edge's region as its path.
 fn policy(summary: &RequestSummary) -> Policy {
-    Policy {
-        allowed_regions: summary.allowed_regions.clone(),
-        price_cap_usd: summary.price_cap_usd,
-        relay: RelayPolicy::default(),
-        labels: summary.labels.clone(),
-        path: vec![summary.node_region.clone()],
-        max_hops: DEFAULT_MAX_HOPS,
-        prompt_tokens: summary.prompt_tokens,
-        max_output_tokens: summary.max_output_tokens,
-    }
+    Policy::for_request(summary, RelayPolicy::default(), vec![summary.node_region.clone()], DEFAULT_MAX_HOPS)
 }
 
 /// The report's residency check, independent of the labels and of the dispatch core that enforces
@@ -762,18 +753,6 @@ impl SimTarget {
         }
     }
 
-    /// It as the dispatch core sees it with these statistics (as `routes::Route::candidate`).
-    fn candidate(&self, stats: &Snapshot) -> Candidate {
-        Candidate {
-            name: self.name.clone(),
-            protocol: self.protocol(),
-            region: self.region.clone(),
-            own_infrastructure: false,
-            price: self.price,
-            latency_ms: stats.latency_ms.unwrap_or(0.0),
-            in_flight: stats.in_flight,
-        }
-    }
 }
 
 /// What a target does with one attempt: in the simulated world, and in a [`replay`] script.
@@ -981,7 +960,7 @@ fn dispatch_request(
 
 /// The targets' statistics as the dispatch core sees them.
 fn candidates(targets: &[SimTarget], stats: &[Snapshot]) -> Vec<Candidate> {
-    targets.iter().zip(stats).map(|(t, s)| t.candidate(s)).collect()
+    targets.iter().zip(stats).map(|(t, s)| routes::candidate(&t.facts(), t.protocol(), s)).collect()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ use hyper_util::rt::TokioExecutor;
 use meridian_engine::client::{ChatStream, ClientError, ClientOptions, EngineClient, RelayStream};
 use meridian_engine::tls::Identity;
 
+use crate::api::relay::{self, Dispatch};
 use crate::api::{anthropic, engine, openai};
 use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetKind};
 use crate::error::UpstreamError;
-use crate::relay::{self, Dispatch};
 use crate::sse::{SseEvent, SseParser};
 use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
 

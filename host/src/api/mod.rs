@@ -3,6 +3,7 @@
 pub mod anthropic;
 pub mod engine;
 pub mod openai;
+pub mod relay;
 
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
@@ -36,7 +37,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::parse_request(body),
             ApiShape::Anthropic => anthropic::parse_request(body),
-            ApiShape::Relay => crate::relay::parse_request(body),
+            ApiShape::Relay => relay::parse_request(body),
         }
     }
 
@@ -45,7 +46,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::encode_response(resp),
             ApiShape::Anthropic => anthropic::encode_response(resp),
-            ApiShape::Relay => crate::relay::encode_response(resp),
+            ApiShape::Relay => relay::encode_response(resp),
         }
     }
 
@@ -54,7 +55,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => StreamEncoder::OpenAi(openai::StreamEncoder::new(req.include_usage())),
             ApiShape::Anthropic => StreamEncoder::Anthropic(anthropic::StreamEncoder::default()),
-            ApiShape::Relay => StreamEncoder::Relay(crate::relay::StreamEncoder),
+            ApiShape::Relay => StreamEncoder::Relay(relay::StreamEncoder),
         }
     }
 
@@ -63,7 +64,7 @@ impl ApiShape {
         match self {
             ApiShape::OpenAi => openai::error_body(err),
             ApiShape::Anthropic => anthropic::error_body(err),
-            ApiShape::Relay => crate::relay::error_body(err),
+            ApiShape::Relay => relay::error_body(err),
         }
     }
 }
@@ -76,7 +77,7 @@ pub enum StreamEncoder {
     /// Anthropic events.
     Anthropic(anthropic::StreamEncoder),
     /// Relay frames.
-    Relay(crate::relay::StreamEncoder),
+    Relay(relay::StreamEncoder),
 }
 
 impl StreamEncoder {

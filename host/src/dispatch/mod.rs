@@ -19,8 +19,7 @@ pub mod policy;
 pub use policy::{carries_unredacted_pii, Candidate, Policy, Protocol};
 
 pub use crate::error::{Exclusion, Refusal};
-use crate::error::{Retry, UpstreamError};
-use crate::relay::RelayRefusal;
+use crate::error::{RelayRefusal, Retry, UpstreamError};
 
 /// What the tenant's router said, as far as the plan is concerned (a router's refusal ends the
 /// request before a plan is made).

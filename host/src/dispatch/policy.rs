@@ -14,8 +14,8 @@
 
 use crate::accounting::PriceModel;
 use crate::config::RelayPolicy;
-use crate::error::Exclusion;
-use crate::relay::{policy_forbids, RelayRefusal};
+use crate::error::{Exclusion, RelayRefusal};
+use crate::plugin::RequestSummary;
 
 /// Output tokens assumed when the client set no limit (the plugin SDK's
 /// `DEFAULT_MAX_OUTPUT_TOKENS`), so the host and the cost router estimate alike.
@@ -82,7 +82,35 @@ pub fn carries_unredacted_pii(labels: &[String]) -> bool {
     labels.iter().any(|l| l.starts_with("pii.") && !l.ends_with(".redacted"))
 }
 
+/// Why a request would not be relayed under `policy`, given its labels; `None` if it may be.
+pub fn policy_forbids(policy: RelayPolicy, labels: &[String]) -> Option<RelayRefusal> {
+    match policy {
+        RelayPolicy::Allowed => None,
+        RelayPolicy::Never => Some(RelayRefusal::Policy("the tenant's requests never leave their region")),
+        RelayPolicy::Redacted if carries_unredacted_pii(labels) => Some(RelayRefusal::Policy(
+            "the request carries unredacted personal data, and the tenant's policy requires redaction before it leaves the region",
+        )),
+        RelayPolicy::Redacted => None,
+    }
+}
+
 impl Policy {
+    /// The policy of a request whose summary (what routers see of it, labels included) is
+    /// `summary`: its tenant's allowed regions and price cap, its labels and size, with the
+    /// tenant's relay policy, the regions it passed through (this one last) and the hop limit.
+    pub fn for_request(summary: &RequestSummary, relay: RelayPolicy, path: Vec<String>, max_hops: u8) -> Policy {
+        Policy {
+            allowed_regions: summary.allowed_regions.clone(),
+            price_cap_usd: summary.price_cap_usd,
+            relay,
+            labels: summary.labels.clone(),
+            path,
+            max_hops,
+            prompt_tokens: summary.prompt_tokens,
+            max_output_tokens: summary.max_output_tokens,
+        }
+    }
+
     /// Why `c` may not take the request; `None` when it may.
     pub fn excludes(&self, c: &Candidate) -> Option<Exclusion> {
         if !self.allowed_regions.is_empty() && !c.own_infrastructure && carries_unredacted_pii(&self.labels) {
@@ -190,6 +218,16 @@ mod tests {
         assert!(matches!(p.excludes(&c), Some(Exclusion::PriceCap { .. })));
         c.price = None;
         assert_eq!(p.excludes(&c), None, "no price, no estimate");
+    }
+
+    #[test]
+    fn the_policy_decides_on_labels() {
+        let pii = strings(&["pii.email", "pii.phone.redacted"]);
+        let redacted = strings(&["pii.email.redacted"]);
+        assert_eq!(policy_forbids(RelayPolicy::Allowed, &pii), None);
+        assert_eq!(policy_forbids(RelayPolicy::Redacted, &redacted), None);
+        assert_eq!(policy_forbids(RelayPolicy::Redacted, &pii).map(|r| r.status()), Some(451));
+        assert_eq!(policy_forbids(RelayPolicy::Never, &[]).map(|r| r.status()), Some(451));
     }
 
     #[test]

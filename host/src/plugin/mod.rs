@@ -52,6 +52,7 @@ pub use bindings::{
 };
 pub use cache::CacheStats;
 pub use metrics::PluginMetrics;
+pub use validate::valid_entity;
 pub use runtime::{
     CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, RouterSession,
     WasmSource,

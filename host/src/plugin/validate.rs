@@ -57,7 +57,7 @@ pub(crate) fn request_verdict(verdict: &RequestVerdict, segments: &[Segment]) ->
             return Err(format!("redaction {i} ({start}..{end}) splits a character of segment {}", r.segment));
         }
         // Checked here, not when the host applies it, so that the plugin is blamed (and quarantined).
-        if !crate::redaction::valid_entity(&r.entity) {
+        if !valid_entity(&r.entity) {
             return Err(format!("redaction {i} has an invalid entity name {:?} (want 1-32 of [a-z0-9_])", r.entity));
         }
         ranges.push((r.segment, r.start, r.end));
@@ -70,6 +70,12 @@ pub(crate) fn request_verdict(verdict: &RequestVerdict, segments: &[Segment]) ->
         }
     }
     Ok(())
+}
+
+/// Whether `entity` can name a placeholder: 1–32 of `[a-z0-9_]`, as the contract says.
+pub fn valid_entity(entity: &str) -> bool {
+    (1..=32).contains(&entity.len())
+        && entity.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 #[cfg(test)]

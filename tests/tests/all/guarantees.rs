@@ -162,7 +162,7 @@ async fn a_router_that_finds_the_pool_full_never_widens_residency() {
     let mut text = String::new();
     while let Some(event) = stream.next().await {
         let json = event.expect("the answer streams");
-        if let meridian::chat::StreamEvent::Text(t) = meridian::relay::decode_event(&json).unwrap() {
+        if let meridian::chat::StreamEvent::Text(t) = meridian::api::relay::decode_event(&json).unwrap() {
             text.push_str(&t);
         }
     }

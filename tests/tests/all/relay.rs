@@ -102,7 +102,7 @@ async fn relayed_text(client: &EngineClient, request: RelayRequest) -> String {
     let mut text = String::new();
     while let Some(event) = stream.next().await {
         let json = event.expect("the answer streams");
-        if let StreamEvent::Text(t) = meridian::relay::decode_event(&json).expect("an event") {
+        if let StreamEvent::Text(t) = meridian::api::relay::decode_event(&json).expect("an event") {
             text.push_str(&t);
         }
     }
