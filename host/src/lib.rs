@@ -1,10 +1,11 @@
 //! Meridian's edge node: an OpenAI- and Anthropic-compatible gateway in front of managed LLM APIs,
 //! with a prompt cache, per-request accounting and Prometheus metrics.
 //!
-//! The request path (see `DESIGN.md`): [`tenant`] authenticates, [`api`] normalizes the body to
-//! [`chat::ChatRequest`], [`cache`] answers repeats, [`edge`] dispatches to [`upstream`] targets in
-//! fallback order and streams the answer back in the client's shape, and [`accounting`] with
-//! [`metrics`] record what it cost.
+//! The request path (see `ARCHITECTURE.md`), a file per phase of [`edge`]: admit (tenant,
+//! rate, in-flight limit), parse ([`api`] normalizes the body to [`chat::ChatRequest`]), filter
+//! and route ([`chain`], then the [`dispatch`] core's plan under the tenant's guarantees), cache
+//! ([`cache`] answers repeats), dispatch (the core's attempts over [`upstream`] targets), respond
+//! in the client's shape, and record what it cost ([`accounting`], [`metrics`]).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -37,3 +38,6 @@ pub mod stats;
 pub mod tenant;
 pub mod topology;
 pub mod upstream;
+
+#[cfg(test)]
+mod layering;

@@ -1,0 +1,89 @@
+//! The operator's endpoints, beside the request path: `POST /admin/plugins/reload` and
+//! `GET /admin/targets` for holders of a `node.admin_keys` key (absent, as a 404, when the node
+//! has none), and the unauthenticated `GET /readyz` and `GET /metrics`.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use hyper::header::HeaderMap;
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::respond::{error_response, json_response, metrics_response};
+use super::{Body, Edge};
+use crate::api::ApiShape;
+use crate::error::GatewayError;
+use crate::plugin::PluginRuntime;
+use crate::tenant;
+
+/// Whether the request carries an admin key; a node without admin keys has no such endpoint.
+fn authorize(edge: &Edge, headers: &HeaderMap, method: &str, path: &str) -> Result<(), GatewayError> {
+    if edge.admin_keys.is_empty() {
+        return Err(GatewayError::NotFound { method: method.into(), path: path.into() });
+    }
+    if !edge.admin_keys.contains(&tenant::key_digest(headers).unwrap_or_default()) {
+        return Err(GatewayError::Unauthorized);
+    }
+    Ok(())
+}
+
+/// `POST /admin/plugins/reload`: reloads every plugin (see [`Edge::reload_plugins`]).
+pub(super) async fn reload(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
+    if let Err(e) = authorize(edge, headers, "POST", "/admin/plugins/reload") {
+        return error_response(ApiShape::OpenAi, &e);
+    }
+    match edge.reload_plugins().await {
+        Ok(ids) => json_response(StatusCode::OK, Bytes::from(json!({ "reloaded": ids }).to_string())),
+        Err(e) => json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Bytes::from(json!({ "error": { "message": e.to_string(), "type": "reload_failed" } }).to_string()),
+        ),
+    }
+}
+
+/// `GET /admin/targets`: every target with its live statistics and health.
+pub(super) fn targets(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
+    if let Err(e) = authorize(edge, headers, "GET", "/admin/targets") {
+        return error_response(ApiShape::OpenAi, &e);
+    }
+    let now = Instant::now();
+    let list: Vec<_> = edge
+        .targets
+        .iter()
+        .map(|t| {
+            let s = t.stats.snapshot(now);
+            json!({ "name": t.name, "kind": t.kind, "api": t.api(), "region": t.region, "health": s.health,
+                "ejected_until_ms": s.ejected_until_ms, "latency_ms": s.latency_ms, "ttft_ms": s.ttft_ms,
+                "error_rate": s.error_rate, "in_flight": s.in_flight,
+                "consecutive_failures": s.consecutive_failures, "ejections_total": s.ejections_total,
+                "engine": s.engine, "rtt_ms": s.rtt_ms })
+        })
+        .collect();
+    json_response(StatusCode::OK, Bytes::from(json!({ "targets": list }).to_string()))
+}
+
+/// `GET /readyz`: the node's region, targets and loaded plugins, and the plugins in quarantine.
+pub(super) fn readyz(edge: &Edge) -> Response<Body> {
+    let targets: Vec<_> = edge.config.targets.keys().collect();
+    let quarantined: Vec<String> =
+        edge.plugins.iter().flat_map(PluginRuntime::quarantined).map(|id| id.to_string()).collect();
+    let plugins = edge.loaded.load().plugins.clone();
+    let body = json!({ "status": "ready", "region": edge.config.node.region, "targets": targets,
+        "plugins": plugins, "quarantined_plugins": quarantined });
+    json_response(StatusCode::OK, Bytes::from(body.to_string()))
+}
+
+/// `GET /metrics`: the Prometheus exposition, with the cache's size and every target's live
+/// statistics sampled now.
+pub(super) async fn metrics(edge: &Edge) -> Response<Body> {
+    if let Some(cache) = &edge.cache {
+        let (bytes, entries) = cache.size().await;
+        edge.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        edge.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+    let now = Instant::now();
+    for t in &edge.targets {
+        edge.metrics.observe_target(&t.name, &t.stats.snapshot(now));
+    }
+    metrics_response(edge.metrics.render())
+}

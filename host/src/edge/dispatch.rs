@@ -1,0 +1,152 @@
+//! Phase 5 of the request path: dispatch. The driver of the dispatch core ([`Attempts`]): it
+//! sends each attempt the core asks for, records the outcome in the target's health and the
+//! metrics, and hands the typed outcome back to the core, which alone decides whether the next
+//! target is tried. Nothing reaches the client before a target has answered: a stream counts as
+//! answered once it is past its `Start` event.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Instant;
+
+use tracing::{debug, warn};
+
+use super::context::Exchange;
+use super::respond::{Answer, Source};
+use super::Edge;
+use crate::api::relay::Dispatch;
+use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use crate::dispatch::{Admit, Attempts, Step};
+use crate::error::{GatewayError, UpstreamError};
+use crate::routes::{Plan, Route};
+use crate::stats::Admission;
+use crate::upstream::EventStream;
+
+/// Sends the exchange's request along the plan, streamed or whole as the client asked, and
+/// returns the first answer. The exchange's record names the target that gave it.
+pub(super) async fn dispatch(edge: &Edge, cx: &mut Exchange, plan: &Plan) -> Result<Answer, GatewayError> {
+    let peer = cx.dispatch_for_peer();
+    if cx.request.is_stream() {
+        let (stream, head, route) = open_stream(edge, &cx.request, plan, &peer).await?;
+        cx.record.route(route);
+        Ok(Answer::Stream(Source::Upstream(Box::new(stream)), head))
+    } else {
+        let (answer, route) = complete(edge, &cx.request, plan, &peer).await?;
+        cx.record.route(route);
+        Ok(Answer::Whole(answer))
+    }
+}
+
+/// Drives the dispatch core along the plan with `attempt`: returns the first answer and its
+/// route, or the failure the core settles on.
+pub(super) async fn first_answer<'m, T, F, Fut>(
+    edge: &Edge,
+    plan: &'m Plan,
+    mut attempt: F,
+) -> Result<(T, &'m Route), GatewayError>
+where
+    F: FnMut(&'m Route) -> Fut,
+    Fut: Future<Output = Result<T, UpstreamError>>,
+{
+    let routes = &plan.model.routes;
+    let mut health = LiveHealth(routes);
+    let mut attempts = Attempts::new(plan.order.clone(), &health);
+    let mut answer = None;
+    loop {
+        match attempts.next(&mut health) {
+            Step::Try(i) => {
+                let route = &routes[i];
+                let started = Instant::now();
+                let outcome = match attempt(route).await {
+                    Ok(value) => {
+                        answer = Some(value);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        warn!(target_name = %route.target.name, error = %e, "upstream attempt failed");
+                        Err(e)
+                    }
+                };
+                let retry = outcome.as_ref().map_err(UpstreamError::retry).copied();
+                route.target.stats.attempt(Instant::now(), Some(started.elapsed()), retry);
+                let label = outcome.as_ref().map_or_else(UpstreamError::kind, |()| "ok");
+                edge.metrics.attempts.with_label_values(&[&route.target.name, label]).inc();
+                attempts.record(i, outcome);
+            }
+            Step::Answered(i) => {
+                // The core answers only after an attempt recorded as answered, which set it.
+                let lost =
+                    || UpstreamError::Protocol { target: routes[i].target.name.clone(), message: "answer lost".into() };
+                return answer.take().map(|value| (value, &routes[i])).ok_or_else(|| lost().into());
+            }
+            Step::Failed(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// A whole answer from the first target that gives one.
+async fn complete<'m>(
+    edge: &Edge,
+    req: &ChatRequest,
+    plan: &'m Plan,
+    peer: &Dispatch,
+) -> Result<(ChatResponse, &'m Route), GatewayError> {
+    let max_tokens = plan.model.default_max_tokens;
+    first_answer(edge, plan, |route| route.target.complete(&edge.client, req, &route.upstream_model, max_tokens, peer))
+        .await
+}
+
+/// A stream from the first target whose stream gets past its `Start` event (to content, or to
+/// its end). Until then nothing has reached the client, so a target that fails before any
+/// content is skipped for the next one. Returns the events read so far with the rest of the
+/// stream.
+async fn open_stream<'m>(
+    edge: &Edge,
+    req: &ChatRequest,
+    plan: &'m Plan,
+    peer: &Dispatch,
+) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
+    let max_tokens = plan.model.default_max_tokens;
+    let ((stream, head), route) = first_answer(edge, plan, |route| async move {
+        let mut s = route.target.stream(&edge.client, req, &route.upstream_model, max_tokens, peer).await?;
+        let mut head = VecDeque::new();
+        loop {
+            match s.next().await {
+                Some(Ok(ev)) => {
+                    let begun = !matches!(ev, StreamEvent::Start { .. });
+                    head.push_back(ev);
+                    if begun {
+                        return Ok((s, head));
+                    }
+                }
+                Some(Err(e)) => return Err(e),
+                None if head.is_empty() => {
+                    return Err(UpstreamError::Protocol {
+                        target: route.target.name.clone(),
+                        message: "empty stream".into(),
+                    })
+                }
+                None => return Ok((s, head)),
+            }
+        }
+    })
+    .await?;
+    Ok((stream, head, route))
+}
+
+/// The live health of a plan's targets, for the dispatch core: ejection and half-open trials as
+/// their statistics say now.
+struct LiveHealth<'a>(&'a [Route]);
+
+impl Admit for LiveHealth<'_> {
+    fn available(&self, i: usize) -> bool {
+        self.0[i].target.stats.available(Instant::now())
+    }
+
+    fn admit(&mut self, i: usize) -> bool {
+        let admitted = self.0[i].target.stats.admit(Instant::now()) != Admission::Skip;
+        if !admitted {
+            debug!(target_name = %self.0[i].target.name, "target ejected: skipped");
+        }
+        admitted
+    }
+}

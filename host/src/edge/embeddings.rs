@@ -1,0 +1,44 @@
+//! `POST /v1/embeddings`, beside the chat request path: admitted like a chat request (the
+//! tenant's key and rate, the in-flight limit), then served by the model's engine targets in
+//! fallback order. Tenant filters are not run: an engine runs on the operator's own
+//! infrastructure, and a vector of placeholders would be worthless for similarity.
+
+use std::time::Instant;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use super::admit::permit;
+use super::dispatch::first_answer;
+use super::parse::{declared_length, read_body, served_model};
+use super::respond::{json_response, with_header};
+use super::{Body, Edge};
+use crate::api::openai;
+use crate::dispatch::Policy;
+use crate::error::GatewayError;
+use crate::routes::{Plan, Routing};
+
+/// Answers `POST /v1/embeddings`.
+pub(super) async fn embeddings(edge: &Edge, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+    let tenant = edge.loaded.load().tenants.authenticate(req.headers())?;
+    tenant.admit()?;
+    let _permit = permit(edge)?;
+    let declared = declared_length(req.headers());
+    let body = read_body(edge, req.into_body(), declared).await?;
+    let (request, input) = openai::parse_embeddings(&body)?;
+    let model = served_model(edge, &request.model)?;
+    // Filters do not run on embeddings, so they carry no labels; the price cap still holds.
+    let policy = Policy {
+        allowed_regions: tenant.chain.allowed_regions.clone(),
+        price_cap_usd: tenant.chain.price_cap_usd,
+        relay: tenant.relay,
+        path: vec![edge.config.node.region.clone()],
+        max_hops: edge.max_hops(),
+        ..Policy::default()
+    };
+    let plan = Plan::new(model, &Routing::Static, None, &policy, Instant::now())?;
+    let (answer, route) =
+        first_answer(edge, &plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
+    let body = openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
+    Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
+}

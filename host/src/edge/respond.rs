@@ -1,0 +1,339 @@
+//! Phase 6 of the request path: the response. An answer, from a target or the cache, goes back
+//! in the client's API shape: whole, or streamed event by event as it arrives. The tenant's
+//! filters see the answer's text before any of it is sent, and put back what they redacted; a
+//! miss fills the cache with the answer as it came from upstream, placeholders and all. A stream
+//! that fails after its first byte ends with a typed error event, never a clean end. The
+//! request's record is finished when the answer ends.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
+use hyper::{Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::warn;
+
+use super::cache::Outcome;
+use super::context::Exchange;
+use super::record::Record;
+use super::Body;
+use crate::api::{ApiShape, StreamEncoder};
+use crate::cache::{CachedAnswer, FillGuard};
+use crate::chain::AnswerFilter;
+use crate::chat::{ChatResponse, StreamEvent, Usage};
+use crate::error::{GatewayError, UpstreamError};
+use crate::upstream::EventStream;
+
+/// An answer to a request, as the phases before the response found it.
+pub(super) enum Answer {
+    /// A stream, with the events read before the response began (sent first).
+    Stream(Source, VecDeque<StreamEvent>),
+    /// A whole answer.
+    Whole(ChatResponse),
+}
+
+/// Sends the answer in the client's shape, with `x-meridian-target` (unless the cache answered)
+/// and `x-meridian-cache`. The exchange ends here; its record is finished when the answer is.
+pub(super) async fn respond(cx: Exchange, answer: Answer) -> Response<Body> {
+    let Exchange { request, mut answer_filter, cache, mut record, permit, .. } = cx;
+    let api = record.api;
+    let status = cache.outcome.status();
+    let (fill, target) = match cache.outcome {
+        Outcome::Miss(guard) => (Some(guard), record.target.clone()),
+        Outcome::Bypass => (None, record.target.clone()),
+        Outcome::Hit => (None, None),
+    };
+    let response = match answer {
+        Answer::Stream(source, head) => {
+            let encoder = api.stream_encoder(&request);
+            sse_response(ClientStream::new(source, head, encoder, fill, record, permit, answer_filter))
+        }
+        Answer::Whole(mut answer) => {
+            if let Some(f) = &mut answer_filter {
+                if let Err(e) = f.inspect(answer.text.as_deref().unwrap_or("")).await {
+                    return record.refuse(e);
+                }
+            }
+            let usage = answer.usage;
+            let out_bytes = answer.output_len();
+            if let Some(guard) = fill {
+                // Cached as it came, placeholders and all: a later identical (redacted) request
+                // restores it with its own originals.
+                guard.fill(CachedAnswer::Whole(answer.clone())).await;
+            }
+            if let Some(f) = &answer_filter {
+                f.restore_response(&mut answer);
+            }
+            record.finish("ok", usage, out_bytes);
+            drop(permit);
+            json_response(StatusCode::OK, api.encode_response(&answer))
+        }
+    };
+    let response = match target {
+        Some(target) => with_header(response, "x-meridian-target", &target),
+        None => response,
+    };
+    with_header(response, "x-meridian-cache", status)
+}
+
+/// The client's `x-request-id` if it is sane (1 to 128 visible ASCII characters), else a new one.
+pub(super) fn request_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed_unsync()
+}
+
+/// A JSON response.
+pub(super) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// A plain-text response.
+pub(super) fn text_response(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// A Prometheus text exposition.
+pub(super) fn metrics_response(body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    resp
+}
+
+/// An error in the client's API shape, with `retry-after` where it helps.
+pub fn error_response(api: ApiShape, err: &GatewayError) -> Response<Body> {
+    let mut resp = json_response(err.status(), api.error_body(err));
+    if let Some(secs) = err.retry_after() {
+        resp.headers_mut().insert("retry-after", HeaderValue::from(secs));
+    }
+    resp
+}
+
+/// The response with a header added, unless `value` cannot be a header value.
+pub(super) fn with_header(mut resp: Response<Body>, name: &'static str, value: &str) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+    resp
+}
+
+fn sse_response(stream: ClientStream) -> Response<Body> {
+    let body = futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_chunk().await.map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), s))
+    });
+    let mut resp = Response::new(StreamBody::new(body).boxed_unsync());
+    let h = resp.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp
+}
+
+/// Where a client stream's events come from.
+pub(super) enum Source {
+    /// A target's stream.
+    Upstream(Box<EventStream>),
+    /// A cached answer, replayed.
+    Replay(std::vec::IntoIter<StreamEvent>),
+}
+
+impl Source {
+    async fn next(&mut self) -> Option<Result<StreamEvent, UpstreamError>> {
+        match self {
+            Source::Upstream(s) => s.next().await,
+            Source::Replay(events) => events.next().map(Ok),
+        }
+    }
+
+    /// What [`Source::next`] would return, if it is known without waiting.
+    fn ready(&mut self) -> Option<Option<Result<StreamEvent, UpstreamError>>> {
+        match self {
+            Source::Upstream(s) => s.ready(),
+            Source::Replay(events) => Some(events.next().map(Ok)),
+        }
+    }
+}
+
+/// A streamed answer on its way to the client: encodes each event as it arrives, records the
+/// events for the cache, and accounts when it ends. A failure after the first byte ends the
+/// stream with a typed error event, never a clean end.
+struct ClientStream {
+    source: Source,
+    /// Events read before the response began, sent first.
+    head: VecDeque<StreamEvent>,
+    encoder: StreamEncoder,
+    fill: Option<(FillGuard, Vec<StreamEvent>)>,
+    answer_filter: Option<AnswerFilter>,
+    record: Record,
+    usage: Option<Usage>,
+    out_bytes: usize,
+    finished: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ClientStream {
+    fn new(
+        source: Source,
+        head: VecDeque<StreamEvent>,
+        encoder: StreamEncoder,
+        fill: Option<FillGuard>,
+        record: Record,
+        permit: OwnedSemaphorePermit,
+        answer_filter: Option<AnswerFilter>,
+    ) -> Self {
+        ClientStream {
+            source,
+            head,
+            encoder,
+            fill: fill.map(|g| (g, Vec::new())),
+            answer_filter,
+            record,
+            usage: None,
+            out_bytes: 0,
+            finished: false,
+            _permit: permit,
+        }
+    }
+
+    /// The next body chunk: the next event and every event already received behind it, so that
+    /// a burst from upstream (or a whole cached replay) goes out in one write. The filters see
+    /// the chunk's text before any of it is sent.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.finished {
+            return None;
+        }
+        let mut batch = Vec::new();
+        let mut next = match self.head.pop_front() {
+            Some(ev) => Some(Ok(ev)),
+            None => self.source.next().await,
+        };
+        let end = loop {
+            match next {
+                Some(Ok(ev)) => batch.push(ev),
+                None => break Some(Ok(())),
+                Some(Err(e)) => break Some(Err(GatewayError::Upstream(e))),
+            }
+            next = match self.head.pop_front() {
+                Some(ev) => Some(Ok(ev)),
+                None => match self.source.ready() {
+                    Some(item) => item,
+                    None => break None,
+                },
+            };
+        };
+        let mut out = BytesMut::new();
+        if let Some(filter) = &mut self.answer_filter {
+            let text: String = batch
+                .iter()
+                .filter_map(|e| match e {
+                    StreamEvent::Text(t) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect();
+            // Every chunk of this answer goes to the same filter instances, in order.
+            if let Err(e) = filter.inspect(&text).await {
+                self.fail(e, &mut out);
+                return Some(out.freeze());
+            }
+        }
+        for ev in batch {
+            self.event(ev, &mut out);
+        }
+        match end {
+            None => {}
+            Some(Ok(())) => {
+                self.finished = true;
+                self.encoder.finish(&mut out);
+                if let Some((guard, events)) = self.fill.take() {
+                    guard.fill(CachedAnswer::Stream(events)).await;
+                }
+                self.record.finish("ok", self.usage, self.out_bytes);
+            }
+            Some(Err(e)) => self.fail(e, &mut out),
+        }
+        Some(out.freeze())
+    }
+
+    /// Ends the stream with a typed error event; nothing of it is cached.
+    fn fail(&mut self, err: GatewayError, out: &mut BytesMut) {
+        self.finished = true;
+        warn!(request_id = %self.record.request_id, error = %err, "stream ended early after its first byte");
+        self.encoder.error(&err, out);
+        self.fill = None;
+        let status = if matches!(err, GatewayError::Upstream(_)) { "stream_error" } else { err.code() };
+        self.record.finish(status, self.usage, self.out_bytes);
+    }
+
+    fn event(&mut self, ev: StreamEvent, out: &mut BytesMut) {
+        let content = ev.content_len();
+        if content > 0 && self.out_bytes == 0 {
+            self.record.first_token();
+        }
+        self.out_bytes += content;
+        if let StreamEvent::Usage(u) = ev {
+            self.usage = Some(u);
+        }
+        if let Some((_, events)) = &mut self.fill {
+            // Cached as it came from upstream, placeholders and all.
+            events.push(ev.clone());
+        }
+        match &mut self.answer_filter {
+            Some(filter) => {
+                let mut restored = Vec::with_capacity(1);
+                filter.restore_event(ev, &mut restored);
+                restored.iter().for_each(|e| self.encoder.event(e, out));
+            }
+            None => self.encoder.event(&ev, out),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_for(value: Option<&[u8]>) -> String {
+        let mut headers = HeaderMap::new();
+        if let Some(v) = value {
+            headers.insert("x-request-id", HeaderValue::from_bytes(v).unwrap());
+        }
+        request_id(&headers)
+    }
+
+    fn is_new(id: &str) -> bool {
+        uuid::Uuid::parse_str(id).is_ok_and(|u| u.get_version_num() == 4)
+    }
+
+    #[test]
+    fn a_sane_request_id_is_kept() {
+        assert_eq!(id_for(Some(b"req-42")), "req-42");
+        assert_eq!(id_for(Some(b"a/b:c=d_e.f~!")), "a/b:c=d_e.f~!", "any visible ASCII");
+        let longest = "x".repeat(128);
+        assert_eq!(id_for(Some(longest.as_bytes())), longest);
+    }
+
+    #[test]
+    fn anything_else_is_replaced() {
+        assert!(is_new(&id_for(None)), "none sent");
+        assert!(is_new(&id_for(Some(b""))), "empty");
+        assert!(is_new(&id_for(Some("x".repeat(129).as_bytes()))), "too long");
+        assert!(is_new(&id_for(Some(b"two words"))), "a space is not visible");
+        assert!(is_new(&id_for(Some(b"tab\there"))), "nor a control character");
+        assert!(is_new(&id_for(Some("caf\u{e9}".as_bytes()))), "nor non-ASCII");
+        assert_ne!(id_for(None), id_for(None), "a new one each time");
+    }
+}
