@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use hyper::StatusCode;
 
-
 /// Everything that can end a client request without an answer.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -570,9 +569,15 @@ mod tests {
         assert_eq!(GatewayError::from(status(400)).status(), StatusCode::BAD_REQUEST);
         let timeout = UpstreamError::Timeout { target: "t".into(), phase: "response", after: Duration::from_secs(1) };
         assert_eq!(GatewayError::from(timeout).status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!((status(503).retry(), status(429).retry(), status(404).retry()), (Retry::Next, Retry::Next, Retry::Next));
+        assert_eq!(
+            (status(503).retry(), status(429).retry(), status(404).retry()),
+            (Retry::Next, Retry::Next, Retry::Next)
+        );
         assert_eq!(status(422).retry(), Retry::Stop);
         let unsupported = UpstreamError::Unsupported { target: "e".into(), message: "tools".into() };
-        assert_eq!((unsupported.retry(), GatewayError::from(unsupported).status()), (Retry::Skip, StatusCode::BAD_REQUEST));
+        assert_eq!(
+            (unsupported.retry(), GatewayError::from(unsupported).status()),
+            (Retry::Skip, StatusCode::BAD_REQUEST)
+        );
     }
 }

@@ -752,7 +752,6 @@ impl SimTarget {
             price: self.price,
         }
     }
-
 }
 
 /// What a target does with one attempt: in the simulated world, and in a [`replay`] script.

@@ -358,14 +358,12 @@ impl Target {
         input: Vec<String>,
         upstream_model: &str,
     ) -> Result<meridian_engine::api::Embeddings, UpstreamError> {
-        let client = self
-            .quic
-            .as_ref()
-            .filter(|_| self.api() == TargetApi::Engine)
-            .ok_or_else(|| UpstreamError::Unsupported {
+        let client = self.quic.as_ref().filter(|_| self.api() == TargetApi::Engine).ok_or_else(|| {
+            UpstreamError::Unsupported {
                 target: self.name.clone(),
                 message: "this target does not serve embeddings".into(),
-            })?;
+            }
+        })?;
         let _in_flight = self.stats.start();
         let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
         let after = self.config.first_byte_timeout();

@@ -132,7 +132,6 @@ impl StreamEncoder {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,9 +75,9 @@ pub fn plan(candidates: &[Candidate], policy: &Policy, router: RouterAnswer<'_>)
         (true, Some(first), Some(reason)) => Err(Refusal::RouterFailed { reason, first }),
         (true, Some(first), None) => Err(Refusal::Policy { first }),
         // No candidates at all: validated config gives every model one.
-        (true, None, _) => Err(Refusal::Policy {
-            first: Exclusion::Relay(RelayRefusal::Policy("the model has no targets")),
-        }),
+        (true, None, _) => {
+            Err(Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Policy("the model has no targets")) })
+        }
     }
 }
 

@@ -157,7 +157,8 @@ impl Policy {
     /// the request's share of a slot's hour.
     pub fn estimated_cost(&self, c: &Candidate) -> Option<f64> {
         let output = f64::from(self.max_output_tokens.unwrap_or(DEFAULT_MAX_OUTPUT_TOKENS));
-        let seconds = if c.latency_ms > 0.0 { c.latency_ms / 1000.0 } else { output / DEFAULT_OUTPUT_TOKENS_PER_SECOND };
+        let seconds =
+            if c.latency_ms > 0.0 { c.latency_ms / 1000.0 } else { output / DEFAULT_OUTPUT_TOKENS_PER_SECOND };
         Some(match c.price? {
             PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
                 (f64::from(self.prompt_tokens) * input_usd_per_mtok + output * output_usd_per_mtok) / 1e6

@@ -19,10 +19,8 @@ fn region() -> impl Strategy<Value = Option<String>> {
 fn price() -> impl Strategy<Value = Option<PriceModel>> {
     prop_oneof![
         Just(None),
-        (0.0..20.0f64, 0.0..80.0f64).prop_map(|(i, o)| Some(PriceModel::Token {
-            input_usd_per_mtok: i,
-            output_usd_per_mtok: o
-        })),
+        (0.0..20.0f64, 0.0..80.0f64)
+            .prop_map(|(i, o)| Some(PriceModel::Token { input_usd_per_mtok: i, output_usd_per_mtok: o })),
         (0.0..0.01f64).prop_map(|r| Some(PriceModel::GpuSecond { usd_per_second: r })),
         (0.0..50.0f64, 1..8u32).prop_map(|(h, c)| Some(PriceModel::Hour { usd_per_hour: h, capacity: c })),
     ]
@@ -52,20 +50,12 @@ fn candidates() -> impl Strategy<Value = Vec<Candidate>> {
 }
 
 fn policy() -> impl Strategy<Value = Policy> {
-    let labels = prop::sample::subsequence(vec!["pii.email", "pii.email.redacted", "pii.phone.redacted", "topic.code"], 0..4);
+    let labels =
+        prop::sample::subsequence(vec!["pii.email", "pii.email.redacted", "pii.phone.redacted", "topic.code"], 0..4);
     let allowed = prop::sample::subsequence(REGIONS.to_vec(), 0..3);
     let relay = prop_oneof![Just(RelayPolicy::Allowed), Just(RelayPolicy::Redacted), Just(RelayPolicy::Never)];
     let path = prop::sample::subsequence(REGIONS.to_vec(), 1..3);
-    (
-        labels,
-        allowed,
-        prop::option::of(0.0..0.02f64),
-        relay,
-        path,
-        1..3u8,
-        0..20_000u32,
-        prop::option::of(1..4096u32),
-    )
+    (labels, allowed, prop::option::of(0.0..0.02f64), relay, path, 1..3u8, 0..20_000u32, prop::option::of(1..4096u32))
         .prop_map(|(labels, allowed, cap, relay, path, max_hops, prompt, max_out)| Policy {
             allowed_regions: allowed.into_iter().map(str::to_string).collect(),
             price_cap_usd: cap,
@@ -87,7 +77,8 @@ enum Router {
 }
 
 fn router() -> impl Strategy<Value = Router> {
-    let name = prop_oneof![(0..10usize).prop_map(|i| format!("t{i}")), Just("garbage".to_string()), Just(String::new())];
+    let name =
+        prop_oneof![(0..10usize).prop_map(|i| format!("t{i}")), Just("garbage".to_string()), Just(String::new())];
     prop_oneof![
         1 => Just(Router::Static),
         1 => Just(Router::Failed),

@@ -52,11 +52,11 @@ pub use bindings::{
 };
 pub use cache::CacheStats;
 pub use metrics::PluginMetrics;
-pub use validate::valid_entity;
 pub use runtime::{
     CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, RouterSession,
     WasmSource,
 };
+pub use validate::valid_entity;
 
 /// Why a plugin could not be loaded, or a call to it gave no usable answer.
 ///

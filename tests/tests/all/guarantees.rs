@@ -207,6 +207,9 @@ async fn a_tools_request_skips_the_engine_for_an_api_that_serves_tools() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("tools are not supported"), "{}", r.text());
     let m = edge.metrics().await;
-    assert_eq!(metric(&m, "meridian_upstream_attempts_total", &["target=\"engine-a\"", "outcome=\"unsupported\""]), 2.0);
+    assert_eq!(
+        metric(&m, "meridian_upstream_attempts_total", &["target=\"engine-a\"", "outcome=\"unsupported\""]),
+        2.0
+    );
     assert_eq!(metric(&m, "meridian_target_health", &["target=\"engine-a\""]), 1.0, "not the engine's fault");
 }
