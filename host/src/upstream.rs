@@ -24,7 +24,7 @@ use meridian_engine::tls::Identity;
 use crate::api::relay::{self, Dispatch};
 use crate::api::{anthropic, engine, openai};
 use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
-use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetKind};
+use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetEnv, TargetKind};
 use crate::error::UpstreamError;
 use crate::sse::{SseEvent, SseParser};
 use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
@@ -71,44 +71,92 @@ pub struct Target {
     /// Its live statistics and ejection state.
     pub stats: TargetStats,
     config: TargetConfig,
-    endpoint: Uri,
-    headers: Vec<(HeaderName, HeaderValue)>,
-    secret: Option<Secret>,
-    /// The QUIC client of an engine or peer-edge target.
-    quic: Option<EngineClient>,
+    /// How it is reached, with exactly what reaching it takes.
+    transport: Transport,
 }
 
-impl Target {
-    /// Builds a target from its validated config, resolving secrets.
-    pub fn new(name: &str, config: &Config) -> Result<Target, ConfigError> {
-        let tc = &config.targets[name];
-        let secrets = config.target_env(name)?;
+/// How a target is reached. Each kind holds only what it uses, so a managed target has no QUIC
+/// client and a QUIC target no URL path, headers or key.
+#[derive(Debug)]
+// One per target, built once and held in its `Arc` for the process's life: the size difference
+// costs nothing, and boxing the QUIC client would only add an indirection on every request.
+#[allow(clippy::large_enum_variant)]
+enum Transport {
+    /// A managed API over HTTPS (OpenAI- or Anthropic-shaped).
+    Managed(Managed),
+    /// A Meridian engine or another region's edge over QUIC.
+    Quic(Quic),
+}
+
+/// The shape of a managed API's requests and answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ManagedApi {
+    /// OpenAI chat completions.
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+/// A managed API's endpoint and credentials.
+#[derive(Debug)]
+struct Managed {
+    /// The shape it speaks.
+    api: ManagedApi,
+    /// The full URL requests are posted to.
+    endpoint: Uri,
+    /// Headers sent with every request: the key, the API version, configured extras.
+    headers: Vec<(HeaderName, HeaderValue)>,
+    /// The API key, kept to scrub it from upstream error texts.
+    secret: Option<Secret>,
+}
+
+/// A QUIC peer: what it is decides what is sent on its connection.
+#[derive(Debug)]
+enum Quic {
+    /// A Meridian engine, which takes engine chat and embedding requests.
+    Engine(EngineClient),
+    /// Another region's edge, which takes relayed requests and dispatches them itself.
+    PeerEdge(EngineClient),
+}
+
+impl Quic {
+    /// The client of the peer's connection, whatever it is.
+    fn client(&self) -> &EngineClient {
+        match self {
+            Quic::Engine(client) | Quic::PeerEdge(client) => client,
+        }
+    }
+}
+
+impl Managed {
+    /// The endpoint and headers of a managed target from its config and resolved secrets.
+    fn new(name: &str, api: ManagedApi, tc: &TargetConfig, secrets: TargetEnv) -> Result<Managed, ConfigError> {
         let bad = |key: String, msg: String| ConfigError::Invalid { key, message: msg };
         let base = secrets.base_url.trim_end_matches('/');
-        let endpoint = match tc.api {
-            TargetApi::Openai => format!("{base}/chat/completions"),
-            TargetApi::Anthropic => format!("{base}/v1/messages"),
-            TargetApi::Engine | TargetApi::Edge => base.to_string(),
+        let endpoint = match api {
+            ManagedApi::OpenAi => format!("{base}/chat/completions"),
+            ManagedApi::Anthropic => format!("{base}/v1/messages"),
         };
-        let endpoint: Uri = endpoint.parse().map_err(|e| bad(format!("targets.{name}.base_url"), format!("{e}")))?;
+        let endpoint = parse_base_url(name, &endpoint)?;
         let mut headers = Vec::new();
         let header_value = |key: String, v: &str| {
             HeaderValue::from_str(v).map_err(|_| bad(key, "contains characters not allowed in a header".into()))
         };
         if let Some(key) = &secrets.api_key {
-            // Engine targets carry no key (config validation refuses one).
-            let mut value = match tc.api {
-                TargetApi::Anthropic => header_value(format!("targets.{name}.api_key"), key.expose())?,
-                _ => header_value(format!("targets.{name}.api_key"), &format!("Bearer {}", key.expose()))?,
+            let (header, mut value) = match api {
+                ManagedApi::Anthropic => (
+                    HeaderName::from_static("x-api-key"),
+                    header_value(format!("targets.{name}.api_key"), key.expose())?,
+                ),
+                ManagedApi::OpenAi => (
+                    AUTHORIZATION,
+                    header_value(format!("targets.{name}.api_key"), &format!("Bearer {}", key.expose()))?,
+                ),
             };
             value.set_sensitive(true);
-            let header = match tc.api {
-                TargetApi::Anthropic => HeaderName::from_static("x-api-key"),
-                _ => AUTHORIZATION,
-            };
             headers.push((header, value));
         }
-        if tc.api == TargetApi::Anthropic {
+        if api == ManagedApi::Anthropic {
             headers.push((
                 HeaderName::from_static("anthropic-version"),
                 header_value(format!("targets.{name}.anthropic_version"), &tc.anthropic_version)?,
@@ -122,9 +170,34 @@ impl Target {
             value.set_sensitive(true);
             headers.push((hname, value));
         }
-        let quic = match tc.api.is_quic() {
-            true => Some(quic_client(name, tc, &endpoint, config)?),
-            false => None,
+        Ok(Managed { api, endpoint, headers, secret: secrets.api_key })
+    }
+
+    /// Upstream error texts can quote the key they refused: never pass it on.
+    fn scrub(&self, message: &str) -> String {
+        match &self.secret {
+            Some(s) if !s.expose().is_empty() => message.replace(s.expose(), "***"),
+            _ => message.to_string(),
+        }
+    }
+}
+
+impl Target {
+    /// Builds a target from its validated config, resolving secrets.
+    pub fn new(name: &str, config: &Config) -> Result<Target, ConfigError> {
+        let tc = &config.targets[name];
+        let secrets = config.target_env(name)?;
+        // QUIC targets authenticate with the `[quic]` certificates: validation refuses keys and
+        // headers for them, so only their URL is used.
+        let quic = |secrets: &TargetEnv| {
+            let endpoint = parse_base_url(name, secrets.base_url.trim_end_matches('/'))?;
+            quic_client(name, tc, &endpoint, config)
+        };
+        let transport = match tc.api {
+            TargetApi::Openai => Transport::Managed(Managed::new(name, ManagedApi::OpenAi, tc, secrets)?),
+            TargetApi::Anthropic => Transport::Managed(Managed::new(name, ManagedApi::Anthropic, tc, secrets)?),
+            TargetApi::Engine => Transport::Quic(Quic::Engine(quic(&secrets)?)),
+            TargetApi::Edge => Transport::Quic(Quic::PeerEdge(quic(&secrets)?)),
         };
         Ok(Target {
             name: name.to_string(),
@@ -133,10 +206,7 @@ impl Target {
             own_infrastructure: tc.own_infrastructure,
             stats: TargetStats::new(Ejection::from(&config.health)),
             config: tc.clone(),
-            endpoint,
-            headers,
-            secret: secrets.api_key,
-            quic,
+            transport,
         })
     }
 
@@ -145,10 +215,17 @@ impl Target {
         self.config.api
     }
 
-    fn body(&self, req: &ChatRequest, upstream_model: &str, default_max_tokens: u32) -> Result<Bytes, UpstreamError> {
-        match self.config.api {
-            TargetApi::Anthropic => Ok(anthropic::upstream_body(req, upstream_model, default_max_tokens)),
-            _ => openai::upstream_body(req, upstream_model).map_err(|e| self.protocol(e.to_string())),
+    /// The request body a managed API of this shape takes.
+    fn body(
+        &self,
+        api: ManagedApi,
+        req: &ChatRequest,
+        upstream_model: &str,
+        default_max_tokens: u32,
+    ) -> Result<Bytes, UpstreamError> {
+        match api {
+            ManagedApi::Anthropic => Ok(anthropic::upstream_body(req, upstream_model, default_max_tokens)),
+            ManagedApi::OpenAi => openai::upstream_body(req, upstream_model).map_err(|e| self.protocol(e.to_string())),
         }
     }
 
@@ -156,7 +233,8 @@ impl Target {
     /// timeouts), and records the load and RTT it reports, or the failure. A managed target:
     /// nothing.
     pub async fn probe(&self) {
-        let Some(client) = &self.quic else { return };
+        let Transport::Quic(quic) = &self.transport else { return };
+        let client = quic.client();
         let after = self.config.connect_timeout() + self.config.first_byte_timeout();
         let result = match tokio::time::timeout(after, client.health()).await {
             Ok(Ok(h)) => Some((
@@ -214,12 +292,13 @@ impl Target {
     /// status is read (bounded) and returned as an error with the upstream's message.
     async fn send(
         &self,
+        managed: &Managed,
         client: &HttpClient,
         body: Bytes,
         request_id: &str,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut builder = Request::post(self.endpoint.clone()).header(CONTENT_TYPE, "application/json");
-        for (k, v) in &self.headers {
+        let mut builder = Request::post(managed.endpoint.clone()).header(CONTENT_TYPE, "application/json");
+        for (k, v) in &managed.headers {
             builder = builder.header(k, v);
         }
         if let Ok(id) = HeaderValue::from_str(request_id) {
@@ -230,7 +309,7 @@ impl Target {
         let response = match tokio::time::timeout(after, client.request(request)).await {
             Err(_) => return Err(UpstreamError::Timeout { target: self.name.clone(), phase: "response", after }),
             Ok(Err(e)) => {
-                let message = self.scrub(&error_chain(&e));
+                let message = managed.scrub(&error_chain(&e));
                 return Err(if e.is_connect() {
                     UpstreamError::Connect { target: self.name.clone(), message }
                 } else {
@@ -246,7 +325,7 @@ impl Target {
         let body = self.read_body(response.into_body(), 64 << 10).await.unwrap_or_default();
         let message = crate::api::error_message(&body)
             .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
-        Err(UpstreamError::from_http_status(&self.name, status.as_u16(), self.scrub(&message)))
+        Err(UpstreamError::from_http_status(&self.name, status.as_u16(), managed.scrub(&message)))
     }
 
     /// Reads a whole body, each chunk within the between-chunk timeout, up to `limit` bytes.
@@ -279,14 +358,6 @@ impl Target {
         }
     }
 
-    /// Upstream error texts can quote the key they refused: never pass it on.
-    fn scrub(&self, message: &str) -> String {
-        match &self.secret {
-            Some(s) if !s.expose().is_empty() => message.replace(s.expose(), "***"),
-            _ => message.to_string(),
-        }
-    }
-
     /// A whole answer.
     pub async fn complete(
         self: &Arc<Self>,
@@ -296,27 +367,38 @@ impl Target {
         default_max_tokens: u32,
         dispatch: &Dispatch,
     ) -> Result<ChatResponse, UpstreamError> {
-        if self.quic.is_some() {
-            // One code path for QUIC targets: a whole answer is the folded stream (which counts
-            // itself in flight).
-            let mut stream = self.stream_quic(req, upstream_model, dispatch).await?;
-            // Its failure is this call's, which the request path records.
-            stream.records_failure = false;
-            let mut builder = ResponseBuilder::default();
-            while let Some(ev) = stream.next().await {
-                builder.push(&ev?);
-            }
-            return Ok(builder.finish());
-        }
+        let managed = match &self.transport {
+            Transport::Managed(managed) => managed,
+            Transport::Quic(quic) => return self.complete_quic(quic, req, upstream_model, dispatch).await,
+        };
         let _in_flight = self.stats.start();
-        let body = self.body(req, upstream_model, default_max_tokens)?;
-        let response = self.send(client, body, &dispatch.request_id).await?;
+        let body = self.body(managed.api, req, upstream_model, default_max_tokens)?;
+        let response = self.send(managed, client, body, &dispatch.request_id).await?;
         let body = self.read_body(response.into_body(), 64 << 20).await?;
-        match self.config.api {
-            TargetApi::Anthropic => anthropic::decode_response(&body, upstream_model),
-            _ => openai::decode_response(&body, upstream_model),
+        match managed.api {
+            ManagedApi::Anthropic => anthropic::decode_response(&body, upstream_model),
+            ManagedApi::OpenAi => openai::decode_response(&body, upstream_model),
         }
         .map_err(|m| self.protocol(m))
+    }
+
+    /// A QUIC target's whole answer. One code path for QUIC targets: a whole answer is the folded
+    /// stream (which counts itself in flight).
+    async fn complete_quic(
+        self: &Arc<Self>,
+        quic: &Quic,
+        req: &ChatRequest,
+        upstream_model: &str,
+        dispatch: &Dispatch,
+    ) -> Result<ChatResponse, UpstreamError> {
+        let mut stream = self.stream_quic(quic, req, upstream_model, dispatch).await?;
+        // Its failure is this call's, which the request path records.
+        stream.records_failure = false;
+        let mut builder = ResponseBuilder::default();
+        while let Some(ev) = stream.next().await {
+            builder.push(&ev?);
+        }
+        Ok(builder.finish())
     }
 
     /// A streamed answer, once its response head has arrived.
@@ -328,12 +410,13 @@ impl Target {
         default_max_tokens: u32,
         dispatch: &Dispatch,
     ) -> Result<EventStream, UpstreamError> {
-        if self.quic.is_some() {
-            return self.stream_quic(req, upstream_model, dispatch).await;
-        }
+        let managed = match &self.transport {
+            Transport::Managed(managed) => managed,
+            Transport::Quic(quic) => return self.stream_quic(quic, req, upstream_model, dispatch).await,
+        };
         let (started, in_flight) = (Instant::now(), self.stats.start());
-        let body = self.body(req, upstream_model, default_max_tokens)?;
-        let response = self.send(client, body, &dispatch.request_id).await?;
+        let body = self.body(managed.api, req, upstream_model, default_max_tokens)?;
+        let response = self.send(managed, client, body, &dispatch.request_id).await?;
         let is_sse = response
             .headers()
             .get(CONTENT_TYPE)
@@ -342,9 +425,9 @@ impl Target {
         if !is_sse || response.status() != StatusCode::OK {
             return Err(self.protocol("expected a text/event-stream response"));
         }
-        let decoder = match self.config.api {
-            TargetApi::Anthropic => Decoder::Anthropic(anthropic::StreamDecoder::new(upstream_model)),
-            _ => Decoder::OpenAi(openai::StreamDecoder::new(upstream_model)),
+        let decoder = match managed.api {
+            ManagedApi::Anthropic => Decoder::Anthropic(anthropic::StreamDecoder::new(upstream_model)),
+            ManagedApi::OpenAi => Decoder::OpenAi(openai::StreamDecoder::new(upstream_model)),
         };
         let source =
             Source::Sse { body: response.into_body(), parser: SseParser::default(), decoder, parsed: Vec::new() };
@@ -358,12 +441,15 @@ impl Target {
         input: Vec<String>,
         upstream_model: &str,
     ) -> Result<meridian_engine::api::Embeddings, UpstreamError> {
-        let client = self.quic.as_ref().filter(|_| self.api() == TargetApi::Engine).ok_or_else(|| {
-            UpstreamError::Unsupported {
-                target: self.name.clone(),
-                message: "this target does not serve embeddings".into(),
+        let client = match &self.transport {
+            Transport::Quic(Quic::Engine(client)) => client,
+            Transport::Managed(_) | Transport::Quic(Quic::PeerEdge(_)) => {
+                return Err(UpstreamError::Unsupported {
+                    target: self.name.clone(),
+                    message: "this target does not serve embeddings".into(),
+                })
             }
-        })?;
+        };
         let _in_flight = self.stats.start();
         let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
         let after = self.config.first_byte_timeout();
@@ -378,24 +464,27 @@ impl Target {
     /// request there.
     async fn stream_quic(
         self: &Arc<Self>,
+        quic: &Quic,
         req: &ChatRequest,
         upstream_model: &str,
         dispatch: &Dispatch,
     ) -> Result<EventStream, UpstreamError> {
-        let client = self.quic.as_ref().ok_or_else(|| self.protocol("not a QUIC target"))?;
         let (started, in_flight) = (Instant::now(), self.stats.start());
         let after = self.config.first_byte_timeout();
         let timed_out = || UpstreamError::Timeout { target: self.name.clone(), phase: "response", after };
-        let (source, head) = if self.api() == TargetApi::Edge {
-            let opened = tokio::time::timeout(after, client.relay(dispatch.request(req, upstream_model))).await;
-            let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
-            (Source::Relay { stream: Box::new(stream), finished: false }, VecDeque::new())
-        } else {
-            let request = engine::request(req, upstream_model)
-                .map_err(|e| UpstreamError::Unsupported { target: self.name.clone(), message: e.to_string() })?;
-            let opened = tokio::time::timeout(after, client.chat(request)).await;
-            let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
-            (Source::Engine(Box::new(stream)), VecDeque::from([engine::start(&req.model)]))
+        let (source, head) = match quic {
+            Quic::PeerEdge(client) => {
+                let opened = tokio::time::timeout(after, client.relay(dispatch.request(req, upstream_model))).await;
+                let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
+                (Source::Relay { stream: Box::new(stream), finished: false }, VecDeque::new())
+            }
+            Quic::Engine(client) => {
+                let request = engine::request(req, upstream_model)
+                    .map_err(|e| UpstreamError::Unsupported { target: self.name.clone(), message: e.to_string() })?;
+                let opened = tokio::time::timeout(after, client.chat(request)).await;
+                let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
+                (Source::Engine(Box::new(stream)), VecDeque::from([engine::start(&req.model)]))
+            }
         };
         Ok(EventStream::new(Arc::clone(self), source, head, started, in_flight))
     }
@@ -588,7 +677,7 @@ impl EventStream {
 /// that ends when the target is dropped. Managed targets are not probed (they have no free probe
 /// endpoint): they recover through half-open requests.
 pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, interval: Duration) {
-    for target in targets.into_iter().filter(|t| t.quic.is_some()) {
+    for target in targets.into_iter().filter(|t| matches!(t.transport, Transport::Quic(_))) {
         let weak: Weak<Target> = Arc::downgrade(target);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
@@ -600,6 +689,11 @@ pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, inte
             }
         });
     }
+}
+
+/// A target's URL from its `base_url`, or the config error naming it.
+fn parse_base_url(name: &str, url: &str) -> Result<Uri, ConfigError> {
+    url.parse().map_err(|e| ConfigError::Invalid { key: format!("targets.{name}.base_url"), message: format!("{e}") })
 }
 
 /// The QUIC client of an engine or peer-edge target, with this node's cluster identity from
