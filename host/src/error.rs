@@ -327,6 +327,9 @@ pub enum Refusal {
         /// Why the first static target was excluded.
         first: Exclusion,
     },
+    /// The model has no targets to plan over.
+    #[error("the model has no targets")]
+    NoTargets,
 }
 
 impl Refusal {
@@ -334,7 +337,7 @@ impl Refusal {
     /// policy, 508 loop), and 503 when the router failed.
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::RouterFailed { .. } => 503,
+            Refusal::RouterFailed { .. } | Refusal::NoTargets => 503,
             Refusal::Policy { first: Exclusion::Residency { .. } } => 451,
             Refusal::Policy { first: Exclusion::PriceCap { .. } } => 402,
             Refusal::Policy { first: Exclusion::Relay(r) } => r.status(),
@@ -345,6 +348,7 @@ impl Refusal {
     pub fn code(&self) -> &'static str {
         match self {
             Refusal::RouterFailed { .. } => "router_failed",
+            Refusal::NoTargets => "no_targets",
             Refusal::Policy { first: Exclusion::Residency { .. } } => "residency",
             Refusal::Policy { first: Exclusion::PriceCap { .. } } => "price_cap",
             Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Loop { .. } | RelayRefusal::HopLimit { .. }) } => {
@@ -488,7 +492,7 @@ impl GatewayError {
             GatewayError::Relay(RelayRefusal::UnknownTenant(_)) => ErrorClass::Authentication,
             GatewayError::Relay(RelayRefusal::Policy(_)) => ErrorClass::InvalidRequest,
             GatewayError::Relay(_) => ErrorClass::Upstream,
-            GatewayError::Refused(Refusal::RouterFailed { .. }) => ErrorClass::Overloaded,
+            GatewayError::Refused(Refusal::RouterFailed { .. } | Refusal::NoTargets) => ErrorClass::Overloaded,
             GatewayError::Refused(Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Policy(_)) }) => {
                 ErrorClass::InvalidRequest
             }

@@ -19,7 +19,7 @@ pub mod policy;
 pub use policy::{carries_unredacted_pii, Candidate, Policy, Protocol};
 
 pub use crate::error::{Exclusion, Refusal};
-use crate::error::{RelayRefusal, Retry, UpstreamError};
+use crate::error::{Retry, UpstreamError};
 
 /// What the tenant's router said, as far as the plan is concerned (a router's refusal ends the
 /// request before a plan is made).
@@ -75,9 +75,7 @@ pub fn plan(candidates: &[Candidate], policy: &Policy, router: RouterAnswer<'_>)
         (true, Some(first), Some(reason)) => Err(Refusal::RouterFailed { reason, first }),
         (true, Some(first), None) => Err(Refusal::Policy { first }),
         // No candidates at all: validated config gives every model one.
-        (true, None, _) => {
-            Err(Refusal::Policy { first: Exclusion::Relay(RelayRefusal::Policy("the model has no targets")) })
-        }
+        (true, None, _) => Err(Refusal::NoTargets),
     }
 }
 
