@@ -195,6 +195,11 @@ impl AnswerFilter {
         }
     }
 
+    /// How many distinct values the request side redacted.
+    pub fn redactions(&self) -> usize {
+        self.placeholders.len()
+    }
+
     /// Shows the next piece of the answer's text (placeholders not yet restored) to every
     /// filter's session. A block or a failure ends the answer: later pieces are refused too (a
     /// failed session stays failed).

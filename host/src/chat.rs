@@ -92,6 +92,94 @@ impl ChatRequest {
         let bytes: usize = self.messages.iter().map(Message::text_len).sum();
         estimate_tokens(bytes)
     }
+
+    /// Takes every block's Anthropic-only fields out of the request, each with where it was, so
+    /// that they can travel beside its OpenAI-form body (the relay) and never inside it.
+    pub fn take_block_extras(&mut self) -> Vec<BlockExtra> {
+        let mut out = Vec::new();
+        let mut take = |at, fields: &mut Map<String, Value>| {
+            if !fields.is_empty() {
+                out.push(BlockExtra { at, fields: std::mem::take(fields) });
+            }
+        };
+        for (message, m) in self.messages.iter_mut().enumerate() {
+            take(BlockAt::Message { message }, &mut m.anthropic_extra);
+            if let Some(Content::Parts(parts)) = &mut m.content {
+                for (part, p) in parts.iter_mut().enumerate() {
+                    take(BlockAt::Part { message, part }, &mut p.anthropic_extra);
+                }
+            }
+            for (call, c) in m.tool_calls.iter_mut().flatten().enumerate() {
+                take(BlockAt::ToolCall { message, call }, &mut c.anthropic_extra);
+            }
+        }
+        for (tool, t) in self.tools.iter_mut().flatten().enumerate() {
+            take(BlockAt::Tool { tool }, &mut t.anthropic_extra);
+        }
+        out
+    }
+
+    /// Puts back what [`ChatRequest::take_block_extras`] took. A place that names no block of this
+    /// request is returned as the error.
+    pub fn put_block_extras(&mut self, extras: Vec<BlockExtra>) -> Result<(), BlockAt> {
+        for BlockExtra { at, fields } in extras {
+            *self.block_extra_mut(at).ok_or(at)? = fields;
+        }
+        Ok(())
+    }
+
+    fn block_extra_mut(&mut self, at: BlockAt) -> Option<&mut Map<String, Value>> {
+        match at {
+            BlockAt::Message { message } => self.messages.get_mut(message).map(|m| &mut m.anthropic_extra),
+            BlockAt::Part { message, part } => match &mut self.messages.get_mut(message)?.content {
+                Some(Content::Parts(parts)) => parts.get_mut(part).map(|p| &mut p.anthropic_extra),
+                _ => None,
+            },
+            BlockAt::ToolCall { message, call } => {
+                self.messages.get_mut(message)?.tool_calls.as_mut()?.get_mut(call).map(|c| &mut c.anthropic_extra)
+            }
+            BlockAt::Tool { tool } => self.tools.as_mut()?.get_mut(tool).map(|t| &mut t.anthropic_extra),
+        }
+    }
+}
+
+/// Where a block's Anthropic-only fields belong in a [`ChatRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "on", rename_all = "snake_case")]
+pub enum BlockAt {
+    /// `messages[message]` itself (a tool message: the `tool_result` block it came from).
+    Message {
+        /// Its index.
+        message: usize,
+    },
+    /// `messages[message].content[part]`.
+    Part {
+        /// The message's index.
+        message: usize,
+        /// The part's index.
+        part: usize,
+    },
+    /// `messages[message].tool_calls[call]` (a `tool_use` block).
+    ToolCall {
+        /// The message's index.
+        message: usize,
+        /// The call's index.
+        call: usize,
+    },
+    /// `tools[tool]`.
+    Tool {
+        /// The tool's index.
+        tool: usize,
+    },
+}
+
+/// One block's Anthropic-only fields (`cache_control`, …) and where they belong.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockExtra {
+    /// Where.
+    pub at: BlockAt,
+    /// The fields, as the client sent them.
+    pub fields: Map<String, Value>,
 }
 
 /// Tokens in `bytes` bytes of text by the usual 4-bytes-a-token rule, at least 1.
@@ -156,6 +244,10 @@ pub struct Message {
     /// Other fields, passed through.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// Fields of the Anthropic `tool_result` block a tool message came from with no OpenAI
+    /// equivalent (`cache_control`, …), passed only to Anthropic upstreams.
+    #[serde(skip)]
+    pub anthropic_extra: Map<String, Value>,
 }
 
 impl Message {
@@ -168,6 +260,7 @@ impl Message {
             tool_calls: None,
             tool_call_id: None,
             extra: Map::new(),
+            anthropic_extra: Map::new(),
         }
     }
 
@@ -223,12 +316,22 @@ pub struct Part {
     /// Other fields, passed through.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+    /// Fields of the Anthropic block it came from with no OpenAI equivalent (`cache_control`,
+    /// `citations`, …), passed only to Anthropic upstreams.
+    #[serde(skip)]
+    pub anthropic_extra: Map<String, Value>,
 }
 
 impl Part {
     /// A `text` part.
     pub fn text(text: impl Into<String>) -> Self {
-        Part { kind: "text".into(), text: Some(text.into()), image_url: None, extra: Map::new() }
+        Part {
+            kind: "text".into(),
+            text: Some(text.into()),
+            image_url: None,
+            extra: Map::new(),
+            anthropic_extra: Map::new(),
+        }
     }
 }
 
@@ -250,6 +353,10 @@ pub struct Tool {
     pub kind: String,
     /// The function.
     pub function: FunctionDef,
+    /// Fields of the Anthropic tool it came from with no OpenAI equivalent (`cache_control`, …),
+    /// passed only to Anthropic upstreams.
+    #[serde(skip)]
+    pub anthropic_extra: Map<String, Value>,
 }
 
 /// A callable function's declaration.
@@ -278,6 +385,10 @@ pub struct ToolCall {
     pub kind: String,
     /// Name and arguments.
     pub function: FunctionCall,
+    /// Fields of the Anthropic `tool_use` block it came from with no OpenAI equivalent
+    /// (`cache_control`, …), passed only to Anthropic upstreams.
+    #[serde(skip)]
+    pub anthropic_extra: Map<String, Value>,
 }
 
 fn function_kind() -> String {
@@ -352,10 +463,27 @@ impl FinishReason {
 /// Token counts of one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Prompt tokens.
+    /// Prompt tokens, those read from or written to the provider's prompt cache included
+    /// (OpenAI's `prompt_tokens`; Anthropic's `input_tokens` plus its two cache counts).
     pub input_tokens: u32,
     /// Generated tokens.
     pub output_tokens: u32,
+    /// Prompt tokens the provider read from its prompt cache (OpenAI
+    /// `prompt_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
+    #[serde(default)]
+    pub cache_read_tokens: u32,
+    /// Prompt tokens the provider wrote to its prompt cache (Anthropic
+    /// `cache_creation_input_tokens`).
+    #[serde(default)]
+    pub cache_write_tokens: u32,
+}
+
+impl Usage {
+    /// Prompt tokens neither read from nor written to the provider's prompt cache (Anthropic's
+    /// `input_tokens`); zero rather than negative when an upstream's counts disagree.
+    pub fn uncached_input_tokens(self) -> u32 {
+        self.input_tokens.saturating_sub(self.cache_read_tokens).saturating_sub(self.cache_write_tokens)
+    }
 }
 
 /// A complete (non-streamed) answer in canonical form.
@@ -386,6 +514,8 @@ impl ChatResponse {
             model: self.model.clone(),
             created: self.created,
             input_tokens: self.usage.map(|u| u.input_tokens),
+            cache_read_tokens: self.usage.map_or(0, |u| u.cache_read_tokens),
+            cache_write_tokens: self.usage.map_or(0, |u| u.cache_write_tokens),
         }];
         if let Some(text) = &self.text {
             events.push(StreamEvent::Text(text.clone()));
@@ -423,8 +553,14 @@ pub enum StreamEvent {
         model: String,
         /// Unix seconds.
         created: u64,
-        /// Prompt tokens, where the upstream says them up front (Anthropic).
+        /// Prompt tokens, cached ones included, where the upstream says them up front (Anthropic).
         input_tokens: Option<u32>,
+        /// Of those, the tokens read from the provider's prompt cache.
+        #[serde(default)]
+        cache_read_tokens: u32,
+        /// Of those, the tokens written to the provider's prompt cache.
+        #[serde(default)]
+        cache_write_tokens: u32,
     },
     /// A piece of text.
     Text(String),
@@ -472,7 +608,8 @@ pub struct ResponseBuilder {
     text: Option<String>,
     tool_calls: Vec<ToolCall>,
     finish: Option<FinishReason>,
-    input_tokens: Option<u32>,
+    /// The prompt side of the usage, where the stream's start said it.
+    start_usage: Option<Usage>,
     usage: Option<Usage>,
 }
 
@@ -480,17 +617,23 @@ impl ResponseBuilder {
     /// Adds one event.
     pub fn push(&mut self, event: &StreamEvent) {
         match event {
-            StreamEvent::Start { id, model, created, input_tokens } => {
+            StreamEvent::Start { id, model, created, input_tokens, cache_read_tokens, cache_write_tokens } => {
                 self.id.clone_from(id);
                 self.model.clone_from(model);
                 self.created = *created;
-                self.input_tokens = *input_tokens;
+                self.start_usage = input_tokens.map(|input_tokens| Usage {
+                    input_tokens,
+                    output_tokens: 0,
+                    cache_read_tokens: *cache_read_tokens,
+                    cache_write_tokens: *cache_write_tokens,
+                });
             }
             StreamEvent::Text(t) => self.text.get_or_insert_with(String::new).push_str(t),
             StreamEvent::ToolCallStart { id, name, .. } => self.tool_calls.push(ToolCall {
                 id: id.clone(),
                 kind: function_kind(),
                 function: FunctionCall { name: name.clone(), arguments: String::new() },
+                anthropic_extra: Map::new(),
             }),
             StreamEvent::ToolCallArgs { index, json } => {
                 if let Some(call) = self.tool_calls.get_mut(*index as usize) {
@@ -504,7 +647,7 @@ impl ResponseBuilder {
 
     /// The whole answer.
     pub fn finish(self) -> ChatResponse {
-        let usage = self.usage.or(self.input_tokens.map(|input_tokens| Usage { input_tokens, output_tokens: 0 }));
+        let usage = self.usage.or(self.start_usage);
         ChatResponse {
             id: self.id,
             model: self.model,
@@ -549,12 +692,48 @@ mod tests {
                 id: "c1".into(),
                 kind: "function".into(),
                 function: FunctionCall { name: "f".into(), arguments: "{\"a\":1}".into() },
+                anthropic_extra: Map::new(),
             }],
             finish: FinishReason::ToolCalls,
-            usage: Some(Usage { input_tokens: 3, output_tokens: 4 }),
+            usage: Some(Usage { input_tokens: 30, output_tokens: 4, cache_read_tokens: 20, cache_write_tokens: 5 }),
         };
         let mut b = ResponseBuilder::default();
         resp.to_events().iter().for_each(|e| b.push(e));
         assert_eq!(b.finish(), resp);
+
+        // A stream cut before its usage still says the prompt side its start carried.
+        let mut b = ResponseBuilder::default();
+        resp.to_events().iter().filter(|e| !matches!(e, StreamEvent::Usage(_))).for_each(|e| b.push(e));
+        let usage = Usage { output_tokens: 0, ..resp.usage.unwrap() };
+        assert_eq!(b.finish().usage, Some(usage));
+    }
+
+    #[test]
+    fn block_extras_come_out_and_go_back_where_they_were() {
+        let body = r#"{"model":"m","messages":[
+            {"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]},
+            {"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]},
+            {"role":"tool","tool_call_id":"c","content":"r"}],
+            "tools":[{"type":"function","function":{"name":"f"}}]}"#;
+        let mut req: ChatRequest = serde_json::from_str(body).unwrap();
+        let marker = |n: u32| -> Map<String, Value> {
+            serde_json::from_value(serde_json::json!({ "cache_control": { "type": "ephemeral", "n": n } })).unwrap()
+        };
+        let Some(Content::Parts(parts)) = &mut req.messages[0].content else { panic!("parts") };
+        parts[1].anthropic_extra = marker(1);
+        req.messages[1].tool_calls.as_mut().unwrap()[0].anthropic_extra = marker(2);
+        req.messages[2].anthropic_extra = marker(3);
+        req.tools.as_mut().unwrap()[0].anthropic_extra = marker(4);
+        let original = req.clone();
+
+        let extras = req.take_block_extras();
+        assert_eq!(extras.len(), 4);
+        assert_ne!(req, original, "taken out");
+        let mut back = req.clone();
+        back.put_block_extras(extras).unwrap();
+        assert_eq!(back, original);
+
+        let stray = BlockExtra { at: BlockAt::Part { message: 2, part: 0 }, fields: marker(5) };
+        assert_eq!(req.put_block_extras(vec![stray]), Err(BlockAt::Part { message: 2, part: 0 }));
     }
 }

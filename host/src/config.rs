@@ -100,6 +100,60 @@ pub struct Config {
     /// `[health]`: outlier ejection and active probes of targets.
     #[serde(default)]
     pub health: HealthConfig,
+    /// `[budgets]`: where the tenants' budget counters live, and the streams' credit chunk.
+    #[serde(default)]
+    pub budgets: BudgetSettings,
+    /// `[ledger]`: the durable record of every request.
+    #[serde(default)]
+    pub ledger: LedgerConfig,
+}
+
+/// `[ledger]`: where every request's record goes (see `crate::ledger`). On by default, in an
+/// SQLite file in the node's data directory; a region with several edges points them all at one
+/// PostgreSQL database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Whether requests are recorded (default true).
+    pub enabled: bool,
+    /// The node's data directory: the SQLite file (`ledger.db`) and the spill file of records the
+    /// store could not take yet (`ledger-spill.jsonl`) live here (default `.meridian`).
+    pub dir: PathBuf,
+    /// The store: `sqlite:PATH` or `postgres://…` (may use `${VAR}`); default `sqlite:DIR/ledger.db`.
+    pub url: Option<String>,
+    /// Records are written at least this often, so a killed node loses at most this much
+    /// (default 200 ms).
+    pub flush_interval_ms: u64,
+    /// Records waiting to be written before new requests wait for the writer (default 65536).
+    pub queue_capacity: usize,
+    /// Records older than this many days are deleted (default 90; 0 keeps them forever).
+    pub retention_days: u32,
+    /// How often a dedicated target's hours are written as standing costs (default 60 s).
+    pub standing_interval_secs: u64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            enabled: true,
+            dir: PathBuf::from(".meridian"),
+            url: None,
+            flush_interval_ms: 200,
+            queue_capacity: 65_536,
+            retention_days: 90,
+            standing_interval_secs: 60,
+        }
+    }
+}
+
+impl LedgerConfig {
+    /// The store's URL, environment variables expanded.
+    pub fn store_url(&self) -> Result<String, ConfigError> {
+        match &self.url {
+            Some(url) => expand_env(url, "ledger.url"),
+            None => Ok(format!("sqlite:{}", self.dir.join("ledger.db").display())),
+        }
+    }
 }
 
 /// `[health]`: when a failing target is taken out of rotation, for how long, and how often
@@ -338,6 +392,61 @@ pub struct TenantConfig {
     /// Whether its requests may be relayed to another region's edge (`api = "edge"` targets).
     #[serde(default)]
     pub relay: RelayPolicy,
+    /// `[tenants.budgets]`: its spend and token limits (see `crate::budget`); none when empty.
+    #[serde(default)]
+    pub budgets: TenantBudgets,
+}
+
+/// `[tenants.budgets]`: a tenant's limits, each absent (no limit) or a maximum. Days and months
+/// are UTC calendar periods, minutes clock minutes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantBudgets {
+    /// USD a day.
+    pub usd_per_day: Option<f64>,
+    /// USD a month.
+    pub usd_per_month: Option<f64>,
+    /// Tokens (prompt and output) a day.
+    pub tokens_per_day: Option<u64>,
+    /// Tokens a month.
+    pub tokens_per_month: Option<u64>,
+    /// Tokens a minute (TPM).
+    pub tokens_per_minute: Option<u64>,
+    /// Requests a minute (RPM).
+    pub requests_per_minute: Option<u64>,
+}
+
+/// `[budgets]`: where budget counters live, shared by every tenant of the node.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BudgetSettings {
+    /// `redis://…` (may use `${VAR}`): counters shared by every edge pointed at the same server;
+    /// absent, they live in this process alone.
+    pub redis_url: Option<String>,
+    /// The prefix of every Redis key (default `meridian:budget`).
+    pub key_prefix: String,
+    /// Output tokens a stream with no output limit is granted at a time (default 256).
+    pub credit_chunk_tokens: u32,
+    /// How long one Redis command may take before the request is refused (default 1000).
+    pub redis_timeout_ms: u64,
+}
+
+impl Default for BudgetSettings {
+    fn default() -> Self {
+        BudgetSettings {
+            redis_url: None,
+            key_prefix: "meridian:budget".into(),
+            credit_chunk_tokens: 256,
+            redis_timeout_ms: 1000,
+        }
+    }
+}
+
+impl BudgetSettings {
+    /// The Redis URL, environment variables expanded.
+    pub fn redis_url(&self) -> Result<Option<String>, ConfigError> {
+        self.redis_url.as_deref().map(|url| expand_env(url, "budgets.redis_url")).transpose()
+    }
 }
 
 /// A tenant's rule for handing requests to other regions' edges. Whatever it says, routers still
@@ -404,6 +513,18 @@ pub enum TargetKind {
     Dedicated,
     /// Another region's edge (`api = "edge"`); what it costs is accounted there.
     RemoteEdge,
+}
+
+impl TargetKind {
+    /// Its name in config, metrics and the ledger.
+    pub fn name(self) -> &'static str {
+        match self {
+            TargetKind::Managed => "managed",
+            TargetKind::Serverless => "serverless",
+            TargetKind::Dedicated => "dedicated",
+            TargetKind::RemoteEdge => "remote_edge",
+        }
+    }
 }
 
 /// `[targets.NAME]`: one upstream.
@@ -644,6 +765,37 @@ impl Config {
         for (i, k) in n.admin_keys.iter().enumerate() {
             parse_key_hash(k).map_err(|m| invalid(format!("node.admin_keys[{i}]"), m))?;
         }
+        let l = &self.ledger;
+        if l.enabled {
+            if l.flush_interval_ms == 0 || l.flush_interval_ms > 60_000 {
+                return Err(invalid("ledger.flush_interval_ms", "must be between 1 and 60000"));
+            }
+            if l.queue_capacity == 0 {
+                return Err(invalid("ledger.queue_capacity", "must be greater than 0"));
+            }
+            if l.standing_interval_secs == 0 {
+                return Err(invalid("ledger.standing_interval_secs", "must be greater than 0"));
+            }
+            let url = l.store_url()?;
+            if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(invalid("ledger.url", "must be `sqlite:PATH` or `postgres://…`"));
+            }
+        }
+        let b = &self.budgets;
+        if b.credit_chunk_tokens == 0 {
+            return Err(invalid("budgets.credit_chunk_tokens", "must be greater than 0"));
+        }
+        if b.redis_timeout_ms == 0 {
+            return Err(invalid("budgets.redis_timeout_ms", "must be greater than 0"));
+        }
+        if b.key_prefix.is_empty() {
+            return Err(invalid("budgets.key_prefix", "must not be empty"));
+        }
+        if let Some(url) = b.redis_url()? {
+            if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+                return Err(invalid("budgets.redis_url", format!("must be a redis:// URL, not `{url}`")));
+            }
+        }
         let h = &self.health;
         if h.ejection_threshold == 0 {
             return Err(invalid("health.ejection_threshold", "must be greater than 0"));
@@ -705,6 +857,12 @@ impl Config {
             }
             if t.price_cap_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
                 return Err(invalid(format!("tenants[{i}].price_cap_usd"), "must be a non-negative number"));
+            }
+            let b = &t.budgets;
+            for (key, usd) in [("usd_per_day", b.usd_per_day), ("usd_per_month", b.usd_per_month)] {
+                if usd.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                    return Err(invalid(format!("tenants[{i}].budgets.{key}"), "must be a non-negative number"));
+                }
             }
             if t.relay == RelayPolicy::Redacted && t.filters.is_empty() {
                 return Err(invalid(

@@ -53,6 +53,21 @@ pub enum GatewayError {
     /// The node is at `node.max_in_flight`.
     #[error("the edge is overloaded; retry shortly")]
     Overloaded,
+    /// One of the tenant's budgets (`[tenants.budgets]`) cannot cover the request, or the rest
+    /// of a stream.
+    #[error("budget exhausted for tenant `{tenant}`: {limit} is spent; it resets in {retry_after:?}")]
+    BudgetExhausted {
+        /// The tenant.
+        tenant: String,
+        /// The limit, as its config key names it (`usd_per_day`, `requests_per_minute`, …).
+        limit: &'static str,
+        /// Until the limit's period resets.
+        retry_after: Duration,
+    },
+    /// The shared budget counters (`budgets.redis_url`) did not answer, so the request is refused
+    /// rather than run unaccounted.
+    #[error("the budget counters are unavailable: {0}")]
+    BudgetUnavailable(String),
     /// Every target failed; the last failure is kept.
     #[error("{0}")]
     Upstream(#[from] UpstreamError),
@@ -465,8 +480,10 @@ impl GatewayError {
             GatewayError::UnknownModel(_) | GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Overloaded | GatewayError::FilterFailed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Overloaded | GatewayError::FilterFailed { .. } | GatewayError::BudgetUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::Blocked { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
             GatewayError::Relay(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
@@ -500,8 +517,8 @@ impl GatewayError {
             GatewayError::Refused(Refusal::Policy { .. }) => ErrorClass::InvalidRequest,
             GatewayError::Unauthorized => ErrorClass::Authentication,
             GatewayError::NotFound { .. } => ErrorClass::NotFound,
-            GatewayError::RateLimited { .. } => ErrorClass::RateLimit,
-            GatewayError::Overloaded => ErrorClass::Overloaded,
+            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => ErrorClass::RateLimit,
+            GatewayError::Overloaded | GatewayError::BudgetUnavailable(_) => ErrorClass::Overloaded,
             GatewayError::BodyTimeout(_) => ErrorClass::Timeout,
             GatewayError::Upstream(e) => match e.client_status().as_u16() {
                 504 => ErrorClass::Timeout,
@@ -526,7 +543,11 @@ impl GatewayError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             GatewayError::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
-            GatewayError::Overloaded => Some(1),
+            // Whole seconds, rounded up: a client that waits that long finds the period reset.
+            GatewayError::BudgetExhausted { retry_after, .. } => {
+                Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
+            }
+            GatewayError::Overloaded | GatewayError::BudgetUnavailable(_) => Some(1),
             _ => None,
         }
     }
@@ -543,6 +564,8 @@ impl GatewayError {
             GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Overloaded => "overloaded",
+            GatewayError::BudgetExhausted { .. } => "budget_exhausted",
+            GatewayError::BudgetUnavailable(_) => "budget_unavailable",
             GatewayError::Blocked { .. } => "content_blocked",
             GatewayError::FilterFailed { .. } => "filter_failed",
             GatewayError::Rejected { .. } => "rejected_by_router",

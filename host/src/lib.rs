@@ -19,13 +19,16 @@
 
 pub mod accounting;
 pub mod api;
+pub mod budget;
 pub mod cache;
 pub mod chain;
 pub mod chat;
 pub mod config;
+pub mod cost;
 pub mod dispatch;
 pub mod edge;
 pub mod error;
+pub mod ledger;
 pub mod metrics;
 pub mod plugin;
 pub mod redaction;

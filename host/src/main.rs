@@ -8,6 +8,7 @@ use meridian::config::{hash_key, Config, LogFormat};
 use meridian::server::Server;
 use tracing_subscriber::EnvFilter;
 
+mod cost_cli;
 mod node_cli;
 mod plugin_cli;
 mod regions_cli;
@@ -63,6 +64,10 @@ enum Command {
     /// Work with deployment topologies (regions, their edges, engines and managed targets).
     #[command(subcommand)]
     Regions(regions_cli::RegionsCommand),
+    /// Which way to buy inference: the break-even report from the ledger, the worked example,
+    /// and a month replayed under each way of buying capacity.
+    #[command(subcommand)]
+    Cost(cost_cli::CostCommand),
 }
 
 #[derive(Subcommand)]
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         Command::Certs(command) => node_cli::certs(command),
         Command::Up(args) => node_cli::up(&args),
         Command::Regions(command) => regions_cli::run(command),
+        Command::Cost(command) => cost_cli::run(command),
         Command::Key(KeyCommand::New) => {
             let key = format!("mk-{}", uuid::Uuid::new_v4().simple());
             println!("key:  {key}\nhash: {}", hash_key(&key));

@@ -50,6 +50,20 @@ pub struct Metrics {
     /// the sending node may not relay them (`unauthorized_peer`, `bad_path`,
     /// `tenant_not_accepted`).
     pub relay_refusals: IntCounterVec,
+    /// The ledger writer's own metrics.
+    pub ledger: LedgerMetrics,
+}
+
+/// What the ledger's writer did (see `crate::ledger`).
+#[derive(Clone)]
+pub struct LedgerMetrics {
+    /// `meridian_ledger_records_total{result}`: records `written` to the store, or `spilled` to
+    /// the spill file because the store refused them (written later).
+    pub records: IntCounterVec,
+    /// `meridian_ledger_queue`: records waiting for the writer.
+    pub queue: IntGauge,
+    /// `meridian_standing_cost_usd_total{target}`: dedicated targets' hours, busy or idle.
+    pub standing_cost: CounterVec,
 }
 
 impl Metrics {
@@ -137,8 +151,25 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let ledger = LedgerMetrics {
+            records: IntCounterVec::new(
+                Opts::new("meridian_ledger_records_total", "Ledger records written to the store or spilled"),
+                &["result"],
+            )
+            .expect("valid metric"),
+            queue: IntGauge::new("meridian_ledger_queue", "Ledger records waiting for the writer")
+                .expect("valid metric"),
+            standing_cost: CounterVec::new(
+                Opts::new("meridian_standing_cost_usd_total", "Dedicated targets' cost over wall time, busy or idle"),
+                &["target"],
+            )
+            .expect("valid metric"),
+        };
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ledger.records.clone()),
+            Box::new(ledger.queue.clone()),
+            Box::new(ledger.standing_cost.clone()),
             Box::new(target_latency.clone()),
             Box::new(target_health.clone()),
             Box::new(target_in_flight.clone()),
@@ -161,6 +192,7 @@ impl Metrics {
         }
         Metrics {
             registry,
+            ledger,
             requests,
             duration,
             ttft,

@@ -115,6 +115,11 @@ pub struct Placeholders {
 }
 
 impl Placeholders {
+    /// How many distinct values were redacted.
+    pub fn len(&self) -> usize {
+        self.originals.len()
+    }
+
     /// Whether nothing was redacted.
     pub fn is_empty(&self) -> bool {
         self.originals.is_empty()
@@ -290,6 +295,7 @@ mod tests {
             id: "c1".into(),
             kind: "function".into(),
             function: FunctionCall { name: "mail".into(), arguments: r#"{"to":"ann@x.io"}"#.into() },
+            anthropic_extra: Default::default(),
         }]);
         ChatRequest {
             model: "m".into(),

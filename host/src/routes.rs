@@ -133,10 +133,10 @@ pub fn router_view(t: &TargetFacts<'_>, stats: &Snapshot) -> plugin::Target {
 impl From<accounting::PriceModel> for PriceModel {
     fn from(p: accounting::PriceModel) -> PriceModel {
         match p {
-            accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
+            accounting::PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok, .. } => {
                 PriceModel::Token(TokenPrice { input_usd_per_mtok, output_usd_per_mtok })
             }
-            accounting::PriceModel::GpuSecond { usd_per_second } => PriceModel::GpuSecond(usd_per_second),
+            accounting::PriceModel::GpuSecond { usd_per_second, .. } => PriceModel::GpuSecond(usd_per_second),
             accounting::PriceModel::Hour { usd_per_hour, capacity } => {
                 PriceModel::Hour(HourPrice { usd_per_hour, capacity })
             }

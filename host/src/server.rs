@@ -168,6 +168,7 @@ impl Server {
             }
         };
         tokio::join!(http, relayed);
+        self.edge.close().await;
     }
 }
 

@@ -421,20 +421,22 @@ fn mix(mut z: u64) -> u64 {
 
 /// What a stream of draws is for.
 #[derive(Clone, Copy)]
-enum Stream {
+pub(crate) enum Stream {
     World = 1,
     Arrival,
     Request,
     Attempt,
     Probe,
     Outage,
+    /// `meridian cost replay`'s generated month ([`crate::cost::replay`]).
+    CostMonth,
 }
 
 /// SplitMix64, started from the seed, a stream and two keys.
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64, stream: Stream, a: u64, b: u64) -> Rng {
+    pub(crate) fn new(seed: u64, stream: Stream, a: u64, b: u64) -> Rng {
         Rng(mix(seed ^ mix((stream as u64) ^ mix(a ^ mix(b.wrapping_add(0x5851_F42D))))))
     }
 
@@ -444,27 +446,27 @@ impl Rng {
     }
 
     /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
+    pub(crate) fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+    pub(crate) fn range(&mut self, lo: f64, hi: f64) -> f64 {
         lo + (hi - lo) * self.unit()
     }
 
     /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
+    pub(crate) fn normal(&mut self) -> f64 {
         let u = 1.0 - self.unit();
         let v = self.unit();
         (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
     }
 
     /// Log-normal with this median and log-space standard deviation.
-    fn lognormal(&mut self, median: f64, sigma: f64) -> f64 {
+    pub(crate) fn lognormal(&mut self, median: f64, sigma: f64) -> f64 {
         median * (sigma * self.normal()).exp()
     }
 
-    fn exponential(&mut self, mean: f64) -> f64 {
+    pub(crate) fn exponential(&mut self, mean: f64) -> f64 {
         -mean * (1.0 - self.unit()).ln()
     }
 
@@ -552,7 +554,7 @@ impl<'a> World<'a> {
                 (
                     "managed",
                     TargetKind::Managed,
-                    PriceModel::Token { input_usd_per_mtok: input, output_usd_per_mtok: 4.0 * input },
+                    PriceModel::token(input, 4.0 * input),
                     rng.range(250.0, 450.0),
                     rng.range(70.0, 110.0),
                     0.010,
@@ -560,7 +562,7 @@ impl<'a> World<'a> {
                 (
                     "serverless",
                     TargetKind::Serverless,
-                    PriceModel::GpuSecond { usd_per_second: rng.range(0.5, 1.5) / 3600.0 },
+                    PriceModel::gpu_second(rng.range(0.5, 1.5) / 3600.0),
                     rng.range(180.0, 300.0),
                     rng.range(50.0, 80.0),
                     0.020,
@@ -787,25 +789,25 @@ impl Response {
 
 /// One attempt as it was played; times in µs from the attempt's start.
 #[derive(Debug, Clone, Copy)]
-struct Played {
-    response: Response,
+pub(crate) struct Played {
+    pub(crate) response: Response,
     /// Until the edge has its outcome: the whole answer, a stream's first token, the failure.
-    latency_us: u64,
+    pub(crate) latency_us: u64,
     /// A stream's time to its first token, when it answered.
-    ttft_us: Option<u64>,
+    pub(crate) ttft_us: Option<u64>,
     /// Until the target is done with the request (an answer's last token): in flight until then.
-    busy_us: u64,
+    pub(crate) busy_us: u64,
 }
 
 impl Played {
     /// An attempt whose outcome comes, and whose target is done with it, after `ms`.
-    fn after(response: Response, ms: f64) -> Played {
+    pub(crate) fn after(response: Response, ms: f64) -> Played {
         Played { response, latency_us: us(ms), ttft_us: None, busy_us: us(ms) }
     }
 }
 
 /// Simulated milliseconds as whole microseconds.
-fn us(ms: f64) -> u64 {
+pub(crate) fn us(ms: f64) -> u64 {
     (ms * 1000.0) as u64
 }
 
@@ -821,7 +823,7 @@ enum Observation {
 /// What one simulated edge knows of its targets (by their place in its static order): the live
 /// statistics the edge keeps, the observations on their way to it, and its requests in flight.
 /// Simulated time is µs since `base`.
-struct EdgeState {
+pub(crate) struct EdgeState {
     base: Instant,
     stats: Vec<TargetStats>,
     /// Observations to apply at their time: (µs, sequence) → (target, what).
@@ -832,7 +834,7 @@ struct EdgeState {
 }
 
 impl EdgeState {
-    fn new(base: Instant, targets: usize, ejection: Ejection) -> EdgeState {
+    pub(crate) fn new(base: Instant, targets: usize, ejection: Ejection) -> EdgeState {
         EdgeState {
             base,
             stats: (0..targets).map(|_| TargetStats::new(ejection)).collect(),
@@ -869,7 +871,7 @@ impl EdgeState {
     /// The edge at `now_us`: what it has observed by then applied in time order, as the edge
     /// applies outcomes ([`TargetStats::attempt`]) and probes ([`TargetStats::probe`]), and the
     /// requests in flight that ended by then done.
-    fn advance(&mut self, now_us: u64) {
+    pub(crate) fn advance(&mut self, now_us: u64) {
         while let Some(entry) = self.pending.first_entry().filter(|e| e.key().0 <= now_us) {
             let ((us, _), (i, what)) = entry.remove_entry();
             let (stats, at) = (&self.stats[i], self.at(us));
@@ -889,7 +891,7 @@ impl EdgeState {
     }
 
     /// Every target's statistics at `now_us`.
-    fn snapshots(&self, now_us: u64) -> Vec<Snapshot> {
+    pub(crate) fn snapshots(&self, now_us: u64) -> Vec<Snapshot> {
         let now = self.at(now_us);
         self.stats.iter().map(|s| s.snapshot(now)).collect()
     }
@@ -912,11 +914,11 @@ impl Admit for HealthAt<'_> {
 }
 
 /// How a request went through its attempts.
-struct Dispatched {
+pub(crate) struct Dispatched {
     /// The targets tried, in order (indices into the candidates).
-    tried: Vec<usize>,
+    pub(crate) tried: Vec<usize>,
     /// The target that answered, or the failure the client got.
-    result: Result<usize, UpstreamError>,
+    pub(crate) result: Result<usize, UpstreamError>,
 }
 
 /// One request at a simulated edge, from `start_us`: the step both the simulation and [`replay`]
@@ -924,7 +926,7 @@ struct Dispatched {
 /// simulated time each attempt starts; `play` plays each attempt (target, start µs). An attempt's
 /// outcome reaches the edge's statistics when it ends, and the target holds the request in flight
 /// until it is done with it.
-fn dispatch_request(
+pub(crate) fn dispatch_request(
     edge: &mut EdgeState,
     candidates: &[Candidate],
     policy: &Policy,
@@ -958,7 +960,7 @@ fn dispatch_request(
 }
 
 /// The targets' statistics as the dispatch core sees them.
-fn candidates(targets: &[SimTarget], stats: &[Snapshot]) -> Vec<Candidate> {
+pub(crate) fn candidates(targets: &[SimTarget], stats: &[Snapshot]) -> Vec<Candidate> {
     targets.iter().zip(stats).map(|(t, s)| routes::candidate(&t.facts(), t.protocol(), s)).collect()
 }
 
@@ -1177,11 +1179,11 @@ impl Capacity {
         }
         report.variable_usd += match t.config.price {
             // A failed managed call is not billed; a serverless GPU bills its busy time.
-            Some(PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok }) if !fails => {
+            Some(PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok, .. }) if !fails => {
                 (req.summary.prompt_tokens as f64 * input_usd_per_mtok + req.output_tokens as f64 * output_usd_per_mtok)
                     / 1e6
             }
-            Some(PriceModel::GpuSecond { usd_per_second }) => busy_ms / 1000.0 * usd_per_second,
+            Some(PriceModel::GpuSecond { usd_per_second, .. }) => busy_ms / 1000.0 * usd_per_second,
             _ => 0.0,
         };
         if fails {

@@ -70,6 +70,9 @@ pub struct Target {
     pub own_infrastructure: bool,
     /// Its live statistics and ejection state.
     pub stats: TargetStats,
+    /// When a request was last sent to it or last finished there: whether a target that scales
+    /// to zero was idle long enough to start cold.
+    last_active: std::sync::Mutex<Option<Instant>>,
     config: TargetConfig,
     /// How it is reached, with exactly what reaching it takes.
     transport: Transport,
@@ -205,9 +208,21 @@ impl Target {
             region: tc.region.clone(),
             own_infrastructure: tc.own_infrastructure,
             stats: TargetStats::new(Ejection::from(&config.health)),
+            last_active: std::sync::Mutex::new(None),
             config: tc.clone(),
             transport,
         })
+    }
+
+    /// Notes activity at `now` (a request sent, or one finished) and returns the previous
+    /// activity, if any: the idle time before a request, which decides a serverless cold start.
+    pub fn touch(&self, now: Instant) -> Option<Instant> {
+        let mut last = self.last_active.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let previous = *last;
+        if previous.is_none_or(|p| p < now) {
+            *last = Some(now);
+        }
+        previous
     }
 
     /// Its wire protocol.

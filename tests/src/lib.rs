@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 pub mod engine;
 pub mod netns;
+pub mod servers;
 
 /// The key of tenant `acme`.
 pub const ACME_KEY: &str = "sk-acme-test";
@@ -109,6 +110,8 @@ ttl_secs = 60
 /// `base_url`: the upstream key from `${MERIDIAN_E2E_UPSTREAM_KEY}` (see [`UPSTREAM_KEY`]),
 /// first-byte and chunk timeouts of 1 s, and `price` as (input, output) USD per million tokens.
 pub fn mock_target_toml(name: &str, api: &str, base_url: &str, price: (f64, f64)) -> String {
+    // The TOML names the variable: it is set before any config holding it is parsed.
+    set_upstream_key();
     let (input, output) = price;
     format!(
         r#"[targets.{name}]
@@ -151,7 +154,7 @@ fn model_fields(name: &str, routes: &[(&str, Option<&str>)]) -> String {
 
 /// A per-token price: USD per million input and output tokens.
 pub fn token_price(input_usd_per_mtok: f64, output_usd_per_mtok: f64) -> Option<PriceModel> {
-    Some(PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok })
+    Some(PriceModel::token(input_usd_per_mtok, output_usd_per_mtok))
 }
 
 /// Edits of a [`Config`] by name. Each panics when the name is absent, so that a test never
@@ -196,6 +199,8 @@ pub struct TestEdge {
     pub edge: Arc<Edge>,
     shutdown: Option<oneshot::Sender<()>>,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// The ledger's data directory, when the config left it at the default.
+    _data: Option<TempDir>,
 }
 
 impl TestEdge {
@@ -205,7 +210,14 @@ impl TestEdge {
     }
 
     /// Starts an edge with `config`, or says why it could not start.
-    pub async fn try_start(config: Config) -> Result<TestEdge, StartError> {
+    pub async fn try_start(mut config: Config) -> Result<TestEdge, StartError> {
+        // Each edge gets its own ledger unless the test chose one: many edges run in one process.
+        let default = meridian::config::LedgerConfig::default();
+        let data = (config.ledger.url.is_none() && config.ledger.dir == default.dir).then(|| {
+            let dir = TempDir::new("ledger");
+            config.ledger.dir = dir.path().to_path_buf();
+            dir
+        });
         let server = Server::bind(config).await?;
         let addr = server.local_addr();
         let edge = Arc::clone(server.edge());
@@ -213,7 +225,13 @@ impl TestEdge {
         tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
-        Ok(TestEdge { addr, edge, shutdown: Some(tx), client: Client::builder(TokioExecutor::new()).build_http() })
+        Ok(TestEdge {
+            addr,
+            edge,
+            shutdown: Some(tx),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            _data: data,
+        })
     }
 
     /// `http://ADDR`.

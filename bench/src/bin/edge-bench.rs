@@ -3,7 +3,8 @@
 //! Starts the mock managed API and an edge node in front of it as separate release processes,
 //! then prints, for direct and through-the-edge calls: p50/p90/p99 latency and requests/s at
 //! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; the plugin
-//! chain (pii-redactor + latency-router) on and off at concurrency 1; cache-hit
+//! chain (pii-redactor + latency-router) on and off at concurrency 1; the request ledger on and
+//! off at concurrency 64 (the edge's CPU per request, medians of 3 interleaved runs); cache-hit
 //! latency; the edge's RSS (idle and peak) and CPU time per request.
 //!
 //! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
@@ -83,7 +84,7 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     wait_listening(mock_addr)?;
 
     let edge_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let edge = start_edge(&bin_dir, &tmp, "edge", edge_addr, mock_addr, false)?;
+    let edge = start_edge(&bin_dir, &tmp, "edge", edge_addr, mock_addr, Edge::default())?;
     let edge_pid = edge.0.id();
     wait_listening(edge_addr)?;
     std::thread::sleep(Duration::from_millis(200));
@@ -123,7 +124,8 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     // The same request through a second edge whose tenant runs the default plugin chain
     // (pii-redactor, then latency-router), back to back with the plain edge.
     let chain_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let chained = start_edge(&bin_dir, &tmp, "edge-chain", chain_addr, mock_addr, true)?;
+    let chained =
+        start_edge(&bin_dir, &tmp, "edge-chain", chain_addr, mock_addr, Edge { chain: true, ..Edge::default() })?;
     wait_listening(chain_addr)?;
     let off = wrk(&tmp, &through, plain, 1, duration)?;
     let on = wrk(&tmp, &format!("http://{chain_addr}"), plain, 1, duration)?;
@@ -134,6 +136,33 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
             r.p50_ms, r.p90_ms, r.p99_ms, r.rps, r.errors
         );
     }
+    // The ledger's cost: the same edge without it, side by side at c=64, interleaved and
+    // repeated; the medians of the edge's CPU per request.
+    let unledgered_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let unledgered = start_edge(
+        &bin_dir,
+        &tmp,
+        "edge-no-ledger",
+        unledgered_addr,
+        mock_addr,
+        Edge { ledger: false, ..Edge::default() },
+    )?;
+    wait_listening(unledgered_addr)?;
+    let unledgered_url = format!("http://{unledgered_addr}");
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        for (pid, url, into) in [(edge_pid, &through, &mut with), (unledgered.0.id(), &unledgered_url, &mut without)] {
+            let before = proc_cpu(pid);
+            let r = wrk(&tmp, url, plain, 64, duration)?;
+            into.push(proc_cpu(pid).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64);
+        }
+    }
+    drop(unledgered);
+    let (on_cpu, off_cpu) = (median(&mut with), median(&mut without));
+    println!(
+        "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {on_cpu:.1} / {off_cpu:.1} (ledger {:+.1}) |",
+        on_cpu - off_cpu
+    );
     let cpu_before = proc_cpu(edge_pid);
     let hit = wrk(&tmp, &through, cached, 1, duration)?;
     let hit_cpu = proc_cpu(edge_pid).saturating_sub(cpu_before).as_secs_f64() * 1e6 / hit.requests.max(1) as f64;
@@ -186,16 +215,36 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// Starts an edge process in front of the mock; with `chain`, the tenant runs the shipped
-/// `pii-redactor` and `latency-router` components.
+/// What an edge of the benchmark runs besides the plain path.
+struct Edge {
+    /// The tenant runs the shipped `pii-redactor` and `latency-router` components.
+    chain: bool,
+    /// The request ledger (SQLite in the run's temp dir), on by default as in a real node.
+    ledger: bool,
+}
+
+impl Default for Edge {
+    fn default() -> Self {
+        Edge { chain: false, ledger: true }
+    }
+}
+
+/// The median of `values` (sorted in place).
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Starts an edge process in front of the mock, running what `edge` says.
 fn start_edge(
     bin_dir: &Path,
     tmp: &Path,
     name: &str,
     edge_addr: SocketAddr,
     mock_addr: SocketAddr,
-    chain: bool,
+    edge: Edge,
 ) -> Result<Proc, String> {
+    let chain = edge.chain;
     let wasm = |crate_name: &str| bin_dir.join(format!("../wasm32-wasip2/release/{crate_name}.wasm"));
     let plugins = if chain {
         for c in ["pii_redactor", "latency_router"] {
@@ -231,6 +280,9 @@ path = "{latency}"
 listen = "{edge_addr}"
 [log]
 level = "warn"
+[ledger]
+enabled = {ledger}
+dir = "{ledger_dir}"
 [[tenants]]
 name = "bench"
 keys = ["{hash}"]
@@ -244,7 +296,9 @@ name = "bench"
 targets = [{{ target = "mock" }}]
 {plugins}
 "#,
-            hash = hash_key(KEY)
+            hash = hash_key(KEY),
+            ledger = edge.ledger,
+            ledger_dir = tmp.join(name).display(),
         ),
     )
     .map_err(|e| e.to_string())?;

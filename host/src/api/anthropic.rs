@@ -57,7 +57,7 @@ enum WireContent {
 }
 
 /// A content block, kept open so that block types Meridian does not translate are reported, not
-/// silently lost.
+/// silently lost, and fields it does not translate (`cache_control`, …) reach Anthropic upstreams.
 #[derive(Deserialize)]
 struct Block {
     #[serde(rename = "type")]
@@ -78,6 +78,8 @@ struct Block {
     content: Option<WireContent>,
     #[serde(default)]
     is_error: Option<bool>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -99,6 +101,8 @@ struct WireTool {
     description: Option<String>,
     #[serde(default)]
     input_schema: Option<Value>,
+    #[serde(flatten)]
+    extra: Map<String, Value>,
 }
 
 #[derive(Deserialize)]
@@ -132,8 +136,8 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     require_range("top_p", wire.top_p, 0.0, 1.0)?;
 
     let mut messages = Vec::with_capacity(wire.messages.len() + 1);
-    if let Some(system) = &wire.system {
-        messages.push(Message::text(Role::System, system.text()));
+    if let Some(system) = wire.system {
+        messages.push(system_message(system)?);
     }
     for (i, m) in wire.messages.into_iter().enumerate() {
         to_canonical(i, m, &mut messages)?;
@@ -149,6 +153,7 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
                     parameters: t.input_schema,
                     extra: Map::new(),
                 },
+                anthropic_extra: t.extra,
             })
             .collect()
     });
@@ -180,6 +185,41 @@ pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
     })
 }
 
+/// The system prompt as one canonical system message: a string as it came, and blocks as text
+/// parts, each with its own fields (`cache_control`), or joined into one string when none has
+/// any (the form every OpenAI-compatible upstream takes).
+fn system_message(system: WireContent) -> Result<Message, GatewayError> {
+    let blocks = match system {
+        WireContent::Text(t) => return Ok(Message::text(Role::System, t)),
+        WireContent::Blocks(blocks) => blocks,
+    };
+    let parts = blocks
+        .into_iter()
+        .enumerate()
+        .map(|(j, b)| match b.kind.as_str() {
+            "text" => Ok(Part { anthropic_extra: b.extra, ..Part::text(b.text.unwrap_or_default()) }),
+            other => Err(field_error(
+                format!("system[{j}].type"),
+                format!("block type `{other}` is not supported in the system prompt"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if parts.iter().all(|p| p.anthropic_extra.is_empty()) {
+        return Ok(Message::text(Role::System, parts.iter().filter_map(|p| p.text.as_deref()).collect::<String>()));
+    }
+    Ok(Message { content: Some(Content::Parts(parts)), ..Message::text(Role::System, "") })
+}
+
+/// Canonical content for translated blocks: a lone plain text block is plain text, as an OpenAI
+/// client would have sent it; anything else, a block with its own fields included, stays parts.
+fn parts_content(parts: Vec<Part>) -> Option<Content> {
+    match parts.as_slice() {
+        [] => None,
+        [only] if only.kind == "text" && only.anthropic_extra.is_empty() => only.text.clone().map(Content::Text),
+        _ => Some(Content::Parts(parts)),
+    }
+}
+
 fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), GatewayError> {
     let blocks = match m.content {
         WireContent::Text(t) => {
@@ -194,7 +234,7 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
     for (j, b) in blocks.into_iter().enumerate() {
         let at = |field: &str| format!("messages[{i}].content[{j}].{field}");
         match b.kind.as_str() {
-            "text" => parts.push(Part::text(b.text.unwrap_or_default())),
+            "text" => parts.push(Part { anthropic_extra: b.extra, ..Part::text(b.text.unwrap_or_default()) }),
             "image" => {
                 let src = b.source.ok_or_else(|| field_error(at("source"), "is required on an image block"))?;
                 let url = match (src.kind.as_str(), src.data, src.url) {
@@ -209,6 +249,7 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
                     text: None,
                     image_url: Some(ImageUrl { url, detail: None }),
                     extra: Map::new(),
+                    anthropic_extra: b.extra,
                 });
             }
             "tool_use" if m.role == WireRole::Assistant => calls.push(ToolCall {
@@ -218,6 +259,7 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
                     name: b.name.ok_or_else(|| field_error(at("name"), "is required on a tool_use block"))?,
                     arguments: b.input.unwrap_or_else(|| json!({})).to_string(),
                 },
+                anthropic_extra: b.extra,
             }),
             "tool_result" if m.role == WireRole::User => {
                 let id = b.tool_use_id.ok_or_else(|| field_error(at("tool_use_id"), "is required"))?;
@@ -227,6 +269,7 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
                 }
                 let mut msg = Message::text(Role::Tool, text);
                 msg.tool_call_id = Some(id);
+                msg.anthropic_extra = b.extra;
                 out.push(msg);
             }
             other => {
@@ -239,18 +282,10 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
     }
     let role = if m.role == WireRole::User { Role::User } else { Role::Assistant };
     if !parts.is_empty() || !calls.is_empty() {
-        let content = match parts.as_slice() {
-            [] => None,
-            [only] if only.kind == "text" => only.text.clone().map(Content::Text),
-            _ => Some(Content::Parts(parts)),
-        };
         out.push(Message {
-            role,
-            content,
-            name: None,
+            content: parts_content(parts),
             tool_calls: (!calls.is_empty()).then_some(calls),
-            tool_call_id: None,
-            extra: Map::new(),
+            ..Message::text(role, "")
         });
     }
     Ok(())
@@ -265,15 +300,11 @@ fn role_name(r: WireRole) -> &'static str {
 
 /// The body sent to an Anthropic upstream for a canonical request.
 ///
-/// OpenAI-only fields (`extra`) are not sent: Anthropic refuses unknown fields. Temperature is
-/// clamped to Anthropic's 0–1 range.
+/// OpenAI-only fields (`extra`) are not sent: Anthropic refuses unknown fields. An Anthropic
+/// client's own fields (`anthropic_extra`, at the top and on each block) are, as they came.
+/// Temperature is clamped to Anthropic's 0–1 range.
 pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens: u32) -> Bytes {
-    let system: Vec<String> = req
-        .messages
-        .iter()
-        .filter(|m| matches!(m.role, Role::System | Role::Developer))
-        .map(Message::content_text)
-        .collect();
+    let system = system_prompt(req);
     let mut messages: Vec<Value> = Vec::new();
     for m in req.messages.iter().filter(|m| !matches!(m.role, Role::System | Role::Developer)) {
         let (role, blocks) = match m.role {
@@ -281,14 +312,19 @@ pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens
                 let mut blocks = content_blocks(m.content.as_ref());
                 for call in m.tool_calls.iter().flatten() {
                     let input: Value = serde_json::from_str(&call.function.arguments).unwrap_or_else(|_| json!({}));
-                    blocks
-                        .push(json!({ "type": "tool_use", "id": call.id, "name": call.function.name, "input": input }));
+                    blocks.push(with_extra(
+                        json!({ "type": "tool_use", "id": call.id, "name": call.function.name, "input": input }),
+                        &call.anthropic_extra,
+                    ));
                 }
                 ("assistant", blocks)
             }
             Role::Tool => (
                 "user",
-                vec![json!({ "type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content_text() })],
+                vec![with_extra(
+                    json!({ "type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content_text() }),
+                    &m.anthropic_extra,
+                )],
             ),
             _ => ("user", content_blocks(m.content.as_ref())),
         };
@@ -307,8 +343,8 @@ pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens
     body.insert("model".into(), json!(upstream_model));
     body.insert("max_tokens".into(), json!(req.output_limit().unwrap_or(default_max_tokens)));
     body.insert("messages".into(), Value::Array(messages));
-    if !system.is_empty() {
-        body.insert("system".into(), json!(system.join("\n\n")));
+    if let Some(system) = system {
+        body.insert("system".into(), system);
     }
     if let Some(t) = req.temperature {
         body.insert("temperature".into(), json!(t.min(1.0)));
@@ -332,7 +368,7 @@ pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens
                 if let Some(description) = &t.function.description {
                     tool["description"] = json!(description);
                 }
-                tool
+                with_extra(tool, &t.anthropic_extra)
             })
             .collect();
         body.insert("tools".into(), Value::Array(tools));
@@ -343,10 +379,38 @@ pub fn upstream_body(req: &ChatRequest, upstream_model: &str, default_max_tokens
     if req.is_stream() {
         body.insert("stream".into(), json!(true));
     }
-    for (k, v) in &req.anthropic_extra {
-        body.entry(k.clone()).or_insert_with(|| v.clone());
-    }
+    add_extra(&mut body, &req.anthropic_extra);
     Bytes::from(Value::Object(body).to_string())
+}
+
+/// Anthropic's one system prompt for the canonical system messages: their text joined, or, when
+/// any of them is made of parts (blocks with their own fields, such as `cache_control`), the
+/// blocks of all of them in order.
+fn system_prompt(req: &ChatRequest) -> Option<Value> {
+    let system: Vec<&Message> =
+        req.messages.iter().filter(|m| matches!(m.role, Role::System | Role::Developer)).collect();
+    if system.is_empty() {
+        None
+    } else if system.iter().any(|m| matches!(m.content, Some(Content::Parts(_)))) {
+        Some(Value::Array(system.iter().flat_map(|m| content_blocks(m.content.as_ref())).collect()))
+    } else {
+        Some(json!(system.iter().map(|m| m.content_text()).collect::<Vec<_>>().join("\n\n")))
+    }
+}
+
+/// Adds a client's own fields to what Meridian wrote, which wins on a clash.
+fn add_extra(object: &mut Map<String, Value>, extra: &Map<String, Value>) {
+    for (k, v) in extra {
+        object.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+}
+
+/// `block` with the client's own fields of the block it came from.
+fn with_extra(mut block: Value, extra: &Map<String, Value>) -> Value {
+    if let Some(object) = block.as_object_mut() {
+        add_extra(object, extra);
+    }
+    block
 }
 
 fn tool_choice(choice: &Value) -> Option<Value> {
@@ -368,16 +432,17 @@ fn content_blocks(content: Option<&Content>) -> Vec<Value> {
 }
 
 fn part_block(part: &Part) -> Option<Value> {
-    match (part.kind.as_str(), &part.text, &part.image_url) {
-        ("text", Some(text), _) => Some(json!({ "type": "text", "text": text })),
-        ("image_url", _, Some(img)) => Some(match parse_data_url(&img.url) {
+    let block = match (part.kind.as_str(), &part.text, &part.image_url) {
+        ("text", Some(text), _) => json!({ "type": "text", "text": text }),
+        ("image_url", _, Some(img)) => match parse_data_url(&img.url) {
             Some((media_type, data)) => {
                 json!({ "type": "image", "source": { "type": "base64", "media_type": media_type, "data": data } })
             }
             None => json!({ "type": "image", "source": { "type": "url", "url": img.url } }),
-        }),
-        _ => None,
-    }
+        },
+        _ => return None,
+    };
+    Some(with_extra(block, &part.anthropic_extra))
 }
 
 fn parse_data_url(url: &str) -> Option<(&str, &str)> {
@@ -399,12 +464,44 @@ struct WireResponse {
     usage: Option<WireUsage>,
 }
 
-#[derive(Deserialize, Clone, Copy, Default)]
+#[derive(Deserialize, Clone, Copy, Default, Debug)]
 struct WireUsage {
     #[serde(default)]
     input_tokens: Option<u32>,
     #[serde(default)]
     output_tokens: Option<u32>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u32>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u32>,
+}
+
+impl WireUsage {
+    /// The canonical usage, each prompt count this one lacks taken from `start` (a stream's
+    /// `message_start`). Anthropic's `input_tokens` leaves out the tokens read from and written
+    /// to the prompt cache; the canonical input counts them.
+    fn canonical(self, start: WireUsage) -> Usage {
+        let uncached = self.input_tokens.or(start.input_tokens).unwrap_or(0);
+        let read = self.cache_read_input_tokens.or(start.cache_read_input_tokens).unwrap_or(0);
+        let write = self.cache_creation_input_tokens.or(start.cache_creation_input_tokens).unwrap_or(0);
+        Usage {
+            input_tokens: uncached.saturating_add(read).saturating_add(write),
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cache_read_tokens: read,
+            cache_write_tokens: write,
+        }
+    }
+}
+
+/// Anthropic's `usage` for a canonical one: its `input_tokens` leaves out the cached tokens, which
+/// it counts on their own.
+fn usage_json(u: Usage) -> Value {
+    json!({
+        "input_tokens": u.uncached_input_tokens(),
+        "cache_creation_input_tokens": u.cache_write_tokens,
+        "cache_read_input_tokens": u.cache_read_tokens,
+        "output_tokens": u.output_tokens,
+    })
 }
 
 /// Decodes an Anthropic upstream's whole answer.
@@ -422,11 +519,11 @@ pub fn decode_response(body: &[u8], fallback_model: &str) -> Result<ChatResponse
                     name: b.name.unwrap_or_default(),
                     arguments: b.input.unwrap_or_else(|| json!({})).to_string(),
                 },
+                anthropic_extra: Map::new(),
             }),
             _ => {}
         }
     }
-    let usage = wire.usage.unwrap_or_default();
     Ok(ChatResponse {
         id: wire.id,
         model: wire.model.unwrap_or_else(|| fallback_model.to_string()),
@@ -434,10 +531,7 @@ pub fn decode_response(body: &[u8], fallback_model: &str) -> Result<ChatResponse
         text,
         tool_calls,
         finish: wire.stop_reason.as_deref().map_or(FinishReason::Stop, FinishReason::from_anthropic),
-        usage: Some(Usage {
-            input_tokens: usage.input_tokens.unwrap_or(0),
-            output_tokens: usage.output_tokens.unwrap_or(0),
-        }),
+        usage: Some(wire.usage.unwrap_or_default().canonical(WireUsage::default())),
     })
 }
 
@@ -451,7 +545,6 @@ pub fn encode_response(resp: &ChatResponse) -> Bytes {
         content.push(json!({ "type": "tool_use", "id": call.id, "name": call.function.name,
             "input": tool_input(&call.function.arguments) }));
     }
-    let usage = resp.usage.unwrap_or_default();
     Bytes::from(
         json!({
             "id": resp.id,
@@ -461,7 +554,7 @@ pub fn encode_response(resp: &ChatResponse) -> Bytes {
             "content": content,
             "stop_reason": resp.finish.anthropic(),
             "stop_sequence": null,
-            "usage": { "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens },
+            "usage": usage_json(resp.usage.unwrap_or_default()),
         })
         .to_string(),
     )
@@ -520,7 +613,8 @@ struct WireDelta {
 #[derive(Debug)]
 pub struct StreamDecoder {
     fallback_model: String,
-    input_tokens: u32,
+    /// The usage `message_start` gave, for the counts a later `message_delta` leaves out.
+    start: WireUsage,
     /// Anthropic block index → canonical tool-call index.
     tool_blocks: Vec<(u32, u32)>,
 }
@@ -528,7 +622,11 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     /// A decoder for one stream.
     pub fn new(fallback_model: &str) -> Self {
-        StreamDecoder { fallback_model: fallback_model.to_string(), input_tokens: 0, tool_blocks: Vec::new() }
+        StreamDecoder {
+            fallback_model: fallback_model.to_string(),
+            start: WireUsage::default(),
+            tool_blocks: Vec::new(),
+        }
     }
 
     /// Decodes one event's data. Returns `Ok(true)` at `message_stop`.
@@ -537,12 +635,15 @@ impl StreamDecoder {
         match ev.kind.as_str() {
             "message_start" => {
                 let m = ev.message.ok_or("message_start without a message")?;
-                self.input_tokens = m.usage.and_then(|u| u.input_tokens).unwrap_or(0);
+                self.start = m.usage.unwrap_or_default();
+                let prompt = self.start.canonical(WireUsage::default());
                 out.push(StreamEvent::Start {
                     id: m.id,
                     model: m.model.unwrap_or_else(|| self.fallback_model.clone()),
                     created: unix_now(),
-                    input_tokens: Some(self.input_tokens),
+                    input_tokens: Some(prompt.input_tokens),
+                    cache_read_tokens: prompt.cache_read_tokens,
+                    cache_write_tokens: prompt.cache_write_tokens,
                 });
             }
             "content_block_start" => {
@@ -587,10 +688,7 @@ impl StreamDecoder {
                     out.push(StreamEvent::Finish(FinishReason::from_anthropic(&reason)));
                 }
                 if let Some(u) = ev.usage {
-                    out.push(StreamEvent::Usage(Usage {
-                        input_tokens: u.input_tokens.unwrap_or(self.input_tokens),
-                        output_tokens: u.output_tokens.unwrap_or(0),
-                    }));
+                    out.push(StreamEvent::Usage(u.canonical(self.start)));
                 }
             }
             "message_stop" => return Ok(true),
@@ -619,7 +717,9 @@ pub struct StreamEncoder {
     /// Canonical tool-call index → block index.
     tool_blocks: Vec<(u32, u32)>,
     finish: Option<FinishReason>,
-    input_tokens: u32,
+    /// The prompt side of the usage, as the start said it: the usage of a stream that ends
+    /// without its own.
+    start_usage: Usage,
     closed: bool,
 }
 
@@ -650,15 +750,19 @@ impl StreamEncoder {
     /// Encodes one event.
     pub fn event(&mut self, event: &StreamEvent, out: &mut BytesMut) {
         match event {
-            StreamEvent::Start { id, model, input_tokens, .. } => {
-                self.input_tokens = input_tokens.unwrap_or(0);
+            StreamEvent::Start { id, model, input_tokens, cache_read_tokens, cache_write_tokens, .. } => {
+                self.start_usage = Usage {
+                    input_tokens: input_tokens.unwrap_or(0),
+                    output_tokens: 0,
+                    cache_read_tokens: *cache_read_tokens,
+                    cache_write_tokens: *cache_write_tokens,
+                };
                 Self::emit(
                     out,
                     "message_start",
                     &json!({ "type": "message_start", "message": {
                         "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
-                        "stop_reason": null, "stop_sequence": null,
-                        "usage": { "input_tokens": self.input_tokens, "output_tokens": 0 } } }),
+                        "stop_reason": null, "stop_sequence": null, "usage": usage_json(self.start_usage) } }),
                 );
             }
             StreamEvent::Text(text) => {
@@ -707,14 +811,13 @@ impl StreamEncoder {
             out,
             "message_delta",
             &json!({ "type": "message_delta", "delta": { "stop_reason": reason.anthropic(), "stop_sequence": null },
-                "usage": { "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens } }),
+                "usage": usage_json(usage) }),
         );
     }
 
     /// Ends a complete stream.
     pub fn finish(&mut self, out: &mut BytesMut) {
-        let usage = Usage { input_tokens: self.input_tokens, output_tokens: 0 };
-        self.message_end(out, usage);
+        self.message_end(out, self.start_usage);
         Self::emit(out, "message_stop", &json!({ "type": "message_stop" }));
     }
 
@@ -779,13 +882,25 @@ mod tests {
     #[test]
     fn a_stream_round_trips_through_decoder_and_encoder() {
         let events = vec![
-            StreamEvent::Start { id: "msg_1".into(), model: "c".into(), created: 0, input_tokens: Some(9) },
+            StreamEvent::Start {
+                id: "msg_1".into(),
+                model: "c".into(),
+                created: 0,
+                input_tokens: Some(9),
+                cache_read_tokens: 5,
+                cache_write_tokens: 3,
+            },
             StreamEvent::Text("Hi ".into()),
             StreamEvent::ToolCallStart { index: 0, id: "toolu_1".into(), name: "f".into() },
             StreamEvent::ToolCallArgs { index: 0, json: "{\"a\"".into() },
             StreamEvent::ToolCallArgs { index: 0, json: ":1}".into() },
             StreamEvent::Finish(FinishReason::ToolCalls),
-            StreamEvent::Usage(Usage { input_tokens: 9, output_tokens: 4 }),
+            StreamEvent::Usage(Usage {
+                input_tokens: 9,
+                output_tokens: 4,
+                cache_read_tokens: 5,
+                cache_write_tokens: 3,
+            }),
         ];
         let mut enc = StreamEncoder::default();
         let mut wire = BytesMut::new();
@@ -797,10 +912,17 @@ mod tests {
         let mut dec = StreamDecoder::new("c");
         let mut decoded = Vec::new();
         let mut done = false;
-        for ev in parsed {
+        for ev in &parsed {
             done = dec.decode(&ev.data, &mut decoded).unwrap();
         }
         assert!(done, "ends with message_stop");
+        let start: Value = serde_json::from_str(&parsed[0].data).unwrap();
+        assert_eq!(
+            start["message"]["usage"],
+            json!({ "input_tokens": 1, "cache_creation_input_tokens": 3, "cache_read_input_tokens": 5,
+                "output_tokens": 0 }),
+            "Anthropic's input_tokens leave the cache out"
+        );
         let mut expected = events.clone();
         if let StreamEvent::Start { created, .. } = &mut expected[0] {
             if let StreamEvent::Start { created: c, .. } = decoded[0] {
@@ -808,5 +930,72 @@ mod tests {
             }
         }
         assert_eq!(decoded, expected);
+    }
+
+    #[test]
+    fn cache_counts_are_added_to_the_input_and_said_apart() {
+        let body = br#"{"id":"msg_1","model":"c","content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":3000,"output_tokens":7}}"#;
+        let resp = decode_response(body, "c").unwrap();
+        let usage = Usage { input_tokens: 3210, output_tokens: 7, cache_read_tokens: 3000, cache_write_tokens: 200 };
+        assert_eq!(resp.usage, Some(usage));
+        let back: Value = serde_json::from_slice(&encode_response(&resp)).unwrap();
+        assert_eq!(
+            back["usage"],
+            json!({ "input_tokens": 10, "cache_creation_input_tokens": 200, "cache_read_input_tokens": 3000,
+                "output_tokens": 7 })
+        );
+
+        // Streamed, the counts come in message_start; message_delta may say only the output.
+        let mut dec = StreamDecoder::new("c");
+        let mut events = Vec::new();
+        for data in [
+            r#"{"type":"message_start","message":{"id":"m","model":"c","usage":{"input_tokens":10,"cache_creation_input_tokens":200,"cache_read_input_tokens":3000,"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":7}}"#,
+        ] {
+            dec.decode(data, &mut events).unwrap();
+        }
+        assert!(matches!(
+            events[0],
+            StreamEvent::Start { input_tokens: Some(3210), cache_read_tokens: 3000, cache_write_tokens: 200, .. }
+        ));
+        assert_eq!(events.last(), Some(&StreamEvent::Usage(usage)));
+    }
+
+    #[test]
+    fn cache_control_reaches_anthropic_as_it_came_and_never_openai() {
+        let marker = json!({ "type": "ephemeral", "ttl": "1h" });
+        let body = json!({"model": "m", "max_tokens": 50,
+            "system": [{"type": "text", "text": "long rules", "cache_control": marker},
+                {"type": "text", "text": "more"}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "weather?", "cache_control": marker}]},
+                {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "w",
+                    "input": {}, "cache_control": marker}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "rain",
+                    "cache_control": marker},
+                    {"type": "image", "source": {"type": "url", "url": "https://x/i.png"}, "cache_control": marker}]}],
+            "tools": [{"name": "w", "input_schema": {"type": "object"}, "cache_control": marker}]});
+        let req = parse_request(body.to_string().as_bytes()).unwrap();
+        let up: Value = serde_json::from_slice(&upstream_body(&req, "claude", 1024)).unwrap();
+        assert_eq!(up["system"], body["system"], "system blocks as they came");
+        assert_eq!(up["tools"][0]["cache_control"], marker);
+        let turns = up["messages"].as_array().unwrap();
+        assert_eq!(turns[0]["content"], body["messages"][0]["content"]);
+        assert_eq!(turns[1]["content"][0]["cache_control"], marker, "tool_use");
+        assert_eq!(turns[2]["content"][0]["cache_control"], marker, "tool_result");
+        assert_eq!(turns[2]["content"][1], body["messages"][2]["content"][1], "image");
+
+        let openai = super::super::openai::upstream_body(&req, "gpt").unwrap();
+        let openai = String::from_utf8(openai.to_vec()).unwrap();
+        assert!(!openai.contains("cache_control"), "an OpenAI upstream never sees them: {openai}");
+        assert!(openai.contains("long rules") && openai.contains("weather?"), "{openai}");
+    }
+
+    #[test]
+    fn system_blocks_must_be_text() {
+        let body = br#"{"model":"m","max_tokens":5,"system":[{"type":"image","source":{"type":"url","url":"u"}}],
+            "messages":[{"role":"user","content":"x"}]}"#;
+        assert_eq!(parse_request(body).unwrap_err().param(), Some("system[0].type"));
     }
 }

@@ -67,6 +67,8 @@ pub fn start(model: &str) -> StreamEvent {
         model: model.to_string(),
         created,
         input_tokens: None,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
     }
 }
 
@@ -80,7 +82,11 @@ pub fn events(event: Event, out: &mut impl Extend<StreamEvent>) -> Result<(), wi
                 wire::FinishReason::Stop => FinishReason::Stop,
                 wire::FinishReason::Length => FinishReason::Length,
             }),
-            StreamEvent::Usage(Usage { input_tokens: usage.prompt_tokens, output_tokens: usage.completion_tokens }),
+            StreamEvent::Usage(Usage {
+                input_tokens: usage.prompt_tokens,
+                output_tokens: usage.completion_tokens,
+                ..Default::default()
+            }),
         ]),
         Event::Failed(e) => return Err(e),
     }
@@ -136,7 +142,7 @@ mod tests {
             out,
             [
                 StreamEvent::Finish(FinishReason::Length),
-                StreamEvent::Usage(Usage { input_tokens: 3, output_tokens: 4 })
+                StreamEvent::Usage(Usage { input_tokens: 3, output_tokens: 4, ..Default::default() })
             ]
         );
         let failed = Event::Failed(wire::EngineError::new(wire::ErrorCode::Overloaded, "full"));

@@ -146,11 +146,26 @@ struct WireUsage {
     prompt_tokens: u32,
     #[serde(default)]
     completion_tokens: u32,
+    /// `null` from some OpenAI-compatible upstreams.
+    #[serde(default)]
+    prompt_tokens_details: Option<WirePromptDetails>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+struct WirePromptDetails {
+    #[serde(default)]
+    cached_tokens: Option<u32>,
 }
 
 impl From<WireUsage> for Usage {
     fn from(u: WireUsage) -> Usage {
-        Usage { input_tokens: u.prompt_tokens, output_tokens: u.completion_tokens }
+        Usage {
+            input_tokens: u.prompt_tokens,
+            output_tokens: u.completion_tokens,
+            cache_read_tokens: u.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0),
+            // OpenAI bills no cache writes and reports none.
+            cache_write_tokens: 0,
+        }
     }
 }
 
@@ -190,11 +205,14 @@ pub fn encode_response(resp: &ChatResponse) -> Bytes {
     Bytes::from(body.to_string())
 }
 
+/// OpenAI's `usage`: `prompt_tokens` counts every prompt token, those read from the provider's
+/// prompt cache (`cached_tokens`) and written to it included; the shape has no field for writes.
 fn usage_json(u: Usage) -> Value {
     json!({
         "prompt_tokens": u.input_tokens,
         "completion_tokens": u.output_tokens,
         "total_tokens": u.input_tokens.saturating_add(u.output_tokens),
+        "prompt_tokens_details": { "cached_tokens": u.cache_read_tokens },
     })
 }
 
@@ -280,6 +298,8 @@ impl StreamDecoder {
                 model: chunk.model.unwrap_or_else(|| self.fallback_model.clone()),
                 created: chunk.created.unwrap_or_else(unix_now),
                 input_tokens: None,
+                cache_read_tokens: 0,
+                cache_write_tokens: 0,
             });
         }
         for choice in chunk.choices {
@@ -437,5 +457,34 @@ mod tests {
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.contains(r#""function":{"arguments":"{\"a\":"}"#));
         assert!(!text.contains("usage"), "usage only when the client asked: {text}");
+    }
+
+    #[test]
+    fn cached_tokens_are_read_and_written_whole_and_streamed() {
+        let body = br#"{"id":"c1","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":2006,"completion_tokens":300,"total_tokens":2306,
+                "prompt_tokens_details":{"cached_tokens":1920,"audio_tokens":0}}}"#;
+        let resp = decode_response(body, "m").unwrap();
+        let usage = Usage { input_tokens: 2006, output_tokens: 300, cache_read_tokens: 1920, cache_write_tokens: 0 };
+        assert_eq!(resp.usage, Some(usage));
+        let back: Value = serde_json::from_slice(&encode_response(&resp)).unwrap();
+        assert_eq!(back["usage"]["prompt_tokens"], 2006);
+        assert_eq!(back["usage"]["prompt_tokens_details"], json!({ "cached_tokens": 1920 }));
+
+        let no_details = br#"{"choices":[{"message":{"content":"hi"}}],
+            "usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":null}}"#;
+        assert_eq!(decode_response(no_details, "m").unwrap().usage.unwrap().cache_read_tokens, 0);
+
+        let mut d = StreamDecoder::new("m");
+        let mut events = Vec::new();
+        let chunk = r#"{"id":"c1","choices":[],"usage":{"prompt_tokens":2006,"completion_tokens":300,
+            "prompt_tokens_details":{"cached_tokens":1920}}}"#;
+        d.decode(chunk, &mut events).unwrap();
+        assert_eq!(events.last(), Some(&StreamEvent::Usage(usage)));
+        let mut enc = StreamEncoder::new(true);
+        let mut out = BytesMut::new();
+        events.iter().for_each(|e| enc.event(e, &mut out));
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains(r#""prompt_tokens_details":{"cached_tokens":1920}"#), "{text}");
     }
 }

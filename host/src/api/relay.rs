@@ -9,7 +9,8 @@ use meridian_engine::wire::Frame;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
+use crate::api::field_error;
+use crate::chat::{BlockExtra, ChatRequest, ChatResponse, StreamEvent};
 use crate::error::GatewayError;
 
 /// What a peer edge gets with a request besides its text: who it is for, what the filters found,
@@ -39,6 +40,7 @@ impl Dispatch {
         let mut chat = req.clone();
         chat.model = upstream_model.to_string();
         let anthropic_extra = std::mem::take(&mut chat.anthropic_extra);
+        let anthropic_blocks = chat.take_block_extras();
         RelayRequest {
             request_id: self.request_id.clone(),
             tenant: self.tenant.clone(),
@@ -48,25 +50,30 @@ impl Dispatch {
             redacted: self.redacted,
             no_cache: self.no_cache,
             // A canonical request always serializes (string keys, finite numbers from parsed JSON).
-            request: serde_json::to_value(Relayed { chat, anthropic_extra }).unwrap_or(Value::Null),
+            request: serde_json::to_value(Relayed { chat, anthropic_extra, anthropic_blocks }).unwrap_or(Value::Null),
         }
     }
 }
 
 /// A canonical request as it travels: the OpenAI-form body, plus what an Anthropic client sent
-/// that has no OpenAI field (kept out of that body so no OpenAI upstream ever sees it).
+/// that has no OpenAI field, at the top and on its blocks (`cache_control`), kept out of that body
+/// so no OpenAI upstream ever sees it.
 #[derive(Serialize, Deserialize)]
 struct Relayed {
     chat: ChatRequest,
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     anthropic_extra: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    anthropic_blocks: Vec<BlockExtra>,
 }
 
 /// Parses a relayed request body (the `request` of a [`RelayRequest`], as bytes), validated as a
 /// client's request would be.
 pub fn parse_request(body: &[u8]) -> Result<ChatRequest, GatewayError> {
-    let Relayed { mut chat, anthropic_extra } = crate::api::parse_json(body)?;
+    let Relayed { mut chat, anthropic_extra, anthropic_blocks } = crate::api::parse_json(body)?;
     chat.anthropic_extra = anthropic_extra;
+    chat.put_block_extras(anthropic_blocks)
+        .map_err(|at| field_error("anthropic_blocks", format!("{at:?} names no block of the request")))?;
     crate::api::openai::validate(&chat)?;
     Ok(chat)
 }
@@ -135,18 +142,30 @@ impl StreamEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::chat::{FinishReason, Usage};
+    use crate::chat::{Content, FinishReason, Part, Usage};
     use crate::error::RelayRefusal;
 
     #[test]
     fn events_and_requests_survive_the_trip() {
         let events = [
-            StreamEvent::Start { id: "c1".into(), model: "m".into(), created: 7, input_tokens: Some(3) },
+            StreamEvent::Start {
+                id: "c1".into(),
+                model: "m".into(),
+                created: 7,
+                input_tokens: Some(3),
+                cache_read_tokens: 2,
+                cache_write_tokens: 1,
+            },
             StreamEvent::Text("héllo".into()),
             StreamEvent::ToolCallStart { index: 0, id: "t".into(), name: "f".into() },
             StreamEvent::ToolCallArgs { index: 0, json: "{\"a\":1}".into() },
             StreamEvent::Finish(FinishReason::ToolCalls),
-            StreamEvent::Usage(Usage { input_tokens: 3, output_tokens: 4 }),
+            StreamEvent::Usage(Usage {
+                input_tokens: 3,
+                output_tokens: 4,
+                cache_read_tokens: 2,
+                cache_write_tokens: 1,
+            }),
         ];
         let mut out = BytesMut::new();
         let mut enc = StreamEncoder;
@@ -163,6 +182,10 @@ mod tests {
         )
         .unwrap();
         req.anthropic_extra.insert("top_k".into(), 5.into());
+        let marker = serde_json::json!({ "type": "ephemeral" });
+        let mut part = Part::text("hi");
+        part.anthropic_extra.insert("cache_control".into(), marker.clone());
+        req.messages[0].content = Some(Content::Parts(vec![part]));
         let dispatch = Dispatch {
             request_id: "r".into(),
             tenant: "acme".into(),
@@ -177,7 +200,19 @@ mod tests {
         let back = parse_request(&body).unwrap();
         assert_eq!(back.model, "back");
         assert_eq!(back.anthropic_extra.get("top_k"), Some(&5.into()));
-        assert!(!serde_json::to_string(&back).unwrap().contains("top_k"), "never in the OpenAI-form body");
+        let Some(Content::Parts(parts)) = &back.messages[0].content else { panic!("parts: {back:?}") };
+        assert_eq!(parts[0].anthropic_extra.get("cache_control"), Some(&marker));
+        let openai_form = serde_json::to_string(&back).unwrap();
+        assert!(!openai_form.contains("top_k") && !openai_form.contains("cache_control"), "{openai_form}");
+
+        // A peer from before the cache counts: its usage and start still read, with no cache.
+        let old = decode_event(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#).unwrap();
+        assert_eq!(old, StreamEvent::Usage(Usage { input_tokens: 3, output_tokens: 4, ..Default::default() }));
+        let old = br#"{"start":{"id":"c","model":"m","created":1,"input_tokens":3}}"#;
+        assert!(matches!(decode_event(old).unwrap(), StreamEvent::Start { cache_read_tokens: 0, .. }));
+        let stray = br#"{"chat":{"model":"m","messages":[{"role":"user","content":"hi"}]},
+            "anthropic_blocks":[{"at":{"on":"tool","tool":0},"fields":{"cache_control":{}}}]}"#;
+        assert_eq!(parse_request(stray).unwrap_err().param(), Some("anthropic_blocks"));
         assert!(parse_request(br#"{"chat": {"model": "", "messages": []}}"#).is_err());
     }
 

@@ -160,10 +160,10 @@ impl Policy {
         let seconds =
             if c.latency_ms > 0.0 { c.latency_ms / 1000.0 } else { output / DEFAULT_OUTPUT_TOKENS_PER_SECOND };
         Some(match c.price? {
-            PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok } => {
+            PriceModel::Token { input_usd_per_mtok, output_usd_per_mtok, .. } => {
                 (f64::from(self.prompt_tokens) * input_usd_per_mtok + output * output_usd_per_mtok) / 1e6
             }
-            PriceModel::GpuSecond { usd_per_second } => seconds * usd_per_second,
+            PriceModel::GpuSecond { usd_per_second, .. } => seconds * usd_per_second,
             PriceModel::Hour { capacity, .. } if c.in_flight < capacity => 0.0,
             PriceModel::Hour { usd_per_hour, capacity } => seconds * usd_per_hour / 3600.0 / f64::from(capacity.max(1)),
         })
@@ -209,7 +209,7 @@ mod tests {
     fn the_cap_uses_the_sdk_estimate() {
         let p = Policy { price_cap_usd: Some(0.004), prompt_tokens: 1000, ..Policy::default() };
         let mut c = candidate("t", None);
-        c.price = Some(PriceModel::Token { input_usd_per_mtok: 3.0, output_usd_per_mtok: 15.0 });
+        c.price = Some(PriceModel::token(3.0, 15.0));
         // 1000 × $3/M + 256 × $15/M = $0.00684
         assert!((p.estimated_cost(&c).unwrap() - 0.00684).abs() < 1e-12);
         assert!(matches!(p.excludes(&c), Some(Exclusion::PriceCap { .. })));

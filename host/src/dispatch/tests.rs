@@ -19,9 +19,8 @@ fn region() -> impl Strategy<Value = Option<String>> {
 fn price() -> impl Strategy<Value = Option<PriceModel>> {
     prop_oneof![
         Just(None),
-        (0.0..20.0f64, 0.0..80.0f64)
-            .prop_map(|(i, o)| Some(PriceModel::Token { input_usd_per_mtok: i, output_usd_per_mtok: o })),
-        (0.0..0.01f64).prop_map(|r| Some(PriceModel::GpuSecond { usd_per_second: r })),
+        (0.0..20.0f64, 0.0..80.0f64).prop_map(|(i, o)| Some(PriceModel::token(i, o))),
+        (0.0..0.01f64).prop_map(|r| Some(PriceModel::gpu_second(r))),
         (0.0..50.0f64, 1..8u32).prop_map(|(h, c)| Some(PriceModel::Hour { usd_per_hour: h, capacity: c })),
     ]
 }
@@ -146,10 +145,10 @@ fn cap_ok(p: &Policy, c: &Candidate) -> bool {
     let out = f64::from(p.max_output_tokens.unwrap_or(256));
     let secs = if c.latency_ms > 0.0 { c.latency_ms / 1000.0 } else { out / 50.0 };
     let cost = match price {
-        PriceModel::Token { input_usd_per_mtok: i, output_usd_per_mtok: o } => {
+        PriceModel::Token { input_usd_per_mtok: i, output_usd_per_mtok: o, .. } => {
             (f64::from(p.prompt_tokens) * i + out * o) / 1e6
         }
-        PriceModel::GpuSecond { usd_per_second } => secs * usd_per_second,
+        PriceModel::GpuSecond { usd_per_second, .. } => secs * usd_per_second,
         PriceModel::Hour { capacity, .. } if c.in_flight < capacity => 0.0,
         PriceModel::Hour { usd_per_hour, capacity } => secs * usd_per_hour / 3600.0 / f64::from(capacity),
     };

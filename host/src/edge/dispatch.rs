@@ -17,6 +17,7 @@ use crate::api::relay::Dispatch;
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::dispatch::{Admit, Attempts, Step};
 use crate::error::{GatewayError, UpstreamError};
+use crate::ledger::AttemptRecord;
 use crate::routes::{Plan, Route};
 use crate::stats::Admission;
 use crate::upstream::EventStream;
@@ -25,24 +26,39 @@ use crate::upstream::EventStream;
 /// returns the first answer. The exchange's record names the target that gave it.
 pub(super) async fn dispatch(edge: &Edge, cx: &mut Exchange, plan: &Plan) -> Result<Answer, GatewayError> {
     let peer = cx.dispatch_for_peer();
+    let tried = &mut cx.record.attempts;
     if cx.request.is_stream() {
-        let (stream, head, route) = open_stream(edge, &cx.request, plan, &peer).await?;
-        cx.record.route(route);
+        let answered = open_stream(edge, &cx.request, plan, &peer, tried).await?;
+        cx.record.route(answered.route, answered.sent, answered.cold);
+        let (stream, head) = answered.value;
         Ok(Answer::Stream(Source::Upstream(Box::new(stream)), head))
     } else {
-        let (answer, route) = complete(edge, &cx.request, plan, &peer).await?;
-        cx.record.route(route);
-        Ok(Answer::Whole(answer))
+        let answered = complete(edge, &cx.request, plan, &peer, tried).await?;
+        cx.record.route(answered.route, answered.sent, answered.cold);
+        Ok(Answer::Whole(answered.value))
     }
 }
 
+/// The first answer along a plan, and what its bill depends on.
+pub(super) struct FirstAnswer<'m, T> {
+    /// The answer.
+    pub value: T,
+    /// The route that gave it.
+    pub route: &'m Route,
+    /// When its attempt was sent: the target is busy from here to the answer's last byte.
+    pub sent: Instant,
+    /// Whether the attempt found a target that scales to zero idle past its limit.
+    pub cold: bool,
+}
+
 /// Drives the dispatch core along the plan with `attempt`: returns the first answer and its
-/// route, or the failure the core settles on.
+/// route, or the failure the core settles on. Each attempt is appended to `tried`.
 pub(super) async fn first_answer<'m, T, F, Fut>(
     edge: &Edge,
     plan: &'m Plan,
+    tried: &mut Vec<AttemptRecord>,
     mut attempt: F,
-) -> Result<(T, &'m Route), GatewayError>
+) -> Result<FirstAnswer<'m, T>, GatewayError>
 where
     F: FnMut(&'m Route) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
@@ -51,11 +67,13 @@ where
     let mut health = LiveHealth(routes);
     let mut attempts = Attempts::new(plan.order.clone(), &health);
     let mut answer = None;
+    let mut sent = (Instant::now(), false);
     loop {
         match attempts.next(&mut health) {
             Step::Try(i) => {
                 let route = &routes[i];
                 let started = Instant::now();
+                let idle_since = route.target.touch(started);
                 let outcome = match attempt(route).await {
                     Ok(value) => {
                         answer = Some(value);
@@ -70,13 +88,28 @@ where
                 route.target.stats.attempt(Instant::now(), Some(started.elapsed()), retry);
                 let label = outcome.as_ref().map_or_else(UpstreamError::kind, |()| "ok");
                 edge.metrics.attempts.with_label_values(&[&route.target.name, label]).inc();
+                tried.push(AttemptRecord {
+                    target: route.target.name.clone(),
+                    kind: route.target.kind.name().to_string(),
+                    region: route.target.region.clone(),
+                    outcome: label.to_string(),
+                });
+                let cold = route
+                    .price
+                    .and_then(|p| p.scale_to_zero_after())
+                    .is_some_and(|idle| idle_since.is_none_or(|t| started.duration_since(t) > idle));
+                sent = (started, cold);
                 attempts.record(i, outcome);
             }
             Step::Answered(i) => {
                 // The core answers only after an attempt recorded as answered, which set it.
                 let lost =
                     || UpstreamError::Protocol { target: routes[i].target.name.clone(), message: "answer lost".into() };
-                return answer.take().map(|value| (value, &routes[i])).ok_or_else(|| lost().into());
+                let (sent, cold) = sent;
+                return answer
+                    .take()
+                    .map(|value| FirstAnswer { value, route: &routes[i], sent, cold })
+                    .ok_or_else(|| lost().into());
             }
             Step::Failed(e) => return Err(e.into()),
         }
@@ -89,10 +122,13 @@ async fn complete<'m>(
     req: &ChatRequest,
     plan: &'m Plan,
     peer: &Dispatch,
-) -> Result<(ChatResponse, &'m Route), GatewayError> {
+    tried: &mut Vec<AttemptRecord>,
+) -> Result<FirstAnswer<'m, ChatResponse>, GatewayError> {
     let max_tokens = plan.model.default_max_tokens;
-    first_answer(edge, plan, |route| route.target.complete(&edge.client, req, &route.upstream_model, max_tokens, peer))
-        .await
+    first_answer(edge, plan, tried, |route| {
+        route.target.complete(&edge.client, req, &route.upstream_model, max_tokens, peer)
+    })
+    .await
 }
 
 /// A stream from the first target whose stream gets past its `Start` event (to content, or to
@@ -104,9 +140,10 @@ async fn open_stream<'m>(
     req: &ChatRequest,
     plan: &'m Plan,
     peer: &Dispatch,
-) -> Result<(EventStream, VecDeque<StreamEvent>, &'m Route), GatewayError> {
+    tried: &mut Vec<AttemptRecord>,
+) -> Result<FirstAnswer<'m, (EventStream, VecDeque<StreamEvent>)>, GatewayError> {
     let max_tokens = plan.model.default_max_tokens;
-    let ((stream, head), route) = first_answer(edge, plan, |route| async move {
+    first_answer(edge, plan, tried, |route| async move {
         let mut s = route.target.stream(&edge.client, req, &route.upstream_model, max_tokens, peer).await?;
         let mut head = VecDeque::new();
         loop {
@@ -129,8 +166,7 @@ async fn open_stream<'m>(
             }
         }
     })
-    .await?;
-    Ok((stream, head, route))
+    .await
 }
 
 /// The live health of a plan's targets, for the dispatch core: ejection and half-open trials as

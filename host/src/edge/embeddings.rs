@@ -37,8 +37,11 @@ pub(super) async fn embeddings(edge: &Edge, req: Request<Incoming>) -> Result<Re
         ..Policy::default()
     };
     let plan = Plan::new(model, &Routing::Static, None, &policy, Instant::now())?;
-    let (answer, route) =
-        first_answer(edge, &plan, |route| route.target.embed(input.clone(), &route.upstream_model)).await?;
+    // The ledger records chat requests; an embedding request's attempts are in the metrics only.
+    let answered =
+        first_answer(edge, &plan, &mut Vec::new(), |route| route.target.embed(input.clone(), &route.upstream_model))
+            .await?;
+    let (answer, route) = (answered.value, answered.route);
     let body = openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
     Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
 }

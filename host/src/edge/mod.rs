@@ -7,7 +7,8 @@
 //! 2. `parse.rs`: the body, read within the node's limits, in the client's API shape, for a
 //!    model served here.
 //! 3. `route.rs`: the tenant's privacy filters redact the request, its router orders the model's
-//!    targets, and the dispatch core keeps those the tenant's guarantees allow.
+//!    targets, and the dispatch core keeps those the tenant's guarantees allow. Then
+//!    `budget.rs`: the request's worst case is held against its tenant's budgets, or refused.
 //! 4. `cache.rs`: a hit answers here. The key is the redacted request, so text the filters
 //!    redacted never reaches the cache.
 //! 5. `dispatch.rs`: the first target along the plan that answers.
@@ -21,6 +22,7 @@
 
 mod admin;
 mod admit;
+mod budget;
 mod cache;
 mod context;
 mod dispatch;
@@ -44,11 +46,13 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use crate::accounting::PriceModel;
 use crate::api::ApiShape;
 use crate::cache::PromptCache;
 use crate::chain::{LoadError, Plugins};
 use crate::config::{parse_key_hash, Config, ConfigError};
 use crate::error::GatewayError;
+use crate::ledger::{HourlyTarget, Ledger, LedgerError};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginError, PluginMetrics, PluginRuntime};
 use crate::routes::{ModelRoute, Route};
@@ -82,6 +86,10 @@ pub struct Edge {
     admin_keys: Vec<[u8; 32]>,
     /// Every target, by name, for `/admin/targets` and the per-target metrics.
     targets: Vec<Arc<Target>>,
+    /// The durable record of every request, unless `[ledger] enabled = false`.
+    pub ledger: Option<Ledger>,
+    /// The tenants' budgets and their counters.
+    pub budgets: crate::budget::Budgets,
 }
 
 /// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
@@ -103,6 +111,12 @@ pub enum BuildError {
     /// A plugin could not be loaded.
     #[error(transparent)]
     Plugin(#[from] LoadError),
+    /// The ledger's store could not be opened.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    /// The budgets could not be restored from the ledger.
+    #[error("budgets: cannot restore what tenants spent from the ledger: {0}")]
+    Budgets(String),
 }
 
 impl Edge {
@@ -154,6 +168,28 @@ impl Edge {
             (Some(runtime), loaded)
         };
         let loaded = Loaded { tenants: Tenants::new(&config, &loaded), plugins: loaded.ids() };
+        let ledger = if config.ledger.enabled {
+            // Dedicated targets are paid by the hour, busy or idle: the ledger records their hours.
+            let hourly = config
+                .targets
+                .iter()
+                .filter_map(|(name, t)| match t.price {
+                    Some(PriceModel::Hour { usd_per_hour, .. }) => {
+                        Some(HourlyTarget { name: name.clone(), usd_per_hour })
+                    }
+                    _ => None,
+                })
+                .collect();
+            let url = config.ledger.store_url()?;
+            Some(Ledger::open(&config.ledger, &url, hourly, metrics.ledger.clone()).await?)
+        } else {
+            None
+        };
+        let budgets = crate::budget::Budgets::new(&config)?;
+        if let Some(ledger) = &ledger {
+            // A restart keeps what tenants spent this day and month.
+            budgets.restore(ledger.store()).await.map_err(BuildError::Budgets)?;
+        }
         let mut targets: Vec<Arc<Target>> = targets.into_values().collect();
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         upstream::spawn_probes(&targets, Duration::from_millis(config.health.probe_interval_ms));
@@ -170,8 +206,18 @@ impl Edge {
             plugins,
             // Validation parsed every admin key hash.
             admin_keys: config.node.admin_keys.iter().filter_map(|k| parse_key_hash(k).ok()).collect(),
+            ledger,
+            budgets,
             config,
         })
+    }
+
+    /// Writes what the ledger holds and stops its writer: the last step of a clean shutdown,
+    /// once requests in flight have ended.
+    pub async fn close(&self) {
+        if let Some(ledger) = &self.ledger {
+            ledger.close().await;
+        }
     }
 
     /// The node's config.
@@ -269,6 +315,10 @@ impl Edge {
     /// docs): each phase is a module of its own, and the exchange carries what one learns to the
     /// next. A refusal at any phase is accounted once and answered in the client's shape.
     async fn chat(self: Arc<Self>, api: ApiShape, arrival: Arrival, request_id: String) -> Response<Body> {
+        // A ledger writer that fell behind holds new requests back rather than lose records.
+        if let Some(ledger) = &self.ledger {
+            ledger.ready().await;
+        }
         // record: from here on, every way out is accounted exactly once.
         let record = Record::new(Arc::clone(&self), api, request_id);
         // admit: the tenant, its rate, the in-flight limit; then the request is an exchange.
@@ -289,6 +339,8 @@ impl Edge {
         let model = parse::parse(self, cx).await?;
         // filter, route: redacted before the router sees it, and before the cache key is taken.
         let plan = route::route(self, cx, model).await?;
+        // budget: the worst case is held against the tenant's limits, or the request is refused.
+        budget::reserve(self, cx, &plan).await?;
         // cache: a hit answers here.
         if let Some(hit) = cache::lookup(self, cx, &plan).await {
             return Ok(hit);

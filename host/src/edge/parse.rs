@@ -29,6 +29,7 @@ pub(super) async fn parse(edge: &Edge, cx: &mut Exchange) -> Result<Arc<ModelRou
     let request = cx.api().parse_request(&body)?;
     cx.record.model.clone_from(&request.model);
     cx.record.prompt_tokens = request.estimated_prompt_tokens();
+    cx.record.stream = request.is_stream();
     let model = served_model(edge, &request.model)?;
     cx.request = request;
     Ok(model)

@@ -2,8 +2,10 @@
 //! in the client's API shape: whole, or streamed event by event as it arrives. The tenant's
 //! filters see the answer's text before any of it is sent, and put back what they redacted; a
 //! miss fills the cache with the answer as it came from upstream, placeholders and all. A stream
-//! that fails after its first byte ends with a typed error event, never a clean end. The
-//! request's record is finished when the answer ends.
+//! that fails after its first byte ends with a typed error event, never a clean end. A stream
+//! runs on its tenant's budget: before its text is sent, the request's hold must cover it, and
+//! when the budget cannot extend the hold the stream ends with `budget_exhausted` and the
+//! upstream is let go. The request's record is finished when the answer ends.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -16,6 +18,7 @@ use hyper::{Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::warn;
 
+use super::budget;
 use super::cache::Outcome;
 use super::context::Exchange;
 use super::record::Record;
@@ -23,7 +26,7 @@ use super::Body;
 use crate::api::{ApiShape, StreamEncoder};
 use crate::cache::{CachedAnswer, FillGuard};
 use crate::chain::AnswerFilter;
-use crate::chat::{ChatResponse, StreamEvent, Usage};
+use crate::chat::{estimate_tokens, ChatResponse, StreamEvent, Usage};
 use crate::error::{GatewayError, UpstreamError};
 use crate::upstream::EventStream;
 
@@ -236,6 +239,10 @@ impl ClientStream {
             };
         };
         let mut out = BytesMut::new();
+        if let Err(e) = self.cover(&batch).await {
+            self.fail(e, &mut out);
+            return Some(out.freeze());
+        }
         if let Some(filter) = &mut self.answer_filter {
             let text: String = batch
                 .iter()
@@ -268,9 +275,22 @@ impl ClientStream {
         Some(out.freeze())
     }
 
-    /// Ends the stream with a typed error event; nothing of it is cached.
+    /// Extends the request's budget hold to cover the answer with `batch` sent: the prompt and
+    /// the output's tokens as its record would count them were it to end after it. Nothing of a
+    /// batch the budget cannot cover is sent.
+    async fn cover(&mut self, batch: &[StreamEvent]) -> Result<(), GatewayError> {
+        let Some(hold) = &mut self.record.hold else { return Ok(()) };
+        let out_bytes = self.out_bytes + batch.iter().map(StreamEvent::content_len).sum::<usize>();
+        let output = if out_bytes == 0 { 0 } else { estimate_tokens(out_bytes) };
+        let tokens = u64::from(self.record.prompt_tokens) + u64::from(output);
+        hold.cover(tokens).await.map_err(|refused| budget::refused_error(&self.record.tenant, refused))
+    }
+
+    /// Ends the stream with a typed error event; nothing of it is cached, and the upstream
+    /// stream, if any, is let go at once.
     fn fail(&mut self, err: GatewayError, out: &mut BytesMut) {
         self.finished = true;
+        self.source = Source::Replay(Vec::new().into_iter());
         warn!(request_id = %self.record.request_id, error = %err, "stream ended early after its first byte");
         self.encoder.error(&err, out);
         self.fill = None;

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use super::context::Exchange;
 use super::Edge;
-use crate::chain::{self, Routed};
+use crate::chain::{self, AnswerFilter, Routed};
 use crate::dispatch::Policy;
 use crate::error::GatewayError;
 use crate::routes::{ModelRoute, Plan, Routing};
@@ -37,6 +37,8 @@ pub(super) async fn route(edge: &Edge, cx: &mut Exchange, model: Arc<ModelRoute>
     inbound.path.push(region.clone());
     // The host's guarantees hold whatever the router answered, or if it failed.
     let policy = Policy::for_request(&summary, tenant.relay, inbound.path.clone(), edge.max_hops());
+    let redactions = cx.answer_filter.as_ref().map_or(0, AnswerFilter::redactions);
+    cx.record.routed(&routed.model, &summary.labels, redactions, &routed.routing);
     inbound.client_region = summary.client_region;
     inbound.labels = summary.labels;
     inbound.redacted = summary.redacted;

@@ -107,9 +107,12 @@ fn extract(req: &Value) -> Extracted {
     Extracted { last_user_text, tool_result, tool, prompt_chars }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Clone, Copy)]
 struct Usage {
+    /// Prompt tokens neither read from nor written to the prompt cache.
     input_tokens: u64,
+    cache_creation_input_tokens: u64,
+    cache_read_input_tokens: u64,
     output_tokens: u64,
 }
 
@@ -148,7 +151,13 @@ pub(crate) fn respond(parsed: Option<&Value>, headers: &HeaderMap, behavior: &Be
     let model = req.get("model").and_then(Value::as_str).unwrap_or("");
     let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
     let ex = extract(req);
-    let input_tokens = reply::prompt_tokens(ex.prompt_chars);
+    let (cache_read_input_tokens, cache_creation_input_tokens) = behavior.prompt_cache();
+    let prompt = Usage {
+        input_tokens: reply::prompt_tokens(ex.prompt_chars),
+        cache_creation_input_tokens,
+        cache_read_input_tokens,
+        output_tokens: 1,
+    };
     let reply = Reply::decide_for(ex, Some(max_tokens), behavior);
     let output_tokens = reply.completion_tokens();
     let n = reply::next_id();
@@ -174,7 +183,7 @@ pub(crate) fn respond(parsed: Option<&Value>, headers: &HeaderMap, behavior: &Be
             content,
             stop_reason: Some(stop_reason(&reply)),
             stop_sequence: (),
-            usage: Usage { input_tokens, output_tokens },
+            usage: Usage { output_tokens, ..prompt },
         };
         return body::json_reply(serde_json::to_vec(&m).unwrap_or_default(), behavior);
     }
@@ -187,7 +196,7 @@ pub(crate) fn respond(parsed: Option<&Value>, headers: &HeaderMap, behavior: &Be
         content: json!([]),
         stop_reason: None,
         stop_sequence: (),
-        usage: Usage { input_tokens, output_tokens: 1 },
+        usage: prompt,
     };
     let block = match &reply {
         Reply::Text { .. } => json!({ "type": "text", "text": "" }),

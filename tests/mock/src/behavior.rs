@@ -54,6 +54,29 @@ pub enum Behavior {
         /// The pause before each content event after the first.
         gap: Duration,
     },
+    /// Answer normally, but say that the provider's prompt cache served `read` prompt tokens and
+    /// took `write` more, besides the request's own (uncached) prompt tokens, in each API's usage
+    /// (whole, and streamed where the usage is):
+    /// * OpenAI: `prompt_tokens` = own + `read` + `write`, `prompt_tokens_details.cached_tokens` =
+    ///   `read` (OpenAI reports no cache writes; they are ordinary prompt tokens there);
+    /// * Anthropic: `input_tokens` = own, `cache_read_input_tokens` = `read`,
+    ///   `cache_creation_input_tokens` = `write` (in `message_start` when streamed).
+    PromptCache {
+        /// Prompt tokens read from the cache.
+        read: u64,
+        /// Prompt tokens written to the cache.
+        write: u64,
+    },
+}
+
+impl Behavior {
+    /// The prompt tokens the provider's cache read and wrote, (`read`, `write`).
+    pub(crate) fn prompt_cache(&self) -> (u64, u64) {
+        match *self {
+            Behavior::PromptCache { read, write } => (read, write),
+            _ => (0, 0),
+        }
+    }
 }
 
 /// A FIFO of behaviours; the empty case is answered without taking the lock.

@@ -94,6 +94,12 @@ struct Usage {
     prompt_tokens: u64,
     completion_tokens: u64,
     total_tokens: u64,
+    prompt_tokens_details: PromptTokensDetails,
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct PromptTokensDetails {
+    cached_tokens: u64,
 }
 
 #[derive(Serialize)]
@@ -182,10 +188,16 @@ pub(crate) fn respond(parsed: Option<&Value>, _headers: &HeaderMap, behavior: &B
     let model = req.get("model").and_then(Value::as_str).unwrap_or("");
     let stream = req.get("stream").and_then(Value::as_bool) == Some(true);
     let ex = extract(req);
-    let prompt_tokens = reply::prompt_tokens(ex.prompt_chars);
+    let (cache_read, cache_write) = behavior.prompt_cache();
+    let prompt_tokens = reply::prompt_tokens(ex.prompt_chars) + cache_read + cache_write;
     let reply = Reply::decide_for(ex, max_tokens, behavior);
     let completion_tokens = reply.completion_tokens();
-    let usage = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
+    let usage = Usage {
+        prompt_tokens,
+        completion_tokens,
+        total_tokens: prompt_tokens + completion_tokens,
+        prompt_tokens_details: PromptTokensDetails { cached_tokens: cache_read },
+    };
     let n = reply::next_id();
     let id = format!("chatcmpl-mock-{n}");
     let created = reply::unix_now();

@@ -45,17 +45,17 @@ fn route_all_to(config: &mut Config, target: &str) {
 
 /// Edge `us-east` (`edge-us`) relaying everything to edge `eu-west` (`edge-eu`, which takes relays
 /// from it for every tenant), whose targets are the mocks.
-struct Pair {
-    us: TestEdge,
-    eu: TestEdge,
-    mocks: Mocks,
+pub(crate) struct Pair {
+    pub(crate) us: TestEdge,
+    pub(crate) eu: TestEdge,
+    pub(crate) mocks: Mocks,
     cluster: Cluster,
     /// `edge-eu`'s relay listener.
     relay: SocketAddr,
     _cache: TempDir,
 }
 
-async fn pair(us: impl FnOnce(&mut Config), eu: impl FnOnce(&mut Config)) -> Pair {
+pub(crate) async fn pair(us: impl FnOnce(&mut Config), eu: impl FnOnce(&mut Config)) -> Pair {
     let mocks = Mocks::start().await;
     let cluster = Cluster::new("relay-pair");
     let cache = TempDir::new("relay-pair");
