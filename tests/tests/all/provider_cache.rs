@@ -202,6 +202,7 @@ async fn anthropic_cache_counts_reach_both_shapes_and_are_priced_at_cache_rates(
     cost += check_route(&edge, &mocks.anthropic, Shape::OpenAi, "gpt-via-claude", true, AN).await;
     wait_for_cost(&edge, "an", cost).await;
     assert_eq!(mocks.anthropic.request_count(), 6);
+    ledger_agrees(&edge, WRITE, cost).await;
 }
 
 #[tokio::test]
@@ -212,6 +213,21 @@ async fn openai_cached_tokens_reach_both_shapes_and_are_priced_at_cache_rates() 
     cost += check_route(&edge, &mocks.openai, Shape::Anthropic, "claude-via-gpt", false, OA).await;
     wait_for_cost(&edge, "oa", cost).await;
     assert_eq!(mocks.openai.request_count(), 6);
+    ledger_agrees(&edge, 0, cost).await;
+}
+
+/// The ledger's rows of the six requests [`check_route`] sent twice: four with the cache's
+/// counts (`write` as the upstream's API reports writes), and costs that add up to `cost`.
+async fn ledger_agrees(edge: &TestEdge, write: u64, cost: f64) {
+    edge.edge.close().await;
+    let ledger = edge.edge.ledger.as_ref().expect("the ledger is on by default");
+    let rows = ledger.store().load(0, i64::MAX).await.expect("the ledger reads");
+    assert_eq!(rows.len(), 6);
+    let cached: Vec<_> = rows.iter().filter(|r| r.cache_read_tokens > 0).collect();
+    assert_eq!(cached.len(), 4, "{rows:?}");
+    assert!(cached.iter().all(|r| r.cache_read_tokens == READ && r.cache_write_tokens == write), "{cached:?}");
+    let recorded: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    assert!((recorded - cost).abs() < 1e-12, "the ledger's {recorded} vs {cost}");
 }
 
 /// An Anthropic request to `model` with `cache_control` markers on system blocks, tools, text,
