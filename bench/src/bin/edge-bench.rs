@@ -136,28 +136,27 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
             r.p50_ms, r.p90_ms, r.p99_ms, r.rps, r.errors
         );
     }
-    // The ledger's cost: the same edge without it, side by side at c=64, interleaved and
-    // repeated; the medians of the edge's CPU per request.
-    let unledgered_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let unledgered = start_edge(
-        &bin_dir,
-        &tmp,
-        "edge-no-ledger",
-        unledgered_addr,
-        mock_addr,
-        Edge { ledger: false, ..Edge::default() },
-    )?;
-    wait_listening(unledgered_addr)?;
-    let unledgered_url = format!("http://{unledgered_addr}");
+    // The ledger's cost: two fresh edges, one with it and one without, side by side at c=64,
+    // interleaved and repeated; the medians of each edge's CPU per request.
+    let start = |name: &str, ledger: bool| -> Result<(Proc, String), String> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let edge = start_edge(&bin_dir, &tmp, name, addr, mock_addr, Edge { ledger, ..Edge::default() })?;
+        wait_listening(addr)?;
+        Ok((edge, format!("http://{addr}")))
+    };
+    let (ledgered, ledgered_url) = start("edge-ledger", true)?;
+    let (unledgered, unledgered_url) = start("edge-no-ledger", false)?;
     let (mut with, mut without) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        for (pid, url, into) in [(edge_pid, &through, &mut with), (unledgered.0.id(), &unledgered_url, &mut without)] {
+        for (pid, url, into) in
+            [(ledgered.0.id(), &ledgered_url, &mut with), (unledgered.0.id(), &unledgered_url, &mut without)]
+        {
             let before = proc_cpu(pid);
             let r = wrk(&tmp, url, plain, 64, duration)?;
             into.push(proc_cpu(pid).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64);
         }
     }
-    drop(unledgered);
+    drop((ledgered, unledgered));
     let (on_cpu, off_cpu) = (median(&mut with), median(&mut without));
     println!(
         "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {on_cpu:.1} / {off_cpu:.1} (ledger {:+.1}) |",

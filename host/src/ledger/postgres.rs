@@ -9,6 +9,7 @@ use tokio_postgres::{Client, NoTls};
 use tracing::warn;
 
 use super::entry::{LedgerEntry, StandingCost};
+use super::entry::TokenSource;
 use super::row::{ReadRow, Row, Totals, REQUEST_COLUMNS, SCHEMA, STANDING_COLUMNS};
 use super::LedgerError;
 use crate::read_row;

@@ -1,7 +1,7 @@
 //! A ledger entry as the columns both stores hold: scalars as they are, the lists as JSON text.
 //! One encoding for SQLite and PostgreSQL, so the two stores hold the same rows.
 
-use super::entry::{AttemptRecord, LedgerEntry, StandingCost, TokenSource};
+use super::entry::{LedgerEntry, StandingCost};
 use super::LedgerError;
 
 /// The `requests` table's columns, in the order of [`Row`]'s fields.
@@ -15,16 +15,16 @@ pub(super) const STANDING_COLUMNS: &str = "from_ms, to_ms, target, usd";
 /// The schema, for both stores.
 pub(super) const SCHEMA: &str = include_str!("schema.sql");
 
-/// One `requests` row.
-pub(super) struct Row {
+/// One `requests` row to write, borrowing the entry's text: the writer binds it without copying.
+pub(super) struct Row<'a> {
     pub ts_ms: i64,
-    pub request_id: String,
-    pub tenant: String,
-    pub api: String,
-    pub model: String,
-    pub served_model: Option<String>,
+    pub request_id: &'a str,
+    pub tenant: &'a str,
+    pub api: &'a str,
+    pub model: &'a str,
+    pub served_model: Option<&'a str>,
     pub attempts: String,
-    pub target: Option<String>,
+    pub target: Option<&'a str>,
     pub cache_hit: bool,
     pub stream: bool,
     pub input_tokens: i64,
@@ -36,8 +36,8 @@ pub(super) struct Row {
     pub busy_ms: Option<f64>,
     pub redactions: i64,
     pub labels: String,
-    pub router: Option<String>,
-    pub status: String,
+    pub router: Option<&'a str>,
+    pub status: &'a str,
     pub http_status: i64,
     pub cost_usd: f64,
     pub counterfactual: String,
@@ -53,18 +53,18 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "[]".into())
 }
 
-impl Row {
+impl<'a> Row<'a> {
     /// The row of `e`.
-    pub fn of(e: &LedgerEntry) -> Row {
+    pub fn of(e: &'a LedgerEntry) -> Row<'a> {
         Row {
             ts_ms: e.ts_ms,
-            request_id: e.request_id.clone(),
-            tenant: e.tenant.clone(),
-            api: e.api.clone(),
-            model: e.model.clone(),
-            served_model: e.served_model.clone(),
+            request_id: &e.request_id,
+            tenant: &e.tenant,
+            api: &e.api,
+            model: &e.model,
+            served_model: e.served_model.as_deref(),
             attempts: json(&e.attempts),
-            target: e.target.clone(),
+            target: e.target.as_deref(),
             cache_hit: e.cache_hit,
             stream: e.stream,
             input_tokens: count(e.input_tokens),
@@ -76,8 +76,8 @@ impl Row {
             busy_ms: e.busy_ms,
             redactions: i64::from(e.redactions),
             labels: json(&e.labels),
-            router: e.router.clone(),
-            status: e.status.clone(),
+            router: e.router.as_deref(),
+            status: &e.status,
             http_status: i64::from(e.http_status),
             cost_usd: e.cost_usd,
             counterfactual: json(&e.counterfactual),
@@ -86,88 +86,70 @@ impl Row {
 }
 
 /// Reads a `requests` row `$r` selected as [`REQUEST_COLUMNS`] with its method `$get(index)`, a
-/// column getter returning a `Result` (each store's own), into a [`ReadRow`].
+/// column getter returning a `Result` (each store's own), into a [`ReadRow`]: the entry with its
+/// list columns still JSON text.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! read_row {
     ($r:ident . $get:ident) => {{
+        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
         ReadRow {
-            row: Row {
+            entry: LedgerEntry {
                 ts_ms: $r.$get(0)?,
                 request_id: $r.$get(1)?,
                 tenant: $r.$get(2)?,
                 api: $r.$get(3)?,
                 model: $r.$get(4)?,
                 served_model: $r.$get(5)?,
-                attempts: $r.$get(6)?,
+                attempts: Vec::new(),
                 target: $r.$get(7)?,
                 cache_hit: $r.$get(8)?,
                 stream: $r.$get(9)?,
-                input_tokens: $r.$get(10)?,
-                output_tokens: $r.$get(11)?,
-                cache_read_tokens: $r.$get(12)?,
-                cache_write_tokens: $r.$get(13)?,
-                token_source: "",
+                input_tokens: unsigned($r.$get(10)?),
+                output_tokens: unsigned($r.$get(11)?),
+                cache_read_tokens: unsigned($r.$get(12)?),
+                cache_write_tokens: unsigned($r.$get(13)?),
+                token_source: TokenSource::from_name(&$r.$get::<_, String>(14)?),
                 ttft_ms: $r.$get(15)?,
                 busy_ms: $r.$get(16)?,
-                redactions: $r.$get(17)?,
-                labels: $r.$get(18)?,
+                redactions: u32::try_from($r.$get::<_, i64>(17)?).unwrap_or(u32::MAX),
+                labels: Vec::new(),
                 router: $r.$get(19)?,
                 status: $r.$get(20)?,
-                http_status: $r.$get(21)?,
+                http_status: u16::try_from($r.$get::<_, i64>(21)?).unwrap_or(0),
                 cost_usd: $r.$get(22)?,
-                counterfactual: $r.$get(23)?,
+                counterfactual: Vec::new(),
             },
-            token_source: $r.$get(14)?,
+            attempts: $r.$get(6)?,
+            labels: $r.$get(18)?,
+            counterfactual: $r.$get(23)?,
         }
     }};
 }
 
-/// A row as read back: the same values, with the token source by name.
+/// A row as read back: the entry, and its list columns as the JSON text they are stored as.
 pub(super) struct ReadRow {
-    pub row: Row,
-    pub token_source: String,
+    pub entry: LedgerEntry,
+    pub attempts: String,
+    pub labels: String,
+    pub counterfactual: String,
 }
 
 impl ReadRow {
     /// The entry the row holds; a list column that is not the JSON this module wrote is an error
     /// naming the request.
     pub fn into_entry(self) -> Result<LedgerEntry, LedgerError> {
-        let r = self.row;
-        let bad = |column: &str, e: serde_json::Error| {
-            LedgerError::Corrupt(format!("request {}: column {column}: {e}", r.request_id))
+        let mut e = self.entry;
+        let bad = |column: &str, err: serde_json::Error| {
+            LedgerError::Corrupt(format!("request {}: column {column}: {err}", e.request_id))
         };
-        let attempts: Vec<AttemptRecord> = serde_json::from_str(&r.attempts).map_err(|e| bad("attempts", e))?;
-        let labels: Vec<String> = serde_json::from_str(&r.labels).map_err(|e| bad("labels", e))?;
-        let counterfactual: Vec<(String, f64)> =
-            serde_json::from_str(&r.counterfactual).map_err(|e| bad("counterfactual", e))?;
-        let unsigned = |n: i64| u64::try_from(n).unwrap_or(0);
-        Ok(LedgerEntry {
-            ts_ms: r.ts_ms,
-            request_id: r.request_id,
-            tenant: r.tenant,
-            api: r.api,
-            model: r.model,
-            served_model: r.served_model,
-            attempts,
-            target: r.target,
-            cache_hit: r.cache_hit,
-            stream: r.stream,
-            input_tokens: unsigned(r.input_tokens),
-            output_tokens: unsigned(r.output_tokens),
-            cache_read_tokens: unsigned(r.cache_read_tokens),
-            cache_write_tokens: unsigned(r.cache_write_tokens),
-            token_source: TokenSource::from_name(&self.token_source),
-            ttft_ms: r.ttft_ms,
-            busy_ms: r.busy_ms,
-            redactions: u32::try_from(r.redactions).unwrap_or(u32::MAX),
-            labels,
-            router: r.router,
-            status: r.status,
-            http_status: u16::try_from(r.http_status).unwrap_or(0),
-            cost_usd: r.cost_usd,
-            counterfactual,
-        })
+        let attempts = serde_json::from_str(&self.attempts).map_err(|err| bad("attempts", err))?;
+        let labels = serde_json::from_str(&self.labels).map_err(|err| bad("labels", err))?;
+        let counterfactual = serde_json::from_str(&self.counterfactual).map_err(|err| bad("counterfactual", err))?;
+        e.attempts = attempts;
+        e.labels = labels;
+        e.counterfactual = counterfactual;
+        Ok(e)
     }
 }
 

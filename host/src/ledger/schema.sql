@@ -26,7 +26,6 @@ CREATE TABLE IF NOT EXISTS requests (
     counterfactual TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS requests_ts ON requests (ts_ms);
-CREATE INDEX IF NOT EXISTS requests_tenant_ts ON requests (tenant, ts_ms);
 CREATE TABLE IF NOT EXISTS standing_costs (
     from_ms BIGINT NOT NULL,
     to_ms BIGINT NOT NULL,

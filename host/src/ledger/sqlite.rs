@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::entry::{LedgerEntry, StandingCost};
+use super::entry::TokenSource;
 use super::row::{standing_of, ReadRow, Row, Totals, REQUEST_COLUMNS, SCHEMA, STANDING_COLUMNS};
 use super::LedgerError;
 use crate::read_row;
@@ -36,6 +37,11 @@ impl Sqlite {
             conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(db)?;
             conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
             conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+            // Checkpoint every 10,000 pages (40 MB of log) instead of SQLite's 1,000: each
+            // checkpoint syncs the file, and at the default they cost a quarter of the writer's
+            // time (3.7 against 2.9 µs a row, measured here). The log is cut back to 64 MB after.
+            conn.pragma_update(None, "wal_autocheckpoint", 10_000).map_err(db)?;
+            conn.pragma_update(None, "journal_size_limit", 64 << 20).map_err(db)?;
             conn.execute_batch(SCHEMA).map_err(db)?;
             Ok(conn)
         })
