@@ -272,6 +272,13 @@ impl NsNode {
     fn spawn(command: &'static str, name: &str, ns: &str, text: &str) -> NsNode {
         let dir = TempDir::new(name);
         let config = dir.path().join(format!("{command}.toml"));
+        // Every edge of the test runs from the same working directory: each keeps its ledger in
+        // its own folder rather than all in `./.meridian`.
+        let text = if command == "edge" {
+            format!("{text}\n[ledger]\ndir = {:?}\n", dir.path().join("data"))
+        } else {
+            text.to_string()
+        };
         std::fs::write(&config, text).unwrap();
         let mut node = NsNode { name: name.into(), command, config, ns: ns.into(), child: None, _dir: dir };
         node.start();
