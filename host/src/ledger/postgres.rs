@@ -8,8 +8,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
 
-use super::entry::{LedgerEntry, StandingCost};
-use super::entry::TokenSource;
+use super::entry::{LedgerEntry, StandingCost, TokenSource};
 use super::row::{ReadRow, Row, Totals, REQUEST_COLUMNS, SCHEMA, STANDING_COLUMNS};
 use super::LedgerError;
 use crate::read_row;

@@ -7,8 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::entry::{LedgerEntry, StandingCost};
-use super::entry::TokenSource;
+use super::entry::{LedgerEntry, StandingCost, TokenSource};
 use super::row::{standing_of, ReadRow, Row, Totals, REQUEST_COLUMNS, SCHEMA, STANDING_COLUMNS};
 use super::LedgerError;
 use crate::read_row;

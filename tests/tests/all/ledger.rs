@@ -82,6 +82,13 @@ base_url = "http://127.0.0.1:1/v1"
 connect_timeout_ms = 200
 price = {{ per = "token", input_usd_per_mtok = 5.0, output_usd_per_mtok = 5.0 }}
 
+[targets.sls]
+api = "openai"
+kind = "serverless"
+base_url = "{oa2}/v1"
+api_key = "${{MERIDIAN_E2E_UPSTREAM_KEY}}"
+price = {{ per = "gpu_second", usd_per_second = 0.001, min_billed_seconds = 1.0, cold_start_seconds = 5.0, scale_to_zero_after_seconds = 60.0 }}
+
 [targets.box]
 api = "openai"
 kind = "dedicated"
@@ -100,6 +107,7 @@ price = {{ per = "hour", usd_per_hour = 36.0 }}
             model_toml("failover", &[("down", None), ("oa2", None)]),
             model_toml("slow", &[("slow", None)]),
             model_toml("own", &[("box", None), ("oa", Some("gpt-4o-mini"))]),
+            model_toml("serverless", &[("sls", None)]),
         ]
         .join("\n"),
     )
@@ -272,6 +280,10 @@ async fn a_row_says_what_the_request_did() {
     assert_eq!(r.status, 200);
     let r = edge.post_with(OPENAI, ACME_KEY, &[("x-request-id", "row-3")], &chat("nope", "hi", false)).await;
     assert_eq!(r.status, 404);
+    for id in ["cold", "warm"] {
+        let r = edge.post_with(OPENAI, ACME_KEY, &[("x-request-id", id)], &chat("serverless", id, false)).await;
+        assert_eq!(r.status, 200);
+    }
     edge.edge.close().await;
     let rows = Store::open(&backend.url()).await.unwrap().load(0, i64::MAX).await.unwrap();
     let row = |id: &str| rows.iter().find(|r| r.request_id == id).unwrap_or_else(|| panic!("row {id}: {rows:?}"));
@@ -300,6 +312,11 @@ async fn a_row_says_what_the_request_did() {
     assert!(streamed.stream && streamed.ttft_ms.is_some_and(|t| t > 0.0));
     assert_eq!(streamed.served_model.as_deref(), Some("gpt-4o-mini"));
     assert_eq!(streamed.counterfactual.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), ["an"]);
+
+    // Serverless: billed its busy time at the platform's 1 s minimum; the first request found the
+    // endpoint scaled to zero and pays its 5 s cold start too.
+    assert!((row("cold").cost_usd - 0.006).abs() < 1e-12, "{:?}", row("cold"));
+    assert!((row("warm").cost_usd - 0.001).abs() < 1e-12, "{:?}", row("warm"));
 
     let refused = row("row-3");
     assert_eq!((refused.status.as_str(), refused.http_status), ("model_not_found", 404));
