@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use super::context::Exchange;
 use super::Edge;
-use crate::api::ApiShape;
 use crate::budget::{Ask, Exhausted, Refused};
 use crate::chat::Usage;
 use crate::error::GatewayError;
@@ -24,10 +23,10 @@ use crate::routes::Plan;
 /// Reserves the exchange's worst case under `plan` against its tenant's budgets, and puts the
 /// hold in its record. A tenant without limits holds nothing.
 pub(super) async fn reserve(edge: &Edge, cx: &mut Exchange, plan: &Plan) -> Result<(), GatewayError> {
-    // A relayed request is held against the tenant's budget by the edge it came from.
-    if cx.api() == ApiShape::Relay {
-        return Ok(());
-    }
+    // A relayed request is held here too: the edge it came from holds its tokens but not its
+    // cost (a peer edge has no price there), so without this hold a tenant's USD budget would
+    // not see what it spends in other regions. Edges sharing one Redis count its tokens twice:
+    // more, never less.
     let prompt = cx.record.prompt_tokens;
     let chunk = edge.budgets.credit_chunk_tokens();
     let output = match cx.request.output_limit() {

@@ -477,3 +477,18 @@ async fn one(mocks: &Mocks, edge: &TestEdge) -> Reply {
     mocks.openai.push(say(8, "abcd", Duration::ZERO));
     edge.post(OPENAI, ACME_KEY, &chat("gpt-test", false, Some(8))).await
 }
+
+#[tokio::test]
+async fn a_relayed_request_is_held_against_the_budget_of_the_edge_that_serves_it() {
+    // Only the serving region has a budget for acme: 20 tokens a day, two requests' worth.
+    let budget = |eu: &mut Config| eu.tenant_mut("acme").budgets = tokens_per_day(20);
+    let p = crate::relay::pair(|_| {}, budget).await;
+    for _ in 0..2 {
+        let r = one(&p.mocks, &p.us).await;
+        assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("edge-eu")), "{}", r.text());
+    }
+    let refused = one(&p.mocks, &p.us).await;
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.text().contains("tokens_per_day"), "the refusal names the limit: {}", refused.text());
+    assert_eq!(p.mocks.openai.request_count(), 2, "nothing past the budget reached the upstream");
+}
