@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::entry::{LedgerEntry, StandingCost};
 use super::{now_ms, LedgerError, Store};
@@ -23,6 +23,8 @@ use crate::metrics::LedgerMetrics;
 const BATCH: usize = 4096;
 /// How often retention is applied.
 const PURGE_EVERY: Duration = Duration::from_secs(3600);
+/// How long a closing ledger may take to write what it holds.
+const CLOSE_WITHIN: Duration = Duration::from_secs(30);
 /// The spill file's name in the data directory.
 const SPILL_FILE: &str = "ledger-spill.jsonl";
 
@@ -131,14 +133,23 @@ impl Ledger {
     }
 
     /// Writes everything queued, the dedicated targets' hours up to now included, and stops the
-    /// writer. Records queued after this are not written.
+    /// writer. Records queued after this are not written. A node whose store and disk both refuse
+    /// its records still stops, after [`CLOSE_WITHIN`], saying how many it could not keep.
     pub async fn close(&self) {
         self.shared.closing.store(true, Ordering::SeqCst);
         self.shared.wake.notify_one();
         let writer = self.writer.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-        if let Some(writer) = writer {
-            if let Err(e) = writer.await {
-                warn!(error = %e, "ledger writer ended abnormally");
+        let Some(mut writer) = writer else { return };
+        match tokio::time::timeout(CLOSE_WITHIN, &mut writer).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "ledger writer ended abnormally"),
+            Err(_) => {
+                writer.abort();
+                let lost = self.shared.queued.load(Ordering::SeqCst);
+                error!(
+                    records = lost,
+                    "ledger: neither the store nor the spill file took these records before shutdown"
+                );
             }
         }
     }
