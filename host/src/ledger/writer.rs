@@ -89,6 +89,7 @@ impl Ledger {
             standing_every: Duration::from_secs(config.standing_interval_secs),
             retention_ms: i64::from(config.retention_days) * 86_400_000,
         };
+        writer.apply_retention().await;
         info!(url = %redact_url(url), "ledger open");
         Ok(Ledger { shared, store, writer: Mutex::new(Some(tokio::spawn(writer.run()))) })
     }
@@ -177,11 +178,13 @@ struct Writer {
 
 impl Writer {
     async fn run(mut self) {
-        let mut flush = tokio::time::interval(self.flush);
+        // Each timer first fires one period from now: retention was applied at open, and nothing
+        // is queued yet.
+        let every = |period: Duration| tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        let mut flush = every(self.flush);
         flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut standing = tokio::time::interval(self.standing_every);
-        standing.tick().await;
-        let mut purge = tokio::time::interval(PURGE_EVERY);
+        let mut standing = every(self.standing_every);
+        let mut purge = every(PURGE_EVERY);
         loop {
             let mut hours = false;
             let mut retention = false;
@@ -197,16 +200,24 @@ impl Writer {
             if !batch.is_empty() || !standing_costs.is_empty() {
                 self.write(batch, standing_costs).await;
             }
-            if retention && self.retention_ms > 0 {
-                match self.store.purge(now_ms() - self.retention_ms).await {
-                    Ok(n) if n > 0 => info!(deleted = n, "ledger: records past retention deleted"),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "ledger: retention could not be applied"),
-                }
+            if retention {
+                self.apply_retention().await;
             }
             if closing && self.shared.queued.load(Ordering::SeqCst) == 0 {
                 return;
             }
+        }
+    }
+
+    /// Deletes what is older than the retention period, if there is one.
+    async fn apply_retention(&self) {
+        if self.retention_ms == 0 {
+            return;
+        }
+        match self.store.purge(now_ms() - self.retention_ms).await {
+            Ok(n) if n > 0 => info!(deleted = n, "ledger: records past retention deleted"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "ledger: retention could not be applied"),
         }
     }
 

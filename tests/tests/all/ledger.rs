@@ -506,8 +506,7 @@ async fn the_cost_report_reads_the_ledger_an_edge_wrote() {
         let r = edge.post(OPENAI, ACME_KEY, &chat(model, &format!("report {n}"), stream)).await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    // Let the dedicated engine's hours run a little past its traffic, then write them.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Closing writes the dedicated engine's hours up to now.
     edge.edge.close().await;
 
     let config = dir.path().join("edge.toml");
