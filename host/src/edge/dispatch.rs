@@ -73,7 +73,9 @@ where
             Step::Try(i) => {
                 let route = &routes[i];
                 let started = Instant::now();
-                let idle_since = route.target.touch(started);
+                // Only a target that scales to zero needs its idle time (a lock per attempt).
+                let scale_to_zero = route.price.and_then(|p| p.scale_to_zero_after());
+                let idle_since = scale_to_zero.and_then(|_| route.target.touch(started));
                 let outcome = match attempt(route).await {
                     Ok(value) => {
                         answer = Some(value);
@@ -94,10 +96,8 @@ where
                     region: route.target.region.clone(),
                     outcome: label.to_string(),
                 });
-                let cold = route
-                    .price
-                    .and_then(|p| p.scale_to_zero_after())
-                    .is_some_and(|idle| idle_since.is_none_or(|t| started.duration_since(t) > idle));
+                let cold =
+                    scale_to_zero.is_some_and(|idle| idle_since.is_none_or(|t| started.duration_since(t) > idle));
                 sent = (started, cold);
                 attempts.record(i, outcome);
             }

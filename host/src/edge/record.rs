@@ -175,7 +175,9 @@ impl Record {
             let (cost, busy) = match &self.answered {
                 Some(a) => {
                     let busy = now - a.sent;
-                    a.target.touch(now);
+                    if a.price.is_some_and(|p| p.scale_to_zero_after().is_some()) {
+                        a.target.touch(now);
+                    }
                     (a.price.map_or(0.0, |p| p.billed(usage, busy, a.cold)), Some(busy))
                 }
                 None => (0.0, None),
