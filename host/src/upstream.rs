@@ -26,7 +26,7 @@ use crate::api::{anthropic, engine, openai};
 use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetEnv, TargetKind};
 use crate::error::UpstreamError;
-use crate::sse::{SseEvent, SseParser};
+use crate::sse::{SseError, SseParser};
 use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
 
 /// The shared HTTP(S) client of all managed targets.
@@ -262,6 +262,8 @@ impl Target {
                 },
                 client.rtt(),
             )),
+            // A draining engine is leaving, not failing: nothing to record.
+            Ok(Err(ClientError::Remote(e))) if e.code == meridian_engine::api::ErrorCode::Draining => return,
             _ => None,
         };
         self.stats.probe(Instant::now(), result);
@@ -290,10 +292,19 @@ impl Target {
                     C::BadRequest | C::Refused => {
                         UpstreamError::Rejected { target, status: e.status.unwrap_or(400), message }
                     }
-                    C::UnsupportedVersion | C::MalformedFrame | C::FrameTooLarge | C::Internal => {
+                    // The request outgrew this engine's frames (configured smaller than the edge
+                    // knows): the request's size, not the engine, is at fault.
+                    C::FrameTooLarge => UpstreamError::RequestTooLarge { target, message },
+                    // Shutting down: the next target takes it, and this one has not failed.
+                    C::Draining => UpstreamError::Draining { target, message },
+                    C::UnsupportedVersion | C::MalformedFrame | C::Internal => {
                         UpstreamError::Failed { target, status: e.status.unwrap_or(502), message }
                     }
                 }
+            }
+            // Refused before it was sent.
+            too_large @ ClientError::TooLarge { .. } => {
+                UpstreamError::RequestTooLarge { target, message: too_large.to_string() }
             }
             other => self.protocol(other.to_string()),
         }
@@ -345,26 +356,27 @@ impl Target {
 
     /// Reads a whole body, each chunk within the between-chunk timeout, up to `limit` bytes.
     async fn read_body(&self, mut body: Incoming, limit: usize) -> Result<Bytes, UpstreamError> {
+        let after = self.config.chunk_timeout();
         let mut buf = Vec::new();
-        while let Some(frame) = self.next_frame(&mut body).await? {
+        loop {
+            let frame = tokio::time::timeout(after, self.next_frame(&mut body))
+                .await
+                .map_err(|_| UpstreamError::Timeout { target: self.name.clone(), phase: "stream chunk", after })?;
+            let Some(frame) = frame? else { return Ok(Bytes::from(buf)) };
             buf.extend_from_slice(&frame);
             if buf.len() > limit {
                 return Err(self.protocol(format!("response larger than {limit} bytes")));
             }
         }
-        Ok(Bytes::from(buf))
     }
 
+    /// The next data frame of a body, however long it takes: callers bound the wait.
     async fn next_frame(&self, body: &mut Incoming) -> Result<Option<Bytes>, UpstreamError> {
-        let after = self.config.chunk_timeout();
         loop {
-            match tokio::time::timeout(after, body.frame()).await {
-                Err(_) => {
-                    return Err(UpstreamError::Timeout { target: self.name.clone(), phase: "stream chunk", after })
-                }
-                Ok(None) => return Ok(None),
-                Ok(Some(Err(e))) => return Err(self.protocol(format!("response body broke off: {}", error_chain(&e)))),
-                Ok(Some(Ok(frame))) => {
+            match body.frame().await {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(self.protocol(format!("response body broke off: {}", error_chain(&e)))),
+                Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         return Ok(Some(data));
                     }
@@ -388,8 +400,16 @@ impl Target {
         };
         let _in_flight = self.stats.start();
         let body = self.body(managed.api, req, upstream_model, default_max_tokens)?;
-        let response = self.send(managed, client, body, &dispatch.request_id).await?;
-        let body = self.read_body(response.into_body(), 64 << 20).await?;
+        let after = self.config.total_timeout();
+        let answer = async {
+            let response = self.send(managed, client, body, &dispatch.request_id).await?;
+            self.read_body(response.into_body(), 64 << 20).await
+        };
+        let body = tokio::time::timeout(after, answer).await.map_err(|_| UpstreamError::Timeout {
+            target: self.name.clone(),
+            phase: "whole answer",
+            after,
+        })??;
         match managed.api {
             ManagedApi::Anthropic => anthropic::decode_response(&body, upstream_model),
             ManagedApi::OpenAi => openai::decode_response(&body, upstream_model),
@@ -444,8 +464,8 @@ impl Target {
             ManagedApi::Anthropic => Decoder::Anthropic(anthropic::StreamDecoder::new(upstream_model)),
             ManagedApi::OpenAi => Decoder::OpenAi(openai::StreamDecoder::new(upstream_model)),
         };
-        let source =
-            Source::Sse { body: response.into_body(), parser: SseParser::default(), decoder, parsed: Vec::new() };
+        let max_event = usize::try_from(self.config.max_event_bytes).unwrap_or(usize::MAX);
+        let source = Source::Sse { body: response.into_body(), parser: Box::new(SseParser::new(max_event)), decoder };
         Ok(EventStream::new(Arc::clone(self), source, VecDeque::new(), started, in_flight))
     }
 
@@ -466,7 +486,7 @@ impl Target {
             }
         };
         let _in_flight = self.stats.start();
-        let request = meridian_engine::api::EmbedRequest { model: upstream_model.to_string(), input };
+        let request = meridian_engine::api::EmbedRequest::new(upstream_model, input);
         let after = self.config.first_byte_timeout();
         match tokio::time::timeout(after, client.embed(request)).await {
             Err(_) => Err(UpstreamError::Timeout { target: self.name.clone(), phase: "response", after }),
@@ -491,7 +511,7 @@ impl Target {
             Quic::PeerEdge(client) => {
                 let opened = tokio::time::timeout(after, client.relay(dispatch.request(req, upstream_model))).await;
                 let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
-                (Source::Relay { stream: Box::new(stream), finished: false }, VecDeque::new())
+                (Source::Relay(Box::new(stream)), VecDeque::new())
             }
             Quic::Engine(client) => {
                 let request = engine::request(req, upstream_model)
@@ -525,16 +545,43 @@ enum Decoder {
 /// Where a stream's events come from.
 #[derive(Debug)]
 enum Source {
-    /// A managed API's server-sent events.
-    Sse { body: Incoming, parser: SseParser, decoder: Decoder, parsed: Vec<SseEvent> },
+    /// A managed API's server-sent events (the parser boxed, to keep the variants close in size).
+    Sse { body: Incoming, parser: Box<SseParser>, decoder: Decoder },
     /// An engine's frames.
     Engine(Box<ChatStream>),
-    /// A peer edge's relayed events; `finished` once its `Finish` event came.
-    Relay { stream: Box<RelayStream>, finished: bool },
+    /// A peer edge's relayed events.
+    Relay(Box<RelayStream>),
 }
 
-/// Canonical events from an upstream's stream, each within the between-chunk timeout. A stream
-/// that ends before the protocol's end marker is an error, never a clean end.
+/// What one read of a [`Source`] brought.
+enum Received {
+    /// A piece of a managed API's body; `None` at its end.
+    Bytes(Option<Bytes>),
+    /// An engine's event; `None` when its stream ended.
+    Engine(Option<meridian_engine::api::Event>),
+    /// A peer edge's event as JSON; `None` when its stream ended.
+    Relay(Option<Bytes>),
+}
+
+impl Source {
+    /// The next thing the upstream sends, however long it takes: [`EventStream::next`] bounds
+    /// the wait.
+    async fn receive(&mut self, target: &Target) -> Result<Received, UpstreamError> {
+        let quic = |e| target.engine_error(e);
+        Ok(match self {
+            Source::Sse { body, .. } => Received::Bytes(target.next_frame(body).await?),
+            Source::Engine(stream) => Received::Engine(stream.next().await.transpose().map_err(quic)?),
+            Source::Relay(stream) => Received::Relay(stream.next().await.transpose().map_err(quic)?),
+        })
+    }
+}
+
+/// Canonical events from an upstream's stream, within the target's bounds: its first content
+/// within `first_token_timeout_ms` of the request, each later event that carries something
+/// within `chunk_timeout_ms` of the one before (keep-alives carry nothing), the whole answer
+/// within `total_timeout_ms` and `max_stream_bytes`, each server-sent event within
+/// `max_event_bytes`. A stream that ends before the protocol's end marker, or without a finish
+/// reason after its last content, is an error, never a clean end.
 #[derive(Debug)]
 pub struct EventStream {
     target: Arc<Target>,
@@ -542,8 +589,16 @@ pub struct EventStream {
     pending: VecDeque<StreamEvent>,
     failed: Option<UpstreamError>,
     done: bool,
-    /// When the request was sent, for the time to first token.
+    /// When the request was sent, for the time to first token and the whole answer's limit.
     started: Instant,
+    /// When the response head, or the last event that carries something after it, came.
+    progress: Instant,
+    /// Whether content has come (read from the upstream, not necessarily delivered yet).
+    content: bool,
+    /// Whether a finish reason came after the last content: only then may the stream end.
+    finished: bool,
+    /// Bytes received: a managed API's whole body, or a QUIC stream's content.
+    received: u64,
     /// Whether content has been delivered: a failure after it is the stream's own (before it,
     /// the request path records the failed attempt).
     begun: bool,
@@ -567,6 +622,10 @@ impl EventStream {
             failed: None,
             done: false,
             started,
+            progress: Instant::now(),
+            content: false,
+            finished: false,
+            received: 0,
             begun: false,
             records_failure: true,
             _in_flight: in_flight,
@@ -584,61 +643,104 @@ impl EventStream {
             if let Some(item) = self.ready() {
                 return item;
             }
-            match &mut self.source {
-                Source::Sse { body, .. } => match self.target.next_frame(body).await {
-                    Ok(Some(chunk)) => self.decode(&chunk),
-                    Ok(None) => {
-                        self.fail(self.target.protocol("stream ended before its end marker (truncated answer)"))
+            let (left, phase, after) = self.limit();
+            let received = match tokio::time::timeout(left, self.source.receive(&self.target)).await {
+                Err(_) => Err(UpstreamError::Timeout { target: self.target.name.clone(), phase, after }),
+                Ok(result) => result,
+            };
+            match received {
+                Err(e) => self.fail(e),
+                Ok(Received::Bytes(Some(chunk))) => {
+                    if self.count(chunk.len()) {
+                        self.decode(&chunk);
                     }
-                    Err(e) => self.fail(e),
+                }
+                Ok(Received::Bytes(None)) => {
+                    self.fail(self.target.protocol("stream ended before its end marker (truncated answer)"))
+                }
+                Ok(Received::Engine(None)) => {
+                    self.fail(self.target.protocol("engine stream ended before its done frame"))
+                }
+                Ok(Received::Engine(Some(event))) => {
+                    let last = matches!(event, meridian_engine::api::Event::Finished { .. });
+                    let mut out = VecDeque::new();
+                    match engine::events(event, &mut out) {
+                        Ok(()) => self.accept(out),
+                        Err(e) => self.fail(self.target.engine_error(ClientError::Remote(e))),
+                    }
+                    if last {
+                        self.end();
+                    }
+                }
+                // The peer finished its side: a whole answer if it gave its finish reason.
+                Ok(Received::Relay(None)) => self.end(),
+                Ok(Received::Relay(Some(json))) => match relay::decode_event(&json) {
+                    Ok(event) => self.accept([event]),
+                    Err(message) => self.fail(self.target.protocol(message)),
                 },
-                Source::Engine(stream) => {
-                    let after = self.target.config.chunk_timeout();
-                    match tokio::time::timeout(after, stream.next()).await {
-                        Err(_) => self.fail(self.chunk_timeout()),
-                        Ok(None) => self.fail(self.target.protocol("engine stream ended before its done frame")),
-                        Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
-                        Ok(Some(Ok(event))) => {
-                            let finished = matches!(event, meridian_engine::api::Event::Finished { .. });
-                            if let Err(e) = engine::events(event, &mut self.pending) {
-                                self.fail(self.target.engine_error(ClientError::Remote(e)));
-                            }
-                            self.done |= finished;
-                        }
-                    }
-                }
-                Source::Relay { stream, finished } => {
-                    let after = self.target.config.chunk_timeout();
-                    match tokio::time::timeout(after, stream.next()).await {
-                        Err(_) => self.fail(self.chunk_timeout()),
-                        // The peer finished its side: a whole answer if its `Finish` came.
-                        Ok(None) if *finished => self.done = true,
-                        Ok(None) => self.fail(self.target.protocol("relayed stream ended before its finish event")),
-                        Ok(Some(Err(e))) => self.fail(self.target.engine_error(e)),
-                        Ok(Some(Ok(json))) => match relay::decode_event(&json) {
-                            Ok(event) => {
-                                *finished |= matches!(event, StreamEvent::Finish(_));
-                                self.pending.push_back(event);
-                            }
-                            Err(message) => self.fail(self.target.protocol(message)),
-                        },
-                    }
-                }
             }
         }
     }
 
-    fn chunk_timeout(&self) -> UpstreamError {
-        UpstreamError::Timeout {
-            target: self.target.name.clone(),
-            phase: "stream chunk",
-            after: self.target.config.chunk_timeout(),
+    /// How long the next read may take, with the limit that decides it (its name and length):
+    /// the time between events that carry something, the time to first token until content
+    /// came, and the whole answer's time, whichever ends first.
+    fn limit(&self) -> (Duration, &'static str, Duration) {
+        let config = &self.target.config;
+        let left = |from: Instant, after: Duration| (after.saturating_sub(from.elapsed()), after);
+        let chunk = (left(self.progress, config.chunk_timeout()), "stream chunk");
+        let whole = (left(self.started, config.total_timeout()), "whole answer");
+        let first_token = (!self.content).then(|| (left(self.started, config.first_token_timeout()), "first token"));
+        let limits = [Some(chunk), Some(whole), first_token].into_iter().flatten();
+        let ((left, after), phase) = limits.min_by_key(|((left, _), _)| *left).unwrap_or_default();
+        (left, phase, after)
+    }
+
+    /// Counts `n` bytes received against `max_stream_bytes`; false (and the stream failed) past it.
+    fn count(&mut self, n: usize) -> bool {
+        self.received = self.received.saturating_add(u64::try_from(n).unwrap_or(u64::MAX));
+        let limit = self.target.config.max_stream_bytes;
+        if self.received > limit {
+            self.fail(UpstreamError::TooLarge { target: self.target.name.clone(), what: "the stream", limit });
+            return false;
         }
+        true
+    }
+
+    /// Queues decoded events, noting progress: anything but an empty piece of text or arguments
+    /// (what keep-alives decode to, if to anything), and content with a finish reason after it.
+    fn accept(&mut self, events: impl IntoIterator<Item = StreamEvent>) {
+        for ev in events {
+            let content = ev.content_len();
+            if content > 0 {
+                self.content = true;
+                self.finished = false;
+                if !matches!(self.source, Source::Sse { .. }) && !self.count(content) {
+                    return;
+                }
+            }
+            self.finished |= matches!(ev, StreamEvent::Finish(_));
+            let empty = content == 0 && matches!(ev, StreamEvent::Text(_) | StreamEvent::ToolCallArgs { .. });
+            if !empty {
+                self.progress = Instant::now();
+            }
+            self.pending.push_back(ev);
+        }
+    }
+
+    /// The upstream's end marker: a whole answer only if a finish reason followed its last
+    /// content. Without one the answer may be cut short (and a placeholder held back for the
+    /// next piece would never be restored), so it is an error.
+    fn end(&mut self) {
+        if !self.finished {
+            self.fail(self.target.protocol("the stream ended without a finish reason"));
+        }
+        self.done = true;
     }
 
     fn fail(&mut self, e: UpstreamError) {
         self.done = true;
-        self.failed = Some(e);
+        self.failed.get_or_insert(e);
     }
 
     /// What [`EventStream::next`] would return, if it is known without reading the network: an
@@ -663,10 +765,22 @@ impl EventStream {
     /// Decodes a chunk of server-sent events; events before a decoding error are still
     /// delivered, then the error.
     fn decode(&mut self, chunk: &[u8]) {
-        let Source::Sse { parser, decoder, parsed, .. } = &mut self.source else { return };
-        parser.feed(chunk, parsed);
+        let Source::Sse { parser, decoder, .. } = &mut self.source else { return };
+        let (parsed, broken) = match parser.push(chunk) {
+            Ok(parsed) => (parsed, None),
+            Err(SseError::EventTooLarge { limit }) => {
+                let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+                (
+                    Vec::new(),
+                    Some(UpstreamError::TooLarge { target: self.target.name.clone(), what: "an event", limit }),
+                )
+            }
+            Err(e @ SseError::InvalidUtf8) => (Vec::new(), Some(self.target.protocol(e.to_string()))),
+        };
         let mut out = Vec::new();
-        for ev in parsed.drain(..) {
+        let mut ended = false;
+        let mut failed = broken;
+        for ev in parsed {
             let result = match decoder {
                 Decoder::OpenAi(d) => d.decode(&ev.data, &mut out),
                 Decoder::Anthropic(d) => d.decode(&ev.data, &mut out),
@@ -674,17 +788,21 @@ impl EventStream {
             match result {
                 Ok(false) => {}
                 Ok(true) => {
-                    self.done = true;
+                    ended = true;
                     break;
                 }
                 Err(message) => {
-                    self.done = true;
-                    self.failed = Some(self.target.protocol(message));
+                    failed = Some(self.target.protocol(message));
                     break;
                 }
             }
         }
-        self.pending.extend(out);
+        self.accept(out);
+        if let Some(e) = failed {
+            self.fail(e);
+        } else if ended {
+            self.end();
+        }
     }
 }
 

@@ -43,8 +43,9 @@ pub(super) enum Outcome {
     /// Not looked up.
     #[default]
     Bypass,
-    /// Not there: the answer fills the entry through the guard.
-    Miss(FillGuard),
+    /// Not there: the answer fills the entry through the guard, unless its content outgrows the
+    /// entry limit (`cache.max_entry_bytes`, in bytes), the second field.
+    Miss(FillGuard, usize),
     /// Answered from the cache.
     Hit,
 }
@@ -54,7 +55,7 @@ impl Outcome {
     pub fn status(&self) -> &'static str {
         match self {
             Outcome::Bypass => "bypass",
-            Outcome::Miss(_) => "miss",
+            Outcome::Miss(..) => "miss",
             Outcome::Hit => "hit",
         }
     }
@@ -79,7 +80,7 @@ pub(super) async fn lookup(edge: &Edge, cx: &mut Exchange, plan: &Plan) -> Optio
             cx.cache.outcome = Outcome::Hit;
             return Some(serve_cached(&cx.request, &answer));
         }
-        Some(Lookup::Miss(guard)) => Outcome::Miss(guard),
+        Some(Lookup::Miss(guard)) => Outcome::Miss(guard, edge.config.cache.entry_limit()),
         None => Outcome::Bypass,
     };
     edge.metrics.cache_lookups.with_label_values(&[outcome.status()]).inc();

@@ -230,12 +230,17 @@ pub(crate) fn respond(parsed: Option<&Value>, headers: &HeaderMap, behavior: &Be
             "message_delta",
             &json!({
                 "type": "message_delta",
-                "delta": { "stop_reason": stop_reason(&reply), "stop_sequence": null },
+                "delta": {
+                    "stop_reason": (!matches!(behavior, Behavior::NoFinish)).then(|| stop_reason(&reply)),
+                    "stop_sequence": null,
+                },
                 "usage": { "output_tokens": output_tokens },
             }),
         ),
         body::named_event("message_stop", &json!({ "type": "message_stop" })),
     ];
-    let sse = Sse { preamble, content, terminal };
+    let keep_alive = body::named_event("ping", &json!({ "type": "ping" }));
+    let bad_utf8 = delta(json!({ "type": "text_delta", "text": body::BAD_UTF8 }));
+    let sse = Sse { preamble, content, terminal, keep_alive, bad_utf8 };
     body::sse_reply(sse, behavior, || body::named_event("error", &error_json("overloaded_error", "Overloaded")))
 }

@@ -67,6 +67,29 @@ pub enum Behavior {
         /// Prompt tokens written to the cache.
         write: u64,
     },
+    /// Streamed: send the preamble and `N` content events, then keep-alives without end (an SSE
+    /// comment, and the API's own: OpenAI an empty `data: {}` chunk, Anthropic a `ping` event),
+    /// one every 10 ms. Non-streamed: answered normally.
+    KeepAliveAfter(usize),
+    /// Streamed: send the preamble, then the reply's content events over and over without end,
+    /// each `gap` after the one before. Non-streamed: answered normally.
+    Endless {
+        /// The pause before each content event.
+        gap: Duration,
+    },
+    /// Streamed: send the preamble, then a `data:` line that grows by 1 KiB every millisecond
+    /// and never ends. Non-streamed: answered normally.
+    EndlessLine,
+    /// Streamed: send the preamble, then a content event whose text is not valid UTF-8, then the
+    /// reply. Non-streamed: answered normally.
+    BadUtf8,
+    /// Streamed: send the preamble, then wait this long before the first content event; the rest
+    /// follows at once. Non-streamed: answered normally.
+    SlowFirstToken(Duration),
+    /// Streamed: the whole reply and its end marker (`[DONE]` / `message_stop`), but no finish
+    /// reason (OpenAI: no `finish_reason` chunk; Anthropic: `message_delta` with a `null`
+    /// `stop_reason`). Non-streamed: answered normally.
+    NoFinish,
 }
 
 impl Behavior {

@@ -25,6 +25,8 @@ enum Tail {
     Abort,
     /// Never ends.
     Stall,
+    /// Sends these frames over and over, each `gap` after the one before, without end.
+    Repeat(Vec<Bytes>, Duration),
 }
 
 fn frames_body(frames: Vec<Bytes>, tail: Tail) -> MockBody {
@@ -52,6 +54,13 @@ fn paced_body(frames: Vec<Bytes>, paced: std::ops::Range<usize>, gap: Duration, 
         })))
         .boxed_unsync(),
         Tail::Stall => StreamBody::new(head.chain(stream::pending())).boxed_unsync(),
+        Tail::Repeat(frames, gap) => {
+            let forever = stream::iter(frames.into_iter().cycle()).then(move |b| async move {
+                tokio::time::sleep(gap).await;
+                Ok(Frame::data(b))
+            });
+            StreamBody::new(head.chain(forever)).boxed_unsync()
+        }
     }
 }
 
@@ -96,29 +105,62 @@ pub(crate) struct Sse {
     pub content: Vec<Bytes>,
     /// Events after the content (finish, usage, `[DONE]` / `message_stop`).
     pub terminal: Vec<Bytes>,
+    /// The API's own keep-alive event, for `KeepAliveAfter`.
+    pub keep_alive: Bytes,
+    /// A content event whose text is [`BAD_UTF8`], for `BadUtf8`.
+    pub bad_utf8: Bytes,
+}
+
+/// The text of the content event `BadUtf8` sends, which [`sse_reply`] replaces with bytes that
+/// are not UTF-8 once the event is serialized.
+pub(crate) const BAD_UTF8: &str = "meridian-mock-bad-utf8";
+
+/// `event` with [`BAD_UTF8`] replaced by a byte sequence that is not UTF-8.
+fn corrupt(event: &[u8]) -> Bytes {
+    let mark = BAD_UTF8.as_bytes();
+    let at = event.windows(mark.len()).position(|w| w == mark).expect("the event carries the mark");
+    [&event[..at], b"\xff\xfe".as_slice(), &event[at + mark.len()..]].concat().into()
 }
 
 /// An SSE response for `sse`, shaped by `behavior`. `error_event` builds the
 /// API's in-stream error event (only called for `StreamError`).
 pub(crate) fn sse_reply(sse: Sse, behavior: &Behavior, error_event: impl FnOnce() -> Bytes) -> Response<MockBody> {
-    let Sse { mut preamble, mut content, terminal } = sse;
-    let (n, tail) = match *behavior {
-        Behavior::CutAfter(n) => (n, Tail::Abort),
-        Behavior::StallAfter(n) => (n, Tail::Stall),
-        Behavior::StreamError(n) => (n, Tail::End),
+    let Sse { mut preamble, mut content, terminal, keep_alive, bad_utf8 } = sse;
+    let (n, tail) = match behavior {
+        Behavior::CutAfter(n) => (*n, Tail::Abort),
+        Behavior::StallAfter(n) => (*n, Tail::Stall),
+        Behavior::StreamError(n) => (*n, Tail::End),
+        Behavior::KeepAliveAfter(n) => {
+            let comment = Bytes::from_static(b": keep-alive\n\n");
+            (*n, Tail::Repeat(vec![comment, keep_alive], Duration::from_millis(10)))
+        }
+        Behavior::Endless { gap } => (0, Tail::Repeat(content.clone(), *gap)),
+        Behavior::EndlessLine => {
+            let piece = Bytes::from(vec![b'x'; 1024]);
+            (0, Tail::Repeat(vec![piece], Duration::from_millis(1)))
+        }
         _ => (usize::MAX, Tail::End),
     };
     content.truncate(n);
-    // `Say` paces the content events after the first.
-    let gap = match behavior {
-        Behavior::Say { gap, .. } => *gap,
-        _ => Duration::ZERO,
+    match behavior {
+        Behavior::BadUtf8 => content.insert(0, corrupt(&bad_utf8)),
+        Behavior::EndlessLine => content.push(Bytes::from_static(b"data: {\"")),
+        _ => {}
+    }
+    // `Say` paces the content events after the first; `SlowFirstToken` the first.
+    let (gap, paced) = match behavior {
+        Behavior::Say { gap, .. } if !gap.is_zero() => (*gap, preamble.len() + 1..preamble.len() + content.len()),
+        Behavior::SlowFirstToken(wait) => (*wait, preamble.len()..preamble.len() + 1),
+        _ => (Duration::ZERO, 0..0),
     };
-    let paced = if gap.is_zero() { 0..0 } else { preamble.len() + 1..preamble.len() + content.len() };
     preamble.append(&mut content);
     match behavior {
         Behavior::StreamError(_) => preamble.push(error_event()),
-        Behavior::CutAfter(_) | Behavior::StallAfter(_) => {}
+        Behavior::CutAfter(_)
+        | Behavior::StallAfter(_)
+        | Behavior::KeepAliveAfter(_)
+        | Behavior::Endless { .. }
+        | Behavior::EndlessLine => {}
         _ => preamble.extend(terminal),
     }
     let mut resp = Response::new(paced_body(preamble, paced, gap, tail));

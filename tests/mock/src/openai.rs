@@ -267,7 +267,10 @@ pub(crate) fn respond(parsed: Option<&Value>, _headers: &HeaderMap, behavior: &B
             }
         }
     }
-    let mut terminal = vec![chunk(json!({}), Some(finish_reason(&reply)))];
+    let mut terminal = Vec::new();
+    if !matches!(behavior, Behavior::NoFinish) {
+        terminal.push(chunk(json!({}), Some(finish_reason(&reply))));
+    }
     if include_usage {
         terminal.push(body::data_event(&Chunk {
             id: &id,
@@ -280,7 +283,9 @@ pub(crate) fn respond(parsed: Option<&Value>, _headers: &HeaderMap, behavior: &B
         }));
     }
     terminal.push(Bytes::from_static(b"data: [DONE]\n\n"));
-    let sse = Sse { preamble, content, terminal };
+    let keep_alive = Bytes::from_static(b"data: {}\n\n");
+    let bad_utf8 = chunk(json!({ "content": body::BAD_UTF8 }), None);
+    let sse = Sse { preamble, content, terminal, keep_alive, bad_utf8 };
     body::sse_reply(sse, behavior, || {
         body::data_event(&error_json("server_error", "The server had an error while processing your request."))
     })

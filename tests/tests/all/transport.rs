@@ -262,7 +262,6 @@ async fn stream_events_are_flushed_as_they_arrive() {
     let mut body = resp.into_body();
 
     let mut parser = SseParser::default();
-    let mut events = Vec::new();
     let mut text = String::new();
     // Far below the 30 s chunk timeout: a node that buffered the stream would not answer in time.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
@@ -273,9 +272,7 @@ async fn stream_events_are_flushed_as_they_arrive() {
             .expect("the stream is still open")
             .expect("the stream reads");
         let Ok(data) = frame.into_data() else { continue };
-        events.clear();
-        parser.feed(&data, &mut events);
-        for e in &events {
+        for e in &parser.push(&data).expect("a valid event stream") {
             let v: Value = serde_json::from_str(&e.data).expect("JSON chunk");
             if let Some(piece) = v["choices"][0]["delta"]["content"].as_str() {
                 text.push_str(piece);
