@@ -16,7 +16,7 @@ use crate::config::{Config, PluginKind};
 use crate::error::GatewayError;
 use crate::plugin::{
     self, CachePolicy, FilterPlugin, Outcome, PluginError, PluginId, PluginRuntime, RequestSummary, RequestVerdict,
-    ResponseSession, ResponseVerdict, RouterPlugin,
+    ResponseSession, ResponseVerdict, RouterPlugin, SessionSlots,
 };
 use crate::redaction::{self, Placeholders, StreamRestorer};
 use crate::routes::{ModelRoute, Routing};
@@ -89,6 +89,8 @@ pub struct Chain {
     pub allowed_regions: Vec<String>,
     /// The most one request may cost.
     pub price_cap_usd: Option<f64>,
+    /// The instance slots its streamed answers' filters take (see [`SessionSlots`]).
+    pub sessions: SessionSlots,
 }
 
 impl std::fmt::Debug for Chain {
@@ -98,6 +100,7 @@ impl std::fmt::Debug for Chain {
             .field("router", &self.router.as_ref().map(|p| p.id().to_string()))
             .field("allowed_regions", &self.allowed_regions)
             .field("price_cap_usd", &self.price_cap_usd)
+            .field("sessions", &self.sessions)
             .finish()
     }
 }
@@ -177,7 +180,8 @@ async fn filter_request(
 /// Each filter sees the answer through one [`ResponseSession`]: every piece of one answer goes
 /// to the same instance, in order (a whole answer is one piece). The sessions instantiate at the
 /// answer's first text and hold their instance slots until this is dropped, so a stream holds
-/// one instance per filter for its duration.
+/// one instance per filter for its duration, in its tenant's [`SessionSlots`]; a whole answer's
+/// one call takes a shared slot for that call only.
 pub struct AnswerFilter {
     sessions: Vec<ResponseSession>,
     placeholders: Placeholders,
@@ -186,9 +190,13 @@ pub struct AnswerFilter {
 }
 
 impl AnswerFilter {
-    fn new(chain: &Chain, placeholders: Placeholders) -> AnswerFilter {
+    /// The answer side of `chain`'s filters; `streaming`: the answer comes in pieces, so each
+    /// session keeps its instance between them, in the tenant's slots.
+    fn new(chain: &Chain, placeholders: Placeholders, streaming: bool) -> AnswerFilter {
+        let session =
+            |f: &Arc<FilterPlugin>| if streaming { f.tenant_session(&chain.sessions) } else { f.response_session() };
         AnswerFilter {
-            sessions: chain.filters.iter().map(|f| f.response_session()).collect(),
+            sessions: chain.filters.iter().map(session).collect(),
             placeholders,
             text: StreamRestorer::new(false),
             tools: BTreeMap::new(),
@@ -282,7 +290,8 @@ pub async fn run(
     let answer = if chain.filters.is_empty() {
         None
     } else {
-        Some(AnswerFilter::new(chain, filter_request(chain, req, summary).await?))
+        let placeholders = filter_request(chain, req, summary).await?;
+        Some(AnswerFilter::new(chain, placeholders, summary.streaming))
     };
     let routed = route(chain, summary, model, models).await?;
     Ok((answer, routed))

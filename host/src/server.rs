@@ -1,5 +1,5 @@
 //! The edge's HTTP listener: HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS), header read timeouts,
-//! TCP_NODELAY, and graceful shutdown.
+//! write timeouts for clients that stop reading, TCP_NODELAY, and graceful shutdown.
 
 use std::future::Future;
 use std::io;
@@ -19,6 +19,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
+
+mod deadlines;
+
+use deadlines::{BodyDeadline, WriteDeadline};
 
 use crate::config::{Config, TlsConfig};
 use crate::edge::{BuildError, Edge};
@@ -82,8 +86,9 @@ impl Server {
         &self.edge
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and waits (bounded) for requests in
-    /// flight to finish.
+    /// Serves until `shutdown` resolves, then drains ([`Edge::drain`]): `/readyz` answers 503 and
+    /// new requests are refused while requests in flight get `node.shutdown_grace_ms` to finish
+    /// (then they end with `shutting_down`); then it stops accepting and closes its connections.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         let node = &self.edge.config().node;
         let head_timeout = Duration::from_millis(node.header_read_timeout_ms);
@@ -95,7 +100,8 @@ impl Server {
             .writev(false);
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
-        let protocols = Arc::new(Protocols { http1, http2 });
+        let write_timeout = Duration::from_millis(node.client_write_timeout_ms);
+        let protocols = Arc::new(Protocols { http1, http2, write_timeout });
         let graceful = GracefulShutdown::new();
         let reloader = self.edge.has_plugins().then(|| tokio::spawn(reload_triggers(Arc::clone(&self.edge))));
         let relay = match self.relay.take().map(EngineServer::spawn) {
@@ -107,7 +113,15 @@ impl Server {
             None => None,
         };
         info!(addr = %self.local_addr(), tls = self.tls.is_some(), "edge listening");
-        tokio::pin!(shutdown);
+        let grace = Duration::from_millis(node.shutdown_grace_ms);
+        let edge = Arc::clone(&self.edge);
+        // The listener keeps answering during the drain, so that load balancers read the 503 of
+        // `/readyz` and clients the 503 of a refused request, rather than a refused connection.
+        let drained = async move {
+            shutdown.await;
+            edge.drain(grace).await;
+        };
+        tokio::pin!(drained);
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -119,7 +133,7 @@ impl Server {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut drained => break,
             };
             let _ = stream.set_nodelay(true);
             let edge = Arc::clone(&self.edge);
@@ -156,10 +170,12 @@ impl Server {
         if let Some(reloader) = reloader {
             reloader.abort();
         }
-        info!("shutting down: waiting for requests in flight");
+        info!("shutting down: closing connections");
         let http = async {
-            if tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await.is_err() {
-                warn!("requests still in flight after 30s; closing them");
+            // What was in flight has ended or been told to: this is only the time for the last
+            // bytes (a `shutting_down` event) to reach the clients.
+            if tokio::time::timeout(CLOSE_TIMEOUT, graceful.shutdown()).await.is_err() {
+                warn!("connections still open {CLOSE_TIMEOUT:?} after the drain; closing them");
             }
         };
         let relayed = async {
@@ -171,6 +187,9 @@ impl Server {
         self.edge.close().await;
     }
 }
+
+/// How long connections have to close once the drain is over.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The QUIC listener for requests relayed by peer edges, if `[relay]` is configured; it speaks
 /// the engine protocol with the edge as its backend, under the node's cluster identity.
@@ -326,6 +345,8 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for ReadDeadline<I> {
 struct Protocols {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// `node.client_write_timeout_ms`: see [`deadlines`].
+    write_timeout: Duration,
 }
 
 impl Protocols {
@@ -333,11 +354,15 @@ impl Protocols {
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let limit = self.write_timeout;
         let service = service_fn(move |req| {
             let edge = Arc::clone(&edge);
-            async move { Ok::<_, std::convert::Infallible>(edge.handle(req).await) }
+            async move {
+                let response = edge.handle(req).await;
+                Ok::<_, std::convert::Infallible>(response.map(|body| BodyDeadline::new(body, limit)))
+            }
         });
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(WriteDeadline::new(io, limit));
         match protocol {
             Protocol::Http1 => watcher.watch(self.http1.serve_connection(io, service)).await,
             Protocol::Http2 => watcher.watch(self.http2.serve_connection(io, service)).await,

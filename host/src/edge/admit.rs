@@ -1,8 +1,9 @@
 //! Phase 1 of the request path: admission. A client's request is authenticated by its key; a
 //! request relayed by a peer edge is checked on arrival (no loop back to this region, within the
-//! hop limit, a tenant known here, the tenant's relay policy met). Then the tenant's rate and the
-//! node's in-flight limit. Nothing of the body is read before a request is admitted; an admitted
-//! request becomes an [`Exchange`] holding its in-flight permit.
+//! hop limit, a tenant known here, the tenant's relay policy met). Then the tenant's rate, the
+//! tenant's concurrency and the node's in-flight limit. Nothing of the body is read before a
+//! request is admitted; an admitted request becomes an [`Exchange`] holding its [`Permits`],
+//! which go when its answer ends (the last byte of a stream) or its client goes away.
 
 use std::sync::Arc;
 
@@ -29,8 +30,9 @@ pub(super) enum Arrival {
     Relayed(RelayRequest),
 }
 
-/// Admits a request: its tenant, the tenant's rate, a place under `node.max_in_flight`. Returns
-/// the request's exchange, or why it was refused, already accounted in `record`.
+/// Admits a request: its tenant, the tenant's rate, a place among the tenant's requests in flight
+/// and one under `node.max_in_flight`. Returns the request's exchange, or why it was refused,
+/// already accounted in `record`.
 pub(super) fn admit(edge: &Edge, mut record: Record, arrival: Arrival) -> Result<Exchange, GatewayError> {
     match admission(edge, &mut record, arrival) {
         Ok((tenant, requested, inbound, permit)) => Ok(Exchange {
@@ -50,12 +52,12 @@ pub(super) fn admit(edge: &Edge, mut record: Record, arrival: Arrival) -> Result
 }
 
 /// The checks of [`admit`], in order: who the request is for, with what it asks of the cache
-/// and what came with it; then the tenant's rate and the node's limit.
+/// and what came with it; then the tenant's rate, the tenant's concurrency and the node's limit.
 fn admission(
     edge: &Edge,
     record: &mut Record,
     arrival: Arrival,
-) -> Result<(Arc<Tenant>, Option<CacheUse>, Inbound, OwnedSemaphorePermit), GatewayError> {
+) -> Result<(Arc<Tenant>, Option<CacheUse>, Inbound, Permits), GatewayError> {
     let (tenant, requested, inbound) = match arrival {
         Arrival::Client(req) => {
             let tenant = edge.loaded.load().tenants.authenticate(req.headers())?;
@@ -80,7 +82,19 @@ fn admission(
     // Refusals from here on are the tenant's: accounted under its name.
     record.tenant = Arc::clone(&tenant.name);
     tenant.admit()?;
-    Ok((tenant, requested, inbound, permit(edge)?))
+    // The tenant's own limit first: a tenant at it is told so, not that the node is full.
+    let tenant_place = tenant.concurrency_permit()?;
+    let permits = Permits { _node: permit(edge)?, _tenant: tenant_place };
+    Ok((tenant, requested, inbound, permits))
+}
+
+/// An admitted request's places: under `node.max_in_flight` and among its tenant's requests in
+/// flight (`max_concurrent_requests`). The exchange holds them, then the answer: a whole answer
+/// until it is built, a stream until its last event is sent or it is dropped (the client went
+/// away, or stopped reading for `node.client_write_timeout_ms`, see [`crate::server`]).
+pub(super) struct Permits {
+    _node: OwnedSemaphorePermit,
+    _tenant: OwnedSemaphorePermit,
 }
 
 /// A place under `node.max_in_flight`, or `Overloaded` at once: a full node sheds load rather

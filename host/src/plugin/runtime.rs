@@ -1,6 +1,7 @@
 //! The plugin runtime: one wasmtime engine per node, plugins loaded from it, and every call on a
 //! fresh instance under a deadline, a memory cap and the instance semaphore — except the calls of
-//! one answer's [`ResponseSession`], which share one instance.
+//! one answer's [`ResponseSession`], which share one instance, held in its tenant's
+//! [`SessionSlots`].
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -33,11 +34,17 @@ const TRAP_MESSAGE_BYTES: usize = 512;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginSettings {
-    /// Plugin instances alive at once, across all plugins: the permits of the instance semaphore
-    /// and the pooling allocator's size (plus one slot for load-time dry runs). A one-shot call
-    /// holds one for the call; a [`ResponseSession`] holds one from its answer's first text until
-    /// it is dropped, so a streamed answer holds one instance per filter for the whole stream.
+    /// Plugin instances of one-shot calls alive at once, across all plugins and tenants: the
+    /// permits of the shared instance semaphore. A one-shot call (a request's filters, a router,
+    /// a whole answer's filters) holds one for the call only. The pooling allocator has these
+    /// slots, one for load-time dry runs, and the tenants' session slots.
     pub max_instances: u32,
+    /// Instances one tenant's streamed answers may hold at once (one per filter per stream, from
+    /// its first text until it ends): each tenant's [`SessionSlots`], set aside in the pool on
+    /// top of `max_instances`, so that one tenant's slow streams never make another's requests
+    /// wait for an instance. A tenant with a `max_concurrent_requests` gets no more than its
+    /// streams can use (that many per filter).
+    pub max_sessions_per_tenant: u32,
     /// How long a call waits for a free instance before [`PluginError::Overloaded`].
     pub acquire_timeout_ms: u64,
     /// Linear memory one instance may have: the pool's slot size and the default per-call cap.
@@ -75,6 +82,7 @@ impl Default for PluginSettings {
     fn default() -> Self {
         PluginSettings {
             max_instances: 256,
+            max_sessions_per_tenant: 64,
             acquire_timeout_ms: 100,
             max_memory_bytes: 64 << 20,
             max_core_instances_per_component: 16,
@@ -82,7 +90,7 @@ impl Default for PluginSettings {
             max_tables_per_component: 8,
             keep_resident_bytes: 1 << 20,
             epoch_tick_ms: 1,
-            cache_dir: PathBuf::from(".meridian/plugin-cache"),
+            cache_dir: super::cache::default_dir(),
             quarantine_after: 5,
             quarantine_window_secs: 60,
             max_log_lines_per_call: 16,
@@ -170,8 +178,9 @@ struct Inner {
     settings: PluginSettings,
     metrics: Arc<PluginMetrics>,
     pooling: bool,
-    /// One permit per pooled instance slot: a full pool fails instantiation at once, so calls
-    /// wait here (bounded) instead. Owned permits, so that a response session can keep one.
+    /// One permit per pooled instance slot of one-shot calls: a full pool fails instantiation at
+    /// once, so calls wait here (bounded) instead. The tenants' [`SessionSlots`] have slots of
+    /// their own beside these.
     permits: Arc<Semaphore>,
     /// Load-time dry runs use the one extra pool slot, one at a time.
     load_slot: tokio::sync::Mutex<()>,
@@ -181,18 +190,30 @@ struct Inner {
 
 impl PluginRuntime {
     /// Starts the engine (the pooling allocator, or on-demand allocation with a warning when the
-    /// pool cannot be reserved), the epoch ticker, and opens the artifact cache.
+    /// pool cannot be reserved), the epoch ticker, and opens the artifact cache. No slots are
+    /// set aside for tenants' [`SessionSlots`]: see [`PluginRuntime::with_session_slots`].
     pub fn new(settings: PluginSettings, metrics: Arc<PluginMetrics>) -> Result<PluginRuntime, PluginError> {
+        PluginRuntime::with_session_slots(settings, metrics, 0)
+    }
+
+    /// As [`PluginRuntime::new`], with `session_slots` pool slots set aside beside the shared
+    /// ones: as many as the tenants' [`SessionSlots`] hold together.
+    pub fn with_session_slots(
+        settings: PluginSettings,
+        metrics: Arc<PluginMetrics>,
+        session_slots: u32,
+    ) -> Result<PluginRuntime, PluginError> {
         check_settings(&settings)?;
-        let (engine, pooling) = match Engine::new(&engine_config(&settings, true)?) {
+        let (engine, pooling) = match Engine::new(&engine_config(&settings, session_slots, true)?) {
             Ok(engine) => (engine, true),
             Err(error) => {
                 tracing::warn!(
                     error = %format!("{error:#}"),
                     max_instances = settings.max_instances,
+                    session_slots,
                     "cannot reserve the plugin instance pool; falling back to on-demand allocation (slower instantiation)"
                 );
-                let engine = Engine::new(&engine_config(&settings, false)?)
+                let engine = Engine::new(&engine_config(&settings, session_slots, false)?)
                     .map_err(|e| PluginError::Runtime(format!("cannot start the wasm engine: {e:#}")))?;
                 (engine, false)
             }
@@ -374,6 +395,9 @@ fn check_settings(settings: &PluginSettings) -> Result<(), PluginError> {
     if settings.max_instances == 0 {
         return fail("max_instances must be at least 1");
     }
+    if settings.max_sessions_per_tenant == 0 {
+        return fail("max_sessions_per_tenant must be at least 1");
+    }
     if settings.epoch_tick_ms == 0 {
         return fail("epoch_tick_ms must be at least 1");
     }
@@ -386,13 +410,18 @@ fn check_settings(settings: &PluginSettings) -> Result<(), PluginError> {
     Ok(())
 }
 
-fn engine_config(settings: &PluginSettings, pooling: bool) -> Result<Config, PluginError> {
+fn engine_config(settings: &PluginSettings, session_slots: u32, pooling: bool) -> Result<Config, PluginError> {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.memory_init_cow(true);
     if pooling {
-        // One slot more than the semaphore's permits, for load-time dry runs.
-        let slots = settings.max_instances.saturating_add(1);
+        // The shared semaphore's permits, one more for load-time dry runs, and every tenant's
+        // session slots.
+        let slots = settings
+            .max_instances
+            .checked_add(1)
+            .and_then(|s| s.checked_add(session_slots))
+            .ok_or_else(|| PluginError::Settings("the instance pool's size overflows a u32".into()))?;
         let total = |per_component: u32, what: &str| {
             slots
                 .checked_mul(per_component)
@@ -500,14 +529,15 @@ impl PluginCore {
         self.health.lock().unwrap_or_else(PoisonError::into_inner).quarantined
     }
 
-    /// Admits a call: not quarantined, and an instance slot free within the acquire timeout.
-    async fn admit(&self) -> Result<Call, PluginError> {
+    /// Admits a call: not quarantined, and an instance slot of `slots` (the shared semaphore, or
+    /// a tenant's [`SessionSlots`]) free within the acquire timeout.
+    async fn admit(&self, slots: &Arc<Semaphore>) -> Result<Call, PluginError> {
         if self.is_quarantined() {
             self.count("quarantined");
             return Err(PluginError::Quarantined(self.id.clone()));
         }
         let wait = Duration::from_millis(self.runtime.settings.acquire_timeout_ms);
-        match tokio::time::timeout(wait, Arc::clone(&self.runtime.permits).acquire_owned()).await {
+        match tokio::time::timeout(wait, Arc::clone(slots).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.start(Some(permit))),
             // The semaphore is never closed; a closed one could only mean "no capacity" too.
             Ok(Err(_)) | Err(_) => {
@@ -674,7 +704,7 @@ impl RouterPlugin {
     /// targets (each once, at least one), a refusal has an HTTP error status.
     pub async fn route(&self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
         let core = &self.core;
-        let mut call = core.admit().await?;
+        let mut call = core.admit(&core.runtime.permits).await?;
         let result = core
             .bounded(async {
                 let router = self.pre.instantiate_async(&mut call.store).await?;
@@ -735,7 +765,7 @@ impl RouterSession {
             return Err(PluginError::Poisoned);
         }
         let (mut call, mut router) = match self.live.take() {
-            None => (core.admit().await?, None),
+            None => (core.admit(&core.runtime.permits).await?, None),
             Some((mut call, router)) => {
                 if core.is_quarantined() {
                     core.count("quarantined");
@@ -798,7 +828,7 @@ impl FilterPlugin {
         segments: &[Segment],
     ) -> Result<RequestVerdict, PluginError> {
         let core = &self.core;
-        let mut call = core.admit().await?;
+        let mut call = core.admit(&core.runtime.permits).await?;
         let result = core
             .bounded(async {
                 let filter = self.pre.instantiate_async(&mut call.store).await?;
@@ -815,13 +845,78 @@ impl FilterPlugin {
         self.response_session().inspect(text).await
     }
 
-    /// Opens a session for one answer: its pieces, in order, go to one instance of the filter
-    /// (which the contract's `inspect-response` promises: the answer's text in order), so that
-    /// the filter can keep state across them, such as a secret split across stream chunks.
+    /// Opens a session for one answer whose instance takes a slot of the shared semaphore, as a
+    /// one-shot call does: for a whole answer (one piece, so one call) and for tools that show a
+    /// filter text outside any tenant. A streamed answer takes its tenant's slots instead
+    /// ([`FilterPlugin::tenant_session`]).
     ///
-    /// Nothing is instantiated until the first [`ResponseSession::inspect`].
+    /// Its pieces, in order, go to one instance of the filter (which the contract's
+    /// `inspect-response` promises: the answer's text in order), so that the filter can keep
+    /// state across them, such as a secret split across stream chunks. Nothing is instantiated
+    /// until the first [`ResponseSession::inspect`].
     pub fn response_session(&self) -> ResponseSession {
-        ResponseSession { core: Arc::clone(&self.core), pre: self.pre.clone(), state: SessionState::Idle }
+        self.session_in(&self.core.runtime.permits)
+    }
+
+    /// Opens a session for one streamed answer of a tenant: as [`FilterPlugin::response_session`],
+    /// but its instance takes one of the tenant's `slots`, from the first piece until the session
+    /// is dropped.
+    pub fn tenant_session(&self, slots: &SessionSlots) -> ResponseSession {
+        self.session_in(&slots.permits)
+    }
+
+    fn session_in(&self, slots: &Arc<Semaphore>) -> ResponseSession {
+        ResponseSession {
+            core: Arc::clone(&self.core),
+            pre: self.pre.clone(),
+            slots: Arc::clone(slots),
+            state: SessionState::Idle,
+        }
+    }
+}
+
+/// One tenant's instance slots for the answer side of its filters on streamed answers: a
+/// semaphore (of `max_sessions_per_tenant` permits, or fewer for a tenant whose concurrency
+/// cannot use them), whose slots the pool holds on top of the shared ones
+/// ([`PluginRuntime::with_session_slots`] sets them aside; the node makes one per tenant). Cheap
+/// to clone: clones share the permits.
+///
+/// Why slots per tenant rather than an instance per chunk. A stream's filter instance lives as
+/// long as the stream, and a stream lives as long as its upstream and its client allow: a
+/// tenant's slow or stalled streams held pool slots that every tenant's calls needed, so enough
+/// of them made every other tenant's filtered requests fail. The contract (`wit/`) promises a
+/// filter every piece of one answer on one instance, and a filter may keep what it needs in its
+/// globals (pii-redactor keeps a window of the text before, to find a secret split across
+/// chunks); there is no way to take that state out of an instance between chunks and into
+/// another one, short of changing the contract. Replaying the text seen so far to a fresh
+/// instance at every chunk would keep the contract only for filters whose state is a window,
+/// and would cost a fresh instance (6–8 µs measured here, pooled) plus the replay per chunk
+/// instead of a reused call (0.7–3 µs). So a stream keeps its instance, at the cost of a reused
+/// call per chunk as before, and the instance lives in its own tenant's slots: one tenant's
+/// streams can exhaust only its own, while the shared slots (requests' filters, routers, whole
+/// answers) and other tenants' session slots stay free for theirs. The price is address space,
+/// not memory: each set-aside slot reserves its pooled memories' virtual range.
+#[derive(Clone)]
+pub struct SessionSlots {
+    permits: Arc<Semaphore>,
+}
+
+impl SessionSlots {
+    /// A tenant's `slots` session slots.
+    pub fn new(slots: u32) -> SessionSlots {
+        SessionSlots { permits: Arc::new(Semaphore::new(slots as usize)) }
+    }
+}
+
+impl Default for SessionSlots {
+    fn default() -> Self {
+        SessionSlots::new(PluginSettings::default().max_sessions_per_tenant)
+    }
+}
+
+impl fmt::Debug for SessionSlots {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionSlots").field("free", &self.permits.available_permits()).finish()
     }
 }
 
@@ -835,12 +930,14 @@ impl FilterPlugin {
 /// session: the instance is dropped and every later call answers [`PluginError::Poisoned`] (fail
 /// closed), as does a call after the version was quarantined.
 ///
-/// The session holds an instance slot (a permit of the semaphore, a slot of the pool) from its
-/// first call until it is dropped: a streamed answer holds one per filter for its duration, all
-/// within `max_instances`.
+/// The session holds an instance slot (a permit of its semaphore, a slot of the pool) from its
+/// first call until it is dropped: a streamed answer holds one of its tenant's [`SessionSlots`]
+/// per filter for its duration.
 pub struct ResponseSession {
     core: Arc<PluginCore>,
     pre: PrivacyFilterPre<CallState>,
+    /// Where its instance's slot comes from.
+    slots: Arc<Semaphore>,
     state: SessionState,
 }
 
@@ -890,7 +987,7 @@ impl ResponseSession {
                 core.count("poisoned");
                 return Err(PluginError::Poisoned);
             }
-            SessionState::Idle => Box::new(Live { call: core.admit().await?, filter: None }),
+            SessionState::Idle => Box::new(Live { call: core.admit(&self.slots).await?, filter: None }),
             SessionState::Live(mut live) => {
                 if core.is_quarantined() {
                     core.count("quarantined");

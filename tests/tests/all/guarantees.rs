@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use meridian::config::{Config, PluginKind, RelayPeer};
 use meridian_e2e::engine::{Cluster, TestEngine};
-use meridian_e2e::{add_plugin, metric, model, Behavior, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{
+    add_plugin, metric, metric_or_zero, model, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY,
+};
 use meridian_engine::api::RelayRequest;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
 const PERSONAL: &str = "forward this to ann.lee@example.com please";
 
@@ -97,25 +99,13 @@ async fn a_quarantined_router_never_widens_residency() {
     assert!(metric(&m, "meridian_plugin_calls_total", &["plugin=\"router\"", "outcome=\"quarantined\""]) >= 4.0, "{m}");
 }
 
-/// Reads an HTTP response from `conn` until `needle` has arrived.
-async fn read_until(conn: &mut tokio::net::TcpStream, needle: &str) -> String {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !String::from_utf8_lossy(&seen).contains(needle) {
-        assert!(Instant::now() < deadline, "no {needle:?} within 10 s: {}", String::from_utf8_lossy(&seen));
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "the connection closed before {needle:?}");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    String::from_utf8_lossy(&seen).into_owned()
-}
-
-/// The router is the residency component itself, but the node's one plugin instance slot is
-/// held by another tenant's streamed answer (its filter session lives as long as the stream),
-/// so the router cannot be instantiated. The request comes relayed from a peer edge in us-east
-/// whose filter labelled it: the receiving edge runs no filter of its own, only the router.
-#[tokio::test]
+/// The node's only shared plugin instance is taken: globex's router (the `spin` fixture) spins in
+/// it until its 5 s deadline, so acme's router cannot be instantiated within the 50 ms it may
+/// wait. acme's requests arrive relayed from a peer edge in us-east whose filter labelled them:
+/// the receiving edge runs no filter of its own, only the router. Every one of them, while the
+/// pool is full, still goes to eu-west only. (A stream's filter session no longer fills the
+/// shared pool: each tenant's sessions have their own slots, see `fair_sharing`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_that_finds_the_pool_full_never_widens_residency() {
     let mocks = Mocks::start().await;
     let cache = TempDir::new("guarantee-pool");
@@ -124,9 +114,13 @@ async fn a_router_that_finds_the_pool_full_never_widens_residency() {
         cfg.node.region = "eu-west".into();
         cfg.plugin_runtime.max_instances = 1;
         cfg.plugin_runtime.acquire_timeout_ms = 50;
-        // acme's requests arrive relayed and labelled; globex streams with its filter.
+        add_plugin(cfg, "spinner", PluginKind::Router, "fixture-spin", json!({}));
+        cfg.plugins.get_mut("spinner").expect("just added").deadline_ms = 5_000;
+        // acme's requests arrive relayed and labelled; globex's router spins.
         cfg.tenant_mut("acme").filters.clear();
-        cfg.tenant_mut("globex").router = None;
+        let globex = cfg.tenant_mut("globex");
+        globex.filters.clear();
+        globex.router = Some("spinner".into());
     });
     let mut cfg = cfg;
     let relay = cluster.accept_relays(&mut cfg, "edge-eu", 1);
@@ -134,43 +128,49 @@ async fn a_router_that_finds_the_pool_full_never_widens_residency() {
     cfg.relay.as_mut().unwrap().peers.push(RelayPeer { name: "edge-us".into(), region: "us-east".into(), tenants });
     let edge = TestEdge::start(cfg).await;
 
-    // globex's stream stalls after its first event, holding the filter session's instance.
-    mocks.anthropic.push(Behavior::StallAfter(1));
-    let body = json!({"model": "claude-test", "stream": true, "max_tokens": 16,
-                      "messages": [{"role": "user", "content": "tell me a story"}]})
-    .to_string();
-    let mut held = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    // globex's request: its router takes the only instance and spins in it.
+    let body = chat("fallback", "no personal data here").to_string();
+    let mut spinning = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {GLOBEX_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    held.write_all(head.as_bytes()).await.unwrap();
-    read_until(&mut held, "\"content\"").await;
+    spinning.write_all(head.as_bytes()).await.unwrap();
 
+    // acme's relayed requests until one of them has found the pool full (the spin started).
     let peer = cluster.client("edge-us", "edge-eu", relay);
-    let relayed = RelayRequest {
-        request_id: "pool-1".into(),
-        tenant: "acme".into(),
-        client_region: None,
-        path: vec!["us-east".into()],
-        labels: vec!["pii.email".into()],
-        redacted: false,
-        no_cache: true,
-        request: json!({"chat": chat("fallback", PERSONAL)}),
-    };
-    let mut stream = peer.relay(relayed).await.unwrap_or_else(|e| panic!("an answer, not {e}"));
-    let mut text = String::new();
-    while let Some(event) = stream.next().await {
-        let json = event.expect("the answer streams");
-        if let meridian::chat::StreamEvent::Text(t) = meridian::api::relay::decode_event(&json).unwrap() {
-            text.push_str(&t);
+    let started = Instant::now();
+    for n in 0.. {
+        let relayed = RelayRequest {
+            request_id: format!("pool-{n}"),
+            tenant: "acme".into(),
+            client_region: None,
+            path: vec!["us-east".into()],
+            labels: vec!["pii.email".into()],
+            redacted: false,
+            no_cache: true,
+            request: json!({"chat": chat("fallback", PERSONAL)}),
+        };
+        let mut stream = peer.relay(relayed).await.unwrap_or_else(|e| panic!("an answer, not {e}"));
+        let mut text = String::new();
+        while let Some(event) = stream.next().await {
+            let json = event.expect("the answer streams");
+            if let meridian::chat::StreamEvent::Text(t) = meridian::api::relay::decode_event(&json).unwrap() {
+                text.push_str(&t);
+            }
         }
+        assert_eq!(text, format!("Echo: {PERSONAL}"));
+        assert_eq!(mocks.openai.request_count(), 0, "never us-east");
+        let m = edge.metrics().await;
+        if metric_or_zero(&m, "meridian_plugin_calls_total", &["plugin=\"router\"", "outcome=\"overloaded\""]) >= 1.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(4500),
+            "no request found the pool full while globex's router spun"
+        );
     }
-    assert_eq!(text, format!("Echo: {PERSONAL}"));
-    assert_eq!((mocks.openai.request_count(), mocks.openai2.request_count()), (0, 1), "eu-west only");
-    let m = edge.metrics().await;
-    assert!(metric(&m, "meridian_plugin_calls_total", &["plugin=\"router\"", "outcome=\"overloaded\""]) >= 1.0, "{m}");
-    drop(held);
+    drop(spinning);
 }
 
 /// Model `smol-or-api` tries a real engine (SmolLM2) first, then the OpenAI mock. Engines serve
