@@ -4,9 +4,6 @@
 //! The scheduler implements [`Backend`]; the server only moves these values between frames and
 //! calls. Keeping both sides on one set of types means the protocol doc and the code cannot drift.
 
-use std::future::Future;
-use std::pin::Pin;
-
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -110,15 +107,36 @@ pub struct EmbedRequest {
     pub model: String,
     /// Texts to embed, each into one vector.
     pub input: Vec<String>,
+    /// The client takes the answer in several `EMBEDDINGS` frames, each holding the vectors of
+    /// consecutive inputs from [`Embeddings::index`] on. Without it the whole answer is one frame
+    /// (protocol version 1 as first written), refused when it does not fit. A server that does
+    /// not know the field ignores it and answers in one frame, which is still a whole answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub split_answer: bool,
 }
 
-/// The answer to an [`EmbedRequest`].
+impl EmbedRequest {
+    /// A request for one vector per text of `input`, answered in one frame.
+    pub fn new(model: impl Into<String>, input: Vec<String>) -> EmbedRequest {
+        EmbedRequest { model: model.into(), input, split_answer: false }
+    }
+}
+
+/// The answer to an [`EmbedRequest`], or one part of it: the vectors of consecutive inputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Embeddings {
+    /// The position among the request's inputs of the first vector in `data` (0 for a whole
+    /// answer; absent on the wire when 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub index: u32,
     /// One unit-length vector per input, in input order.
     pub data: Vec<Vec<f32>>,
     /// Tokens read.
     pub prompt_tokens: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Token counts of one request.
@@ -203,6 +221,9 @@ pub enum ErrorCode {
     /// A relayed request came back to a region it had passed through, or exceeded the hop limit
     /// (HTTP 508); another target may take it.
     LoopDetected,
+    /// The node is shutting down: it finishes the requests it has and takes no new one. Another
+    /// target may take it at once; this node is not failing.
+    Draining,
 }
 
 /// A typed engine error; travels as an error frame with its code and message.
@@ -230,8 +251,8 @@ impl EngineError {
     }
 }
 
-/// A boxed future, for the async methods of [`Backend`].
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+/// The parts of an embedding answer as a backend produces them ([`Backend::embed`]).
+pub type EmbedParts = mpsc::Receiver<Result<Embeddings, EngineError>>;
 
 /// What serves requests behind the transport: the scheduler on a real node.
 pub trait Backend: Send + Sync + 'static {
@@ -240,8 +261,11 @@ pub trait Backend: Send + Sync + 'static {
     /// slot.
     fn chat(&self, request: ChatRequest) -> Result<mpsc::Receiver<Event>, EngineError>;
 
-    /// Embeds texts.
-    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>>;
+    /// Admits an embedding request or refuses it at once (unknown model, bad request). The
+    /// vectors arrive on the receiver in parts of consecutive inputs (each an [`Embeddings`] whose
+    /// `index` says where it starts), or an error ends them; the answer is whole when the sender
+    /// is dropped after the last input's vector. Dropping the receiver cancels the rest.
+    fn embed(&self, request: EmbedRequest) -> Result<EmbedParts, EngineError>;
 
     /// Current load and health.
     fn health(&self) -> Health;

@@ -17,7 +17,7 @@ use crate::api::{
 };
 use crate::server::CODE_CANCELLED;
 use crate::tls::{self, Identity, TlsError};
-use crate::wire::{Decoder, Frame, DEFAULT_MAX_FRAME};
+use crate::wire::{Decoder, Frame, DEFAULT_MAX_FRAME, LENGTH_BYTES};
 
 /// How to reach one engine.
 #[derive(Debug, Clone)]
@@ -32,7 +32,8 @@ pub struct ClientOptions {
     /// the whole answer for embed and health). `None`: no limit for chat and embed; health then
     /// uses `connect_timeout`.
     pub request_timeout: Option<Duration>,
-    /// Largest frame accepted from the engine.
+    /// Largest frame, both ways: accepted from the engine, and sent to it (a request that needs a
+    /// larger one is [`ClientError::TooLarge`] without being sent). The engine's default is the same.
     pub max_frame: usize,
 }
 
@@ -73,18 +74,29 @@ pub enum ClientError {
     /// No answer within the request timeout.
     #[error("engine did not answer within the request timeout")]
     Timeout,
+    /// The request does not fit one frame (`len` bytes against a limit of `max`), so it was
+    /// not sent: it is the request's size, not the engine, that is at fault.
+    #[error("the request needs a frame of {len} bytes; frames hold at most {max}")]
+    TooLarge {
+        /// The frame length the request needs.
+        len: usize,
+        /// The frame limit.
+        max: usize,
+    },
 }
 
 impl ClientError {
     /// Whether the edge may try the next target: nothing can have reached the client yet, or the
-    /// engine said it is overloaded or failed internally.
+    /// engine said it is overloaded, failed internally or is shutting down, or the request is
+    /// too large for this engine's frames (a target with larger ones may take it).
     pub fn retryable(&self) -> bool {
         match self {
-            ClientError::Connect(_) | ClientError::Timeout => true,
+            ClientError::Connect(_) | ClientError::Timeout | ClientError::TooLarge { .. } => true,
             ClientError::Reset { answer_started, .. } => !answer_started,
-            ClientError::Remote(e) => {
-                matches!(e.code, ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::LoopDetected)
-            }
+            ClientError::Remote(e) => matches!(
+                e.code,
+                ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::LoopDetected | ErrorCode::Draining
+            ),
             ClientError::Protocol(_) => false,
         }
     }
@@ -194,11 +206,18 @@ impl EngineClient {
         Ok(conn)
     }
 
-    /// Opens a stream and sends `frame` as its only frame.
+    /// Opens a stream and sends `frame` as its only frame. A frame over the limit is refused here,
+    /// before anything is sent: the engine would refuse it too, and the request, not the engine,
+    /// is at fault.
     async fn open_with(&self, frame: Frame) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let bytes = frame.encode();
+        let len = bytes.len() - LENGTH_BYTES;
+        if len > self.opts.max_frame {
+            return Err(ClientError::TooLarge { len, max: self.opts.max_frame });
+        }
         let conn = self.connection().await?;
         let (mut send, recv) = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
-        send.write_all(&frame.encode()).await.map_err(|e| early_write_error(&e))?;
+        send.write_all(&bytes).await.map_err(|e| early_write_error(&e))?;
         let _ = send.finish();
         Ok((send, recv))
     }
@@ -268,20 +287,85 @@ impl EngineClient {
         .await
     }
 
-    /// Embeds texts.
+    /// Embeds texts: one vector per input, in input order, with the tokens read.
+    ///
+    /// Bounded on both sides: the inputs go in as few requests as fit the frame limit (usually
+    /// one; an input that cannot fit one is [`ClientError::TooLarge`]), sent one after the other,
+    /// and each is answered in parts (`split_answer`) as the engine's bounded runs produce them,
+    /// so no frame, either way, outgrows the limit however many inputs there are. An engine that
+    /// predates split answers sends each request's vectors in one frame, which is taken as well.
     pub async fn embed(&self, request: EmbedRequest) -> Result<Embeddings, ClientError> {
-        let envelope = Envelope { v: PROTOCOL_VERSION, request: Request::Embed(request) };
+        let EmbedRequest { model, input, .. } = request;
+        let total = input.len();
+        let requests = self.embed_requests(&model, input)?;
         self.within(self.opts.request_timeout, async {
-            let (_send, mut recv) = self.open_with(Frame::Request(envelope)).await?;
-            let mut dec = Decoder::new(self.opts.max_frame);
-            match read_frame(&mut recv, &mut dec, false).await? {
-                Some(Frame::Embeddings(e)) => Ok(e),
-                Some(Frame::Error(e)) => Err(ClientError::Remote(e)),
-                Some(other) => Err(unexpected(&other, "an embed answer")),
-                None => Err(ClientError::Protocol("stream ended without an answer".into())),
+            let mut answer = Embeddings { index: 0, data: Vec::with_capacity(total), prompt_tokens: 0 };
+            for request in requests {
+                self.embed_one(request, &mut answer).await?;
             }
+            Ok(answer)
         })
         .await
+    }
+
+    /// `input` packed in order into requests that each fit one frame.
+    fn embed_requests(&self, model: &str, input: Vec<String>) -> Result<Vec<EmbedRequest>, ClientError> {
+        let envelope = |input: Vec<String>| Envelope {
+            v: PROTOCOL_VERSION,
+            request: Request::Embed(EmbedRequest { split_answer: true, ..EmbedRequest::new(model, input) }),
+        };
+        // The frame of a request without inputs; each input adds its JSON string and a comma.
+        let base = Frame::Request(envelope(Vec::new())).encode().len() - LENGTH_BYTES;
+        let max = self.opts.max_frame;
+        let mut requests: Vec<EmbedRequest> = Vec::new();
+        let mut len = 0;
+        for text in input {
+            let added = serde_json::to_string(&text).map_or(usize::MAX, |s| s.len()).saturating_add(1);
+            if base + added > max {
+                return Err(ClientError::TooLarge { len: base.saturating_add(added), max });
+            }
+            match requests.last_mut() {
+                Some(last) if len + added <= max => last.input.push(text),
+                _ => {
+                    len = base;
+                    requests.push(EmbedRequest { split_answer: true, ..EmbedRequest::new(model, vec![text]) });
+                }
+            }
+            len += added;
+        }
+        Ok(requests)
+    }
+
+    /// Sends one embedding request and appends its vectors to `answer`.
+    async fn embed_one(&self, request: EmbedRequest, answer: &mut Embeddings) -> Result<(), ClientError> {
+        let expected = request.input.len();
+        let envelope = Envelope { v: PROTOCOL_VERSION, request: Request::Embed(request) };
+        let (_send, mut recv) = self.open_with(Frame::Request(envelope)).await?;
+        let mut dec = Decoder::new(self.opts.max_frame);
+        let mut got = 0;
+        while got < expected {
+            match read_frame(&mut recv, &mut dec, false).await? {
+                Some(Frame::Embeddings(part)) => {
+                    if part.index as usize != got || got + part.data.len() > expected {
+                        return Err(ClientError::Protocol(format!(
+                            "EMBEDDINGS of {} vectors from index {} where index {got} of {expected} belongs",
+                            part.data.len(),
+                            part.index
+                        )));
+                    }
+                    got += part.data.len();
+                    answer.data.extend(part.data);
+                    answer.prompt_tokens = answer.prompt_tokens.saturating_add(part.prompt_tokens);
+                }
+                Some(Frame::Error(e)) => return Err(ClientError::Remote(e)),
+                Some(other) => return Err(unexpected(&other, "an embed answer")),
+                None => return Err(ClientError::Protocol(format!("stream ended after {got} of {expected} vectors"))),
+            }
+        }
+        match read_frame(&mut recv, &mut dec, false).await? {
+            None => Ok(()),
+            Some(other) => Err(unexpected(&other, "the end of an embed answer")),
+        }
     }
 
     /// Health of the engine, asked on the kept control stream (reopened after an error).

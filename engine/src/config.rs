@@ -93,11 +93,24 @@ pub struct SchedulerConfig {
     pub queue_capacity: usize,
     /// `max_tokens` of a request that does not set it (default 256).
     pub default_max_tokens: u32,
+    /// Most texts an embedding model reads in one run (default 32): a request of 2 048 texts is
+    /// read in runs of at most this many, so the memory of one run is bounded whatever the
+    /// request holds.
+    pub embed_max_batch: usize,
+    /// Most tokens in one embedding run, padding included (texts × the longest one; default
+    /// 8 192, 32 texts of MiniLM's 256). A text longer than this on its own runs alone.
+    pub embed_max_batch_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> SchedulerConfig {
-        SchedulerConfig { max_batch: 8, queue_capacity: 64, default_max_tokens: 256 }
+        SchedulerConfig {
+            max_batch: 8,
+            queue_capacity: 64,
+            default_max_tokens: 256,
+            embed_max_batch: 32,
+            embed_max_batch_tokens: 8192,
+        }
     }
 }
 
@@ -168,6 +181,12 @@ impl EngineConfig {
         if s.default_max_tokens == 0 {
             return Err("scheduler.default_max_tokens must be at least 1".into());
         }
+        if s.embed_max_batch == 0 {
+            return Err("scheduler.embed_max_batch must be at least 1".into());
+        }
+        if s.embed_max_batch_tokens == 0 {
+            return Err("scheduler.embed_max_batch_tokens must be at least 1".into());
+        }
         if self.runtime.inter_op_threads == 0 {
             return Err("runtime.inter_op_threads must be at least 1".into());
         }
@@ -234,6 +253,12 @@ mod tests {
         let mut cfg = EngineConfig::default();
         cfg.scheduler.queue_capacity = 0;
         assert!(cfg.validate().is_err());
+        let mut cfg = EngineConfig::default();
+        cfg.scheduler.embed_max_batch = 0;
+        assert!(cfg.validate().unwrap_err().contains("embed_max_batch"));
+        let mut cfg = EngineConfig::default();
+        cfg.scheduler.embed_max_batch_tokens = 0;
+        assert!(cfg.validate().unwrap_err().contains("embed_max_batch_tokens"));
         let mut cfg = EngineConfig::default();
         let m = ModelConfig { name: "a".into(), path: "x".into(), kind: None };
         cfg.models = vec![m.clone(), m];

@@ -7,14 +7,14 @@ use std::sync::Mutex;
 use ort::session::{Session, SessionInputValue};
 use ort::value::Tensor;
 use serde_json::Value as Json;
-use tokenizers::{Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use crate::api::{Embeddings, EngineError, ErrorCode};
 use crate::config::{Provider, RuntimeConfig};
 use crate::model::{load_tokenizer, model_err, read_json, LoadError};
 use crate::runtime::runtime;
 
-/// A loaded embedding model. `embed` blocks (run it off the async workers).
+/// A loaded embedding model. `embed_parts` blocks (run it off the async workers).
 pub struct EmbeddingModel {
     /// Name requests use.
     pub name: String,
@@ -81,17 +81,56 @@ impl EmbeddingModel {
         })
     }
 
-    /// Embeds `texts` in one batch (blocking).
-    pub fn embed(&self, texts: &[String]) -> Result<Embeddings, EngineError> {
-        let internal = |e: String| EngineError::new(ErrorCode::Internal, e);
-        if texts.is_empty() {
-            return Ok(Embeddings { data: Vec::new(), prompt_tokens: 0 });
+    /// Embeds `texts` in runs of at most `limits.max_batch` texts and `limits.max_tokens` tokens
+    /// (texts × the longest, as the run pads them), in input order, handing each run's vectors to
+    /// `part` as soon as they are ready (blocking). Texts are tokenised one run ahead at most, so
+    /// memory is bounded by one run whatever `texts` holds. Stops after an error (handed to
+    /// `part` as the last part) or when `part` returns false (the receiver went away).
+    pub fn embed_parts(
+        &self,
+        texts: &[String],
+        limits: BatchLimits,
+        mut part: impl FnMut(Result<Embeddings, EngineError>) -> bool,
+    ) {
+        let tokens = |e: &Result<Encoding, tokenizers::Error>| e.as_ref().map_or(0, |e| e.get_ids().len().max(1));
+        let mut encodings = texts.iter().map(|t| self.tokenizer.encode(t.as_str(), true)).peekable();
+        let mut index = 0u32;
+        loop {
+            let mut batch = Vec::new();
+            let mut longest = 0;
+            while batch.len() < limits.max_batch {
+                let (count, widest) = (batch.len(), longest);
+                // The first text of a run always joins it, so a text longer than the token limit
+                // runs alone rather than never.
+                let fits =
+                    |e: &Result<Encoding, _>| count == 0 || widest.max(tokens(e)) * (count + 1) <= limits.max_tokens;
+                let Some(next) = encodings.next_if(fits) else { break };
+                longest = longest.max(tokens(&next));
+                match next {
+                    Ok(e) => batch.push(e),
+                    Err(e) => {
+                        part(Err(EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}"))));
+                        return;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let count = batch.len() as u32;
+            let result =
+                self.embed_batch(&batch).map(|(data, prompt_tokens)| Embeddings { index, data, prompt_tokens });
+            let failed = result.is_err();
+            if !part(result) || failed {
+                return;
+            }
+            index += count;
         }
-        let encodings = texts
-            .iter()
-            .map(|t| self.tokenizer.encode(t.as_str(), true))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| internal(format!("tokenizer: {e}")))?;
+    }
+
+    /// One run of the encoder over `encodings`: their vectors and their token count.
+    fn embed_batch(&self, encodings: &[Encoding]) -> Result<(Vec<Vec<f32>>, u32), EngineError> {
+        let internal = |e: String| EngineError::new(ErrorCode::Internal, e);
         let b = encodings.len();
         let s = encodings.iter().map(|e| e.get_ids().len()).max().unwrap_or(0).max(1);
         let mut ids = vec![0i64; b * s];
@@ -143,6 +182,16 @@ impl EmbeddingModel {
                 .collect())
         };
         let data = run().map_err(|e| internal(format!("embedding model {}: {e}", self.name)))?;
-        Ok(Embeddings { data, prompt_tokens })
+        Ok((data, prompt_tokens))
     }
+}
+
+/// How many texts an embedding model reads in one run ([`crate::config::SchedulerConfig`]'s
+/// `embed_max_batch` and `embed_max_batch_tokens`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Most texts in one run.
+    pub max_batch: usize,
+    /// Most tokens in one run, padding included.
+    pub max_tokens: usize,
 }

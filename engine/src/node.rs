@@ -100,6 +100,10 @@ pub struct NodeSection {
     /// Time for a new stream's first frame.
     #[serde(default = "default_first_frame_ms")]
     pub first_frame_timeout_ms: u64,
+    /// How long a stopping node lets requests in flight finish (new streams are refused at once
+    /// meanwhile) before it closes its connections (default 10 000).
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 fn default_max_frame() -> usize {
@@ -112,6 +116,10 @@ fn default_max_streams() -> u32 {
 
 fn default_first_frame_ms() -> u64 {
     ServerLimits::default().first_frame_timeout.as_millis() as u64
+}
+
+fn default_shutdown_grace_ms() -> u64 {
+    ServerLimits::default().shutdown_grace.as_millis() as u64
 }
 
 /// `[tls]`: PEM files of the cluster's mutual TLS; relative paths are from the file's folder.
@@ -186,7 +194,7 @@ impl NodeConfig {
             max_streams_per_connection: self.node.max_streams_per_connection,
             max_frame: self.node.max_frame_bytes,
             first_frame_timeout: Duration::from_millis(self.node.first_frame_timeout_ms),
-            ..ServerLimits::default()
+            shutdown_grace: Duration::from_millis(self.node.shutdown_grace_ms),
         }
     }
 }

@@ -12,7 +12,8 @@
 //! 4. one batched decode step across all active sequences; each gets its token, text deltas go out
 //!    on its channel.
 //!
-//! Embeddings run on Tokio's blocking pool.
+//! Embeddings run on Tokio's blocking pool, in runs of bounded size (`embed_max_batch` texts,
+//! `embed_max_batch_tokens` tokens), each run's vectors passed on as soon as they are ready.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,12 +24,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 use crate::api::{
-    Backend, BoxFuture, ChatRequest, EmbedRequest, Embeddings, EngineError, ErrorCode, Event, FinishReason, Health,
-    Usage,
+    Backend, ChatRequest, EmbedParts, EmbedRequest, EngineError, ErrorCode, Event, FinishReason, Health, Usage,
 };
 use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
 use crate::detok::{Detokenizer, StopMatcher};
-use crate::embed::EmbeddingModel;
+use crate::embed::{BatchLimits, EmbeddingModel};
 use crate::kv::{Batch, Logits, Prefilled};
 use crate::model::{infer_kind, model_err, ChatModel, Prompter};
 use crate::sampling::{Sampler, SamplingParams};
@@ -229,16 +229,23 @@ impl Backend for Engine {
         }
     }
 
-    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
-        Box::pin(async move {
-            let model = self.embedding.get(&request.model).cloned().ok_or_else(|| {
-                let why = if self.chat.contains_key(&request.model) { " (it is a chat model)" } else { "" };
-                EngineError::new(ErrorCode::UnknownModel, format!("no embedding model {:?} here{why}", request.model))
-            })?;
-            tokio::task::spawn_blocking(move || model.embed(&request.input))
-                .await
-                .map_err(|e| EngineError::new(ErrorCode::Internal, format!("embedding task: {e}")))?
-        })
+    fn embed(&self, request: EmbedRequest) -> Result<EmbedParts, EngineError> {
+        let model = self.embedding.get(&request.model).cloned().ok_or_else(|| {
+            let why = if self.chat.contains_key(&request.model) { " (it is a chat model)" } else { "" };
+            EngineError::new(ErrorCode::UnknownModel, format!("no embedding model {:?} here{why}", request.model))
+        })?;
+        let limits = BatchLimits {
+            max_batch: self.scheduler.embed_max_batch,
+            max_tokens: self.scheduler.embed_max_batch_tokens,
+        };
+        // One part in the channel: the next run waits until the last one's vectors were taken,
+        // so a slow reader holds at most two runs' vectors here, and one that goes away stops
+        // the runs.
+        let (tx, rx) = mpsc::channel(1);
+        tokio::task::spawn_blocking(move || {
+            model.embed_parts(&request.input, limits, |part| tx.blocking_send(part).is_ok())
+        });
+        Ok(rx)
     }
 
     fn health(&self) -> Health {

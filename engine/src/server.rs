@@ -8,6 +8,9 @@
 //! Cancellation: when the peer stops reading the answer (STOP_SENDING) or resets its side
 //! (RESET_STREAM), or the connection is lost, the backend's receiver is dropped at once, which
 //! frees the engine slot; the server does not wait for the next delta to notice.
+//!
+//! Shutdown drains: running requests get the grace period, and every new stream is answered at
+//! once with ERROR `draining`, which edges take as "try the next target" rather than a failure.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::api::{Backend, EngineError, ErrorCode, Event, Request};
+use crate::api::{Backend, EmbedRequest, Embeddings, EngineError, ErrorCode, Event, Request};
 use crate::tls::{self, Identity, TlsError};
 use crate::wire::{Decoder, Frame, WireError, DEFAULT_MAX_FRAME};
 
@@ -193,7 +196,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     backend: Arc<dyn Backend>,
     limits: ServerLimits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     // The certificate's name goes to the backend, which decides who may relay; an empty one
     // (a certificate without a common name) matches no node.
@@ -201,13 +204,18 @@ async fn serve_connection(
     let client = if peer.is_empty() { "?" } else { &*peer };
     info!(client = %client, "connection established");
     let mut streams = JoinSet::new();
+    // Once the node drains, streams that are running finish, and every new one is refused at once
+    // (`draining`) so that its client goes to another engine instead of waiting out the grace
+    // period; the connection closes when the last stream is done.
+    let mut draining = false;
+    let mut stop = shutdown.clone();
     loop {
         tokio::select! {
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
                     let id = send.id();
                     streams.spawn(
-                        serve_stream(send, recv, backend.clone(), limits.clone(), shutdown.clone(), peer.clone())
+                        serve_stream(send, recv, backend.clone(), limits.clone(), shutdown.clone(), peer.clone(), draining)
                             .instrument(tracing::debug_span!("stream", client = %client, id = %id)),
                     );
                 }
@@ -216,12 +224,16 @@ async fn serve_connection(
                     break;
                 }
             },
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            _ = shutdown.changed() => {
-                // Finish what was asked, then say goodbye.
-                while streams.join_next().await.is_some() {}
-                conn.close(CODE_SHUTDOWN.into(), b"shutdown");
-                break;
+            joined = streams.join_next(), if draining || !streams.is_empty() => {
+                if joined.is_none() {
+                    // Draining, and every stream is done: say goodbye.
+                    conn.close(CODE_SHUTDOWN.into(), b"shutdown");
+                    break;
+                }
+            }
+            _ = stop.wait_for(|stopping| *stopping), if !draining => {
+                debug!(client = %client, streams = streams.len(), "draining the connection");
+                draining = true;
             }
         }
     }
@@ -289,6 +301,7 @@ async fn serve_stream(
     limits: ServerLimits,
     shutdown: watch::Receiver<bool>,
     peer: Arc<str>,
+    draining: bool,
 ) {
     let mut dec = Decoder::new(limits.max_frame);
     let first = match tokio::time::timeout(limits.first_frame_timeout, read_frame(&mut recv, &mut dec)).await {
@@ -298,6 +311,12 @@ async fn serve_stream(
         }
         Ok(r) => r,
     };
+    if draining && first.is_ok() {
+        // The first frame is read before the refusal, so that the client's request is taken
+        // whole and it reads the refusal rather than a stopped stream.
+        let err = EngineError::new(ErrorCode::Draining, "the node is shutting down; it takes no new streams");
+        return fail_stream(&mut send, &mut recv, err).await;
+    }
     match first {
         Ok(Frame::Request(envelope)) => match envelope.request {
             Request::Chat(req) => {
@@ -315,8 +334,12 @@ async fn serve_stream(
                 }
             }
             Request::Embed(req) => {
-                debug!(model = %req.model, inputs = req.input.len(), "embed");
-                serve_embed(send, recv, backend, req).await
+                debug!(model = %req.model, inputs = req.input.len(), split = req.split_answer, "embed");
+                let mut answer = EmbedAnswer::new(&req, limits.max_frame);
+                match backend.embed(req) {
+                    Ok(rx) => serve_answer(send, recv, rx, "embed", |part, buf| answer.encode(part, buf)).await,
+                    Err(e) => fail_stream(&mut send, &mut recv, e).await,
+                }
             }
         },
         Ok(Frame::HealthRequest) => serve_control(send, recv, dec, backend, shutdown).await,
@@ -408,7 +431,7 @@ async fn serve_answer<T>(
     mut recv: quinn::RecvStream,
     mut rx: tokio::sync::mpsc::Receiver<T>,
     what: &'static str,
-    encode: fn(Option<T>, &mut BytesMut) -> bool,
+    mut encode: impl FnMut(Option<T>, &mut BytesMut) -> bool,
 ) {
     let stopped = send.stopped();
     let cancel = cancelled(stopped, &mut recv);
@@ -443,28 +466,129 @@ async fn serve_answer<T>(
     }
 }
 
-async fn serve_embed(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    backend: Arc<dyn Backend>,
-    req: crate::api::EmbedRequest,
-) {
-    let stopped = send.stopped();
-    let result = tokio::select! {
-        biased;
-        why = cancelled(stopped, &mut recv) => {
-            info!(reason = %why, "embed cancelled by peer");
-            return;
+/// Frames an embedding answer from the parts the backend produces.
+///
+/// Why the answer may span frames: a request of 2 048 texts fits a 1 MiB frame easily, its 2 048
+/// vectors do not (384 floats each: ~8 MB of JSON). The backend reads the texts in bounded
+/// runs, and a client that asked for it (`split_answer`, which an old server ignores) gets each
+/// run's vectors as soon as they are ready, one `EMBEDDINGS` frame per run (or more, if one run's
+/// vectors exceed a frame), each naming the index of its first vector; the stream's flow control
+/// then bounds what waits here to one run. A client that did not ask (one that predates the
+/// field) gets the one frame it expects, built up to the frame limit and refused past it: never
+/// a partial answer it would take for a whole one.
+struct EmbedAnswer {
+    split: bool,
+    max_frame: usize,
+    /// Vectors the request asks for.
+    expected: usize,
+    /// Vectors taken from the backend so far.
+    taken: usize,
+    /// The one-frame answer so far, and its size as JSON.
+    whole: Embeddings,
+    whole_bytes: usize,
+}
+
+impl EmbedAnswer {
+    fn new(req: &EmbedRequest, max_frame: usize) -> EmbedAnswer {
+        EmbedAnswer {
+            split: req.split_answer,
+            max_frame,
+            expected: req.input.len(),
+            taken: 0,
+            whole: Embeddings { index: 0, data: Vec::new(), prompt_tokens: 0 },
+            whole_bytes: 0,
         }
-        r = backend.embed(req) => r,
-    };
-    let frame = match result {
-        Ok(e) => Frame::Embeddings(e),
-        Err(e) => Frame::Error(e),
-    };
-    if write_frame(&mut send, &frame).await.is_ok() {
-        let _ = send.finish();
     }
+
+    /// Encodes one part (`None`: the backend is done) into `buf`; true for the last.
+    fn encode(&mut self, part: Option<Result<Embeddings, EngineError>>, buf: &mut BytesMut) -> bool {
+        let result = match part {
+            Some(Ok(part)) => self.take(part, buf).map(|()| false),
+            Some(Err(e)) => Err(e),
+            None => self.finish(buf).map(|()| true),
+        };
+        result.unwrap_or_else(|e| {
+            buf.clear();
+            Frame::Error(e).encode_into(buf);
+            true
+        })
+    }
+
+    fn take(&mut self, part: Embeddings, buf: &mut BytesMut) -> Result<(), EngineError> {
+        if part.index as usize != self.taken || self.taken + part.data.len() > self.expected {
+            return Err(EngineError::new(ErrorCode::Internal, "the embedding model answered out of order"));
+        }
+        self.taken += part.data.len();
+        if self.split {
+            return encode_within(part, self.max_frame, buf);
+        }
+        self.whole_bytes += json_len(&part.data);
+        if self.whole_bytes > self.max_frame {
+            return Err(EngineError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "the {} vectors do not fit one {}-byte frame: send fewer inputs, or ask for a split answer",
+                    self.expected, self.max_frame
+                ),
+            ));
+        }
+        self.whole.data.extend(part.data);
+        self.whole.prompt_tokens += part.prompt_tokens;
+        Ok(())
+    }
+
+    fn finish(&mut self, buf: &mut BytesMut) -> Result<(), EngineError> {
+        if self.taken != self.expected {
+            return Err(EngineError::new(
+                ErrorCode::Internal,
+                format!("the embedding model stopped after {} of {} vectors", self.taken, self.expected),
+            ));
+        }
+        if self.split {
+            return Ok(());
+        }
+        encode_within(
+            std::mem::replace(&mut self.whole, Embeddings { index: 0, data: Vec::new(), prompt_tokens: 0 }),
+            self.max_frame,
+            buf,
+        )
+    }
+}
+
+/// Appends `part` to `buf` as `EMBEDDINGS` frames of at most `max_frame` bytes each: one when it
+/// fits, else halves (the first carrying the token count), recursively.
+fn encode_within(part: Embeddings, max_frame: usize, buf: &mut BytesMut) -> Result<(), EngineError> {
+    // The frame's length field counts the type byte and the JSON payload.
+    if json_len(&part) < max_frame {
+        Frame::Embeddings(part).encode_into(buf);
+        return Ok(());
+    }
+    let count = part.data.len();
+    if count <= 1 {
+        return Err(EngineError::new(ErrorCode::Internal, format!("one vector does not fit a {max_frame}-byte frame")));
+    }
+    let Embeddings { index, mut data, prompt_tokens } = part;
+    let rest = data.split_off(count / 2);
+    encode_within(Embeddings { index, data, prompt_tokens }, max_frame, buf)?;
+    encode_within(Embeddings { index: index + (count / 2) as u32, data: rest, prompt_tokens: 0 }, max_frame, buf)
+}
+
+/// Bytes of `value` as JSON, without writing it anywhere.
+fn json_len<T: serde::Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Plain vectors of floats serialize without error (non-finite floats become null).
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
 }
 
 async fn serve_control(

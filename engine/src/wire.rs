@@ -319,6 +319,20 @@ impl Decoder {
     }
 }
 
+/// Decodes every frame of a complete byte string (a whole stream, or several frames as one
+/// buffer), with the default frame size limit: the frames, or the first error (an end inside a
+/// frame is [`WireError::Truncated`]). The entry point for fuzzing the decoder.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Frame>, WireError> {
+    let mut dec = Decoder::default();
+    dec.push(bytes);
+    let mut frames = Vec::new();
+    while let Some(frame) = dec.next_frame()? {
+        frames.push(frame);
+    }
+    dec.finish()?;
+    Ok(frames)
+}
+
 fn malformed(frame_type: FrameType, reason: impl ToString) -> WireError {
     WireError::Malformed { frame: frame_type.name(), reason: reason.to_string() }
 }
@@ -393,7 +407,14 @@ mod tests {
             }),
             Frame::Request(Envelope {
                 v: PROTOCOL_VERSION,
-                request: Request::Embed(EmbedRequest { model: "e5".into(), input: vec!["a".into(), "".into()] }),
+                request: Request::Embed(EmbedRequest::new("e5", vec!["a".into(), "".into()])),
+            }),
+            Frame::Request(Envelope {
+                v: PROTOCOL_VERSION,
+                request: Request::Embed(EmbedRequest {
+                    split_answer: true,
+                    ..EmbedRequest::new("e5", vec!["b".into()])
+                }),
             }),
             Frame::Delta("Hello, 世界".into()),
             Frame::Delta(String::new()),
@@ -401,7 +422,8 @@ mod tests {
             Frame::Done { finish_reason: FinishReason::Stop },
             Frame::Done { finish_reason: FinishReason::Length },
             Frame::Error(EngineError::new(ErrorCode::Overloaded, "queue full")),
-            Frame::Embeddings(Embeddings { data: vec![vec![0.5, -0.25], vec![1.0, 0.0]], prompt_tokens: 4 }),
+            Frame::Embeddings(Embeddings { index: 0, data: vec![vec![0.5, -0.25], vec![1.0, 0.0]], prompt_tokens: 4 }),
+            Frame::Embeddings(Embeddings { index: 64, data: vec![vec![0.125]], prompt_tokens: 2 }),
             Frame::HealthRequest,
             Frame::Health(Health {
                 provider: "cpu".into(),
@@ -434,6 +456,29 @@ mod tests {
         let mut dec = Decoder::default();
         dec.push(&Frame::Event(Bytes::from_static(b"{not json")).encode());
         assert!(matches!(dec.next_frame(), Err(WireError::Malformed { frame: "EVENT", .. })));
+    }
+
+    #[test]
+    fn decode_takes_a_whole_buffer() {
+        let frames = samples();
+        let mut all = BytesMut::new();
+        frames.iter().for_each(|f| f.encode_into(&mut all));
+        assert_eq!(decode(&all).unwrap(), frames);
+        assert!(matches!(decode(&all[..all.len() - 1]), Err(WireError::Truncated { .. })));
+        assert_eq!(decode(&[0, 0, 0, 0]), Err(WireError::Empty));
+        assert_eq!(decode(&[]), Ok(Vec::new()));
+    }
+
+    #[test]
+    fn embedding_fields_added_within_version_one_keep_its_bytes() {
+        // A one-frame answer and a request without the split are byte for byte what version 1
+        // first sent, so peers that predate the fields read them as before.
+        let whole = Frame::Embeddings(Embeddings { index: 0, data: vec![vec![0.5]], prompt_tokens: 1 }).encode();
+        assert_eq!(&whole[5..], br#"{"data":[[0.5]],"prompt_tokens":1}"#);
+        let req = Frame::Request(Envelope { v: 1, request: Request::Embed(EmbedRequest::new("m", vec!["x".into()])) });
+        assert_eq!(&req.encode()[5..], br#"{"v":1,"op":"embed","model":"m","input":["x"]}"#);
+        let part = Frame::Embeddings(Embeddings { index: 3, data: vec![], prompt_tokens: 0 }).encode();
+        assert_eq!(&part[5..], br#"{"index":3,"data":[],"prompt_tokens":0}"#);
     }
 
     #[test]

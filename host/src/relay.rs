@@ -20,7 +20,7 @@ use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use meridian_engine::api::{self as wire, Backend, BoxFuture, EngineError, ErrorCode, RelayRequest};
+use meridian_engine::api::{self as wire, Backend, EngineError, ErrorCode, RelayRequest};
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -82,8 +82,8 @@ impl Backend for RelayBackend {
         Err(RelayBackend::not_an_engine())
     }
 
-    fn embed(&self, _request: wire::EmbedRequest) -> BoxFuture<'_, Result<wire::Embeddings, EngineError>> {
-        Box::pin(async { Err(RelayBackend::not_an_engine()) })
+    fn embed(&self, _request: wire::EmbedRequest) -> Result<wire::EmbedParts, EngineError> {
+        Err(RelayBackend::not_an_engine())
     }
 
     fn health(&self) -> wire::Health {

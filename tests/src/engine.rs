@@ -73,13 +73,19 @@ impl Cluster {
     /// An engine node config for `name` on `listen`, serving the chat model as `smol` and the
     /// embedding model as `minilm`.
     pub fn engine_config(&self, name: &str, listen: SocketAddr, max_batch: u32) -> String {
+        self.engine_config_queued(name, listen, max_batch, 64)
+    }
+
+    /// [`Cluster::engine_config`] with a scheduler queue of `queue_capacity` requests, beyond
+    /// which the engine refuses as overloaded.
+    pub fn engine_config_queued(&self, name: &str, listen: SocketAddr, max_batch: u32, queue_capacity: u32) -> String {
         let (cert, key) = self.node(name);
         let models = meridian_home().join("models");
         format!(
             "[node]\nname = \"{name}\"\nlisten = \"{listen}\"\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
              [runtime]\nprovider = \"cpu\"\n\
-             [scheduler]\nmax_batch = {max_batch}\nqueue_capacity = 64\n\
+             [scheduler]\nmax_batch = {max_batch}\nqueue_capacity = {queue_capacity}\n\
              [[models]]\nname = \"smol\"\npath = {chat:?}\n\
              [[models]]\nname = \"minilm\"\npath = {embed:?}\n",
             ca = self.dir().join("ca.pem"),
@@ -152,31 +158,68 @@ pub struct TestEngine {
     /// Its QUIC address.
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    node: tokio::task::JoinHandle<()>,
     _dir: TempDir,
 }
 
 impl TestEngine {
     /// Starts engine `name` of `cluster` on a loopback port.
     pub async fn start(cluster: &Cluster, name: &str, max_batch: u32) -> TestEngine {
+        TestEngine::start_queued(cluster, name, max_batch, 64).await
+    }
+
+    /// Starts engine `name` of `cluster` on a loopback port with a scheduler queue of
+    /// `queue_capacity` requests (see [`Cluster::engine_config_queued`]).
+    pub async fn start_queued(cluster: &Cluster, name: &str, max_batch: u32, queue_capacity: u32) -> TestEngine {
+        TestEngine::launch(cluster, name, max_batch, queue_capacity, |_| {}).await
+    }
+
+    /// Starts engine `name` of `cluster` on a loopback port that, once it drains
+    /// ([`TestEngine::drain`]), lets requests in flight run for up to `grace`.
+    pub async fn start_with_grace(cluster: &Cluster, name: &str, max_batch: u32, grace: Duration) -> TestEngine {
+        let grace_ms = u64::try_from(grace.as_millis()).expect("a grace period of a sane length");
+        TestEngine::launch(cluster, name, max_batch, 64, |c| c.node.shutdown_grace_ms = grace_ms).await
+    }
+
+    async fn launch(
+        cluster: &Cluster,
+        name: &str,
+        max_batch: u32,
+        queue_capacity: u32,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> TestEngine {
         let dir = TempDir::new(name);
         let path = dir.path().join("engine.toml");
-        std::fs::write(&path, cluster.engine_config(name, "127.0.0.1:0".parse().unwrap(), max_batch)).unwrap();
-        let config = NodeConfig::load(&path).unwrap_or_else(|e| panic!("engine config: {e}"));
+        let listen = "127.0.0.1:0".parse().unwrap();
+        std::fs::write(&path, cluster.engine_config_queued(name, listen, max_batch, queue_capacity)).unwrap();
+        let mut config = NodeConfig::load(&path).unwrap_or_else(|e| panic!("engine config: {e}"));
+        tweak(&mut config);
         let node = Node::start(config).await.unwrap_or_else(|e| panic!("engine starts: {e}"));
         let addr = node.local_addr();
         let (stop, stopped) = oneshot::channel();
-        tokio::spawn(node.run(async {
+        let node = tokio::spawn(node.run(async {
             let _ = stopped.await;
         }));
-        TestEngine { addr, stop: Some(stop), _dir: dir }
+        TestEngine { addr, stop: Some(stop), node, _dir: dir }
+    }
+
+    /// Tells the engine to stop, as SIGTERM does: it drains (takes no new streams, lets requests
+    /// in flight finish within its grace period) and then stops.
+    pub fn drain(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Whether it has stopped: drained, or never started draining yet when false.
+    pub fn stopped(&self) -> bool {
+        self.node.is_finished()
     }
 }
 
 impl Drop for TestEngine {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.drain();
     }
 }
 

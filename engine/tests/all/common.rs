@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_engine::api::{Backend, ChatRequest, EngineError, Event, FinishReason, Message, Usage};
+use meridian_engine::api::{
+    Backend, ChatRequest, EmbedRequest, Embeddings, EngineError, Event, FinishReason, Message, Usage,
+};
 use meridian_engine::config::{EngineConfig, ModelConfig, SchedulerConfig};
 use meridian_engine::scheduler::Engine;
 
@@ -89,4 +91,17 @@ pub async fn collect(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Answer {
 pub async fn chat(engine: &Engine, req: ChatRequest) -> Result<Answer, EngineError> {
     let rx = engine.chat(req)?;
     Ok(collect(rx).await)
+}
+
+/// Embeds through the backend and joins its parts, checking they come in input order.
+pub async fn embed_all(engine: &Engine, req: EmbedRequest) -> Result<Embeddings, EngineError> {
+    let mut parts = engine.embed(req)?;
+    let mut all = Embeddings { index: 0, data: Vec::new(), prompt_tokens: 0 };
+    while let Some(part) = parts.recv().await {
+        let part = part?;
+        assert_eq!(part.index as usize, all.data.len(), "parts come in input order");
+        all.data.extend(part.data);
+        all.prompt_tokens += part.prompt_tokens;
+    }
+    Ok(all)
 }

@@ -102,7 +102,10 @@ async fn dropped_receiver_frees_the_slot() {
 
 #[tokio::test]
 async fn overload_and_admission_errors() {
-    let engine = engine(&[("smol", INT4)], SchedulerConfig { max_batch: 1, queue_capacity: 1, default_max_tokens: 8 });
+    let engine = engine(
+        &[("smol", INT4)],
+        SchedulerConfig { max_batch: 1, queue_capacity: 1, default_max_tokens: 8, ..Default::default() },
+    );
     let h = engine.health();
     assert_eq!((h.max_batch, h.queue_capacity, h.chat_models.clone()), (1, 1, vec!["smol".to_string()]));
     assert_eq!(h.provider, "cpu");

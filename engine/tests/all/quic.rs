@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use meridian_engine::api::{
-    Backend, BoxFuture, ChatRequest, EmbedRequest, Embeddings, EngineError, ErrorCode, Event, Health, Message,
+    Backend, ChatRequest, EmbedParts, EmbedRequest, EngineError, Envelope, ErrorCode, Event, Health, Message, Request,
+    PROTOCOL_VERSION,
 };
 use meridian_engine::client::{ClientError, ClientOptions, EngineClient};
 use meridian_engine::server::{EngineServer, ServerHandle, ServerLimits};
@@ -39,6 +40,28 @@ fn real_backend() -> Arc<dyn Backend> {
         })
         .clone()
 }
+
+/// The real engine with the embedding model, read in runs of at most 32 texts.
+fn embed_backend() -> Arc<dyn Backend> {
+    static ENGINE: OnceLock<Arc<scheduler::Engine>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let home = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.meridian");
+            meridian_engine::runtime::set_meridian_home(home.clone());
+            let cfg = config::EngineConfig {
+                models: vec![config::ModelConfig {
+                    name: EMBED_MODEL.into(),
+                    path: home.join("models/all-minilm-l6-v2"),
+                    kind: None,
+                }],
+                ..Default::default()
+            };
+            scheduler::Engine::start(&cfg).expect("the engine starts (run scripts/setup-engine for the model)")
+        })
+        .clone()
+}
+
+const EMBED_MODEL: &str = "minilm";
 
 /// Wraps the real backend and records what the server does with the receivers it gets: whether it
 /// dropped one while the generation was still running, and when. With `hold_after_first_delta` it
@@ -102,7 +125,7 @@ impl Backend for Probe {
         Ok(rx)
     }
 
-    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+    fn embed(&self, request: EmbedRequest) -> Result<EmbedParts, EngineError> {
         self.inner.embed(request)
     }
 
@@ -270,7 +293,7 @@ async fn mtls_chat_health_and_errors_over_real_quic() {
     req.model = "nope".into();
     let err = client.chat(req).await.err().unwrap();
     assert!(matches!(&err, ClientError::Remote(e) if e.code == ErrorCode::UnknownModel), "{err:?}");
-    let err = client.embed(EmbedRequest { model: "nope".into(), input: vec!["x".into()] }).await.unwrap_err();
+    let err = client.embed(EmbedRequest::new("nope", vec!["x".into()])).await.unwrap_err();
     assert!(matches!(&err, ClientError::Remote(e) if e.code == ErrorCode::UnknownModel), "{err:?}");
     server.shutdown().await;
 }
@@ -540,6 +563,129 @@ async fn client_reconnects_after_the_server_restarts() {
     server.shutdown().await;
 }
 
+fn envelope(request: Request) -> Vec<u8> {
+    Frame::Request(Envelope { v: PROTOCOL_VERSION, request }).encode().to_vec()
+}
+
+fn texts(n: usize) -> Vec<String> {
+    // A few tokens each: embedding is compute bound, and 2 048 long sentences take minutes on CPU.
+    let topics = ["cat", "sea", "market", "hill"];
+    (0..n).map(|i| format!("{} {i}", topics[i % 4])).collect()
+}
+
+#[tokio::test]
+async fn embeddings_of_many_inputs_cross_in_frames_within_the_limit_both_ways() {
+    let pki = Pki::new("embed");
+    // Small frames on both sides, so that both the request and the answer need several.
+    let max_frame = 48 << 10;
+    let limits = ServerLimits { max_frame, ..Default::default() };
+    let server = serve(&pki.node("engine"), embed_backend(), limits);
+    let mut opts = ClientOptions::new(server.local_addr().to_string(), "localhost");
+    opts.max_frame = max_frame;
+    let client = EngineClient::new(opts, &pki.node("edge")).unwrap();
+
+    let input = texts(2048);
+    let all = client.embed(EmbedRequest::new(EMBED_MODEL, input.clone())).await.unwrap();
+    assert_eq!(all.data.len(), 2048);
+    assert!(all.prompt_tokens as usize > 2048 * 3, "{}", all.prompt_tokens);
+    // Equal to what smaller requests give.
+    let some = client.embed(EmbedRequest::new(EMBED_MODEL, input[1000..1040].to_vec())).await.unwrap();
+    for (k, v) in some.data.iter().enumerate() {
+        let diff = v.iter().zip(&all.data[1000 + k]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "text {}: {diff}", 1000 + k);
+    }
+
+    // On the wire: a split answer is several EMBEDDINGS frames, none over the limit, in order.
+    let conn = raw_connect(&server, &pki.node("edge")).await.unwrap();
+    let split = EmbedRequest { split_answer: true, ..EmbedRequest::new(EMBED_MODEL, input[..300].to_vec()) };
+    let bytes = envelope(Request::Embed(split));
+    assert!(bytes.len() < max_frame);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+    let mut dec = Decoder::new(max_frame);
+    let (mut frames, mut next) = (0, 0);
+    while let Some(chunk) = recv.read_chunk(1 << 16, true).await.unwrap() {
+        dec.push(&chunk.bytes);
+        while let Some(frame) = dec.next_frame().expect("every frame within the limit") {
+            match frame {
+                Frame::Embeddings(part) => {
+                    assert_eq!(part.index as usize, next);
+                    next += part.data.len();
+                    frames += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    dec.finish().unwrap();
+    assert_eq!(next, 300);
+    assert!(frames >= 300 * 384 * 8 / max_frame, "{frames} frames");
+
+    // A client that predates split answers gets one frame, or a typed refusal, never a part.
+    let frames = exchange(&conn, &envelope(Request::Embed(EmbedRequest::new(EMBED_MODEL, input[..3].to_vec())))).await;
+    assert!(matches!(frames.as_slice(), [Frame::Embeddings(e)] if e.data.len() == 3 && e.index == 0), "{frames:?}");
+    let frames =
+        exchange(&conn, &envelope(Request::Embed(EmbedRequest::new(EMBED_MODEL, input[..300].to_vec())))).await;
+    assert_eq!(single_error(&frames).code, ErrorCode::BadRequest, "{frames:?}");
+
+    // An input that cannot fit a frame on its own is refused before anything is sent.
+    let fresh = EngineClient::new(
+        ClientOptions { max_frame, ..ClientOptions::new(server.local_addr().to_string(), "localhost") },
+        &pki.node("edge"),
+    )
+    .unwrap();
+    let err = fresh.embed(EmbedRequest::new(EMBED_MODEL, vec!["x".repeat(max_frame)])).await.unwrap_err();
+    assert!(matches!(err, ClientError::TooLarge { max, .. } if max == max_frame), "{err:?}");
+    assert!(!fresh.is_connected(), "nothing was sent");
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_request_over_the_frame_limit_is_refused_before_it_is_sent() {
+    let pki = Pki::new("too-large");
+    let server = serve(&pki.node("engine"), real_backend(), ServerLimits::default());
+    let client = client(&server, &pki.node("edge"));
+    let err = client.chat(chat_request(&"word ".repeat(DEFAULT_MAX_FRAME / 5 + 1), 4)).await.err().unwrap();
+    assert!(matches!(err, ClientError::TooLarge { len, max } if len > max && max == DEFAULT_MAX_FRAME), "{err:?}");
+    assert!(!client.is_connected(), "nothing was sent to the engine");
+    // A request within the limit goes through.
+    let (_, end) = drain(client.chat(chat_request("Hi", 2)).await.unwrap()).await;
+    assert!(matches!(end, Event::Finished { .. }));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_server_refuses_new_streams_at_once_and_finishes_its_requests() {
+    let pki = Pki::new("drain");
+    let limits = ServerLimits { shutdown_grace: Duration::from_secs(300), ..Default::default() };
+    let server = serve(&pki.node("engine"), real_backend(), limits);
+    let client = client(&server, &pki.node("edge"));
+    let mut running =
+        client.chat(chat_request("Write a very long story about a lighthouse keeper.", 2000)).await.unwrap();
+    assert!(matches!(running.next().await, Some(Ok(Event::Delta(_)))));
+
+    let stopping = tokio::spawn(server.shutdown());
+    // The drain has begun once the kept control stream is ended; wait for that by polling.
+    let refused = loop {
+        match client.chat(chat_request("Hi", 2)).await {
+            Err(ClientError::Remote(e)) if e.code == ErrorCode::Draining => break e,
+            Ok(stream) => drop(stream),
+            Err(other) => panic!("a new stream must be answered, not {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!stopping.is_finished(), "refused while the running request holds the drain open: {refused:?}");
+    assert!(ClientError::Remote(refused).retryable(), "another engine may take it");
+    let err = client.embed(EmbedRequest::new("minilm", vec!["x".into()])).await.unwrap_err();
+    assert!(matches!(&err, ClientError::Remote(e) if e.code == ErrorCode::Draining), "{err:?}");
+
+    // The running request goes on, then the drain ends when it is gone.
+    assert!(matches!(running.next().await, Some(Ok(Event::Delta(_)))));
+    drop(running);
+    stopping.await.unwrap();
+}
+
 #[test]
 fn retryable_classification() {
     let remote = |code| ClientError::Remote(EngineError::new(code, "x"));
@@ -552,4 +698,6 @@ fn retryable_classification() {
     assert!(ClientError::Reset { answer_started: false, reason: "x".into() }.retryable());
     assert!(!ClientError::Reset { answer_started: true, reason: "x".into() }.retryable());
     assert!(!ClientError::Protocol("x".into()).retryable());
+    assert!(remote(ErrorCode::Draining).retryable());
+    assert!(ClientError::TooLarge { len: 2, max: 1 }.retryable());
 }

@@ -2,6 +2,12 @@
 //! tenant's key and rate, the in-flight limit), then served by the model's engine targets in
 //! fallback order. Tenant filters are not run: an engine runs on the operator's own
 //! infrastructure, and a vector of placeholders would be worthless for similarity.
+//!
+//! Up to 2 048 texts a request (`openai::MAX_EMBEDDING_INPUTS`): an engine target's client packs
+//! them into as few engine requests as its frames hold and takes each answer in parts, while the
+//! engine reads them in bounded runs (`meridian_engine::client::EngineClient::embed`), so neither
+//! side holds more than one frame of the exchange in flight. The vectors are written as floats or,
+//! as the client asks (`encoding_format`), as base64 of little-endian float32s.
 
 use std::time::Instant;
 
@@ -42,6 +48,7 @@ pub(super) async fn embeddings(edge: &Edge, req: Request<Incoming>) -> Result<Re
         first_answer(edge, &plan, &mut Vec::new(), |route| route.target.embed(input.clone(), &route.upstream_model))
             .await?;
     let (answer, route) = (answered.value, answered.route);
-    let body = openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens);
+    let encoding = request.encoding_format.unwrap_or_default();
+    let body = openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens, encoding);
     Ok(with_header(json_response(StatusCode::OK, body), "x-meridian-target", &route.target.name))
 }

@@ -1,13 +1,15 @@
 //! The edge in front of real engine nodes: SmolLM2 (int4) and MiniLM on ONNX Runtime, reached over
 //! QUIC with mutual TLS. Both client API shapes, whole and streamed; embeddings; a client that
 //! goes away cancels its generation on the engine; a killed engine is fallen back from with no
-//! request lost.
+//! request lost; a request too large for the engine's frames is the client's 413, never the
+//! engine's failure; 2 048 embeddings in one request, as floats or base64; a draining engine
+//! refuses new requests at once and the edge goes to the next.
 
 use std::time::{Duration, Instant};
 
 use meridian::config::Config;
 use meridian_e2e::engine::{Cluster, EngineProcess, TestEngine};
-use meridian_e2e::{metric, model, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
+use meridian_e2e::{metric, metric_or_zero, model, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -15,7 +17,7 @@ const QUESTION: &str = "What is the capital of France? Answer in one sentence.";
 const NO_CACHE: (&str, &str) = ("x-meridian-cache", "bypass");
 
 /// An edge whose model `smol` (and `minilm`) goes to the given engine targets, in order.
-async fn edge(
+pub(crate) async fn edge(
     mocks: &Mocks,
     cluster: &Cluster,
     engines: &[(&str, std::net::SocketAddr)],
@@ -29,6 +31,9 @@ async fn edge(
     let mut smol = model("smol", &routes);
     smol.default_max_tokens = 64;
     config.models.extend([smol, model("minilm", &routes)]);
+    // The production default, four times an engine's frame: what a client may send is more than
+    // one engine request can carry.
+    config.node.max_body_bytes = 4 << 20;
     tweak(&mut config);
     TestEdge::start(config).await
 }
@@ -291,4 +296,204 @@ async fn killing_an_engine_falls_back_with_no_request_lost() {
         served.len(),
         served.iter().filter(|t| *t == "engine-b").count()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_too_large_for_the_engine_frames_is_413_in_both_shapes_and_no_fault_of_the_engine() {
+    let stack = Stack::start("too-large", 2).await;
+    let edge = &stack.edge;
+    // 1.5 MiB of text: within the edge's 4 MiB body limit, past the engine's 1 MiB frames.
+    let big = "word ".repeat(300_000);
+    let mut openai = json!({"model": "smol", "max_tokens": 8, "messages": [{"role": "user", "content": big}]});
+    let mut anthropic = openai.clone();
+    // More requests than it takes to eject a target (5 failures in a row) if they counted.
+    for stream in [false, true, false] {
+        openai["stream"] = json!(stream);
+        anthropic["stream"] = json!(stream);
+        let r = edge.post_with("/v1/chat/completions", ACME_KEY, &[NO_CACHE], &openai).await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        let error = &r.json()["error"];
+        assert_eq!((&error["type"], &error["code"]), (&json!("invalid_request_error"), &json!("payload_too_large")));
+        assert!(error["message"].as_str().unwrap().contains("engine-a"), "{error}");
+        let r = edge.post_with("/v1/messages", ACME_KEY, &[NO_CACHE], &anthropic).await;
+        assert_eq!(r.status, 413, "{}", r.text());
+        assert_eq!(r.json()["type"], "error");
+        assert_eq!(r.json()["error"]["type"], "invalid_request_error", "{}", r.text());
+    }
+
+    let metrics = edge.metrics().await;
+    let target = ["target=\"engine-a\""];
+    assert_eq!(metric(&metrics, "meridian_target_health", &target), 1.0, "the engine is healthy");
+    assert_eq!(metric_or_zero(&metrics, "meridian_target_ejections_total", &target), 0.0);
+    assert_eq!(
+        metric_or_zero(&metrics, "meridian_upstream_attempts_total", &[target[0], "outcome=\"request_too_large\""]),
+        6.0
+    );
+    let failures = ["connect", "timeout", "server_error", "protocol", "overloaded"];
+    for outcome in failures {
+        let label = format!("outcome=\"{outcome}\"");
+        assert_eq!(
+            metric_or_zero(&metrics, "meridian_upstream_attempts_total", &[target[0], &label]),
+            0.0,
+            "{outcome}"
+        );
+    }
+    // And it serves the next request.
+    let r = edge.post_with("/v1/chat/completions", ACME_KEY, &[NO_CACHE], &openai_chat(false, 4)).await;
+    assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("engine-a")), "{}", r.text());
+}
+
+fn sentences(n: usize) -> Vec<String> {
+    // A few tokens each: embedding is compute bound, and 2 048 long sentences take minutes on CPU.
+    let topics = ["cat", "sea", "market", "hill"];
+    (0..n).map(|i| format!("{} {i}", topics[i % 4])).collect()
+}
+
+/// The vectors of an OpenAI embeddings answer, by their `index`; base64 ones decoded.
+fn vectors(r: &Reply) -> Vec<Vec<f32>> {
+    use base64::Engine as _;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    let data = body["data"].as_array().expect("data");
+    data.iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(d["index"], i);
+            match &d["embedding"] {
+                Value::String(b64) => base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .expect("base64")
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                floats => floats.as_array().expect("floats").iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+            }
+        })
+        .collect()
+}
+
+/// POSTs an embeddings request, waiting as long as an unoptimised build takes to embed 2 048 texts
+/// and write their vectors (the harness's own requests wait 20 s).
+async fn post_embeddings(edge: &TestEdge, body: &Value) -> Reply {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let req = hyper::Request::post(format!("{}/v1/embeddings", edge.url()))
+        .header("authorization", format!("Bearer {ACME_KEY}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let started = Instant::now();
+    let resp =
+        tokio::time::timeout(Duration::from_secs(300), client.request(req)).await.unwrap().expect("the edge answers");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    eprintln!("embeddings answered in {:?}", started.elapsed());
+    Reply { status, headers, body }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_and_forty_eight_embeddings_in_one_request_equal_those_of_smaller_ones() {
+    let stack = Stack::start("embed-many", 2).await;
+    let edge = &stack.edge;
+    let input = sentences(2048);
+    let all = vectors(&post_embeddings(edge, &json!({"model": "minilm", "input": input})).await);
+    assert_eq!(all.len(), 2048);
+    assert!(all.iter().all(|v| v.len() == 384));
+    for range in [0..16, 1000..1040, 2040..2048] {
+        let start = range.start;
+        let some =
+            vectors(&edge.post("/v1/embeddings", ACME_KEY, &json!({"model": "minilm", "input": input[range]})).await);
+        for (k, v) in some.iter().enumerate() {
+            let diff = v.iter().zip(&all[start + k]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-4, "text {}: differs by {diff} from the large request", start + k);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base64_embeddings_are_the_float_ones_and_other_encodings_are_refused() {
+    let stack = Stack::start("embed-b64", 2).await;
+    let edge = &stack.edge;
+    let input = sentences(40);
+    let float = vectors(&edge.post("/v1/embeddings", ACME_KEY, &json!({"model": "minilm", "input": input})).await);
+    let explicit = json!({"model": "minilm", "input": input, "encoding_format": "float"});
+    assert_eq!(vectors(&edge.post("/v1/embeddings", ACME_KEY, &explicit).await), float);
+    let b64 = edge
+        .post("/v1/embeddings", ACME_KEY, &json!({"model": "minilm", "input": input, "encoding_format": "base64"}))
+        .await;
+    assert!(b64.json()["data"][0]["embedding"].is_string(), "{}", b64.text());
+    assert_eq!(b64.json()["usage"], edge.post("/v1/embeddings", ACME_KEY, &explicit).await.json()["usage"]);
+    // The same float32 values, bit for bit (a float written as JSON reads back exactly).
+    assert_eq!(vectors(&b64), float);
+
+    let r = edge
+        .post("/v1/embeddings", ACME_KEY, &json!({"model": "minilm", "input": "x", "encoding_format": "int8"}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["param"], "encoding_format");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_engine_refuses_new_requests_at_once_and_the_edge_goes_to_the_next() {
+    let mocks = Mocks::start().await;
+    let cluster = Cluster::new("drain");
+    // A grace period far longer than the test: only the running request keeps engine-a draining.
+    let mut primary = TestEngine::start_with_grace(&cluster, "engine-a", 2, Duration::from_secs(600)).await;
+    let fallback = TestEngine::start(&cluster, "engine-b", 2).await;
+    let edge = edge(&mocks, &cluster, &[("engine-a", primary.addr), ("engine-b", fallback.addr)], |_| {}).await;
+
+    // A long answer from engine-a, streamed over a raw connection, that keeps it draining.
+    let body = json!({"model": "smol", "stream": true, "max_tokens": 4000, "temperature": 0.8, "seed": 1,
+                      "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]})
+    .to_string();
+    let mut conn = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\
+         content-type: application/json\r\nx-meridian-cache: bypass\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"content\"") {
+        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        String::from_utf8_lossy(&seen).contains("x-meridian-target: engine-a"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    primary.drain();
+    // Until engine-a's connection sees the drain, it still serves; from then on it refuses, and
+    // the request goes to engine-b.
+    let answered = loop {
+        let r = edge.post_with("/v1/chat/completions", ACME_KEY, &[NO_CACHE], &openai_chat(false, 4)).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        if r.header("x-meridian-target") == Some("engine-b") {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        !primary.stopped(),
+        "engine-b answered while engine-a still drained its running request: {}",
+        answered.text()
+    );
+
+    let metrics = edge.metrics().await;
+    let target = "target=\"engine-a\"";
+    assert!(metric(&metrics, "meridian_upstream_attempts_total", &[target, "outcome=\"draining\""]) >= 1.0);
+    assert_eq!(metric(&metrics, "meridian_target_health", &[target]), 1.0, "a draining engine has not failed");
+
+    // The client goes away; engine-a's last request ends, and it stops.
+    drop(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !primary.stopped() {
+        assert!(Instant::now() < deadline, "engine-a did not stop once its last request was gone");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
