@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meridian::config::{hash_key, Config, LogFormat};
 use meridian::server::Server;
+use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 mod cost_cli;
@@ -146,7 +147,20 @@ fn run_edge(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        server.run(shutdown_signal()).await;
+        server
+            .run(async {
+                shutdown_signal().await;
+                info!("shutting down: draining (a second signal stops at once)");
+                // An operator who cannot wait out the grace period stops the node with a second
+                // signal; what the ledger still holds then is lost, as with SIGKILL.
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    warn!("second signal: stopping now, without draining");
+                    std::process::exit(1);
+                });
+            })
+            .await;
+        info!("shut down");
         ExitCode::SUCCESS
     })
 }
@@ -173,6 +187,7 @@ fn runtime(node: impl std::future::Future<Output = ExitCode>) -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

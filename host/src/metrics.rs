@@ -5,11 +5,23 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{MetricFamily, MetricType};
+
 use crate::stats::Snapshot;
+
+/// The `model` label of a request whose model this edge does not serve (or that named none).
+/// Label values a client chooses are never used as they are: each would be a new series held
+/// for the life of the process, so a client could grow the node's memory without bound.
+pub const UNKNOWN_MODEL: &str = "unknown";
 
 /// Every metric the edge exports.
 pub struct Metrics {
     registry: Registry,
+    /// This struct's own metrics, declared in the exposition even before their first sample.
+    declared: Vec<Arc<dyn Collector>>,
     /// `meridian_requests_total{api,tenant,model,target,status}`: finished requests.
     pub requests: IntCounterVec,
     /// `meridian_request_duration_seconds{tenant,model,target}`: time to the last byte.
@@ -165,33 +177,35 @@ impl Metrics {
             )
             .expect("valid metric"),
         };
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(ledger.records.clone()),
-            Box::new(ledger.queue.clone()),
-            Box::new(ledger.standing_cost.clone()),
-            Box::new(target_latency.clone()),
-            Box::new(target_health.clone()),
-            Box::new(target_in_flight.clone()),
-            Box::new(engine_info.clone()),
-            Box::new(engine_tokens_per_second.clone()),
-            Box::new(target_ejections.clone()),
-            Box::new(relay_refusals.clone()),
-            Box::new(duration.clone()),
-            Box::new(ttft.clone()),
-            Box::new(tokens.clone()),
-            Box::new(cost.clone()),
-            Box::new(attempts.clone()),
-            Box::new(cache_lookups.clone()),
-            Box::new(cache_coalesced.clone()),
-            Box::new(cache_bytes.clone()),
-            Box::new(cache_entries.clone()),
-            Box::new(in_flight.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
+        let declared: Vec<Arc<dyn Collector>> = vec![
+            Arc::new(requests.clone()),
+            Arc::new(ledger.records.clone()),
+            Arc::new(ledger.queue.clone()),
+            Arc::new(ledger.standing_cost.clone()),
+            Arc::new(target_latency.clone()),
+            Arc::new(target_health.clone()),
+            Arc::new(target_in_flight.clone()),
+            Arc::new(engine_info.clone()),
+            Arc::new(engine_tokens_per_second.clone()),
+            Arc::new(target_ejections.clone()),
+            Arc::new(relay_refusals.clone()),
+            Arc::new(duration.clone()),
+            Arc::new(ttft.clone()),
+            Arc::new(tokens.clone()),
+            Arc::new(cost.clone()),
+            Arc::new(attempts.clone()),
+            Arc::new(cache_lookups.clone()),
+            Arc::new(cache_coalesced.clone()),
+            Arc::new(cache_bytes.clone()),
+            Arc::new(cache_entries.clone()),
+            Arc::new(in_flight.clone()),
+        ];
+        for c in &declared {
+            registry.register(Box::new(Shared(Arc::clone(c)))).expect("metric names are unique");
         }
         Metrics {
             registry,
+            declared,
             ledger,
             requests,
             duration,
@@ -232,17 +246,77 @@ impl Metrics {
         &self.registry
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// The Prometheus text exposition of every metric. The edge's own metrics that have no
+    /// sample yet (a labelled counter nothing has incremented) are declared with their `# HELP`
+    /// and `# TYPE` lines alone, so that a scraper (and a test) can tell a metric at zero from a
+    /// name that does not exist.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         // Encoding into a Vec cannot fail on I/O; a metric that fails to encode is a bug.
         TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("metrics encode");
-        String::from_utf8(buf).unwrap_or_default()
+        let mut text = String::from_utf8(buf).unwrap_or_default();
+        for family in self.declared.iter().flat_map(|c| c.collect()).filter(|f| f.get_metric().is_empty()) {
+            let kind = match family.get_field_type() {
+                MetricType::COUNTER => "counter",
+                MetricType::GAUGE => "gauge",
+                MetricType::HISTOGRAM => "histogram",
+                MetricType::SUMMARY => "summary",
+                MetricType::UNTYPED => "untyped",
+            };
+            let help = family.help().replace('\\', "\\\\").replace('\n', "\\n");
+            text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n", name = family.name()));
+        }
+        text
+    }
+
+    /// The `model` label of a request for `model`: the name itself when this edge serves it
+    /// (`served`), else [`UNKNOWN_MODEL`], so that the label's values are bounded by the config.
+    pub fn model_label(model: &str, served: bool) -> &str {
+        if served {
+            model
+        } else {
+            UNKNOWN_MODEL
+        }
+    }
+}
+
+/// A collector registered in the registry and also kept by [`Metrics`] to declare it.
+struct Shared(Arc<dyn Collector>);
+
+impl Collector for Shared {
+    fn desc(&self) -> Vec<&Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.0.collect()
     }
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_without_samples_are_declared() {
+        let metrics = Metrics::new();
+        metrics.cache_lookups.with_label_values(&["hit"]).inc();
+        let text = metrics.render();
+        assert!(text.contains("# TYPE meridian_requests_total counter\n"), "{text}");
+        assert!(text.contains("# TYPE meridian_request_duration_seconds histogram\n"), "{text}");
+        assert!(text.contains("meridian_cache_lookups_total{result=\"hit\"} 1\n"), "{text}");
+        assert_eq!(text.matches("# TYPE meridian_cache_lookups_total ").count(), 1, "declared once: {text}");
+    }
+
+    #[test]
+    fn only_served_models_are_labels() {
+        assert_eq!(Metrics::model_label("gpt-test", true), "gpt-test");
+        assert_eq!(Metrics::model_label("made-up", false), UNKNOWN_MODEL);
     }
 }

@@ -185,7 +185,9 @@ impl Scenario {
             failure_scale: 1.0,
             routers,
             plugin_dir: target.join("wasm32-wasip2/release"),
-            plugin_cache_dir: std::env::temp_dir().join("meridian-simulate-plugin-cache"),
+            // The user's own cache (never a fixed path under the shared temp dir, where another
+            // user could plant artifacts first); the engine's artifacts have names of their own.
+            plugin_cache_dir: crate::plugin::PluginSettings::default().cache_dir,
             instances: InstanceMode::Reuse,
             health: HealthConfig::default(),
         }

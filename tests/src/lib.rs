@@ -25,7 +25,9 @@ use tokio::sync::oneshot;
 
 pub mod engine;
 pub mod netns;
+pub mod process;
 pub mod servers;
+pub mod soak;
 
 /// The key of tenant `acme`.
 pub const ACME_KEY: &str = "sk-acme-test";
@@ -339,10 +341,7 @@ impl Reply {
 
     /// The body parsed as server-sent events.
     pub fn events(&self) -> Vec<SseEvent> {
-        let mut parser = SseParser::default();
-        let mut out = Vec::new();
-        parser.feed(&self.body, &mut out);
-        out
+        SseParser::default().push(&self.body).expect("the body is a valid event stream")
     }
 
     /// The `data` of each event parsed as JSON, skipping `[DONE]`.
@@ -356,13 +355,50 @@ impl Reply {
 }
 
 /// The value of a sample in Prometheus text, matched by metric name and a label substring such as
-/// `tenant="acme",`; 0 when absent.
+/// `tenant="acme",` (summed over every matching sample). Panics, naming the series present, when
+/// no sample matches: a misspelled name or label never reads as 0. For a series that may
+/// legitimately not exist yet, see [`metric_or_zero`].
 pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+    samples(text, name, labels).unwrap_or_else(|| panic!("{}", missing(text, name, labels)))
+}
+
+/// Like [`metric`], but 0 when no sample matches, as long as the edge declares metric `name`
+/// (its `# TYPE` line is there: the edge declares its metrics before their first sample). Panics
+/// on a name the edge does not export.
+pub fn metric_or_zero(text: &str, name: &str, labels: &[&str]) -> f64 {
+    // A histogram's or summary's samples are its family's name with a suffix.
+    let family = ["_count", "_sum", "_bucket"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+    let declared = text.lines().any(|l| {
+        l.strip_prefix("# TYPE ").and_then(|t| t.split_once(' ')).is_some_and(|(n, _)| n == name || n == family)
+    });
+    assert!(declared, "{}", missing(text, name, labels));
+    samples(text, name, labels).unwrap_or(0.0)
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`, if any does.
+fn samples(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let values: Vec<f64> = series(text, name)
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// The sample lines of metric `name`.
+fn series<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    text.lines().filter(move |l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+}
+
+/// Says that no sample of `name` matches `labels`, with the series of `name` present (or, when
+/// there are none, every metric name declared).
+fn missing(text: &str, name: &str, labels: &[&str]) -> String {
+    let present: Vec<&str> = series(text, name).collect();
+    if present.is_empty() {
+        let declared: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+        format!("no metric {name}{labels:?}; the metrics declared: {declared:?}")
+    } else {
+        format!("no sample of {name} matches {labels:?}; its series:\n{}", present.join("\n"))
+    }
 }
 
 /// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or
@@ -417,5 +453,52 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "# HELP meridian_requests_total Chat requests finished, by outcome
+# TYPE meridian_requests_total counter
+meridian_requests_total{status=\"ok\",tenant=\"acme\"} 2
+meridian_requests_total{status=\"ok\",tenant=\"globex\"} 1
+# HELP meridian_cost_usd_total Cost in USD under each target's price model
+# TYPE meridian_cost_usd_total counter
+# HELP meridian_time_to_first_token_seconds Time from request to first streamed content
+# TYPE meridian_time_to_first_token_seconds histogram
+";
+
+    #[test]
+    fn metric_sums_the_matching_samples() {
+        assert_eq!(metric(TEXT, "meridian_requests_total", &[]), 3.0);
+        assert_eq!(metric(TEXT, "meridian_requests_total", &["tenant=\"acme\""]), 2.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "no metric meridian_request_total")]
+    fn metric_panics_on_a_name_that_does_not_exist() {
+        metric(TEXT, "meridian_request_total", &[]);
+    }
+
+    #[test]
+    #[should_panic(expected = "meridian_requests_total{status=\"ok\",tenant=\"globex\"} 1")]
+    fn metric_panics_on_labels_no_sample_has_naming_the_series() {
+        metric(TEXT, "meridian_requests_total", &["tenant=\"initech\""]);
+    }
+
+    #[test]
+    fn metric_or_zero_is_zero_for_a_declared_metric_without_that_sample() {
+        assert_eq!(metric_or_zero(TEXT, "meridian_cost_usd_total", &[]), 0.0);
+        assert_eq!(metric_or_zero(TEXT, "meridian_requests_total", &["tenant=\"initech\""]), 0.0);
+        assert_eq!(metric_or_zero(TEXT, "meridian_time_to_first_token_seconds_count", &[]), 0.0);
+        assert_eq!(metric_or_zero(TEXT, "meridian_requests_total", &[]), 3.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "no metric meridian_cost_total")]
+    fn metric_or_zero_panics_on_a_name_that_is_not_declared() {
+        metric_or_zero(TEXT, "meridian_cost_total", &[]);
     }
 }

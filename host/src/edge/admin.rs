@@ -1,6 +1,7 @@
 //! The operator's endpoints, beside the request path: `POST /admin/plugins/reload` and
 //! `GET /admin/targets` for holders of a `node.admin_keys` key (absent, as a 404, when the node
-//! has none), and the unauthenticated `GET /readyz` and `GET /metrics`.
+//! has none), and `GET /readyz` and `GET /metrics`, open unless `node.observer_keys` lists keys
+//! (then they take one of those or an admin key, else 401).
 
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use serde_json::json;
 use super::respond::{error_response, json_response, metrics_response};
 use super::{Body, Edge};
 use crate::api::ApiShape;
+use crate::config::parse_key_hash;
 use crate::error::GatewayError;
 use crate::plugin::PluginRuntime;
 use crate::tenant;
@@ -41,6 +43,23 @@ pub(super) async fn reload(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     }
 }
 
+/// Whether the request may read `/readyz` and `/metrics`: always, when the node lists no
+/// `node.observer_keys`; else with one of them or an admin key.
+fn observer(edge: &Edge, headers: &HeaderMap) -> Result<(), GatewayError> {
+    let keys = &edge.config.node.observer_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let Some(digest) = tenant::key_digest(headers) else { return Err(GatewayError::Unauthorized) };
+    // Validation parsed every observer key hash.
+    let observer = keys.iter().filter_map(|k| parse_key_hash(k).ok()).any(|k| k == digest);
+    if observer || edge.admin_keys.contains(&digest) {
+        Ok(())
+    } else {
+        Err(GatewayError::Unauthorized)
+    }
+}
+
 /// `GET /admin/targets`: every target with its live statistics and health.
 pub(super) fn targets(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     if let Err(e) = authorize(edge, headers, "GET", "/admin/targets") {
@@ -62,8 +81,15 @@ pub(super) fn targets(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from(json!({ "targets": list }).to_string()))
 }
 
-/// `GET /readyz`: the node's region, targets and loaded plugins, and the plugins in quarantine.
-pub(super) fn readyz(edge: &Edge) -> Response<Body> {
+/// `GET /readyz`: the node's region, targets and loaded plugins, and the plugins in quarantine;
+/// 503 `shutting_down` from the start of a shutdown's drain, so that load balancers stop sending.
+pub(super) fn readyz(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
+    if let Err(e) = observer(edge, headers) {
+        return error_response(ApiShape::OpenAi, &e);
+    }
+    if edge.drain.started() {
+        return error_response(ApiShape::OpenAi, &GatewayError::ShuttingDown);
+    }
     let targets: Vec<_> = edge.config.targets.keys().collect();
     let quarantined: Vec<String> =
         edge.plugins.iter().flat_map(PluginRuntime::quarantined).map(|id| id.to_string()).collect();
@@ -75,7 +101,10 @@ pub(super) fn readyz(edge: &Edge) -> Response<Body> {
 
 /// `GET /metrics`: the Prometheus exposition, with the cache's size and every target's live
 /// statistics sampled now.
-pub(super) async fn metrics(edge: &Edge) -> Response<Body> {
+pub(super) async fn metrics(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
+    if let Err(e) = observer(edge, headers) {
+        return error_response(ApiShape::OpenAi, &e);
+    }
     if let Some(cache) = &edge.cache {
         let (bytes, entries) = cache.size().await;
         edge.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));

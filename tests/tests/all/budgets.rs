@@ -16,7 +16,9 @@ use meridian::budget::{Ask, Budgets, Hold, Refused};
 use meridian::config::{Config, TenantBudgets};
 use meridian::ledger::Totals;
 use meridian_e2e::servers::Redis;
-use meridian_e2e::{metric, tenant_toml, Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{
+    metric, metric_or_zero, tenant_toml, Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY,
+};
 use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
@@ -71,7 +73,7 @@ fn say(n: usize, piece: &str, gap: Duration) -> Behavior {
 
 /// Tokens the edge counted for `tenant`, prompt and output, at every target.
 async fn spent(edge: &TestEdge, tenant: &str) -> u64 {
-    metric(&edge.metrics().await, "meridian_tokens_total", &[&format!("tenant=\"{tenant}\"")]) as u64
+    metric_or_zero(&edge.metrics().await, "meridian_tokens_total", &[&format!("tenant=\"{tenant}\"")]) as u64
 }
 
 /// The `retry-after` of a `budget_exhausted` refusal in the OpenAI shape, checked as such.

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use meridian_e2e::{metric, Behavior, ConfigExt, Mocks, TestEdge, ACME_KEY};
+use meridian::config::hash_key;
+use meridian_e2e::{metric, metric_or_zero, Behavior, ConfigExt, Mocks, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -53,7 +54,7 @@ async fn requests_tokens_and_cost_follow_upstream_usage() {
     let ok = acme_ok("openai");
     let base = ["tenant=\"acme\"", "model=\"gpt-test\"", "target=\"oa\""];
     let before = edge.metrics().await;
-    assert_eq!(metric(&before, REQUESTS, &labels(&ok)), 0.0);
+    assert_eq!(metric_or_zero(&before, REQUESTS, &labels(&ok)), 0.0, "declared before its first sample");
 
     let (mut input, mut output) = (0.0, 0.0);
     for text in ["count these words please", "and these, a few more words than before"] {
@@ -133,15 +134,18 @@ async fn errors_are_counted_by_their_status() {
 
     let text = edge.metrics().await;
     assert_eq!(metric(&text, REQUESTS, &["api=\"openai\"", "status=\"unauthorized\""]), 1.0);
-    assert_eq!(metric(&text, REQUESTS, &["tenant=\"acme\"", "model=\"nope\"", "status=\"model_not_found\""]), 1.0);
+    // A model the config does not name is counted under one label, whatever the client sent.
+    let unknown = ["tenant=\"acme\"", "model=\"unknown\"", "status=\"model_not_found\""];
+    assert_eq!(metric(&text, REQUESTS, &unknown), 1.0);
+    assert!(!text.contains("\"nope\""), "{text}");
     let failed = ["tenant=\"acme\"", "model=\"gpt-test\"", "target=\"none\"", "status=\"upstream_error\""];
     assert_eq!(metric(&text, REQUESTS, &failed), 1.0);
     assert_eq!(metric(&text, REQUESTS, &["tenant=\"acme\"", "status=\"malformed_json\""]), 1.0);
-    assert_eq!(metric(&text, REQUESTS, &["status=\"ok\""]), 0.0);
+    assert_eq!(metric_or_zero(&text, REQUESTS, &["status=\"ok\""]), 0.0);
     assert_eq!(metric(&text, "meridian_upstream_attempts_total", &["target=\"oa\"", "outcome=\"server_error\""]), 1.0);
-    assert_eq!(metric(&text, "meridian_upstream_attempts_total", &["outcome=\"ok\""]), 0.0);
+    assert_eq!(metric_or_zero(&text, "meridian_upstream_attempts_total", &["outcome=\"ok\""]), 0.0);
     assert_eq!(metric(&text, IN_FLIGHT, &[]), 0.0);
-    assert_eq!(metric(&text, COST, &[]), 0.0, "failures cost nothing");
+    assert_eq!(metric_or_zero(&text, COST, &[]), 0.0, "failures cost nothing");
 
     assert_eq!(edge.post(OPENAI, ACME_KEY, &chat("x")).await.status, 200);
     let text = edge.metrics().await;
@@ -210,7 +214,7 @@ async fn a_client_gone_mid_stream_leaves_no_request_in_flight() {
     assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
     let text = edge.metrics().await;
     assert_eq!(metric(&text, IN_FLIGHT, &[]), 1.0, "the stalled stream is in flight");
-    assert_eq!(metric(&text, REQUESTS, &[]), 0.0);
+    assert_eq!(metric_or_zero(&text, REQUESTS, &[]), 0.0);
 
     drop(s);
     wait_for(&edge, IN_FLIGHT, &[], 0.0).await;
@@ -254,4 +258,63 @@ async fn a_client_gone_while_waiting_for_upstream_leaves_no_request_in_flight() 
     let closed = ["tenant=\"acme\"", "model=\"gpt-test\"", "status=\"client_closed\""];
     assert_eq!(metric(&edge.metrics().await, REQUESTS, &closed), 1.0);
     assert_eq!(edge.post(OPENAI, ACME_KEY, &chat("after")).await.status, 200, "its slot is free");
+}
+
+#[tokio::test]
+async fn model_names_a_client_makes_up_add_no_series() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    // The series labelled by model (other series, the ledger's say, come and go on their own).
+    let series = |text: &str| text.lines().filter(|l| !l.starts_with('#') && l.contains("model=\"")).count();
+    assert_eq!(edge.post(OPENAI, ACME_KEY, &chat("first")).await.status, 200);
+    let before = series(&edge.metrics().await);
+
+    for n in 0..1_000 {
+        let body = json!({"model": format!("made-up-{n}"), "messages": [{"role": "user", "content": "x"}]});
+        let r = edge.post(OPENAI, ACME_KEY, &body).await;
+        assert_eq!((r.status, r.error_code()), (404, "model_not_found".to_string()), "{}", r.text());
+    }
+    let text = edge.metrics().await;
+    let unknown = ["tenant=\"acme\"", "model=\"unknown\"", "status=\"model_not_found\""];
+    assert_eq!(metric(&text, REQUESTS, &unknown), 1_000.0);
+    assert!(!text.contains("made-up-"), "no client's name is a label: {text}");
+    // One new series for all of them; the served model keeps its own.
+    assert_eq!(series(&text), before + 1, "{text}");
+    assert_eq!(metric(&text, REQUESTS, &labels(&acme_ok("openai"))), 1.0);
+}
+
+#[tokio::test]
+async fn observer_keys_guard_metrics_and_readiness() {
+    let mocks = Mocks::start().await;
+    let mut cfg = mocks.config();
+    cfg.node.observer_keys = vec![hash_key("sk-prometheus")];
+    cfg.node.admin_keys = vec![hash_key("sk-admin")];
+    let edge = TestEdge::start(cfg).await;
+    for path in ["/metrics", "/readyz"] {
+        for key in [None, Some("sk-wrong"), Some(ACME_KEY)] {
+            let r = edge.send("GET", path, key, &[], "".into()).await;
+            assert_eq!(
+                (r.status, r.error_code()),
+                (401, "unauthorized".to_string()),
+                "{path} with {key:?}: {}",
+                r.text()
+            );
+        }
+        for key in ["sk-prometheus", "sk-admin"] {
+            let r = edge.send("GET", path, Some(key), &[], "".into()).await;
+            assert_eq!(r.status, 200, "{path} with {key}: {}", r.text());
+        }
+    }
+    let r = edge.send("GET", "/metrics", Some("sk-prometheus"), &[], "".into()).await;
+    assert!(r.text().contains("# TYPE meridian_requests_total counter"), "{}", r.text());
+    assert_eq!(edge.send("GET", "/healthz", None, &[], "".into()).await.status, 200, "liveness stays open");
+}
+
+#[tokio::test]
+async fn without_observer_keys_metrics_and_readiness_are_open() {
+    let mocks = Mocks::start().await;
+    let edge = TestEdge::start(mocks.config()).await;
+    for path in ["/metrics", "/readyz"] {
+        assert_eq!(edge.send("GET", path, None, &[], "".into()).await.status, 200, "{path}");
+    }
 }

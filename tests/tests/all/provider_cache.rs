@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use meridian::accounting::PriceModel;
 use meridian::config::Config;
-use meridian_e2e::{metric, Behavior, ConfigExt, MockUpstream, Mocks, Reply, TestEdge, ACME_KEY};
+use meridian_e2e::{metric_or_zero, Behavior, ConfigExt, MockUpstream, Mocks, Reply, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 
 const COST: &str = "meridian_cost_usd_total";
@@ -185,7 +185,7 @@ async fn wait_for_cost(edge: &TestEdge, target: &str, want: f64) {
     let label = format!("target=\"{target}\"");
     let start = Instant::now();
     loop {
-        let got = metric(&edge.metrics().await, COST, &[&label]);
+        let got = metric_or_zero(&edge.metrics().await, COST, &[&label]);
         if (got - want).abs() < 1e-12 {
             return;
         }

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use meridian::config::{hash_key, Config, PluginKind, RelayConfig, RelayPeer};
 use meridian_e2e::engine::Cluster;
 use meridian_e2e::netns::{spawn_relay, Netns, NsNode, Region};
-use meridian_e2e::{add_plugin, metric, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::{add_plugin, metric, metric_or_zero, Mocks, Reply, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde_json::{json, Value};
 
 const ADMIN_KEY: &str = "sk-admin-test";
@@ -128,7 +128,7 @@ async fn until_served_by(edge: &TestEdge, region: &str, secs: u64, what: &str) {
 }
 
 async fn attempts(edge: &TestEdge, target: &str) -> f64 {
-    metric(&edge.metrics().await, "meridian_upstream_attempts_total", &[&format!("target=\"{target}\"")])
+    metric_or_zero(&edge.metrics().await, "meridian_upstream_attempts_total", &[&format!("target=\"{target}\"")])
 }
 
 fn p50(xs: &mut [Duration]) -> Duration {
