@@ -4,7 +4,8 @@
 //! natively, the scanner and the policy are plain functions to test.
 //!
 //! Weak shapes count only with context, as in production PII detectors: a 7-digit local phone
-//! number (`555-0132`) only after a word such as `call`, `phone` or `tel`, and an SSN written
+//! number (`555-0132`) or a plain 9–12-digit run (`4155550132`, `609 141 777`) only after a word
+//! such as `call`, `phone`, `tel`, `Telefon` or `cellulare`, and an SSN written
 //! without dashes (`536228412`, `536 22 8412`) only after `SSN`, `social security` or `soc sec`,
 //! each ending at most 24 bytes before the number; see [`scan`].
 //!

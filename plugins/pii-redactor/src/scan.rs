@@ -8,7 +8,8 @@
 //! starts only at the beginning of a run of its own characters, which keeps the whole scan linear.
 //!
 //! Some shapes are too weak to report alone: nine plain digits are as often an order id as a
-//! social security number, and `555-0132` as often an invoice number as a local phone number.
+//! social security number, `555-0132` as often an invoice number as a local phone number, and
+//! `4155550132` as often an order id as a phone number written without separators.
 //! Those are reported only after a context word, as production PII detectors do: a word such as
 //! `SSN` or `call` that ends at most 24 bytes before the candidate (`after_context`). The
 //! look-back covers a fixed number of bytes, compares in place with ASCII case folding, and runs
@@ -28,7 +29,7 @@ mod secret;
 /// iterating in declaration order yields sorted labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Entity {
-    /// A payment card number (13–19 digits, Luhn-valid).
+    /// A payment card number (12–19 digits as its network issues them, Luhn-valid).
     Card,
     /// An e-mail address.
     Email,
@@ -38,8 +39,9 @@ pub enum Entity {
     Ipv4,
     /// An IPv6 address.
     Ipv6,
-    /// A phone number, international (`+…`) or in a common national format; a 7-digit local
-    /// number (`555-0132`) only after a context word such as `call` or `phone`.
+    /// A phone number, international (`+…`, `00…`) or in a common national format, with its
+    /// extension; a 7-digit local number (`555-0132`) or a plain 9–12-digit run without a
+    /// leading `0` (`4155550132`) only after a context word such as `call` or `phone`.
     Phone,
     /// An API key, access token, JWT or PEM private key.
     Secret,
@@ -164,7 +166,9 @@ fn find_at(b: &[u8], from: usize) -> usize {
 
 /// The longest value starting at `i` (just after a word boundary), if any; `email` says whether
 /// an `@` is near enough for an address. Detectors are offered in order of specificity, and a
-/// later one replaces the best so far only when strictly longer.
+/// later one replaces the best so far only when strictly longer. The phone detector, the last
+/// and costliest (its weak shapes look back for a context word), is told the end to beat, so
+/// that it does not check shapes that could not win (the first 12 digits of a card).
 fn longest_at(b: &[u8], i: usize, email: bool) -> Option<(usize, Entity)> {
     let mut best: Option<(usize, Entity)> = None;
     let mut offer = |end: Option<usize>, entity: Entity| {
@@ -173,6 +177,7 @@ fn longest_at(b: &[u8], i: usize, email: bool) -> Option<(usize, Entity)> {
                 best = Some((end, entity));
             }
         }
+        best.map_or(0, |(e, _)| e)
     };
     match b[i] {
         b'0'..=b'9' => {
@@ -182,8 +187,8 @@ fn longest_at(b: &[u8], i: usize, email: bool) -> Option<(usize, Entity)> {
                 offer(contact::email(b, i), Entity::Email);
             }
             offer(network::ipv6(b, i), Entity::Ipv6);
-            offer(network::ipv4(b, i), Entity::Ipv4);
-            offer(contact::phone(b, i), Entity::Phone);
+            let beat = offer(network::ipv4(b, i), Entity::Ipv4);
+            offer(contact::phone(b, i, beat), Entity::Phone);
             offer(contact::local_phone(b, i), Entity::Phone);
         }
         b'A'..=b'Z' | b'a'..=b'z' => {
@@ -196,10 +201,18 @@ fn longest_at(b: &[u8], i: usize, email: bool) -> Option<(usize, Entity)> {
                 offer(network::ipv6(b, i), Entity::Ipv6);
             }
         }
-        b'_' if email => offer(contact::email(b, i), Entity::Email),
-        b'-' => offer(secret::pem(b, i), Entity::Secret),
-        b'+' | b'(' => offer(contact::phone(b, i), Entity::Phone),
-        b':' => offer(network::ipv6(b, i), Entity::Ipv6),
+        b'_' if email => {
+            offer(contact::email(b, i), Entity::Email);
+        }
+        b'-' => {
+            offer(secret::pem(b, i), Entity::Secret);
+        }
+        b'+' | b'(' => {
+            offer(contact::phone(b, i, 0), Entity::Phone);
+        }
+        b':' => {
+            offer(network::ipv6(b, i), Entity::Ipv6);
+        }
         _ => {}
     }
     best
@@ -232,7 +245,8 @@ fn digit_at(b: &[u8], i: usize) -> bool {
 }
 
 /// Whether a numeric value may start at `i`: at a word start, and not the tail of a longer
-/// number: not right after `1.` or `1-` (a version, a UUID, a date), nor after a space that
+/// number or an id: not right after `1.`, `1-` or `A-` (a version, a UUID, a date, an invoice
+/// number such as `INV-0431-810665`), nor after a space that
 /// follows a short group with a digit (`DE89 3704 0044 0532…`, `4111 1111 …` whose checksum
 /// failed as a whole).
 fn num_start(b: &[u8], i: usize) -> bool {
@@ -243,7 +257,8 @@ fn num_start(b: &[u8], i: usize) -> bool {
         return true;
     }
     match b[i - 1] {
-        b'.' | b'-' => !b[i - 2].is_ascii_digit(),
+        b'.' => !b[i - 2].is_ascii_digit(),
+        b'-' => !b[i - 2].is_ascii_alphanumeric(),
         b' ' => {
             let group = b[..i - 1].iter().rev().take(5).take_while(|c| c.is_ascii_alphanumeric());
             let (len, digits) = group.fold((0, false), |(n, d), c| (n + 1, d || c.is_ascii_digit()));
@@ -281,14 +296,19 @@ const CONTEXT_GAP: usize = 24;
 /// two letters, or a camel-case hump (`customerSsn`, `phoneNumber`), so keys in code count too.
 ///
 /// Reads at most `CONTEXT_GAP` plus the longest word's length bytes back from `i`, and
-/// allocates nothing: a constant cost, paid only by candidates that are valid otherwise.
+/// allocates nothing: a constant cost, paid only by candidates that are valid otherwise. Only
+/// the words whose first letter is at a word boundary there are compared, so the cost grows
+/// with the window, not with the window times the list.
 fn after_context(b: &[u8], i: usize, words: &[&str]) -> bool {
-    words.iter().any(|w| {
-        let w = w.as_bytes();
-        let Some(last) = i.checked_sub(w.len()) else {
-            return false;
-        };
-        (last.saturating_sub(CONTEXT_GAP)..=last).any(|s| context_word_at(b, s, w, i))
+    let longest = words.iter().map(|w| w.len()).max().unwrap_or(0);
+    (i.saturating_sub(CONTEXT_GAP + longest)..i).any(|s| {
+        let first = b[s].to_ascii_lowercase();
+        context_boundary(b, s)
+            && words.iter().any(|w| {
+                let w = w.as_bytes();
+                let e = s + w.len();
+                w[0] == first && e <= i && i - e <= CONTEXT_GAP && context_word_at(b, s, w, i)
+            })
     })
 }
 

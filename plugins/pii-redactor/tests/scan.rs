@@ -86,8 +86,33 @@ fn phones() {
             "01 23 45 67 89",
             "06.12.34.56.78",
             "0049 171 2345678",
+            // A trunk `(0)` after the country code, written as the UK, Germany and the
+            // Netherlands do.
+            "+49(0)1489 364390",
+            "+49 (0) 9141 777631",
+            "+31(0)99-6393217",
+            "+44(0)2074960074",
+            "+33 (0)1 41 63 60 83",
+            // Extensions.
+            "001-331-894-8757x491",
+            "(578)849-7740x353",
+            "+1-780-563-6083x7783",
+            "415-555-0132 ext. 12",
+            "415.555.0132 x 9",
+            // Any area code in the North American shape, and a leading 1.
+            "106-690-7439",
+            "1 (786) 834-4978",
+            // Trunk-prefixed, unbroken or with the area code in parentheses.
+            "0222433377",
+            "03217812850",
+            "0049171234567",
+            "(0161) 4960066",
+            "(0406)-812415",
+            "(07700)900123",
         ],
     );
+    // Seven digits are too many for an extension: the number ends before it.
+    assert_eq!(found("415-555-0132 x1234567"), vec![("phone", "415-555-0132")]);
     // A count after the number is not part of it.
     assert_eq!(found("call 020 7946 0958 2 times"), vec![("phone", "020 7946 0958")]);
     assert_none(&[
@@ -102,12 +127,38 @@ fn phones() {
         "+5 (again)",
         "415-555-01320 is too long",
         "415-555-0132-7 is an extension-less id",
-        "115-555-0132 has no valid area code",
         "4155550132 without separators",
         "12345678 plain",
         "0 800 123 is too short",
         "a+14155550132",
-        "0049171234567 ungrouped",
+        "022243337 is nine digits",
+        "02224333771234 is fourteen",
+        "invoice JN-0431-810665",
+        "415-555-0132x is not an extension",
+    ]);
+}
+
+#[test]
+fn plain_phone_numbers_need_context() {
+    let found_phone = |text: &str, value: &str| assert_eq!(found(text), vec![("phone", value)], "in {text:?}");
+    found_phone("call me at 4155550132", "4155550132");
+    found_phone("Telefon: 3420837783", "3420837783");
+    found_phone("cellulare 35098683498", "35098683498");
+    found_phone("tel. 884 414 724. 70 more", "884 414 724");
+    found_phone("Zadzwoń pod 609 141 777", "609 141 777");
+    found_phone("teléfono: 609141777", "609141777");
+    found_phone("Handy 0171-1234567", "0171-1234567");
+    assert_none(&[
+        // No context: order ids, timestamps, amounts written in groups.
+        "order 4155550132",
+        "ts=1364806615",
+        "total 609 141 777 units",
+        // Context, but too short, too long, or mixed separators.
+        "call 12345678",
+        "call 1234567890123",
+        "call 609 141-777",
+        // Context too far before the number.
+        "Call me tomorrow about the delivery of order 4155550132",
     ]);
 }
 
@@ -130,6 +181,13 @@ fn cards() {
             "3530111333300000",
             "4012888888881881",
             "4222222222222",
+            // Maestro issues 12 digits; JCB's 1800 and 2131 ranges 15; Visa 19.
+            "501811524492",
+            "6759 8400 5750",
+            "180001952642023",
+            "213150781975749",
+            "4464802066218131105",
+            "30585138936608",
         ],
     );
     assert_eq!(found("card 4111 1111 1111 1111 2024"), vec![("card", "4111 1111 1111 1111")]);
@@ -141,6 +199,10 @@ fn cards() {
         "41111111111111111111 is too long",
         "4111-1111-1111-1111-2 continues",
         "id 1234567890123452",
+        // Luhn-valid, but a length the prefix's network does not issue.
+        "411111111117 is a 12-digit Visa",
+        "555555555559 is a 12-digit Mastercard",
+        "34000000000000 is a 14-digit Amex",
         "x4111111111111111",
     ]);
 }

@@ -124,14 +124,20 @@ impl Groups {
                 sep = b' ';
             }
             if let Some(&c @ (b'.' | b'-' | b'/')) = b.get(r) {
+                // `. ` after a group ends a sentence (`call 884 414 724. 70 more`).
+                if c == b'.' && b.get(r + 1) == Some(&b' ') {
+                    break;
+                }
                 r += 1;
                 sep = c;
                 if b.get(r) == Some(&b' ') {
                     r += 1;
                 }
             }
+            // A group in parentheses may follow with no separator (`+44(0)20`), as may any group
+            // after one (`(030)1234`); two bare groups with nothing between are one run.
             let next_opens = b.get(r) == Some(&b'(');
-            if !digit_at(b, r + usize::from(next_opens)) || (sep == 0 && !opens) {
+            if !digit_at(b, r + usize::from(next_opens)) || (sep == 0 && !opens && !next_opens) {
                 break;
             }
             p = r;
@@ -143,27 +149,47 @@ impl Groups {
     fn digits(&self, k: usize) -> usize {
         self.lens[..k].iter().sum()
     }
+
+    /// Whether group `j` is the trunk prefix written in parentheses after a country code, as in
+    /// `+44 (0)20 7946 0958`: dialled only from inside the country, so not counted in E.164.
+    fn trunk_in_parens(&self, b: &[u8], j: usize) -> bool {
+        j > 0 && self.parens[j] && self.lens[j] == 1 && b[self.starts[j]] == b'0'
+    }
 }
 
-/// A phone number starting at `i` (a digit, `+` or `(`); returns its end.
+/// A phone number starting at `i` (a digit, `+` or `(`), with its extension if one follows
+/// (`x353`, ` ext. 12`), that ends past `beat` (another detector's longer finding wins anyway);
+/// returns its end.
 ///
-/// Plain digit runs are never phone numbers here (they are as often years, prices or order ids):
-/// a number needs a leading `+` or `00`, or a national shape with separators: North American
-/// `(415) 555-0132` / `415-555-0132`, or a trunk-prefixed European one such as `020 7946 0958`,
-/// `07700 900123` or `01 23 45 67 89`. A 7-digit local number needs a context word as well
-/// ([`local_phone`]).
-pub(super) fn phone(b: &[u8], i: usize) -> Option<usize> {
+/// A number is read as digit groups (see [`Groups`]) and is a phone number when it has one of
+/// these shapes:
+/// - international: a leading `+`, or `00` then a country code in two or more groups, and 8–15
+///   digits (E.164), in any grouping, a trunk `(0)` after the country code not counted
+///   (`+49(0)1489 364390`, `+31(0)99-6393217`, `001-331-894-8757`);
+/// - North American: 3-3-4 groups with separators, an optional leading `1`
+///   (`(578)849-7740`, `1 (786) 834-4978`);
+/// - trunk-prefixed national (most of Europe and the UK): a leading `0` and 10–13 digits, in
+///   groups with one kind of separator (`020 7946 0958`, `(0161) 4960066`, `06 12 34 56 78`) or
+///   unbroken (`0222433377`): a plain run of that length with a leading zero is rarely anything
+///   else (an id padded with zeros is the price of this rule, and it is only redacted);
+/// - any other 9–12 digits in at most four groups (`4155550132`, `609 141 777`), only after a
+///   phone context word, as such a run is as often an order id or an amount.
+///
+/// A 7-digit local number also needs a context word ([`local_phone`]).
+pub(super) fn phone(b: &[u8], i: usize, beat: usize) -> Option<usize> {
     let plus = b[i] == b'+';
     if plus {
         if !super::word_start(b, i) || (i > 0 && b[i - 1] == b'+') {
             return None;
         }
     } else {
-        // Every national shape opens with a group of at most five digits and a separator; this
-        // turns most plain numbers (years, amounts) away before reading groups.
+        // Every grouped national shape opens with a group of at most five digits and a
+        // separator, and an unbroken one 9–13 digits; this turns most plain numbers (years,
+        // amounts) away before reading groups.
         let s = i + usize::from(b[i] == b'(');
-        let e = run_end(b, s, 5, |c| c.is_ascii_digit());
-        if !num_start(b, i) || e == s || e - s > 5 || !matches!(b.get(e), Some(b' ' | b'.' | b'-' | b'/' | b')')) {
+        let e = run_end(b, s, 13, |c| c.is_ascii_digit());
+        let grouped = e - s <= 5 && matches!(b.get(e), Some(b' ' | b'.' | b'-' | b'/' | b')'));
+        if !num_start(b, i) || e == s || !(grouped || (9..=13).contains(&(e - s))) {
             return None;
         }
     }
@@ -174,17 +200,38 @@ pub(super) fn phone(b: &[u8], i: usize) -> Option<usize> {
     // Try the whole run, then shorter prefixes cut at a space (a number followed by an unrelated
     // count, `call 020 7946 0958 2 times`); never cut inside `415-555-0132-7`.
     (1..=g.n).rev().filter(|&k| k == g.n || g.seps[k] == b' ').find_map(|k| {
+        let end = extension(b, g.ends[k - 1]).unwrap_or(g.ends[k - 1]);
+        if end <= beat || !phone_end(b, end) {
+            return None;
+        }
         let ok = if plus {
-            international(&g, k, 0)
-        } else if idd {
-            // Grouped, so that a plain number starting with 00 is not taken for one.
-            k >= 2 && international(&g, k, 2)
+            international(b, &g, k, 0)
         } else {
-            north_american(b, &g, k) || trunk(b, &g, k)
+            // `00` written grouped; unbroken, it is a trunk-shaped run.
+            (idd && k >= 2 && international(b, &g, k, 2))
+                || north_american(b, &g, k)
+                || trunk(b, &g, k)
+                || (contextual(&g, k) && after_context(b, i, &PHONE_CONTEXT))
         };
-        let end = g.ends[k - 1];
-        (ok && phone_end(b, end)).then_some(end)
+        ok.then_some(end)
     })
+}
+
+/// The end of an extension right after a number at `e`: `x`, `ext` or `ext.` (any case), an
+/// optional space before and after, and 1–6 digits (`-7740x353`, `0132 ext. 12`).
+fn extension(b: &[u8], e: usize) -> Option<usize> {
+    let mut p = e + usize::from(b.get(e) == Some(&b' '));
+    let word = b.get(p..)?;
+    p += if word.len() >= 3 && word[..3].eq_ignore_ascii_case(b"ext") {
+        3 + usize::from(word.get(3) == Some(&b'.'))
+    } else if word.first().is_some_and(|c| c.eq_ignore_ascii_case(&b'x')) {
+        1
+    } else {
+        return None;
+    };
+    p += usize::from(b.get(p) == Some(&b' '));
+    let end = run_end(b, p, 6, |c| c.is_ascii_digit());
+    (1..=6).contains(&(end - p)).then_some(end)
 }
 
 /// Whether a phone number may end before `b[e]`: not inside a word, and not followed by a digit
@@ -193,30 +240,44 @@ fn phone_end(b: &[u8], e: usize) -> bool {
     super::word_end(b, e) && !(matches!(b.get(e), Some(b'.' | b'-' | b':' | b'/')) && digit_at(b, e + 1))
 }
 
-/// `+` (or `00`, counted in `prefix`) and 8–15 digits (E.164), in any grouping.
-fn international(g: &Groups, k: usize, prefix: usize) -> bool {
+/// `+` (or `00`, counted in `prefix`) and 8–15 digits (E.164), in any grouping; a trunk `(0)`
+/// after the country code is not counted.
+fn international(b: &[u8], g: &Groups, k: usize, prefix: usize) -> bool {
     let last_ok = k == 1 || g.lens[k - 1] >= 2;
-    !g.parens[0] && (8..=15).contains(&(g.digits(k) - prefix)) && last_ok
+    let trunk = (1..k).filter(|&j| g.trunk_in_parens(b, j)).count();
+    !g.parens[0] && (8..=15).contains(&(g.digits(k) - prefix - trunk)) && last_ok
 }
 
 /// A North American number: an optional `1`, then area code, exchange and line as 3-3-4 groups,
-/// the area code optionally in parentheses; area code and exchange start with 2–9.
+/// the area code optionally in parentheses. Any leading digits: numbers written in this shape
+/// with an unassigned area code (`106-690-7439`) are still someone's number as written.
 fn north_american(b: &[u8], g: &Groups, k: usize) -> bool {
     let first = usize::from(k == 4 && g.lens[0] == 1 && b[g.starts[0]] == b'1' && !g.parens[0]);
-    if k - first != 3 || g.lens[first..k] != [3, 3, 4] {
-        return false;
-    }
-    let starts_2_9 = |j: usize| matches!(b[g.starts[j]], b'2'..=b'9');
-    starts_2_9(first) && starts_2_9(first + 1) && !g.parens[first + 1] && !g.parens[first + 2]
+    k - first == 3 && g.lens[first..k] == [3, 3, 4] && !g.parens[first + 1] && !g.parens[first + 2]
 }
 
-/// A trunk-prefixed national number (`0…`, as in most of Europe): 10–13 digits in 2 or more
-/// groups, the first of 2–5 digits, the rest of 2–8, with one kind of separator throughout (a
-/// date followed by a time, `01.02.2024 12`, mixes them).
+/// A shape that is a phone number only after a context word: 9–12 digits not starting with `0`
+/// (those are [`trunk`]'s), unbroken or in at most four groups of 2 or more digits with one kind
+/// of separator (`4155550132`, `609 141 777`, `351 234 5678`).
+fn contextual(g: &Groups, k: usize) -> bool {
+    let seps = &g.seps[1..k];
+    k <= 4
+        && (9..=12).contains(&g.digits(k))
+        && g.lens[..k].iter().all(|&l| l >= 2)
+        && !g.parens[..k].contains(&true)
+        && seps.iter().all(|&s| s == g.seps[1])
+}
+
+/// A trunk-prefixed national number (`0…`, as in most of Europe): 10–13 digits, unbroken, or in
+/// 2 or more groups, the first of 2–5 digits, the rest of 2–8, with one kind of separator
+/// throughout (a date followed by a time, `01.02.2024 12`, mixes them).
 fn trunk(b: &[u8], g: &Groups, k: usize) -> bool {
     let s = g.starts[0];
-    if k < 2 || b[s] != b'0' || b[s + 1] == b'0' || !(10..=13).contains(&g.digits(k)) {
+    if b[s] != b'0' || !(10..=13).contains(&g.digits(k)) {
         return false;
+    }
+    if k == 1 {
+        return !g.parens[0];
     }
     if !(2..=5).contains(&g.lens[0]) || g.lens[1..k].iter().any(|l| !(2..=8).contains(l)) {
         return false;
@@ -227,10 +288,44 @@ fn trunk(b: &[u8], g: &Groups, k: usize) -> bool {
     g.parens[1..k].iter().all(|p| !p) && kinds.all(|s| Some(s) == first)
 }
 
-/// Words that, shortly before a 7-digit local number, say it is a phone number (matched as
-/// [`after_context`] says: whole words, any case, an optional plural `s`).
-const PHONE_CONTEXT: [&str; 10] =
-    ["call", "phone", "tel", "telephone", "mobile", "cell", "fax", "text me", "reach me at", "ring"];
+/// Words that, shortly before a 7-digit local number or a plain 9–12-digit run, say it is a
+/// phone number (matched as [`after_context`] says: whole words, ASCII letters in any case, an
+/// optional plural `s`), in English and the languages of the EU's largest countries. A word
+/// ends where an accented letter starts, so `tel` also stands for `teléfono` and `phone` for
+/// `téléphone`.
+const PHONE_CONTEXT: [&str; 31] = [
+    "call",
+    "phone",
+    "tel",
+    "tél",
+    "telephone",
+    "mobile",
+    "cell",
+    "fax",
+    "text me",
+    "reach me at",
+    "ring",
+    "telefon",
+    "telefonisch",
+    "telefonnummer",
+    "rufnummer",
+    "handy",
+    "mobil",
+    "portable",
+    "telefoon",
+    "telefoonnummer",
+    "mobiel",
+    "bel",
+    "telefono",
+    "cellulare",
+    "chiamami",
+    "tlf",
+    "llámame",
+    "móvil",
+    "komórka",
+    "zadzwoń",
+    "whatsapp",
+];
 
 /// A 7-digit North American local number starting at `i`, exchange and line as `NXX-XXXX`,
 /// `NXX XXXX` or `NXX.XXXX` (N is 2–9, and the exchange is not a service code N11), reported

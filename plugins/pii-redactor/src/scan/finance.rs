@@ -4,12 +4,11 @@
 
 use super::{after_context, num_end, num_start, run_end, word_end, word_start};
 
-/// A card number starting at `i`: 13–19 digits, optionally in groups of 3 or more separated by
-/// single spaces or dashes (one kind throughout), Luhn-valid, with a major-network first digit
-/// (2–6: Mastercard, Amex/Diners/JCB, Visa, Mastercard/Maestro, Discover/UnionPay). Returns its
-/// end.
+/// A card number starting at `i`: 12–19 digits, optionally in groups of 3 or more separated by
+/// single spaces or dashes (one kind throughout), Luhn-valid, with a prefix and a length a
+/// network issues ([`issued`]). Returns its end.
 pub(super) fn card(b: &[u8], i: usize) -> Option<usize> {
-    if !matches!(b[i], b'2'..=b'6') || !num_start(b, i) {
+    if !matches!(b[i], b'1'..=b'6') || !num_start(b, i) {
         return None;
     }
     // Group ends and digit counts so far; at most 19 / 3 groups.
@@ -39,7 +38,34 @@ pub(super) fn card(b: &[u8], i: usize) -> Option<usize> {
     }
     // The longest prefix of whole groups that is a valid number; a prefix may stop before a
     // space (`4111 1111 1111 1111 2024`) but not inside a dashed run (num_end).
-    ends[..n].iter().rev().find(|&&(e, d)| (13..=19).contains(&d) && num_end(b, e) && luhn(&b[i..e])).map(|&(e, _)| e)
+    let iin = b[i..].iter().filter(|c| c.is_ascii_digit()).take(4).fold(0, |n, &c| n * 10 + u32::from(c - b'0'));
+    ends[..n].iter().rev().find(|&&(e, d)| issued(iin, d) && num_end(b, e) && luhn(&b[i..e])).map(|&(e, _)| e)
+}
+
+/// Whether a network issues cards of `len` digits whose first four digits are `iin` (ISO/IEC
+/// 7812 issuer ranges): this keeps a Luhn-valid id of 12 digits (one in ten is) out unless it
+/// starts like a Maestro card, the one network that issues that length.
+fn issued(iin: u32, len: usize) -> bool {
+    let lens = match iin {
+        // Visa.
+        4000..=4999 => 13..=19,
+        // JCB's older 15-digit ranges.
+        1800 | 2131 => 15..=15,
+        // Mir.
+        2200..=2204 => 16..=19,
+        // Mastercard.
+        2221..=2720 | 5100..=5599 => 16..=16,
+        // American Express.
+        3400..=3499 | 3700..=3799 => 15..=15,
+        // Diners Club.
+        3000..=3059 | 3095 | 3600..=3699 | 3800..=3999 => 14..=19,
+        // JCB (3528–3589; the rest of 35 is written as JCB in test data and unassigned).
+        3500..=3599 => 16..=19,
+        // Maestro (50, 56–69), which also holds Discover, UnionPay and RuPay's 16–19.
+        5000..=5099 | 5600..=6999 => 12..=19,
+        _ => return false,
+    };
+    lens.contains(&len)
 }
 
 /// The Luhn checksum over the digits of `s`, skipping separators.
