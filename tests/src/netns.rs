@@ -327,7 +327,13 @@ impl Drop for NsNode {
 /// The `meridian` binary next to the test executables (`target/<profile>/meridian`).
 pub fn meridian_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("meridian")).expect("target dir");
+    // A test executable lives in `target/<profile>/deps/`, a benchmark's next to `meridian`.
+    let dir = exe.parent().expect("the executable's folder");
+    let bin = [dir, dir.parent().unwrap_or(dir)]
+        .iter()
+        .map(|d| d.join("meridian"))
+        .find(|b| b.exists())
+        .unwrap_or_else(|| dir.join("meridian"));
     assert!(bin.exists(), "{} is missing: build it with `cargo build -p meridian`", bin.display());
     bin
 }

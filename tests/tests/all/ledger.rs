@@ -10,12 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use meridian::config::Config;
 use meridian::ledger::{LedgerEntry, Store, TokenSource};
+use meridian_e2e::process::EdgeProcess;
 use meridian_e2e::servers::Postgres;
 use meridian_e2e::{metric, mock_target_toml, model_toml, tenant_toml, Mocks, TempDir, TestEdge, ACME_KEY};
 use meridian_mock::{Behavior, MockUpstream};
@@ -331,7 +328,8 @@ async fn killed_edge_loses_at_most_the_interval(backend: Backend) {
     let mocks = Mocks::start().await;
     let slow = MockUpstream::start().await.expect("mock starts");
     let dir = TempDir::new("ledger-kill");
-    let (mut child, url, client) = edge_process(&mocks, &slow, &backend, &dir, FLUSH_MS).await;
+    let mut edge = edge_process(&mocks, &slow, &backend, &dir, FLUSH_MS).await;
+    let (url, client) = (edge.url.clone(), edge.client.clone());
 
     // Load until the kill; each answered request's id and when its answer was complete.
     let answered: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
@@ -345,7 +343,7 @@ async fn killed_edge_loses_at_most_the_interval(backend: Backend) {
                 let id = format!("kill-{w}-{n}");
                 n += 1;
                 let body = Bytes::from(chat("gpt-test", &id, n % 2 == 0).to_string());
-                if client.send("POST", &format!("{url}{OPENAI}"), &id, body).await == Some(200) {
+                if client.send("POST", &format!("{url}{OPENAI}"), Some(ACME_KEY), &id, body).await == Some(200) {
                     answered.lock().unwrap().push((id, Instant::now()));
                 }
             }
@@ -357,9 +355,8 @@ async fn killed_edge_loses_at_most_the_interval(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // `Child::kill` is SIGKILL: no shutdown, no flush.
-    child.0.kill().expect("SIGKILL");
+    edge.kill();
     let killed = Instant::now();
-    child.0.wait().expect("the edge dies");
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let _ = w.await;
@@ -384,32 +381,6 @@ async fn killed_edge_loses_at_most_the_interval(backend: Backend) {
     assert!(oldest_lost <= bound, "a request answered {oldest_lost:?} before the kill was lost (bound {bound:?})");
 }
 
-/// A plain HTTP client for an edge in another process.
-#[derive(Clone)]
-struct Http(Client<HttpConnector, Full<Bytes>>);
-
-impl Default for Http {
-    fn default() -> Self {
-        Http(Client::builder(TokioExecutor::new()).build_http())
-    }
-}
-
-impl Http {
-    /// Sends a request as tenant acme with `x-request-id: id` and reads the whole answer;
-    /// `None` when the edge did not answer.
-    async fn send(&self, method: &str, url: &str, id: &str, body: Bytes) -> Option<u16> {
-        let mut req = hyper::Request::builder().method(method).uri(url);
-        req = req.header("authorization", format!("Bearer {ACME_KEY}")).header("content-type", "application/json");
-        if !id.is_empty() {
-            req = req.header("x-request-id", id);
-        }
-        let resp = self.0.request(req.body(Full::new(body)).ok()?).await.ok()?;
-        let status = resp.status().as_u16();
-        resp.into_body().collect().await.ok()?;
-        Some(status)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_edge_loses_at_most_the_flush_interval_on_sqlite() {
     killed_edge_loses_at_most_the_interval(Backend::sqlite()).await;
@@ -427,26 +398,8 @@ async fn edge_process(
     backend: &Backend,
     dir: &TempDir,
     flush_ms: u64,
-) -> (Killed, String, Http) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let file = dir.path().join("edge.toml");
-    std::fs::write(&file, config_text(mocks, slow, &backend.toml(dir, flush_ms), port)).unwrap();
-    let child = Killed(
-        std::process::Command::new(meridian_e2e::netns::meridian_bin())
-            .args(["edge", "-c"])
-            .arg(&file)
-            .env("MERIDIAN_E2E_UPSTREAM_KEY", meridian_e2e::UPSTREAM_KEY)
-            .spawn()
-            .expect("meridian edge starts"),
-    );
-    let url = format!("http://127.0.0.1:{port}");
-    let client = Http::default();
-    let start = Instant::now();
-    while client.send("GET", &format!("{url}/readyz"), "", Bytes::new()).await != Some(200) {
-        assert!(start.elapsed() < Duration::from_secs(30), "the edge comes up");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    (child, url, client)
+) -> EdgeProcess {
+    EdgeProcess::start(dir.path(), |port| config_text(mocks, slow, &backend.toml(dir, flush_ms), port)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,28 +409,21 @@ async fn a_clean_shutdown_writes_every_row() {
     let backend = Backend::sqlite();
     let dir = TempDir::new("ledger-term");
     // No timed flush during the test: the rows are written at shutdown or not at all.
-    let (mut child, url, client) = edge_process(&mocks, &slow, &backend, &dir, 60_000).await;
+    let mut edge = edge_process(&mocks, &slow, &backend, &dir, 60_000).await;
+    let (url, client) = (edge.url.clone(), edge.client.clone());
     for n in 0..300 {
         let body = Bytes::from(chat("gpt-test", &format!("term {n}"), n % 2 == 0).to_string());
-        assert_eq!(client.send("POST", &format!("{url}{OPENAI}"), &format!("term-{n}"), body).await, Some(200));
+        assert_eq!(
+            client.send("POST", &format!("{url}{OPENAI}"), Some(ACME_KEY), &format!("term-{n}"), body).await,
+            Some(200)
+        );
     }
-    let term = std::process::Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
-    assert!(term.success());
-    let status = child.0.wait().expect("the edge exits");
+    edge.terminate();
+    let status = edge.wait();
     assert!(status.success(), "a clean shutdown exits 0: {status}");
     let store = Store::open(&backend.url()).await.unwrap();
     // The readiness probes are not chat requests: exactly the 300 rows.
     assert_eq!(store.count().await.unwrap(), 300);
-}
-
-/// A child process, killed if the test fails before it does.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Where `scripts/test` keeps what the tests produce for people to look at.
