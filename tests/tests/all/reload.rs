@@ -9,11 +9,11 @@ use meridian::config::{hash_key, Config, PluginKind};
 use meridian_e2e::{add_plugin, plugin_wasm, token_price, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY};
 use serde_json::json;
 
-const ADMIN_KEY: &str = "sk-admin-test";
+pub(crate) const ADMIN_KEY: &str = "sk-admin-test";
 
 /// Tenant acme routes model `fallback` (oa, oa2, an) with the router in `router.wasm`; oa is
 /// dear and oa2 cheap, so the cost router picks oa2 where the order-keeping router picks oa.
-fn config(mocks: &Mocks, dir: &TempDir, poll_ms: u64) -> Config {
+pub(crate) fn config(mocks: &Mocks, dir: &TempDir, poll_ms: u64) -> Config {
     let mut cfg = mocks.config();
     cfg.plugin_runtime.cache_dir = dir.path().join("cache");
     cfg.plugin_runtime.reload_poll_ms = poll_ms;
@@ -37,7 +37,7 @@ async fn target_of(edge: &TestEdge) -> (u16, String) {
     (r.status, r.header("x-meridian-target").unwrap_or("").to_string())
 }
 
-async fn reload(edge: &TestEdge, key: Option<&str>) -> meridian_e2e::Reply {
+pub(crate) async fn reload(edge: &TestEdge, key: Option<&str>) -> meridian_e2e::Reply {
     edge.send("POST", "/admin/plugins/reload", key, &[], bytes::Bytes::new()).await
 }
 
