@@ -288,11 +288,26 @@ pub struct NodeConfig {
     pub header_read_timeout_ms: u64,
     /// Time allowed for a request's body.
     pub body_read_timeout_ms: u64,
+    /// How long a client may leave the response unread (no byte of it taken) before the edge
+    /// ends it: the stream, its upstream, its plugin instances and its tenant's place go, and
+    /// the request is recorded as `client_closed`.
+    pub client_write_timeout_ms: u64,
+    /// Requests one tenant may have in flight at once, unless its own `max_concurrent_requests`
+    /// says otherwise: one tenant cannot take every place under `max_in_flight`.
+    pub tenant_max_concurrent_requests: u32,
     /// Serve HTTPS with this certificate and key.
     pub tls: Option<TlsConfig>,
     /// SHA-256 hashes (`sha256:<hex>`) of the keys allowed on `/admin/…` endpoints; none
     /// disables them.
     pub admin_keys: Vec<String>,
+    /// SHA-256 hashes (`sha256:<hex>`) of the keys `GET /metrics` and `GET /readyz` require (as
+    /// `Authorization: Bearer <key>`; an `admin_keys` key is accepted too). None (the default):
+    /// both are open, as they always were; a node reachable by untrusted clients should set one.
+    pub observer_keys: Vec<String>,
+    /// On SIGTERM or Ctrl-C, how long requests in flight (streams included) have to finish
+    /// before those left end with a `shutting_down` error event. `/readyz` answers 503 from the
+    /// signal on, and new requests are refused with 503 `shutting_down`.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for NodeConfig {
@@ -304,8 +319,12 @@ impl Default for NodeConfig {
             max_in_flight: 10_000,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
+            client_write_timeout_ms: 30_000,
+            tenant_max_concurrent_requests: 1_000,
             tls: None,
             admin_keys: Vec::new(),
+            observer_keys: Vec::new(),
+            shutdown_grace_ms: 30_000,
         }
     }
 }
@@ -356,11 +375,20 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// How long an answer stays.
     pub ttl_secs: u64,
+    /// The largest answer kept (its content bytes): a stream past it is still sent, not cached.
+    pub max_entry_bytes: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { enabled: true, max_bytes: 256 << 20, ttl_secs: 600 }
+        CacheConfig { enabled: true, max_bytes: 256 << 20, ttl_secs: 600, max_entry_bytes: 4 << 20 }
+    }
+}
+
+impl CacheConfig {
+    /// The largest answer kept: `max_entry_bytes`, or the whole cache if that is smaller.
+    pub fn entry_limit(&self) -> usize {
+        usize::try_from(self.max_entry_bytes.min(self.max_bytes)).unwrap_or(usize::MAX)
     }
 }
 
@@ -377,6 +405,10 @@ pub struct TenantConfig {
     pub cache: CachePolicy,
     /// Sustained request rate; unlimited when absent.
     pub requests_per_second: Option<u32>,
+    /// Requests it may have in flight at once, each from its arrival until its answer (or
+    /// stream) ends or its client goes away; more are refused with 429 `tenant_concurrency`.
+    /// Absent: `node.tenant_max_concurrent_requests`.
+    pub max_concurrent_requests: Option<u32>,
     /// Requests allowed in a burst above the rate (defaults to the rate).
     pub burst: Option<u32>,
     /// Privacy filters run on every request, in order (names from `[plugins]`).
@@ -555,9 +587,23 @@ pub struct TargetConfig {
     /// Limit until the response head arrives.
     #[serde(default = "defaults::first_byte_ms")]
     pub first_byte_timeout_ms: u64,
-    /// Limit between two body chunks.
+    /// Limit between two body chunks; on a stream, between two events that carry something
+    /// (keep-alives do not count).
     #[serde(default = "defaults::chunk_ms")]
     pub chunk_timeout_ms: u64,
+    /// Limit from sending a streamed request to its first content (text or a tool call; neither
+    /// the response head nor keep-alives count).
+    #[serde(default = "defaults::first_token_ms")]
+    pub first_token_timeout_ms: u64,
+    /// Limit on a whole answer, from sending the request to its last byte.
+    #[serde(default = "defaults::total_ms")]
+    pub total_timeout_ms: u64,
+    /// The most bytes one streamed answer may take.
+    #[serde(default = "defaults::max_stream_bytes")]
+    pub max_stream_bytes: u64,
+    /// The most bytes one server-sent event of a stream may take (its lines, ended or not).
+    #[serde(default = "defaults::max_event_bytes")]
+    pub max_event_bytes: u64,
     /// Extra headers (OpenRouter's `HTTP-Referer`…); values may use `${VAR}`.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
@@ -577,6 +623,19 @@ mod defaults {
     }
     pub fn chunk_ms() -> u64 {
         30_000
+    }
+    /// Reasoning models may think for minutes before their first token.
+    pub fn first_token_ms() -> u64 {
+        300_000
+    }
+    pub fn total_ms() -> u64 {
+        900_000
+    }
+    pub fn max_stream_bytes() -> u64 {
+        64 << 20
+    }
+    pub fn max_event_bytes() -> u64 {
+        1 << 20
     }
     pub fn anthropic_version() -> String {
         "2023-06-01".into()
@@ -604,6 +663,14 @@ impl TargetConfig {
     /// Between-chunk limit.
     pub fn chunk_timeout(&self) -> Duration {
         Duration::from_millis(self.chunk_timeout_ms)
+    }
+    /// Time-to-first-token limit.
+    pub fn first_token_timeout(&self) -> Duration {
+        Duration::from_millis(self.first_token_timeout_ms)
+    }
+    /// Whole-answer limit.
+    pub fn total_timeout(&self) -> Duration {
+        Duration::from_millis(self.total_timeout_ms)
     }
 }
 
@@ -755,15 +822,24 @@ impl Config {
         if n.max_in_flight == 0 {
             return Err(invalid("node.max_in_flight", "must be greater than 0"));
         }
-        for (key, v) in
-            [("header_read_timeout_ms", n.header_read_timeout_ms), ("body_read_timeout_ms", n.body_read_timeout_ms)]
-        {
+        for (key, v) in [
+            ("header_read_timeout_ms", n.header_read_timeout_ms),
+            ("body_read_timeout_ms", n.body_read_timeout_ms),
+            ("client_write_timeout_ms", n.client_write_timeout_ms),
+            ("tenant_max_concurrent_requests", u64::from(n.tenant_max_concurrent_requests)),
+        ] {
             if v == 0 {
                 return Err(invalid(format!("node.{key}"), "must be greater than 0"));
             }
         }
         for (i, k) in n.admin_keys.iter().enumerate() {
             parse_key_hash(k).map_err(|m| invalid(format!("node.admin_keys[{i}]"), m))?;
+        }
+        for (i, k) in n.observer_keys.iter().enumerate() {
+            parse_key_hash(k).map_err(|m| invalid(format!("node.observer_keys[{i}]"), m))?;
+        }
+        if n.shutdown_grace_ms == 0 || n.shutdown_grace_ms > 3_600_000 {
+            return Err(invalid("node.shutdown_grace_ms", "must be between 1 and 3600000"));
         }
         let l = &self.ledger;
         if l.enabled {
@@ -812,6 +888,9 @@ impl Config {
         if self.cache.enabled && self.cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));
         }
+        if self.cache.enabled && self.cache.max_entry_bytes == 0 {
+            return Err(invalid("cache.max_entry_bytes", "must be greater than 0 when the cache is enabled"));
+        }
         let mut tenant_names = HashSet::new();
         let mut key_hashes = HashSet::new();
         for (i, t) in self.tenants.iter().enumerate() {
@@ -836,6 +915,9 @@ impl Config {
             }
             if t.burst == Some(0) {
                 return Err(invalid(format!("tenants[{i}].burst"), "must be greater than 0"));
+            }
+            if t.max_concurrent_requests == Some(0) {
+                return Err(invalid(format!("tenants[{i}].max_concurrent_requests"), "must be greater than 0"));
             }
             let wants = t
                 .filters
@@ -877,10 +959,17 @@ impl Config {
                 ("connect_timeout_ms", t.connect_timeout_ms),
                 ("first_byte_timeout_ms", t.first_byte_timeout_ms),
                 ("chunk_timeout_ms", t.chunk_timeout_ms),
+                ("first_token_timeout_ms", t.first_token_timeout_ms),
+                ("total_timeout_ms", t.total_timeout_ms),
+                ("max_stream_bytes", t.max_stream_bytes),
+                ("max_event_bytes", t.max_event_bytes),
             ] {
                 if v == 0 {
                     return Err(invalid(format!("{key}.{field}"), "must be greater than 0"));
                 }
+            }
+            if t.max_event_bytes > t.max_stream_bytes {
+                return Err(invalid(format!("{key}.max_event_bytes"), "must not exceed max_stream_bytes"));
             }
             if let Some(p) = &t.price {
                 p.validate().map_err(|m| invalid(format!("{key}.price"), m))?;
@@ -1042,6 +1131,39 @@ mod tests {
         let c = Config::parse(BASE).unwrap();
         assert_eq!(c.models[0].default_max_tokens, 4096);
         assert_eq!(c.node.listen.port(), 8080);
+    }
+
+    #[test]
+    fn observer_keys_and_the_shutdown_grace_have_defaults_and_are_checked() {
+        let c = Config::parse(BASE).unwrap();
+        assert!(c.node.observer_keys.is_empty(), "/metrics and /readyz are open by default");
+        assert_eq!(c.node.shutdown_grace_ms, 30_000);
+        let node = |field: &str| format!("[node]\n{field}\n{BASE}");
+        assert!(err(&node("observer_keys = [\"secret\"]")).starts_with("node.observer_keys[0]"));
+        assert_eq!(err(&node("shutdown_grace_ms = 0")), "node.shutdown_grace_ms: must be between 1 and 3600000");
+        assert!(Config::parse(&node("shutdown_grace_ms = 5000")).is_ok());
+    }
+
+    #[test]
+    fn upstream_bounds_have_defaults_and_are_checked() {
+        let c = Config::parse(BASE).unwrap();
+        let t = &c.targets["oa"];
+        assert_eq!(
+            (t.first_token_timeout_ms, t.total_timeout_ms, t.max_stream_bytes, t.max_event_bytes),
+            (300_000, 900_000, 64 << 20, 1 << 20)
+        );
+        assert_eq!((c.cache.max_entry_bytes, c.cache.entry_limit()), (4 << 20, 4 << 20));
+        let target = |field: &str| BASE.replace("api = \"openai\"", &format!("api = \"openai\"\n{field}"));
+        for field in ["first_token_timeout_ms", "total_timeout_ms", "max_stream_bytes", "max_event_bytes"] {
+            assert_eq!(err(&target(&format!("{field} = 0"))), format!("targets.oa.{field}: must be greater than 0"));
+        }
+        assert_eq!(
+            err(&target("max_stream_bytes = 100\nmax_event_bytes = 101")),
+            "targets.oa.max_event_bytes: must not exceed max_stream_bytes"
+        );
+        assert!(err(&format!("{BASE}\n[cache]\nmax_entry_bytes = 0\n")).starts_with("cache.max_entry_bytes"));
+        let small = Config::parse(&format!("{BASE}\n[cache]\nmax_bytes = 1000\n")).unwrap();
+        assert_eq!(small.cache.entry_limit(), 1000, "an entry is never larger than the cache");
     }
 
     #[test]

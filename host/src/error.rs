@@ -53,6 +53,18 @@ pub enum GatewayError {
     /// The node is at `node.max_in_flight`.
     #[error("the edge is overloaded; retry shortly")]
     Overloaded,
+    /// The node is shutting down: a new request during the drain, or one still running when the
+    /// grace period (`node.shutdown_grace_ms`) ended.
+    #[error("the edge is shutting down; retry on another edge")]
+    ShuttingDown,
+    /// The tenant already has as many requests in flight as it may (`max_concurrent_requests`).
+    #[error("tenant `{tenant}` already has {limit} requests in flight; retry when one ends")]
+    TenantConcurrency {
+        /// The tenant.
+        tenant: String,
+        /// Its limit.
+        limit: u32,
+    },
     /// One of the tenant's budgets (`[tenants.budgets]`) cannot cover the request, or the rest
     /// of a stream.
     #[error("budget exhausted for tenant `{tenant}`: {limit} is spent; it resets in {retry_after:?}")]
@@ -134,7 +146,7 @@ pub enum UpstreamError {
     Timeout {
         /// The target.
         target: String,
-        /// `response` (first byte) or `stream chunk`.
+        /// `response` (first byte), `first token`, `stream chunk` or `whole answer`.
         phase: &'static str,
         /// The limit that passed.
         after: Duration,
@@ -221,6 +233,36 @@ pub enum UpstreamError {
         /// What went wrong.
         message: String,
     },
+    /// The upstream's answer outgrew one of the target's bounds (`max_stream_bytes`,
+    /// `max_event_bytes`).
+    #[error("target `{target}`: {what} exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The target.
+        target: String,
+        /// What outgrew its bound: `the stream`, `an event`.
+        what: &'static str,
+        /// The bound.
+        limit: u64,
+    },
+    /// The request does not fit the target's protocol frame (an engine's or peer edge's QUIC
+    /// frames hold at most `limit` bytes), so it was not sent. The request's size is at fault, not
+    /// the target; a target with larger frames (a managed API) may take it.
+    #[error("target `{target}` cannot take a request this large: {message}")]
+    RequestTooLarge {
+        /// The target.
+        target: String,
+        /// The size and the limit.
+        message: String,
+    },
+    /// The target is shutting down and refused the request before starting it: the next target
+    /// may take it, and the target has not failed.
+    #[error("target `{target}` is shutting down: {message}")]
+    Draining {
+        /// The target.
+        target: String,
+        /// Its message.
+        message: String,
+    },
 }
 
 impl UpstreamError {
@@ -228,7 +270,9 @@ impl UpstreamError {
     pub fn retry(&self) -> Retry {
         match self {
             UpstreamError::Rejected { .. } => Retry::Stop,
-            UpstreamError::Unsupported { .. } => Retry::Skip,
+            UpstreamError::Unsupported { .. }
+            | UpstreamError::RequestTooLarge { .. }
+            | UpstreamError::Draining { .. } => Retry::Skip,
             _ => Retry::Next,
         }
     }
@@ -259,7 +303,10 @@ impl UpstreamError {
             | UpstreamError::Loop { target, .. }
             | UpstreamError::Rejected { target, .. }
             | UpstreamError::Unsupported { target, .. }
-            | UpstreamError::Protocol { target, .. } => target,
+            | UpstreamError::Protocol { target, .. }
+            | UpstreamError::TooLarge { target, .. }
+            | UpstreamError::RequestTooLarge { target, .. }
+            | UpstreamError::Draining { target, .. } => target,
         }
     }
 
@@ -277,6 +324,9 @@ impl UpstreamError {
             UpstreamError::Rejected { .. } => "client_error",
             UpstreamError::Unsupported { .. } => "unsupported",
             UpstreamError::Protocol { .. } => "protocol",
+            UpstreamError::TooLarge { .. } => "too_large",
+            UpstreamError::RequestTooLarge { .. } => "request_too_large",
+            UpstreamError::Draining { .. } => "draining",
         }
     }
 
@@ -291,6 +341,9 @@ impl UpstreamError {
             UpstreamError::Loop { .. } => StatusCode::LOOP_DETECTED,
             // No target of the model serves this kind of request.
             UpstreamError::Unsupported { .. } => StatusCode::BAD_REQUEST,
+            UpstreamError::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            // Every target that could take it is shutting down: a retry finds a replacement.
+            UpstreamError::Draining { .. } => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -480,10 +533,13 @@ impl GatewayError {
             GatewayError::UnknownModel(_) | GatewayError::NotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Overloaded | GatewayError::FilterFailed { .. } | GatewayError::BudgetUnavailable(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::RateLimited { .. }
+            | GatewayError::TenantConcurrency { .. }
+            | GatewayError::BudgetExhausted { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Overloaded
+            | GatewayError::ShuttingDown
+            | GatewayError::FilterFailed { .. }
+            | GatewayError::BudgetUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Blocked { .. } => StatusCode::BAD_REQUEST,
             GatewayError::Rejected { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN),
             GatewayError::Relay(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::FORBIDDEN),
@@ -517,8 +573,12 @@ impl GatewayError {
             GatewayError::Refused(Refusal::Policy { .. }) => ErrorClass::InvalidRequest,
             GatewayError::Unauthorized => ErrorClass::Authentication,
             GatewayError::NotFound { .. } => ErrorClass::NotFound,
-            GatewayError::RateLimited { .. } | GatewayError::BudgetExhausted { .. } => ErrorClass::RateLimit,
-            GatewayError::Overloaded | GatewayError::BudgetUnavailable(_) => ErrorClass::Overloaded,
+            GatewayError::RateLimited { .. }
+            | GatewayError::TenantConcurrency { .. }
+            | GatewayError::BudgetExhausted { .. } => ErrorClass::RateLimit,
+            GatewayError::Overloaded | GatewayError::ShuttingDown | GatewayError::BudgetUnavailable(_) => {
+                ErrorClass::Overloaded
+            }
             GatewayError::BodyTimeout(_) => ErrorClass::Timeout,
             GatewayError::Upstream(e) => match e.client_status().as_u16() {
                 504 => ErrorClass::Timeout,
@@ -547,7 +607,10 @@ impl GatewayError {
             GatewayError::BudgetExhausted { retry_after, .. } => {
                 Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0))
             }
-            GatewayError::Overloaded | GatewayError::BudgetUnavailable(_) => Some(1),
+            // Nothing says when one of the tenant's requests ends; a second is a fair first wait.
+            GatewayError::Overloaded | GatewayError::TenantConcurrency { .. } | GatewayError::BudgetUnavailable(_) => {
+                Some(1)
+            }
             _ => None,
         }
     }
@@ -564,6 +627,8 @@ impl GatewayError {
             GatewayError::BodyTimeout(_) => "body_timeout",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::Overloaded => "overloaded",
+            GatewayError::ShuttingDown => "shutting_down",
+            GatewayError::TenantConcurrency { .. } => "tenant_concurrency",
             GatewayError::BudgetExhausted { .. } => "budget_exhausted",
             GatewayError::BudgetUnavailable(_) => "budget_unavailable",
             GatewayError::Blocked { .. } => "content_blocked",
@@ -574,6 +639,7 @@ impl GatewayError {
             GatewayError::Refused(r) => r.code(),
             GatewayError::Upstream(e) => match e {
                 UpstreamError::Timeout { .. } => "upstream_timeout",
+                UpstreamError::RequestTooLarge { .. } => "payload_too_large",
                 _ => "upstream_error",
             },
         }
@@ -606,5 +672,19 @@ mod tests {
             (unsupported.retry(), GatewayError::from(unsupported).status()),
             (Retry::Skip, StatusCode::BAD_REQUEST)
         );
+    }
+
+    #[test]
+    fn a_request_too_large_for_a_target_is_the_clients_413_and_no_fault_of_the_target() {
+        let too_large = UpstreamError::RequestTooLarge { target: "engine".into(), message: "2 MiB of 1".into() };
+        assert_eq!(too_large.retry(), Retry::Skip);
+        let err = GatewayError::from(too_large);
+        assert_eq!(
+            (err.status(), err.class(), err.code()),
+            (StatusCode::PAYLOAD_TOO_LARGE, ErrorClass::InvalidRequest, "payload_too_large")
+        );
+        let draining = UpstreamError::Draining { target: "engine".into(), message: "stopping".into() };
+        assert_eq!(draining.retry(), Retry::Skip);
+        assert_eq!(GatewayError::from(draining).status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -906,9 +906,7 @@ mod tests {
         let mut wire = BytesMut::new();
         events.iter().for_each(|e| enc.event(e, &mut wire));
         enc.finish(&mut wire);
-        let mut parser = sse::SseParser::default();
-        let mut parsed = Vec::new();
-        parser.feed(&wire, &mut parsed);
+        let parsed = sse::SseParser::default().push(&wire).unwrap();
         let mut dec = StreamDecoder::new("c");
         let mut decoded = Vec::new();
         let mut done = false;

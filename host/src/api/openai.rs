@@ -2,7 +2,7 @@
 //! protocol (OpenAI, OpenRouter, vLLM and other OpenAI-compatible endpoints).
 
 use bytes::{Bytes, BytesMut};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{field_error, parse_json, require_non_empty, require_range};
@@ -47,12 +47,49 @@ pub struct EmbeddingsRequest {
     pub model: String,
     /// One text or several.
     pub input: EmbeddingsInput,
-    /// Only `float` is served.
+    /// How the vectors are written (`float` when absent); any other value is refused with a
+    /// typed 400 naming the field.
     #[serde(default)]
-    pub encoding_format: Option<String>,
+    pub encoding_format: Option<EmbeddingEncoding>,
     /// Accepted for compatibility; the tenant is known from its key.
     #[serde(default)]
     pub user: Option<String>,
+}
+
+/// How an embeddings answer writes its vectors: the `encoding_format` OpenAI takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingEncoding {
+    /// A JSON array of numbers (the default).
+    #[default]
+    Float,
+    /// A base64 string of the vector's float32 values, little-endian, as OpenAI serves it (and
+    /// its Python SDK asks for by default): a quarter of the JSON's size.
+    Base64,
+}
+
+impl EmbeddingEncoding {
+    /// One vector in this encoding.
+    fn encode(self, vector: &[f32]) -> EncodedVector<'_> {
+        match self {
+            EmbeddingEncoding::Float => EncodedVector::Float(vector),
+            EmbeddingEncoding::Base64 => {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = vector.iter().flat_map(|x| x.to_le_bytes()).collect();
+                EncodedVector::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+            }
+        }
+    }
+}
+
+/// A vector as an embeddings answer writes it.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum EncodedVector<'a> {
+    /// Float32s, each written as the shortest decimal that reads back as it.
+    Float(&'a [f32]),
+    /// Base64 of the little-endian float32s.
+    Base64(String),
 }
 
 /// The `input` of an embeddings request.
@@ -72,9 +109,6 @@ pub const MAX_EMBEDDING_INPUTS: usize = 2048;
 pub fn parse_embeddings(body: &[u8]) -> Result<(EmbeddingsRequest, Vec<String>), GatewayError> {
     let req: EmbeddingsRequest = parse_json(body)?;
     require_non_empty("model", &req.model)?;
-    if let Some(f) = req.encoding_format.as_deref().filter(|f| *f != "float") {
-        return Err(field_error("encoding_format", format!("only `float` is served, not `{f}`")));
-    }
     let input = match &req.input {
         EmbeddingsInput::One(t) => vec![t.clone()],
         EmbeddingsInput::Many(v) => v.clone(),
@@ -88,15 +122,33 @@ pub fn parse_embeddings(body: &[u8]) -> Result<(EmbeddingsRequest, Vec<String>),
     Ok((req, input))
 }
 
-/// The embeddings answer in OpenAI's shape.
-pub fn encode_embeddings(model: &str, vectors: &[Vec<f32>], prompt_tokens: u32) -> Bytes {
-    let data: Vec<Value> = vectors
+/// The embeddings answer in OpenAI's shape, its vectors written as `encoding` says.
+///
+/// Serialised straight from the vectors: 2 048 of them as a `Value` tree would cost a few times
+/// the answer's own size in memory.
+pub fn encode_embeddings(model: &str, vectors: &[Vec<f32>], prompt_tokens: u32, encoding: EmbeddingEncoding) -> Bytes {
+    #[derive(Serialize)]
+    struct Embedding<'a> {
+        object: &'static str,
+        index: usize,
+        embedding: EncodedVector<'a>,
+    }
+    #[derive(Serialize)]
+    struct List<'a> {
+        object: &'static str,
+        data: Vec<Embedding<'a>>,
+        model: &'a str,
+        usage: Value,
+    }
+    let data = vectors
         .iter()
         .enumerate()
-        .map(|(index, v)| json!({ "object": "embedding", "index": index, "embedding": v }))
+        .map(|(index, v)| Embedding { object: "embedding", index, embedding: encoding.encode(v) })
         .collect();
     let usage = json!({ "prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens });
-    Bytes::from(json!({ "object": "list", "data": data, "model": model, "usage": usage }).to_string())
+    let list = List { object: "list", data, model, usage };
+    // Strings, integers and finite or non-finite floats (written as null) always serialise.
+    Bytes::from(serde_json::to_vec(&list).unwrap_or_default())
 }
 
 /// The body sent to an OpenAI-compatible upstream: the client's request with the target's model
@@ -291,6 +343,11 @@ impl StreamDecoder {
             let message = err.get("message").and_then(Value::as_str).unwrap_or("unknown error");
             return Err(format!("upstream stream error: {message}"));
         }
+        // A keep-alive (`{}`) says nothing, not even that the answer began: the first real chunk
+        // names it.
+        if chunk.id.is_none() && chunk.choices.is_empty() && chunk.usage.is_none() {
+            return Ok(false);
+        }
         if !self.started {
             self.started = true;
             out.push(StreamEvent::Start {
@@ -424,6 +481,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn embeddings_are_written_as_floats_or_as_little_endian_base64() {
+        let (req, _) = parse_embeddings(br#"{"model":"m","input":"x"}"#).unwrap();
+        assert_eq!(req.encoding_format.unwrap_or_default(), EmbeddingEncoding::Float);
+        let (req, _) = parse_embeddings(br#"{"model":"m","input":"x","encoding_format":"base64"}"#).unwrap();
+        assert_eq!(req.encoding_format, Some(EmbeddingEncoding::Base64));
+        let err = parse_embeddings(br#"{"model":"m","input":"x","encoding_format":"int8"}"#).unwrap_err();
+        assert_eq!((err.status().as_u16(), err.param()), (400, Some("encoding_format")));
+
+        let v = [1.0f32, -2.5, 0.1];
+        let float: Value =
+            serde_json::from_slice(&encode_embeddings("m", &[v.to_vec()], 3, EmbeddingEncoding::Float)).unwrap();
+        // The shortest decimals that read back as the same float32s.
+        assert_eq!(float["data"][0]["embedding"], json!([1.0, -2.5, 0.1]));
+        assert_eq!((float["object"].as_str(), float["data"][0]["index"].as_u64()), (Some("list"), Some(0)));
+        assert_eq!(float["usage"], json!({"prompt_tokens": 3, "total_tokens": 3}));
+        let b64: Value =
+            serde_json::from_slice(&encode_embeddings("m", &[v.to_vec()], 3, EmbeddingEncoding::Base64)).unwrap();
+        // 1.0 = 00 00 80 3f, -2.5 = 00 00 20 c0, 0.1 = cd cc cc 3d (little-endian float32).
+        assert_eq!(b64["data"][0]["embedding"], "AACAPwAAIMDNzMw9");
+        assert_eq!(b64["usage"], float["usage"]);
+    }
+
+    #[test]
     fn request_validation_names_the_field() {
         let err = parse_request(br#"{"model":"m","messages":[{"role":"user","content":5}]}"#).unwrap_err();
         assert_eq!(err.param(), Some("messages[0].content"));
@@ -457,6 +537,21 @@ mod tests {
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.contains(r#""function":{"arguments":"{\"a\":"}"#));
         assert!(!text.contains("usage"), "usage only when the client asked: {text}");
+    }
+
+    #[test]
+    fn keep_alive_chunks_decode_to_nothing() {
+        let mut d = StreamDecoder::new("m");
+        let mut events = Vec::new();
+        assert!(!d.decode("{}", &mut events).unwrap());
+        assert_eq!(events, vec![], "not even a start");
+        assert!(!d.decode(r#"{"id":"c1","model":"gpt","choices":[{"delta":{"content":"hi"}}]}"#, &mut events).unwrap());
+        assert!(!d.decode("{}", &mut events).unwrap());
+        assert!(
+            matches!(&events[0], StreamEvent::Start { id, model, .. } if id == "c1" && model == "gpt"),
+            "{events:?}"
+        );
+        assert_eq!(events[1..], [StreamEvent::Text("hi".into())]);
     }
 
     #[test]

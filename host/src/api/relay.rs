@@ -112,7 +112,9 @@ pub fn wire_error(err: &GatewayError) -> EngineError {
         // A loop found further along comes back as 508 too.
         _ if status == 508 => ErrorCode::LoopDetected,
         GatewayError::UnknownModel(_) => ErrorCode::UnknownModel,
-        GatewayError::Overloaded | GatewayError::RateLimited { .. } => ErrorCode::Overloaded,
+        GatewayError::Overloaded | GatewayError::ShuttingDown | GatewayError::RateLimited { .. } => {
+            ErrorCode::Overloaded
+        }
         _ if status >= 500 => ErrorCode::Internal,
         _ => ErrorCode::Refused,
     };

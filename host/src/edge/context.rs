@@ -10,8 +10,8 @@
 use std::sync::Arc;
 
 use hyper::body::Incoming;
-use tokio::sync::OwnedSemaphorePermit;
 
+use super::admit::Permits;
 use super::cache::{CacheDecision, CacheUse};
 use super::record::Record;
 use crate::api::relay::Dispatch;
@@ -41,8 +41,9 @@ pub(super) struct Exchange {
     pub cache: CacheDecision,
     /// The accounting, and the request's identity: its API shape, id, tenant and model.
     pub record: Record,
-    /// The request's place under `node.max_in_flight`, held until its answer ends.
-    pub permit: OwnedSemaphorePermit,
+    /// The request's places under `node.max_in_flight` and its tenant's concurrency, held until
+    /// its answer ends.
+    pub permit: Permits,
 }
 
 /// What came with a request besides its tenant. For a client's request only its body and

@@ -16,8 +16,8 @@
 //! 7. `record.rs`: the request is accounted once, when it ends: answered, refused, or abandoned
 //!    by the client.
 //!
-//! Beside the path: the operator's endpoints (`admin.rs`) and `POST /v1/embeddings`
-//! (`embeddings.rs`). Nothing outside this module but the servers above it
+//! Beside the path: the operator's endpoints (`admin.rs`), `POST /v1/embeddings`
+//! (`embeddings.rs`), and graceful shutdown (`drain.rs`). Nothing outside this module but the servers above it
 //! ([`crate::server`], [`crate::relay`]) uses it.
 
 mod admin;
@@ -26,6 +26,7 @@ mod budget;
 mod cache;
 mod context;
 mod dispatch;
+mod drain;
 mod embeddings;
 mod parse;
 mod record;
@@ -90,6 +91,8 @@ pub struct Edge {
     pub ledger: Option<Ledger>,
     /// The tenants' budgets and their counters.
     pub budgets: crate::budget::Budgets,
+    /// Graceful shutdown's state (see [`Edge::drain`]).
+    drain: drain::Drain,
 }
 
 /// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
@@ -162,7 +165,10 @@ impl Edge {
             let plugin_metrics = PluginMetrics::new(metrics.registry()).map_err(|e| {
                 BuildError::PluginRuntime(PluginError::Runtime(format!("cannot register plugin metrics: {e}")))
             })?;
-            let runtime = PluginRuntime::new(config.plugin_runtime.clone(), Arc::new(plugin_metrics))
+            // Each tenant whose answers are filtered gets pool slots of its own for its streams.
+            let sessions = Tenants::session_slots(&config);
+            let settings = config.plugin_runtime.clone();
+            let runtime = PluginRuntime::with_session_slots(settings, Arc::new(plugin_metrics), sessions)
                 .map_err(BuildError::PluginRuntime)?;
             let loaded = Plugins::load(&config, &runtime).await?;
             (Some(runtime), loaded)
@@ -208,6 +214,7 @@ impl Edge {
             admin_keys: config.node.admin_keys.iter().filter_map(|k| parse_key_hash(k).ok()).collect(),
             ledger,
             budgets,
+            drain: drain::Drain::new(),
             config,
         })
     }
@@ -292,8 +299,8 @@ impl Edge {
                 Err(e) => error_response(ApiShape::OpenAi, &e),
             },
             (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/readyz") => admin::readyz(&self),
-            (&Method::GET, "/metrics") => admin::metrics(&self).await,
+            (&Method::GET, "/readyz") => admin::readyz(&self, req.headers()),
+            (&Method::GET, "/metrics") => admin::metrics(&self, req.headers()).await,
             (method, path) => {
                 let shape = if path.starts_with("/v1/messages") { ApiShape::Anthropic } else { ApiShape::OpenAi };
                 let err = GatewayError::NotFound { method: method.to_string(), path: path.to_string() };
@@ -321,14 +328,22 @@ impl Edge {
         }
         // record: from here on, every way out is accounted exactly once.
         let record = Record::new(Arc::clone(&self), api, request_id);
+        if self.drain.started() {
+            return record.refuse(GatewayError::ShuttingDown);
+        }
         // admit: the tenant, its rate, the in-flight limit; then the request is an exchange.
         let mut cx = match admit::admit(&self, record, arrival) {
             Ok(cx) => cx,
             Err(e) => return error_response(api, &e),
         };
-        match self.answer(&mut cx).await {
+        // A request still waiting for its answer when the drain's grace period ends is refused.
+        let answered = tokio::select! {
+            answered = self.answer(&mut cx) => answered,
+            () = self.drain.cut() => Err(GatewayError::ShuttingDown),
+        };
+        match answered {
             // respond: whole or streamed; the record is finished when the answer ends.
-            Ok(answer) => respond::respond(cx, answer).await,
+            Ok(answer) => respond::respond(cx, answer, self.drain.cut()).await,
             Err(e) => cx.record.refuse(e),
         }
     }

@@ -20,6 +20,7 @@ use crate::api::ApiShape;
 use crate::chat::{estimate_tokens, Usage};
 use crate::error::GatewayError;
 use crate::ledger::{now_ms, AttemptRecord, LedgerEntry, TokenSource};
+use crate::metrics::Metrics;
 use crate::routes::{ModelRoute, Route, Routing};
 use crate::upstream::Target;
 
@@ -144,7 +145,7 @@ impl Record {
         let Some(edge) = self.edge.take() else { return };
         let m = &edge.metrics;
         m.in_flight.dec();
-        let model = if self.model.is_empty() { "unknown" } else { self.model.as_str() };
+        let model = Metrics::model_label(&self.model, edge.models.contains_key(&self.model));
         let target = self.target.as_deref().unwrap_or("none");
         let tenant = &*self.tenant;
         m.requests.with_label_values(&[self.api.name(), tenant, model, target, status]).inc();

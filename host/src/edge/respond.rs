@@ -9,15 +9,17 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-use tokio::sync::OwnedSemaphorePermit;
-use tracing::warn;
+use tracing::{debug, warn};
 
+use super::admit::Permits;
 use super::budget;
 use super::cache::Outcome;
 use super::context::Exchange;
@@ -39,20 +41,26 @@ pub(super) enum Answer {
 }
 
 /// Sends the answer in the client's shape, with `x-meridian-target` (unless the cache answered)
-/// and `x-meridian-cache`. The exchange ends here; its record is finished when the answer is.
-pub(super) async fn respond(cx: Exchange, answer: Answer) -> Response<Body> {
+/// and `x-meridian-cache`. The exchange ends here; its record is finished when the answer is. A
+/// stream still running when `cut` resolves (the end of a shutdown's grace period) ends with a
+/// `shutting_down` error event.
+pub(super) async fn respond(
+    cx: Exchange,
+    answer: Answer,
+    cut: impl Future<Output = ()> + Send + 'static,
+) -> Response<Body> {
     let Exchange { request, mut answer_filter, cache, mut record, permit, .. } = cx;
     let api = record.api;
     let status = cache.outcome.status();
     let (fill, target) = match cache.outcome {
-        Outcome::Miss(guard) => (Some(guard), record.target.clone()),
+        Outcome::Miss(guard, limit) => (Some(Fill::new(guard, limit)), record.target.clone()),
         Outcome::Bypass => (None, record.target.clone()),
         Outcome::Hit => (None, None),
     };
     let response = match answer {
         Answer::Stream(source, head) => {
             let encoder = api.stream_encoder(&request);
-            sse_response(ClientStream::new(source, head, encoder, fill, record, permit, answer_filter))
+            sse_response(ClientStream::new(source, head, encoder, fill, record, permit, answer_filter, Box::pin(cut)))
         }
         Answer::Whole(mut answer) => {
             if let Some(f) = &mut answer_filter {
@@ -62,10 +70,10 @@ pub(super) async fn respond(cx: Exchange, answer: Answer) -> Response<Body> {
             }
             let usage = answer.usage;
             let out_bytes = answer.output_len();
-            if let Some(guard) = fill {
+            if let Some(fill) = fill.filter(|f| f.admits(out_bytes)) {
                 // Cached as it came, placeholders and all: a later identical (redacted) request
                 // restores it with its own originals.
-                guard.fill(CachedAnswer::Whole(answer.clone())).await;
+                fill.guard.fill(CachedAnswer::Whole(answer.clone())).await;
             }
             if let Some(f) = &answer_filter {
                 f.restore_response(&mut answer);
@@ -171,6 +179,37 @@ impl Source {
     }
 }
 
+/// The right to fill the cache's entry with an answer, while the answer is under the entry
+/// limit; with a stream's events so far.
+struct Fill {
+    guard: FillGuard,
+    limit: usize,
+    events: Vec<StreamEvent>,
+    bytes: usize,
+}
+
+impl Fill {
+    fn new(guard: FillGuard, limit: usize) -> Fill {
+        Fill { guard, limit, events: Vec::new(), bytes: 0 }
+    }
+
+    /// Whether an answer of `bytes` of content fits an entry.
+    fn admits(&self, bytes: usize) -> bool {
+        bytes <= self.limit
+    }
+
+    /// Keeps a stream's event for the entry; false when the answer has outgrown it, and nothing
+    /// more should be kept.
+    fn keep(&mut self, ev: &StreamEvent) -> bool {
+        self.bytes = self.bytes.saturating_add(ev.content_len());
+        if !self.admits(self.bytes) {
+            return false;
+        }
+        self.events.push(ev.clone());
+        true
+    }
+}
+
 /// A streamed answer on its way to the client: encodes each event as it arrives, records the
 /// events for the cache, and accounts when it ends. A failure after the first byte ends the
 /// stream with a typed error event, never a clean end.
@@ -179,35 +218,42 @@ struct ClientStream {
     /// Events read before the response began, sent first.
     head: VecDeque<StreamEvent>,
     encoder: StreamEncoder,
-    fill: Option<(FillGuard, Vec<StreamEvent>)>,
+    /// Filling the cache, until the answer outgrows an entry: it is streamed on, uncached.
+    fill: Option<Fill>,
     answer_filter: Option<AnswerFilter>,
     record: Record,
     usage: Option<Usage>,
     out_bytes: usize,
     finished: bool,
-    _permit: OwnedSemaphorePermit,
+    /// Resolves when a shutdown's grace period has ended: the stream ends with `shutting_down`.
+    cut: Pin<Box<dyn Future<Output = ()> + Send>>,
+    _permit: Permits,
 }
 
 impl ClientStream {
+    // Each is a part of the exchange the stream takes over; a struct of them would be this one.
+    #[allow(clippy::too_many_arguments)]
     fn new(
         source: Source,
         head: VecDeque<StreamEvent>,
         encoder: StreamEncoder,
-        fill: Option<FillGuard>,
+        fill: Option<Fill>,
         record: Record,
-        permit: OwnedSemaphorePermit,
+        permit: Permits,
         answer_filter: Option<AnswerFilter>,
+        cut: Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Self {
         ClientStream {
             source,
             head,
             encoder,
-            fill: fill.map(|g| (g, Vec::new())),
+            fill,
             answer_filter,
             record,
             usage: None,
             out_bytes: 0,
             finished: false,
+            cut,
             _permit: permit,
         }
     }
@@ -222,7 +268,21 @@ impl ClientStream {
         let mut batch = Vec::new();
         let mut next = match self.head.pop_front() {
             Some(ev) => Some(Ok(ev)),
-            None => self.source.next().await,
+            None => {
+                let cut = &mut self.cut;
+                let next = tokio::select! {
+                    next = self.source.next() => Some(next),
+                    () = cut => None,
+                };
+                match next {
+                    Some(next) => next,
+                    None => {
+                        let mut out = BytesMut::new();
+                        self.fail(GatewayError::ShuttingDown, &mut out);
+                        return Some(out.freeze());
+                    }
+                }
+            }
         };
         let end = loop {
             match next {
@@ -265,8 +325,8 @@ impl ClientStream {
             Some(Ok(())) => {
                 self.finished = true;
                 self.encoder.finish(&mut out);
-                if let Some((guard, events)) = self.fill.take() {
-                    guard.fill(CachedAnswer::Stream(events)).await;
+                if let Some(fill) = self.fill.take() {
+                    fill.guard.fill(CachedAnswer::Stream(fill.events)).await;
                 }
                 self.record.finish("ok", self.usage, self.out_bytes);
             }
@@ -307,9 +367,11 @@ impl ClientStream {
         if let StreamEvent::Usage(u) = ev {
             self.usage = Some(u);
         }
-        if let Some((_, events)) = &mut self.fill {
-            // Cached as it came from upstream, placeholders and all.
-            events.push(ev.clone());
+        // Cached as it came from upstream, placeholders and all. Dropping the fill past the
+        // entry limit lets an identical request waiting on this one call upstream itself.
+        if self.fill.as_mut().is_some_and(|fill| !fill.keep(&ev)) {
+            debug!(request_id = %self.record.request_id, "the answer outgrew a cache entry: streamed uncached");
+            self.fill = None;
         }
         match &mut self.answer_filter {
             Some(filter) => {

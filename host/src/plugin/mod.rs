@@ -19,8 +19,9 @@
 //! [`ResponseSession`] ([`FilterPlugin::response_session`]). Each of its calls has the limits and
 //! bookkeeping of a one-shot call (the deadline re-armed per call); a failure poisons the session,
 //! so the rest of that answer is refused. A session holds its instance slot until dropped: a
-//! streamed answer holds one instance per filter for the stream's duration, within
-//! `max_instances`. Instances are still never shared between answers or requests.
+//! streamed answer holds one instance per filter for the stream's duration, in its tenant's
+//! [`SessionSlots`] (never the slots other tenants' calls need). Instances are still never shared
+//! between answers or requests.
 //!
 //! ```no_run
 //! # use meridian::plugin::{RequestSummary, Target};
@@ -54,7 +55,7 @@ pub use cache::CacheStats;
 pub use metrics::PluginMetrics;
 pub use runtime::{
     CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, RouterSession,
-    WasmSource,
+    SessionSlots, WasmSource,
 };
 pub use validate::valid_entity;
 
@@ -100,6 +101,15 @@ pub enum PluginError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The artifact cache's directory or seal key is not this user's alone (writable by others,
+    /// owned by another user, or a symlink): nothing in it is trusted, so the node refuses it.
+    #[error("{path}: refused as the plugin artifact cache: {reason}")]
+    InsecureCache {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Settings or limits that cannot work (a memory cap above the pool's slot, a zero count…).
     #[error("invalid plugin settings: {0}")]
     Settings(String),
@@ -131,6 +141,7 @@ impl PluginError {
             PluginError::WrongWorld { .. } => "wrong_world",
             PluginError::Compile(_) => "compile",
             PluginError::Io { .. } => "io",
+            PluginError::InsecureCache { .. } => "insecure_cache",
             PluginError::Settings(_) => "settings",
             PluginError::Runtime(_) => "runtime",
             PluginError::Overloaded(_) => "overloaded",
