@@ -36,10 +36,16 @@ async fn concurrent_requests_equal_each_alone() {
         assert!(!a.text.is_empty());
     }
     // Joining a batch mid-way (different cache lengths, then trimming when the short one leaves).
-    let first = engine.chat(request("smol", PROMPTS[2], 24)).unwrap();
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The second is admitted once the first is decoding (its first token is out), not after a
+    // guessed delay.
+    let mut first = engine.chat(request("smol", PROMPTS[2], 24)).unwrap();
+    let head = match first.recv().await {
+        Some(Event::Delta(d)) => d,
+        other => panic!("expected the first token, got {other:?}"),
+    };
     let second = engine.chat(request("smol", PROMPTS[0], 24)).unwrap();
-    let (f, s) = tokio::join!(collect(first), collect(second));
+    let (rest, s) = tokio::join!(collect(first), collect(second));
+    let f = Answer { text: head + &rest.text, deltas: rest.deltas + 1, ..rest };
     assert_eq!(f, alone[2]);
     assert_eq!(s, alone[0]);
 }

@@ -291,8 +291,19 @@ async fn a_tenant_over_its_rate_gets_429_with_retry_after() {
     assert_eq!(mocks.openai.request_count(), 2);
     assert_eq!(mocks.anthropic.request_count(), 0);
 
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert_eq!(edge.post(OPENAI, ACME_KEY, &openai_body()).await.status, 200, "admitted again after retry-after");
+    // The bucket refills at one token a second: retry (a refused request takes no token) until
+    // one is admitted, bounded well past the advertised retry-after.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = edge.post(OPENAI, ACME_KEY, &openai_body()).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert!(Instant::now() < deadline, "still refused 10 s after a retry-after of {retry} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mocks.openai.request_count(), 3, "admitted again after retry-after, and only once");
 }
 
 #[tokio::test]
@@ -303,7 +314,8 @@ async fn a_full_node_answers_503_with_retry_after() {
     cfg.target_mut("oa").first_byte_timeout_ms = 5000;
     let edge = std::sync::Arc::new(TestEdge::start(cfg).await);
 
-    mocks.openai.push(Behavior::Delay(Duration::from_millis(800)));
+    // Long enough to outlast the two refusals below on a busy machine; they must not wait for it.
+    mocks.openai.push(Behavior::Delay(Duration::from_secs(3)));
     let held = {
         let edge = std::sync::Arc::clone(&edge);
         tokio::spawn(async move { edge.post(OPENAI, ACME_KEY, &openai_body()).await })
@@ -321,7 +333,8 @@ async fn a_full_node_answers_503_with_retry_after() {
     let r = post_anthropic(&edge, Some(ACME_KEY), anthropic_body().to_string()).await;
     anthropic_error(&r, 503, "overloaded_error");
     assert_eq!(r.header("retry-after"), Some("1"));
-    assert!(start.elapsed() < Duration::from_millis(700), "refused at once, not queued");
+    // Refused at once, not queued behind the held slot: both answers came while it was still held.
+    assert!(!held.is_finished(), "the 503s came only after the slot was freed");
 
     assert_eq!(held.await.unwrap().status, 200, "the request holding the slot completes");
     assert_eq!(edge.post(OPENAI, GLOBEX_KEY, &openai_body()).await.status, 200, "the slot is free again");
@@ -344,11 +357,10 @@ async fn upstream_failures_are_502_and_upstream_timeouts_504() {
     mocks.anthropic.push(Behavior::Status(500));
     anthropic_error(&post_anthropic(&edge, Some(ACME_KEY), anthropic_body().to_string()).await, 502, "api_error");
 
+    // The mock never answers: only the first-byte timeout can end these requests.
     mocks.openai.push(Behavior::Hang);
-    let start = Instant::now();
     let e = openai_error(&edge.post(OPENAI, ACME_KEY, &openai_body()).await, 504, "timeout_error");
     assert_eq!(e["code"], "upstream_timeout");
-    assert!(start.elapsed() < Duration::from_secs(3), "answered after the first-byte timeout: {:?}", start.elapsed());
     mocks.anthropic.push(Behavior::Hang);
     let r = post_anthropic(&edge, Some(ACME_KEY), anthropic_body().to_string()).await;
     anthropic_error(&r, 504, "timeout_error");
@@ -376,14 +388,17 @@ async fn a_slow_body_is_408_within_the_body_timeout() {
         [(OPENAI, format!("authorization: Bearer {ACME_KEY}")), (ANTHROPIC, format!("x-api-key: {ACME_KEY}"))]
     {
         let mut s = connect(edge.addr).await;
+        // Taken before the edge sees a byte, so its timer cannot have started earlier: the edge
+        // waited out the body timeout rather than refusing the partial body at once. (No upper
+        // bound: on a busy machine the answer may come late; `read_response` bounds the wait.)
+        let start = Instant::now();
         s.write_all(head(path, &key, "content-length: 100").as_bytes()).await.unwrap();
         s.write_all(br#"{"model": "gpt-te"#).await.unwrap();
-        let start = Instant::now();
         let r = read_response(&mut s, Duration::from_secs(5)).await;
         let took = start.elapsed();
         assert_eq!(r.status, 408, "{path}: {}", r.head);
         assert_eq!(r.header("content-type"), Some("application/json"));
-        assert!(took >= Duration::from_millis(800) && took < Duration::from_secs(3), "answered after {took:?}");
+        assert!(took >= Duration::from_millis(1000), "answered before the body timeout, after {took:?}");
         let v = r.json();
         if path == OPENAI {
             assert_eq!(v["error"]["type"], "timeout_error", "{v}");
@@ -404,7 +419,6 @@ async fn an_incomplete_request_head_is_closed_not_held() {
 
     let mut s = connect(edge.addr).await;
     s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\ncontent-le").await.unwrap();
-    let start = Instant::now();
     let closed = tokio::time::timeout(Duration::from_secs(5), async {
         let mut buf = [0u8; 1024];
         loop {
@@ -417,7 +431,6 @@ async fn an_incomplete_request_head_is_closed_not_held() {
     })
     .await;
     assert!(closed.is_ok(), "the edge closes a connection whose head never completes");
-    assert!(start.elapsed() < Duration::from_secs(4), "closed after {:?}", start.elapsed());
 }
 
 #[tokio::test]
@@ -426,11 +439,9 @@ async fn a_connection_that_sends_nothing_is_closed_not_held() {
     let edge = TestEdge::start(mocks.config()).await;
 
     let mut s = connect(edge.addr).await;
-    let start = Instant::now();
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(0) | Err(_))), "the edge closes a silent connection: {read:?}");
-    assert!(start.elapsed() < Duration::from_secs(4), "closed after {:?}", start.elapsed());
 
     // A client that connects and then sends its request at once is served as before.
     let mut s = connect(edge.addr).await;
@@ -498,10 +509,8 @@ async fn a_stalled_http2_preface_is_closed_not_held() {
     for partial in [&b"P"[..], b"PRI * HTTP/2.0\r\n"] {
         let mut s = connect(edge.addr).await;
         s.write_all(partial).await.unwrap();
-        let start = Instant::now();
         let mut buf = [0u8; 1024];
         let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
         assert!(matches!(read, Ok(Ok(0) | Err(_))), "the edge closes a stalled preface {partial:?}: {read:?}");
-        assert!(start.elapsed() < Duration::from_secs(4), "closed after {:?}", start.elapsed());
     }
 }

@@ -205,12 +205,9 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
         })
         .collect();
 
-    let start = Instant::now();
+    // The guest spins forever: only its 50 ms deadline can end the call.
     let spun = spin.route(&summary(), &targets()).await;
-    let spun_for = start.elapsed();
     assert!(matches!(spun, Err(PluginError::Timeout(d)) if d == Duration::from_millis(50)), "{spun:?}");
-    // Deadline of 50 ms; the bound leaves room for a busy 2-core machine.
-    assert!(spun_for >= Duration::from_millis(45) && spun_for < Duration::from_millis(500), "{spun_for:?}");
 
     let bombed = bomb.route(&summary(), &targets()).await;
     assert!(matches!(bombed, Err(PluginError::MemoryLimit(n)) if n == 16 << 20), "{bombed:?}");
@@ -321,13 +318,12 @@ async fn a_failing_version_is_quarantined() {
     for _ in 0..3 {
         assert!(matches!(trap.route(&summary(), &targets()).await, Err(PluginError::Trap(_))));
     }
-    let start = Instant::now();
     let refused = trap.route(&summary(), &targets()).await;
     assert!(
         matches!(&refused, Err(PluginError::Quarantined(id)) if id == &PluginId { name: "trap".into(), version: "0.1.0".into() }),
         "{refused:?}"
     );
-    assert!(start.elapsed() < Duration::from_millis(50), "refused at once, without an instance");
+    // Refused without running the guest: it would have trapped (and been counted) again.
     assert_eq!(rig.calls("trap", "trap"), 3);
     assert_eq!(rig.calls("trap", "quarantined"), 1);
     assert_eq!(rig.runtime.quarantined(), [trap.id().clone()]);
@@ -340,16 +336,22 @@ async fn a_full_pool_answers_overloaded() {
         s.max_instances = 1;
         s.acquire_timeout_ms = 20;
     }));
-    let spin = Arc::new(rig.router("spin", "{}", 500).await);
+    let spin = Arc::new(rig.router("spin", "{}", 2_000).await);
     let good = rig.router("good-router", "{}", 200).await;
     let spinning = {
         let spin = Arc::clone(&spin);
         tokio::spawn(async move { spin.route(&summary(), &targets()).await })
     };
-    // Let the spinning call take the only slot.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let refused = good.route(&summary(), &targets()).await;
-    assert!(matches!(refused, Err(PluginError::Overloaded(_))), "{refused:?}");
+    // Until the spinning call has taken the only slot, the good router still gets it.
+    loop {
+        match good.route(&summary(), &targets()).await {
+            Err(PluginError::Overloaded(_)) => break,
+            Ok(order) => assert_eq!(order, given_order()),
+            Err(other) => panic!("expected overloaded, got {other:?}"),
+        }
+        assert!(!spinning.is_finished(), "the spinning call ended before the pool was seen full");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert!(matches!(spinning.await.unwrap(), Err(PluginError::Timeout(_))));
     assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order(), "the slot is free again");
     assert_eq!(rig.calls("good-router", "overloaded"), 1);
@@ -372,22 +374,18 @@ async fn compiled_artifacts_are_cached_and_only_sealed_ones_are_read() {
     let path = first.artifact_path(&good);
     std::fs::write(path.with_file_name("0000-0000.cwasm"), b"junk").unwrap();
 
-    let start = Instant::now();
     first.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
-    let compiled_in = start.elapsed();
     assert_eq!(first.cache_stats().compiles, 1);
     assert_eq!(first.cache_stats().hits, 0);
     assert!(path.exists(), "the artifact was written");
 
     let second = runtime();
-    let start = Instant::now();
+    // Served from the cache: a hit and no compile (the counters, not load times, which a busy
+    // machine makes meaningless).
     let router = second.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
-    let cached_in = start.elapsed();
     assert_eq!(second.cache_stats().hits, 1);
     assert_eq!(second.cache_stats().compiles, 0);
     assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
-    println!("load: compiled in {compiled_in:?}, from the cache in {cached_in:?}");
-    assert!(cached_in < compiled_in, "compiled {compiled_in:?}, cached {cached_in:?}");
 
     // A damaged artifact fails its seal and is compiled over.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -488,14 +486,21 @@ async fn a_response_session_shows_one_answer_to_one_instance() {
 #[tokio::test]
 async fn a_session_re_arms_the_deadline_for_every_call() {
     let rig = rig(|_| {});
-    let filter =
-        rig.runtime.load_filter("wrong-world", "0.1.0", &fixture("wrong-world"), "{}", limits(200)).await.unwrap();
+    const DEADLINE_MS: u64 = 200;
+    let filter = rig
+        .runtime
+        .load_filter("wrong-world", "0.1.0", &fixture("wrong-world"), "{}", limits(DEADLINE_MS))
+        .await
+        .unwrap();
     let mut answer = filter.response_session();
     // The session lives far longer than one deadline; each call gets its own.
     for i in 0..3 {
         let verdict = answer.inspect("all fine").await;
         assert_eq!(verdict.unwrap_or_else(|e| panic!("call {i}: {e}")), ResponseVerdict::Allow);
-        tokio::time::sleep(Duration::from_millis(450)).await;
+        // Not a wait for an event (there is none to poll): the point is that wall-clock time
+        // passes, more than a deadline's worth between calls, so a deadline armed once per
+        // session would have expired. A busy machine only makes the sleep longer.
+        tokio::time::sleep(Duration::from_millis(DEADLINE_MS + 50)).await;
     }
     assert!(matches!(answer.inspect("a forbidden word").await.unwrap(), ResponseVerdict::Block(_)));
     assert!(!answer.is_poisoned(), "a block is an answer, not a failure");

@@ -1,7 +1,7 @@
 //! Hot reload of plugins: a new version is loaded and configured before it is swapped in, requests
 //! under load are never lost, and a failed reload keeps the old version and says why.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,18 @@ pub(crate) async fn reload(edge: &TestEdge, key: Option<&str>) -> meridian_e2e::
     edge.send("POST", "/admin/plugins/reload", key, &[], bytes::Bytes::new()).await
 }
 
+/// Concurrent clients in `a_reload_under_load_loses_no_request`.
+const CLIENTS: usize = 4;
+
+/// Polls until the clients have had `n` answers in all, for at most 20 s.
+async fn until_answered(answered: &AtomicUsize, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.load(Ordering::Relaxed) < n {
+        assert!(Instant::now() < deadline, "{} of {n} requests answered within 20 s", answered.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_under_load_loses_no_request() {
     let mocks = Mocks::start().await;
@@ -49,27 +61,32 @@ async fn a_reload_under_load_loses_no_request() {
     assert_eq!(target_of(&edge).await, (200, "oa".to_string()));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..4)
+    let answered = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
-            let (edge, stop) = (Arc::clone(&edge), Arc::clone(&stop));
+            let (edge, stop, answered) = (Arc::clone(&edge), Arc::clone(&stop), Arc::clone(&answered));
             tokio::spawn(async move {
                 let mut seen = Vec::new();
                 // Bounded: at most 2,000 requests a client, and only while the test runs.
                 while !stop.load(Ordering::Relaxed) && seen.len() < 2_000 {
                     seen.push(target_of(&edge).await);
+                    answered.fetch_add(1, Ordering::Relaxed);
                 }
                 seen
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Load before the reload: some requests answered by the old version.
+    until_answered(&answered, 20).await;
 
     std::fs::copy(plugin_wasm("cost-router"), dir.path().join("router.wasm")).unwrap();
     let r = reload(&edge, Some(ADMIN_KEY)).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(r.json()["reloaded"][0].as_str().unwrap().starts_with("r@1+"), "{}", r.text());
 
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // And after it: each client has at most one request in flight that began before the reload,
+    // so past those, every answer counted comes from a request sent to the new version.
+    until_answered(&answered, answered.load(Ordering::Relaxed) + CLIENTS + 20).await;
     stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
     for c in clients {

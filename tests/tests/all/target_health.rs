@@ -19,9 +19,11 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 
 const ADMIN_KEY: &str = "sk-admin-test";
-const BASE_EJECTION_MS: u64 = 400;
+/// Long enough that the handful of requests the test makes while a target is ejected fit in it on
+/// a busy machine; the test polls for the end of each ejection, so it costs only its length.
+const BASE_EJECTION_MS: u64 = 1000;
 
-/// The standard config with an admin key and a quick `[health]`: 3 failures eject for 400 ms,
+/// The standard config with an admin key and a quick `[health]`: 3 failures eject for 1 s,
 /// doubling up to 2 s.
 fn config(mocks: &Mocks) -> Config {
     let mut cfg = mocks.config();
@@ -46,6 +48,21 @@ async fn targets(edge: &TestEdge) -> Value {
     assert_eq!(r.status, 200, "{}", r.text());
     let list = r.json()["targets"].as_array().cloned().unwrap_or_default();
     list.into_iter().map(|t| (t["name"].as_str().unwrap_or_default().to_string(), t)).collect()
+}
+
+/// Polls `/admin/targets` (which sends no request to the target) until `name`'s ejection has run
+/// out, for at most 10 s.
+async fn until_half_open(edge: &TestEdge, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = targets(edge).await;
+        match t[name]["health"].as_str() {
+            Some("half_open") => return,
+            Some("ejected") => assert!(Instant::now() < deadline, "{name} still ejected after 10 s: {t}"),
+            _ => panic!("{name} left its ejection other than through half-open: {t}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn metrics(edge: &TestEdge) -> String {
@@ -92,8 +109,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
     assert!(metric(&m, "meridian_target_latency_ms", &["target=\"oa2\""]) > 0.0, "{m}");
 
     // After the backoff: half-open. Its one request fails: ejected again, for twice as long.
-    tokio::time::sleep(Duration::from_millis(BASE_EJECTION_MS + 50)).await;
-    assert_eq!(targets(&edge).await["oa"]["health"], "half_open");
+    until_half_open(&edge, "oa").await;
     mocks.openai.push(Behavior::Status(503));
     let r = ask(&edge, ACME_KEY, "fallback").await;
     assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa2")), "{}", r.text());
@@ -108,7 +124,7 @@ async fn a_failing_target_is_ejected_skipped_and_brought_back_by_a_half_open_req
     assert_eq!(mocks.request_counts(), [4, 8, 0]);
 
     // After the longer backoff its half-open request succeeds: it is back.
-    tokio::time::sleep(Duration::from_millis(2 * BASE_EJECTION_MS + 50)).await;
+    until_half_open(&edge, "oa").await;
     let r = ask(&edge, ACME_KEY, "fallback").await;
     assert_eq!((r.status, r.header("x-meridian-target")), (200, Some("oa")), "{}", r.text());
     let t = targets(&edge).await;
