@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 pub mod engine;
 pub mod netns;
 pub mod process;
+pub mod raw;
 pub mod servers;
 pub mod soak;
 
@@ -399,6 +400,20 @@ fn missing(text: &str, name: &str, labels: &[&str]) -> String {
     } else {
         format!("no sample of {name} matches {labels:?}; its series:\n{}", present.join("\n"))
     }
+}
+
+/// The Python with the pinned packages of `scripts/test-requirements.txt` (the OpenAI and
+/// Anthropic SDKs, Faker): `$MERIDIAN_PYTHON`, else the virtualenv `scripts/test` makes in
+/// `.meridian/venv`. Panics, saying how to get one, when there is neither.
+pub fn python() -> String {
+    std::env::var("MERIDIAN_PYTHON").unwrap_or_else(|_| {
+        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/venv/bin/python");
+        assert!(
+            Path::new(venv).exists(),
+            "this test needs Python with the packages of scripts/test-requirements.txt: run scripts/test, or set MERIDIAN_PYTHON"
+        );
+        venv.to_string()
+    })
 }
 
 /// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or

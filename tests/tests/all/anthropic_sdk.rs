@@ -9,21 +9,10 @@ use std::process::Command;
 use meridian_e2e::{Mocks, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
 
-fn python() -> String {
-    std::env::var("MERIDIAN_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/venv/bin/python");
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "the Anthropic SDK test needs Python with the `anthropic` package: run scripts/test, or set MERIDIAN_PYTHON"
-        );
-        venv.to_string()
-    })
-}
-
 /// Runs the SDK script against an edge serving `model`, and returns what it printed.
 async fn sdk_against(edge: &TestEdge, model: &str) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/anthropic_client.py");
-    let (python, base, model) = (python(), edge.url(), model.to_string());
+    let (python, base, model) = (meridian_e2e::python(), edge.url(), model.to_string());
     let out =
         tokio::task::spawn_blocking(move || Command::new(python).args([script, &base, ACME_KEY, &model]).output())
             .await

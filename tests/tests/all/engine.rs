@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use meridian::config::Config;
 use meridian_e2e::engine::{Cluster, EngineProcess, TestEngine};
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::{metric, metric_or_zero, model, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const QUESTION: &str = "What is the capital of France? Answer in one sentence.";
 const NO_CACHE: (&str, &str) = ("x-meridian-cache", "bypass");
@@ -181,20 +181,8 @@ async fn a_client_that_goes_away_frees_its_engine_slot() {
     let body = json!({"model": "smol", "stream": true, "max_tokens": 4000, "temperature": 0.8, "seed": 1,
                       "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]})
     .to_string();
-    let mut conn = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("\"content\"") {
-        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut conn = RawConn::post(edge.addr, "/v1/chat/completions", ACME_KEY, &[], &body).await;
+    conn.read_until(&["\"content\""]).await;
     assert_eq!(probe.health().await.unwrap().active_sequences, 1, "the story is being generated");
     drop(conn);
 
@@ -447,25 +435,9 @@ async fn a_draining_engine_refuses_new_requests_at_once_and_the_edge_goes_to_the
     let body = json!({"model": "smol", "stream": true, "max_tokens": 4000, "temperature": 0.8, "seed": 1,
                       "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]})
     .to_string();
-    let mut conn = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ACME_KEY}\r\n\
-         content-type: application/json\r\nx-meridian-cache: bypass\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&seen).contains("\"content\"") {
-        let n = tokio::time::timeout(Duration::from_secs(30), conn.read(&mut buf)).await.unwrap().unwrap();
-        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
-    assert!(
-        String::from_utf8_lossy(&seen).contains("x-meridian-target: engine-a"),
-        "{}",
-        String::from_utf8_lossy(&seen)
-    );
+    let mut conn = RawConn::post(edge.addr, "/v1/chat/completions", ACME_KEY, &[NO_CACHE], &body).await;
+    let seen = conn.read_until(&["\"content\""]).await;
+    assert!(seen.contains("x-meridian-target: engine-a"), "{seen}");
 
     primary.drain();
     // Until engine-a's connection sees the drain, it still serves; from then on it refuses, and

@@ -5,7 +5,6 @@
 //! a client that stops reading is cut after the write timeout, over HTTP/1 or HTTP/2, and its
 //! tenant's place and plugin slot go with it.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -13,10 +12,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use meridian::config::{Config, PluginKind};
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::{add_plugin, metric_or_zero, Behavior, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 
 const OPENAI: &str = "/v1/chat/completions";
 const ANTHROPIC: &str = "/v1/messages";
@@ -44,42 +43,12 @@ fn filtered_config(mocks: &Mocks, cache: &TempDir) -> Config {
     cfg
 }
 
-/// Sends `body` to `path` as tenant `key` over `s`, a raw HTTP/1.1 connection.
-async fn send_raw(s: &mut TcpStream, path: &str, key: &str, body: &Value) {
-    let body = body.to_string();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {key}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("the request is sent");
-}
-
-/// Reads from `s` until what arrived contains one of `markers`; returns all of it.
-async fn read_until(s: &mut TcpStream, markers: &[&str]) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let read = async {
-        loop {
-            let text = String::from_utf8_lossy(&got);
-            if markers.iter().any(|m| text.contains(m)) {
-                return text.into_owned();
-            }
-            let n = s.read(&mut buf).await.expect("reads");
-            assert!(n > 0, "the connection stays open until {markers:?}: {text}");
-            got.extend_from_slice(&buf[..n]);
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), read).await.expect("the edge answers within 10 s")
-}
-
 /// A streamed request of tenant `key` whose upstream sends its first content and then stalls,
 /// read up to that content (or to the error that ended it).
-async fn stalled_stream(edge: &TestEdge, mocks: &Mocks, key: &str) -> (TcpStream, String) {
+async fn stalled_stream(edge: &TestEdge, mocks: &Mocks, key: &str) -> (RawConn, String) {
     mocks.openai.push(Behavior::StallAfter(1));
-    let mut s = TcpStream::connect(edge.addr).await.unwrap();
-    send_raw(&mut s, OPENAI, key, &chat("hold on", true)).await;
-    let got = read_until(&mut s, &["Echo", "\"error\""]).await;
+    let mut s = RawConn::post(edge.addr, OPENAI, key, &[], &chat("hold on", true).to_string()).await;
+    let got = s.read_until(&["Echo", "\"error\""]).await;
     (s, got)
 }
 
@@ -174,11 +143,11 @@ async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_its_plac
     mocks.openai.push(Behavior::Say { pieces: vec![piece; 1_000], gap: Duration::ZERO });
     let socket = TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
-    let mut stalled = socket.connect(edge.addr).await.unwrap();
     let mut body = chat("a long story", true);
     body["max_tokens"] = json!(100_000);
-    send_raw(&mut stalled, OPENAI, ACME_KEY, &body).await;
-    let head = read_until(&mut stalled, &["\r\n\r\n"]).await;
+    let socket = socket.connect(edge.addr).await.unwrap();
+    let mut stalled = RawConn::post_over(socket, OPENAI, ACME_KEY, &[], &body.to_string()).await;
+    let head = stalled.read_until(&["\r\n\r\n"]).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
     // The edge ends the stream and accounts it, though the client is still connected.
@@ -190,7 +159,8 @@ async fn a_client_that_stops_reading_is_cut_after_the_write_timeout_and_its_plac
     // Its tenant's one place and its filter's one session slot are free: a new stream is served.
     let r = edge.post(OPENAI, ACME_KEY, &chat("next please", true)).await;
     assert_eq!((r.status, r.answer_text()), (200, "Echo: next please".to_string()), "{}", r.text());
-    assert_closed_by_edge(&mut stalled, edge.addr).await;
+    // The edge closed the connection: reading what is buffered ends, never waits for more.
+    assert!(stalled.closed().await, "{} closed it", edge.addr);
 }
 
 #[tokio::test]
@@ -229,19 +199,4 @@ async fn an_http2_client_that_keeps_its_stream_window_shut_is_cut_too() {
     // The response was reset, not ended as if whole.
     let read = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect()).await;
     assert!(read.expect("the body ends").is_err(), "the cut stream ends in an error");
-}
-
-/// The edge closed the connection of the client that stopped reading: reading what is buffered
-/// ends in end-of-file or a reset, never in more waiting.
-async fn assert_closed_by_edge(s: &mut TcpStream, edge: SocketAddr) {
-    let mut buf = vec![0u8; 1 << 16];
-    let drained = async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), drained).await.unwrap_or_else(|_| panic!("{edge} closed it"));
 }

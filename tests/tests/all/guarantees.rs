@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use meridian::config::{Config, PluginKind, RelayPeer};
 use meridian_e2e::engine::{Cluster, TestEngine};
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::{
     add_plugin, metric, metric_or_zero, model, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY, GLOBEX_KEY,
 };
 use meridian_engine::api::RelayRequest;
 use serde_json::{json, Value};
-use tokio::io::AsyncWriteExt;
 
 const PERSONAL: &str = "forward this to ann.lee@example.com please";
 
@@ -130,12 +130,7 @@ async fn a_router_that_finds_the_pool_full_never_widens_residency() {
 
     // globex's request: its router takes the only instance and spins in it.
     let body = chat("fallback", "no personal data here").to_string();
-    let mut spinning = tokio::net::TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {GLOBEX_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    spinning.write_all(head.as_bytes()).await.unwrap();
+    let spinning = RawConn::post(edge.addr, "/v1/chat/completions", GLOBEX_KEY, &[], &body).await;
 
     // acme's relayed requests until one of them has found the pool full (the spin started).
     let peer = cluster.client("edge-us", "edge-eu", relay);

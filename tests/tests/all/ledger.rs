@@ -13,12 +13,11 @@ use bytes::Bytes;
 use meridian::config::Config;
 use meridian::ledger::{LedgerEntry, Store, TokenSource};
 use meridian_e2e::process::EdgeProcess;
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::servers::Postgres;
 use meridian_e2e::{metric, mock_target_toml, model_toml, tenant_toml, Mocks, TempDir, TestEdge, ACME_KEY};
 use meridian_mock::{Behavior, MockUpstream};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const OPENAI: &str = "/v1/chat/completions";
 const ANTHROPIC: &str = "/v1/messages";
@@ -150,20 +149,7 @@ async fn abandon(edge: &TestEdge, slow: &MockUpstream) {
         gap: Duration::from_millis(50),
     });
     let body = chat("slow", "abandoned", true).to_string();
-    let mut s = TcpStream::connect(edge.addr).await.expect("connects");
-    let head = format!(
-        "POST {OPENAI} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {ACME_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.expect("writes");
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("piece0") {
-        let n = s.read(&mut buf).await.expect("reads");
-        assert!(n > 0, "the stream stays open");
-        got.extend_from_slice(&buf[..n]);
-    }
+    RawConn::post(edge.addr, OPENAI, ACME_KEY, &[], &body).await.read_until(&["piece0"]).await;
 }
 
 /// Polls until the edge has nothing in flight.

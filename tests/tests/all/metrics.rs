@@ -4,10 +4,9 @@
 use std::time::{Duration, Instant};
 
 use meridian::config::hash_key;
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::{metric, metric_or_zero, Behavior, ConfigExt, Mocks, TestEdge, ACME_KEY};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const OPENAI: &str = "/v1/chat/completions";
 const REQUESTS: &str = "meridian_requests_total";
@@ -192,26 +191,9 @@ async fn a_client_gone_mid_stream_leaves_no_request_in_flight() {
     let body = json!({"model": "gpt-test", "stream": true,
         "messages": [{"role": "user", "content": "one two three four five"}]})
     .to_string();
-    let mut s = TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "POST {OPENAI} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {ACME_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
-    s.write_all(body.as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !String::from_utf8_lossy(&got).contains("Echo") {
-            let n = s.read(&mut buf).await.expect("reads");
-            assert!(n > 0, "the stream stays open: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-    })
-    .await
-    .expect("the first content arrives");
-    assert!(String::from_utf8_lossy(&got).starts_with("HTTP/1.1 200"));
+    let mut s = RawConn::post(edge.addr, OPENAI, ACME_KEY, &[], &body).await;
+    let got = s.read_until(&["Echo"]).await;
+    assert!(got.starts_with("HTTP/1.1 200"));
     let text = edge.metrics().await;
     assert_eq!(metric(&text, IN_FLIGHT, &[]), 1.0, "the stalled stream is in flight");
     assert_eq!(metric_or_zero(&text, REQUESTS, &[]), 0.0);
@@ -239,13 +221,7 @@ async fn a_client_gone_while_waiting_for_upstream_leaves_no_request_in_flight() 
 
     mocks.openai.push(Behavior::Hang);
     let body = chat("never answered").to_string();
-    let mut s = TcpStream::connect(edge.addr).await.unwrap();
-    let head = format!(
-        "POST {OPENAI} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {ACME_KEY}\r\n\
-         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.unwrap();
+    let s = RawConn::post(edge.addr, OPENAI, ACME_KEY, &[], &body).await;
     let start = Instant::now();
     while mocks.openai.request_count() == 0 {
         assert!(start.elapsed() < Duration::from_secs(3), "the request reaches the mock");

@@ -9,24 +9,13 @@ use meridian_e2e::engine::{Cluster, TestEngine};
 use meridian_e2e::{Mocks, TestEdge, ACME_KEY};
 use serde_json::Value;
 
-fn python() -> String {
-    std::env::var("MERIDIAN_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/venv/bin/python");
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "the OpenAI SDK test needs Python with the `openai` package: run scripts/test, or set MERIDIAN_PYTHON"
-        );
-        venv.to_string()
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_openai_sdk_works_through_the_edge() {
     let mocks = Mocks::start().await;
     let edge = TestEdge::start(mocks.config()).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_client.py");
     let base = format!("{}/v1", edge.url());
-    let python = python();
+    let python = meridian_e2e::python();
     let out =
         tokio::task::spawn_blocking(move || Command::new(python).args([script, &base, ACME_KEY, "gpt-test"]).output())
             .await
@@ -57,7 +46,7 @@ async fn the_official_openai_sdk_gets_embeddings_with_its_defaults() {
     let edge = crate::engine::edge(&mocks, &cluster, &[("engine-a", engine.addr)], |_| {}).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/openai_embeddings.py");
     let base = format!("{}/v1", edge.url());
-    let python = python();
+    let python = meridian_e2e::python();
     let texts = ["A cat sits on the mat.", "The stock market fell sharply.", "Mountains in the fog."];
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python).args([script, &base, ACME_KEY, "minilm"]).args(texts).output()

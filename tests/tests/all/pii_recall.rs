@@ -87,22 +87,11 @@ struct Tally {
     correct: usize,
 }
 
-fn python() -> String {
-    std::env::var("MERIDIAN_PYTHON").unwrap_or_else(|_| {
-        let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/venv/bin/python");
-        assert!(
-            std::path::Path::new(venv).exists(),
-            "the PII recall test needs Python with Faker: run scripts/test, or set MERIDIAN_PYTHON"
-        );
-        venv.to_string()
-    })
-}
-
 /// Runs the generator with its defaults into `dir`.
 fn generate(dir: &TempDir) -> Corpus {
     let out = dir.path().join("corpus.json");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/pii-corpus.py");
-    let run = Command::new(python()).arg(script).arg(&out).output().expect("python runs");
+    let run = Command::new(meridian_e2e::python()).arg(script).arg(&out).output().expect("python runs");
     assert!(run.status.success(), "pii-corpus.py failed:\n{}", String::from_utf8_lossy(&run.stderr));
     serde_json::from_slice(&std::fs::read(&out).expect("the corpus was written")).expect("the corpus is JSON")
 }

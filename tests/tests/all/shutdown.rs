@@ -7,10 +7,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_e2e::process::EdgeProcess;
+use meridian_e2e::raw::RawConn;
 use meridian_e2e::{mock_target_toml, model_toml, tenant_toml, Behavior, Mocks, TempDir, ACME_KEY};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// The edge's config: the standard mocks with a chunk timeout far past the grace period (so that
 /// only the shutdown can end a stalled stream), no ledger, and `grace_ms` to drain.
@@ -31,58 +30,13 @@ fn config(mocks: &Mocks, port: u16, grace_ms: u64) -> String {
 
 /// A streamed request on its own connection (`connection: close`, so that the edge closes it
 /// once the response ends), read until its first content (`first` in the body).
-struct Stream {
-    socket: TcpStream,
-    got: Vec<u8>,
-}
-
-impl Stream {
-    async fn open(edge: &EdgeProcess, path: &str, body: serde_json::Value, first: &str) -> Stream {
-        let addr = edge.url.trim_start_matches("http://");
-        let mut socket = TcpStream::connect(addr).await.expect("connects");
-        let body = body.to_string();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: edge\r\nauthorization: Bearer {ACME_KEY}\r\nx-api-key: {ACME_KEY}\r\n\
-             anthropic-version: 2023-06-01\r\ncontent-type: application/json\r\nconnection: close\r\n\
-             content-length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        socket.write_all(head.as_bytes()).await.expect("writes");
-        let mut stream = Stream { socket, got: Vec::new() };
-        let read = async {
-            let mut buf = [0u8; 4096];
-            while !String::from_utf8_lossy(&stream.got).contains(first) {
-                let n = stream.socket.read(&mut buf).await.expect("reads");
-                assert!(n > 0, "the stream stays open: {}", String::from_utf8_lossy(&stream.got));
-                stream.got.extend_from_slice(&buf[..n]);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), read).await.expect("the first content arrives");
-        assert!(stream.got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&stream.got));
-        stream
-    }
-
-    /// Whether the edge has ended the response (closed the connection) yet, reading what is
-    /// already there.
-    async fn ended(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tokio::time::timeout(Duration::from_millis(1), self.socket.read(&mut buf)).await {
-                Err(_) => return false,
-                Ok(Ok(0) | Err(_)) => return true,
-                Ok(Ok(n)) => self.got.extend_from_slice(&buf[..n]),
-            }
-        }
-    }
-
-    /// Everything up to the end of the response.
-    async fn rest(mut self) -> String {
-        tokio::time::timeout(Duration::from_secs(30), self.socket.read_to_end(&mut self.got))
-            .await
-            .expect("the stream ends within 30 s")
-            .expect("reads");
-        String::from_utf8_lossy(&self.got).into_owned()
-    }
+async fn open_stream(edge: &EdgeProcess, path: &str, body: serde_json::Value, first: &str) -> RawConn {
+    let addr = edge.url.trim_start_matches("http://");
+    let headers = [("x-api-key", ACME_KEY), ("anthropic-version", "2023-06-01"), ("connection", "close")];
+    let mut stream = RawConn::post(addr, path, ACME_KEY, &headers, &body.to_string()).await;
+    let got = stream.read_until(&[first]).await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    stream
 }
 
 /// Polls `GET /readyz` until it answers `want`, failing after 10 s.
@@ -110,10 +64,10 @@ async fn streams_past_the_grace_period_end_with_shutting_down_and_new_requests_a
     // Both streams stall after their first content, and stay in flight until the edge ends them.
     mocks.openai.push(Behavior::StallAfter(1));
     mocks.anthropic.push(Behavior::StallAfter(1));
-    let openai = Stream::open(&edge, "/v1/chat/completions", openai_stream("one two three"), "Echo").await;
+    let openai = open_stream(&edge, "/v1/chat/completions", openai_stream("one two three"), "Echo").await;
     let anthropic_body = json!({"model": "claude-test", "max_tokens": 50, "stream": true,
         "messages": [{"role": "user", "content": "one two three"}]});
-    let mut anthropic = Stream::open(&edge, "/v1/messages", anthropic_body, "text_delta").await;
+    let mut anthropic = open_stream(&edge, "/v1/messages", anthropic_body, "text_delta").await;
 
     edge.terminate();
     readyz_until(&edge, 503).await;
@@ -122,10 +76,10 @@ async fn streams_past_the_grace_period_end_with_shutting_down_and_new_requests_a
     let refused = Bytes::from(json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}]}).to_string());
     assert_eq!(edge.client.send("POST", &url, Some(ACME_KEY), "", refused).await, Some(503), "refused while draining");
 
-    let openai = openai.rest().await;
+    let openai = openai.read_to_end().await;
     assert!(openai.contains("\"code\":\"shutting_down\""), "an OpenAI error chunk: {openai}");
     assert!(!openai.contains("[DONE]"), "never a clean end: {openai}");
-    let anthropic = anthropic.rest().await;
+    let anthropic = anthropic.read_to_end().await;
     assert!(anthropic.contains("event: error"), "an Anthropic error event: {anthropic}");
     assert!(anthropic.contains("shutting down"), "{anthropic}");
     assert!(!anthropic.contains("message_stop"), "never a clean end: {anthropic}");
@@ -140,13 +94,13 @@ async fn a_stream_within_the_grace_period_finishes() {
     let mut edge = EdgeProcess::start(dir.path(), |port| config(&mocks, port, 60_000)).await;
     let pieces: Vec<String> = (0..50).map(|i| format!("p{i:02} ")).collect();
     mocks.openai.push(Behavior::Say { pieces: pieces.clone(), gap: Duration::from_millis(100) });
-    let mut stream = Stream::open(&edge, "/v1/chat/completions", openai_stream("say"), "p00").await;
+    let mut stream = open_stream(&edge, "/v1/chat/completions", openai_stream("say"), "p00").await;
 
     edge.terminate();
     readyz_until(&edge, 503).await;
     assert!(!stream.ended().await, "the stream is still in flight while /readyz says 503");
 
-    let text = stream.rest().await;
+    let text = stream.read_to_end().await;
     let mut at = 0;
     for piece in &pieces {
         at += text[at..].find(piece.as_str()).unwrap_or_else(|| panic!("{piece} in order: {text}"));
