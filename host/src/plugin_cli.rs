@@ -319,9 +319,27 @@ fn toml_basic_string_body(text: &str) -> Option<String> {
 struct TempCache(PathBuf);
 
 impl TempCache {
-    fn new() -> TempCache {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        TempCache(std::env::temp_dir().join(format!("meridian-plugin-cli-{}-{nanos}", std::process::id())))
+    /// A new directory of this user's alone (mode 0700) in the temp dir. It is always made afresh,
+    /// never found: in a shared temp dir another user could have made a directory of the same name
+    /// first, so a name that exists is passed over for another (names carry the process id and
+    /// the clock's nanoseconds, so they cannot be planted ahead for long).
+    fn new() -> Result<TempCache, CliError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut last = None;
+        for attempt in 0..16u32 {
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+            let dir =
+                std::env::temp_dir().join(format!("meridian-plugin-cli-{}-{nanos}-{attempt}", std::process::id()));
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => return Ok(TempCache(dir)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+                Err(e) => return Err(CliError::Setup(format!("cannot make a cache in {}: {e}", dir.display()))),
+            }
+        }
+        Err(CliError::Setup(format!(
+            "no fresh cache directory in the temp dir: {}",
+            last.map_or_else(String::new, |e| e.to_string())
+        )))
     }
 }
 
@@ -415,7 +433,7 @@ fn read_config(path: Option<&Path>) -> Result<String, CliError> {
 /// `plugin check`.
 async fn check(file: &Path, config: Option<&Path>) -> Result<(), CliError> {
     let config = read_config(config)?;
-    let cache = TempCache::new();
+    let cache = TempCache::new()?;
     let runtime = production_runtime(&cache)?;
     let kind = load(&runtime, file, &config, None).await?.kind();
     println!("file: {}", file.display());
@@ -440,7 +458,7 @@ async fn run_once(
     // As the edge builds it for a tenant with no region or price restrictions, on a node in the
     // default region, before any filter has labelled it.
     let summary = chain::summary("plugin-run", "local", &Chain::default(), "local", None, &req);
-    let cache = TempCache::new();
+    let cache = TempCache::new()?;
     let runtime = production_runtime(&cache)?;
     let plugin = load(&runtime, file, &config, kind).await?;
     let world = plugin.kind().world();
