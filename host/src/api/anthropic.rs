@@ -229,6 +229,10 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
         }
         WireContent::Blocks(blocks) => blocks,
     };
+    // A message with no blocks at all is kept, empty, for the upstream to judge: dropping it
+    // would change the turn order the client sent (and an empty text message, sent to an
+    // Anthropic upstream as `[]`, would vanish on the way back).
+    let no_blocks = blocks.is_empty();
     let mut parts = Vec::new();
     let mut calls = Vec::new();
     for (j, b) in blocks.into_iter().enumerate() {
@@ -281,7 +285,9 @@ fn to_canonical(i: usize, m: WireMessage, out: &mut Vec<Message>) -> Result<(), 
         }
     }
     let role = if m.role == WireRole::User { Role::User } else { Role::Assistant };
-    if !parts.is_empty() || !calls.is_empty() {
+    if no_blocks {
+        out.push(Message { content: Some(Content::Parts(Vec::new())), ..Message::text(role, "") });
+    } else if !parts.is_empty() || !calls.is_empty() {
         out.push(Message {
             content: parts_content(parts),
             tool_calls: (!calls.is_empty()).then_some(calls),
@@ -871,6 +877,24 @@ mod tests {
         assert_eq!(turns[1]["content"][1]["input"]["city"], "Oslo");
         assert_eq!(turns[2]["content"][0]["type"], "tool_result");
         assert_eq!(turns[2]["content"][1]["text"], "thanks");
+    }
+
+    /// Found by the fuzzer (fuzz/corpus/anthropic_request/empty_content): an empty turn went to
+    /// the upstream as `[]` and vanished when that body was read back.
+    #[test]
+    fn an_empty_turn_is_kept_and_translation_is_a_fixed_point() {
+        let body = br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":""},
+            {"role":"assistant","content":[]},{"role":"user","content":"hi"}]}"#;
+        let req = parse_request(body).unwrap();
+        assert_eq!(req.messages.len(), 3, "no turn dropped: {:?}", req.messages);
+        let first = upstream_body(&req, "claude", 1024);
+        let again = parse_request(&first).unwrap();
+        assert_eq!(again.messages.len(), 3);
+        let second = upstream_body(&again, "claude", 1024);
+        let (first, second): (Value, Value) =
+            (serde_json::from_slice(&first).unwrap(), serde_json::from_slice(&second).unwrap());
+        assert_eq!(first, second);
+        assert_eq!(first["messages"][1], json!({ "role": "assistant", "content": [] }));
     }
 
     #[test]
