@@ -3,9 +3,11 @@
 //! Starts the mock managed API and an edge node in front of it as separate release processes,
 //! then prints, for direct and through-the-edge calls: p50/p90/p99 latency and requests/s at
 //! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; the plugin
-//! chain (pii-redactor + latency-router) on and off at concurrency 1; the request ledger on and
-//! off at concurrency 64 (the edge's CPU per request, medians of 3 interleaved runs); cache-hit
-//! latency; the edge's RSS (idle and peak) and CPU time per request.
+//! chain (pii-redactor + latency-router) on and off at concurrency 1 and 64, non-streamed and
+//! streamed, and the request ledger on and off at concurrency 64 (two fresh edges side by side:
+//! p50, requests/s and the edge's CPU per request, medians of 3 interleaved runs); cache-hit
+//! latency; the edge's RSS (idle and peak) and CPU time per request. Any failed request (wrk's
+//! connect, read, write, status or timeout errors) fails the benchmark.
 //!
 //! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
 //! Options: `--duration SECS` per wrk run (default 5), `--ttft-requests N` (default 300).
@@ -121,46 +123,44 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
             }
         }
     }
-    // The same request through a second edge whose tenant runs the default plugin chain
-    // (pii-redactor, then latency-router), back to back with the plain edge.
-    let chain_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let chained =
-        start_edge(&bin_dir, &tmp, "edge-chain", chain_addr, mock_addr, Edge { chain: true, ..Edge::default() })?;
-    wait_listening(chain_addr)?;
-    let off = wrk(&tmp, &through, plain, 1, duration)?;
-    let on = wrk(&tmp, &format!("http://{chain_addr}"), plain, 1, duration)?;
-    drop(chained);
-    for (label, r) in [("chain off", &off), ("chain on", &on)] {
-        println!(
-            "| non-streamed, {label} | edge | 1 | {:.3} | {:.3} | {:.3} | {:.0} | {} | — |",
-            r.p50_ms, r.p90_ms, r.p99_ms, r.rps, r.errors
-        );
-    }
-    // The ledger's cost: two fresh edges, one with it and one without, side by side at c=64,
-    // interleaved and repeated; the medians of each edge's CPU per request.
-    let start = |name: &str, ledger: bool| -> Result<(Proc, String), String> {
+    // Fresh edges side by side (interleaved, repeated, medians): the default plugin chain
+    // (pii-redactor, then latency-router) on and off, and the request ledger on and off.
+    let start = |name: &str, edge: Edge| -> Result<(Proc, String), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let edge = start_edge(&bin_dir, &tmp, name, addr, mock_addr, Edge { ledger, ..Edge::default() })?;
+        let proc = start_edge(&bin_dir, &tmp, name, addr, mock_addr, edge)?;
         wait_listening(addr)?;
-        Ok((edge, format!("http://{addr}")))
+        Ok((proc, format!("http://{addr}")))
     };
-    let (ledgered, ledgered_url) = start("edge-ledger", true)?;
-    let (unledgered, unledgered_url) = start("edge-no-ledger", false)?;
-    let (mut with, mut without) = (Vec::new(), Vec::new());
-    for _ in 0..3 {
-        for (pid, url, into) in
-            [(ledgered.0.id(), &ledgered_url, &mut with), (unledgered.0.id(), &unledgered_url, &mut without)]
-        {
-            let before = proc_cpu(pid);
-            let r = wrk(&tmp, url, plain, 64, duration)?;
-            into.push(proc_cpu(pid).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64);
+    let chained = start("edge-chain", Edge { chain: true, ..Edge::default() })?;
+    let unchained = start("edge-no-chain", Edge::default())?;
+    let mut chain_rows = Vec::new();
+    for (scenario, body) in [("non-streamed", plain), ("streamed", streamed)] {
+        for conc in [1u32, 64] {
+            let [on, off] = side_by_side(&tmp, [&chained, &unchained], body, conc, duration, 3)?;
+            println!(
+                "| {scenario}, chain on / off | edge | {conc} | {:.3} / {:.3} | — | — | {:.0} / {:.0} ({:.0}%) | 0 | {:.1} / {:.1} (chain {:+.1}) |",
+                on.p50_ms,
+                off.p50_ms,
+                on.rps,
+                off.rps,
+                100.0 * on.rps / off.rps.max(1.0),
+                on.cpu_us,
+                off.cpu_us,
+                on.cpu_us - off.cpu_us
+            );
+            chain_rows.push((scenario, conc, on, off));
         }
     }
+    drop((chained, unchained));
+    let ledgered = start("edge-ledger", Edge::default())?;
+    let unledgered = start("edge-no-ledger", Edge { ledger: false, ..Edge::default() })?;
+    let [with, without] = side_by_side(&tmp, [&ledgered, &unledgered], plain, 64, duration, 3)?;
     drop((ledgered, unledgered));
-    let (on_cpu, off_cpu) = (median(&mut with), median(&mut without));
     println!(
-        "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {on_cpu:.1} / {off_cpu:.1} (ledger {:+.1}) |",
-        on_cpu - off_cpu
+        "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {:.1} / {:.1} (ledger {:+.1}) |",
+        with.cpu_us,
+        without.cpu_us,
+        with.cpu_us - without.cpu_us
     );
     let cpu_before = proc_cpu(edge_pid);
     let hit = wrk(&tmp, &through, cached, 1, duration)?;
@@ -170,11 +170,15 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
         hit.p50_ms, hit.p90_ms, hit.p99_ms, hit.rps, hit.errors
     );
     println!();
-    println!(
-        "Plugin chain (pii-redactor + latency-router), c=1: adds p50 {:+.3} ms, p99 {:+.3} ms",
-        on.p50_ms - off.p50_ms,
-        on.p99_ms - off.p99_ms
-    );
+    println!("Plugin chain (pii-redactor + latency-router), medians of 3 interleaved runs each:");
+    for (scenario, conc, on, off) in &chain_rows {
+        println!(
+            "  {scenario:<12} c={conc:<3} adds p50 {:+.3} ms, {:+.1} µs of edge CPU a request; keeps {:.0}% of req/s",
+            on.p50_ms - off.p50_ms,
+            on.cpu_us - off.cpu_us,
+            100.0 * on.rps / off.rps.max(1.0)
+        );
+    }
     println!("Added latency through the edge (edge − direct):");
     for (scenario, conc) in [("non-streamed", 1), ("non-streamed", 64), ("streamed", 1), ("streamed", 64)] {
         let get =
@@ -212,6 +216,43 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     drop(edge);
     let _ = std::fs::remove_dir_all(&tmp);
     Ok(())
+}
+
+/// Medians of one edge's runs in [`side_by_side`].
+#[derive(Clone, Copy)]
+struct Medians {
+    p50_ms: f64,
+    rps: f64,
+    cpu_us: f64,
+}
+
+/// `runs` wrk runs of `body` at `conc` against each of two edges, interleaved (a, b, a, b…) so
+/// that the machine's noise falls on both alike: the medians of each edge's p50, requests/s and
+/// CPU time per request.
+fn side_by_side(
+    tmp: &Path,
+    edges: [&(Proc, String); 2],
+    body: &str,
+    conc: u32,
+    duration: u64,
+    runs: usize,
+) -> Result<[Medians; 2], String> {
+    let mut samples = [[Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]];
+    for _ in 0..runs {
+        for (i, (proc, url)) in edges.iter().enumerate() {
+            let before = proc_cpu(proc.0.id());
+            let r = wrk(tmp, url, body, conc, duration)?;
+            let cpu = proc_cpu(proc.0.id()).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64;
+            samples[i][0].push(r.p50_ms);
+            samples[i][1].push(r.rps);
+            samples[i][2].push(cpu);
+        }
+    }
+    Ok(samples.map(|[mut p50, mut rps, mut cpu]| Medians {
+        p50_ms: median(&mut p50),
+        rps: median(&mut rps),
+        cpu_us: median(&mut cpu),
+    }))
 }
 
 /// What an edge of the benchmark runs besides the plain path.
@@ -351,6 +392,10 @@ end
         .ok_or_else(|| format!("wrk printed no result:\n{text}"))?;
     let n: Vec<u64> = line.split_whitespace().filter_map(|v| v.parse().ok()).collect();
     let [p50, p90, p99, requests, duration_us, errors] = n[..] else { return Err(format!("bad wrk line: {line}")) };
+    // A failed request is cheap for the edge: counting it would flatter every figure.
+    if errors > 0 {
+        return Err(format!("wrk saw {errors} failed requests (connect, read, write, non-2xx or timeout) at {base}"));
+    }
     Ok(WrkResult {
         p50_ms: p50 as f64 / 1e3,
         p90_ms: p90 as f64 / 1e3,

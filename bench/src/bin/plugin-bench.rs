@@ -1,8 +1,17 @@
 //! `plugin-bench`: the per-call cost of each shipped plugin on the production runtime settings.
 //!
-//! A call is what the edge pays per request and plugin: a fresh instance from the pool, the
-//! plugin's `configure`, its hook, and the output checks. Prints p50/p99 per plugin for prompts of
-//! 200 B, 2 KB and 32 KB (routers see only the prompt's size; filters scan its text).
+//! A call is what the edge pays per request and plugin: a fresh instance from the pool (started
+//! from the snapshot taken after `configure` where the plugin allows one, else with `configure`
+//! run on it), its hook, and the output checks. Prints p50/p99 per plugin, at concurrency 1 and
+//! 2 (tasks on a two-worker runtime, each calling in a loop), for:
+//! - the request side: prompts of 200 B, 2 KB and 32 KB (routers see only the prompt's size;
+//!   filters scan its text);
+//! - the answer side: a 2 KB answer whole (one call on a fresh instance), and streamed as 18
+//!   pieces to one session (its instance and the 18 calls, per answer);
+//! - the default chain per request: pii-redactor on a 1 KB prompt, latency-router, and
+//!   pii-redactor on a whole 1 KB answer;
+//! - the Python and JavaScript examples (`keyword-filter`, `residency-router`) next to the Rust
+//!   ones, when `scripts/build-python-plugins` / `scripts/build-js-plugins` have built them.
 //!
 //! Run it with `scripts/bench` (which builds the components and release binaries first), or
 //! `target/release/plugin-bench [--calls N]` after `scripts/build-plugins`.
@@ -22,7 +31,9 @@ fn main() {
         .position(|a| a == "--calls")
         .and_then(|i| args.get(i + 1))
         .map_or(2_000, |v| v.parse().expect("--calls takes a number"));
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a Tokio runtime");
+    // Two workers: the concurrency-2 rows run on both cores, as an edge's calls do.
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a Tokio runtime");
     if let Err(e) = runtime.block_on(run(calls)) {
         eprintln!("plugin-bench: {e}");
         std::process::exit(1);
@@ -77,22 +88,71 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-/// `calls` timed calls after 100 untimed ones, sorted.
-async fn timed<F, Fut>(calls: usize, mut call: F) -> Result<Vec<Duration>, String>
+type CallResult = Result<(), meridian::plugin::PluginError>;
+
+/// `calls` timed calls after 100 untimed ones, on each of `concurrency` tasks of a runtime with
+/// as many worker threads: every call's time, sorted.
+async fn timed<F, Fut>(calls: usize, concurrency: usize, call: F) -> Result<Vec<Duration>, String>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), meridian::plugin::PluginError>>,
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = CallResult> + Send,
 {
-    let mut times = Vec::with_capacity(calls);
-    for i in 0..calls + 100 {
-        let start = Instant::now();
-        call().await.map_err(|e| e.to_string())?;
-        if i >= 100 {
-            times.push(start.elapsed());
-        }
+    let call = Arc::new(call);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let call = Arc::clone(&call);
+            tokio::spawn(async move {
+                let mut times = Vec::with_capacity(calls);
+                for i in 0..calls + 100 {
+                    let start = Instant::now();
+                    call().await.map_err(|e| e.to_string())?;
+                    if i >= 100 {
+                        times.push(start.elapsed());
+                    }
+                }
+                Ok::<_, String>(times)
+            })
+        })
+        .collect();
+    let mut times = Vec::with_capacity(calls * concurrency);
+    for task in tasks {
+        times.extend(task.await.map_err(|e| e.to_string())??);
     }
     times.sort();
     Ok(times)
+}
+
+/// A component built by scripts/build-plugins (Rust) or the Python and JavaScript build
+/// scripts, by file stem; `None` when it is not built.
+fn wasm(name: &str) -> Option<Vec<u8>> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(path).ok()
+}
+
+/// One row of the table.
+struct Row<'a> {
+    plugin: &'a str,
+    side: &'a str,
+    size: String,
+}
+
+async fn row<F, Fut>(row: Row<'_>, calls: usize, concurrency: usize, call: F) -> Result<(), String>
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = CallResult> + Send,
+{
+    let times = timed(calls, concurrency, call).await?;
+    println!(
+        "| {} | {} | {} | {concurrency} | {:.1} | {:.1} |",
+        row.plugin,
+        row.side,
+        row.size,
+        percentile(&times, 50.0),
+        percentile(&times, 99.0)
+    );
+    Ok(())
 }
 
 async fn run(calls: usize) -> Result<(), String> {
@@ -100,39 +160,143 @@ async fn run(calls: usize) -> Result<(), String> {
     let settings = PluginSettings { cache_dir: dir.clone(), ..PluginSettings::default() };
     let metrics = PluginMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?;
     let runtime = PluginRuntime::new(settings, Arc::new(metrics)).map_err(|e| e.to_string())?;
-    let wasm = |name: &str| {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/wasm32-wasip2/release")
-            .join(format!("{name}.wasm"));
-        std::fs::read(&path).map_err(|e| format!("{}: {e} (run scripts/build-plugins)", path.display()))
-    };
+    let need = |name: &str| wasm(name).ok_or_else(|| format!("{name}.wasm is not built (run scripts/build-plugins)"));
     let limits = CallLimits::default();
-    let pii = runtime.load_filter("pii-redactor", "bench", &wasm("pii_redactor")?, "{}", limits.clone()).await;
-    let pii = pii.map_err(|e| e.to_string())?;
+    let load_filter = |name: &str, wasm: Vec<u8>, config: &str, limits: &CallLimits| {
+        let (runtime, name, config, limits) = (&runtime, name.to_string(), config.to_string(), limits.clone());
+        async move { runtime.load_filter(&name, "bench", &wasm, &config, limits).await.map(Arc::new) }
+    };
+    let load_router = |name: &str, wasm: Vec<u8>, config: &str, limits: &CallLimits| {
+        let (runtime, name, config, limits) = (&runtime, name.to_string(), config.to_string(), limits.clone());
+        async move { runtime.load_router(&name, "bench", &wasm, &config, limits).await.map(Arc::new) }
+    };
+    let pii = load_filter("pii-redactor", need("pii_redactor")?, "{}", &limits).await.map_err(|e| e.to_string())?;
+    let mut filters = vec![("pii-redactor (rust)".to_string(), Arc::clone(&pii))];
     let mut routers = Vec::new();
     for name in ["latency_router", "cost_router", "residency"] {
-        let r =
-            runtime.load_router(name, "bench", &wasm(name)?, "{}", limits.clone()).await.map_err(|e| e.to_string())?;
-        routers.push((name.replace('_', "-"), r));
+        let router = load_router(name, need(name)?, "{}", &limits).await.map_err(|e| e.to_string())?;
+        routers.push((format!("{} (rust)", name.replace('_', "-")), router));
     }
+    // The Python and JavaScript examples, when their build scripts have run.
+    // Syntax that Python's `re` and JavaScript's `RegExp` share; an interpreter's first instance
+    // (the load's trial) takes longer than a Rust plugin's whole budget, so they get 200 ms.
+    let keyword_config = r#"{"block": ["[Pp]assword"], "redact": {"email": "[-\\w.+]+@[-\\w]+(?:\\.[-\\w]+)+"}}"#;
+    let interpreted = CallLimits { deadline_ms: 200, ..CallLimits::default() };
+    for (lang, prefix) in [("python", "py"), ("js", "js")] {
+        match wasm(&format!("{prefix}_keyword_filter")) {
+            Some(bytes) => match load_filter("keyword-filter", bytes, keyword_config, &interpreted).await {
+                Ok(filter) => filters.push((format!("keyword-filter ({lang})"), filter)),
+                Err(e) => println!("keyword-filter ({lang}): cannot load: {e}"),
+            },
+            None => println!("keyword-filter ({lang}): not built (scripts/build-{lang}-plugins)"),
+        }
+        match wasm(&format!("{prefix}_residency_router")) {
+            Some(bytes) => match load_router("residency-router", bytes, "{}", &interpreted).await {
+                Ok(router) => routers.push((format!("residency-router ({lang})"), router)),
+                Err(e) => println!("residency-router ({lang}): cannot load: {e}"),
+            },
+            None => println!("residency-router ({lang}): not built (scripts/build-{lang}-plugins)"),
+        }
+    }
+    let pre_initialised: Vec<&str> = filters
+        .iter()
+        .filter(|(_, f)| f.pre_initialised())
+        .map(|(n, _)| n.as_str())
+        .chain(routers.iter().filter(|(_, r)| r.pre_initialised()).map(|(n, _)| n.as_str()))
+        .collect();
     println!(
-        "plugin-bench: {calls} calls each after 100 to warm up; fresh instance + configure + hook; pooling: {}",
-        runtime.is_pooling()
+        "plugin-bench: {calls} calls per task after 100 to warm up; a fresh instance and the hook per call; pooling: {}; \
+         started from the snapshot after configure: {}",
+        runtime.is_pooling(),
+        pre_initialised.join(", ")
     );
     println!();
-    println!("| plugin | prompt | p50 µs | p99 µs |");
-    println!("| --- | --- | --- | --- |");
-    let targets = targets();
-    for bytes in [200usize, 2 << 10, 32 << 10] {
-        let summary = summary(bytes);
-        let segments = vec![Segment { kind: SegmentKind::User, text: prompt(bytes) }];
-        let times = timed(calls, || async { pii.inspect_request(&summary, &segments).await.map(drop) }).await?;
-        println!("| pii-redactor | {bytes} B | {:.1} | {:.1} |", percentile(&times, 50.0), percentile(&times, 99.0));
-        for (name, router) in &routers {
-            let times = timed(calls, || async { router.route(&summary, &targets).await.map(drop) }).await?;
-            println!("| {name} | {bytes} B | {:.1} | {:.1} |", percentile(&times, 50.0), percentile(&times, 99.0));
+    println!("| plugin | side | input | tasks | p50 µs | p99 µs |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    let targets = Arc::new(targets());
+    for concurrency in [1, 2] {
+        for bytes in [200usize, 2 << 10, 32 << 10] {
+            let size = format!("{bytes} B");
+            let summary = Arc::new(summary(bytes));
+            let segments = Arc::new(vec![Segment { kind: SegmentKind::User, text: prompt(bytes) }]);
+            for (name, filter) in &filters {
+                let (filter, summary, segments) = (Arc::clone(filter), Arc::clone(&summary), Arc::clone(&segments));
+                let call = move || {
+                    let (filter, summary, segments) =
+                        (Arc::clone(&filter), Arc::clone(&summary), Arc::clone(&segments));
+                    async move { filter.inspect_request(&summary, &segments).await.map(drop) }
+                };
+                row(Row { plugin: name, side: "request", size: size.clone() }, calls, concurrency, call).await?;
+            }
+            for (name, router) in &routers {
+                let (router, summary, targets) = (Arc::clone(router), Arc::clone(&summary), Arc::clone(&targets));
+                let call = move || {
+                    let (router, summary, targets) = (Arc::clone(&router), Arc::clone(&summary), Arc::clone(&targets));
+                    async move { router.route(&summary, &targets).await.map(drop) }
+                };
+                row(Row { plugin: name, side: "route", size: size.clone() }, calls, concurrency, call).await?;
+            }
         }
+        // The answer side: a 2 KB answer whole, and streamed as 18 pieces to one session.
+        let answer = Arc::new(prompt(2 << 10));
+        for (name, filter) in &filters {
+            let (filter_whole, whole) = (Arc::clone(filter), Arc::clone(&answer));
+            let call = move || {
+                let (filter, text) = (Arc::clone(&filter_whole), Arc::clone(&whole));
+                async move { filter.inspect_response(&text).await.map(drop) }
+            };
+            row(Row { plugin: name, side: "answer, whole", size: "2048 B".into() }, calls, concurrency, call).await?;
+            let (filter, text) = (Arc::clone(filter), Arc::clone(&answer));
+            let call = move || {
+                let (filter, text) = (Arc::clone(&filter), Arc::clone(&text));
+                async move {
+                    let mut session = filter.response_session();
+                    for piece in pieces(&text, 18) {
+                        session.inspect(piece).await?;
+                    }
+                    Ok(())
+                }
+            };
+            row(Row { plugin: name, side: "answer, 18 pieces", size: "2048 B".into() }, calls, concurrency, call)
+                .await?;
+        }
+        // The default chain per request: pii-redactor on a 1 KB prompt, latency-router, and
+        // pii-redactor on the whole 1 KB answer.
+        let summary = Arc::new(summary(1 << 10));
+        let segments = Arc::new(vec![Segment { kind: SegmentKind::User, text: prompt(1 << 10) }]);
+        let answer = Arc::new(prompt(1 << 10));
+        let router = Arc::clone(&routers[0].1);
+        let (pii, targets) = (Arc::clone(&pii), Arc::clone(&targets));
+        let call = move || {
+            let (pii, router) = (Arc::clone(&pii), Arc::clone(&router));
+            let (summary, segments, targets, answer) =
+                (Arc::clone(&summary), Arc::clone(&segments), Arc::clone(&targets), Arc::clone(&answer));
+            async move {
+                pii.inspect_request(&summary, &segments).await?;
+                router.route(&summary, &targets).await?;
+                pii.inspect_response(&answer).await.map(drop)
+            }
+        };
+        let chain =
+            Row { plugin: "default chain (rust)", side: "request + route + answer", size: "1 KB + 1 KB".into() };
+        row(chain, calls, concurrency, call).await?;
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// `text` cut into `n` pieces on character boundaries, as a stream's deltas come.
+fn pieces(text: &str, n: usize) -> Vec<&str> {
+    let step = text.len().div_ceil(n);
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    while start < text.len() {
+        let mut end = (start + step).min(text.len());
+        while !text.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&text[start..end]);
+        start = end;
+    }
+    out
 }

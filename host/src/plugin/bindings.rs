@@ -69,17 +69,18 @@ pub(crate) struct CallState {
     table: ResourceTable,
     pub limiter: CallLimiter,
     guest: Arc<GuestIdentity>,
+    /// The pipes behind the guest's stdout and stderr (the WASI context holds clones).
+    pub stdout: CappedPipe,
+    pub stderr: CappedPipe,
     log_lines: u32,
     log_dropped: u64,
 }
 
 impl CallState {
-    /// A state whose stdout and stderr go to the given pipes; everything else WASI could give
-    /// (files, environment, arguments, network, name lookup, stdin) is absent.
     pub fn new(guest: Arc<GuestIdentity>, memory_bytes: usize, stdout: CappedPipe, stderr: CappedPipe) -> CallState {
         let wasi = WasiCtx::builder()
-            .stdout(stdout)
-            .stderr(stderr)
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
@@ -89,18 +90,35 @@ impl CallState {
             table: ResourceTable::new(),
             limiter: CallLimiter::new(memory_bytes),
             guest,
+            stdout,
+            stderr,
             log_lines: 0,
             log_dropped: 0,
         }
     }
 
-    /// Log lines the guest wrote past the per-call cap since the last call, which are now
-    /// counted: the count starts again from zero.
+    /// Readies the state of a finished call for another fresh instance: no resources, a new
+    /// memory account, no log lines, empty pipes. The WASI context is kept (building one seeds
+    /// two random generators); it holds nothing a guest can leave behind, only the pipes, the
+    /// clocks and the generators' state, which no guest can read back.
+    pub fn reset(&mut self, memory_bytes: usize) {
+        self.table = ResourceTable::new();
+        self.limiter = CallLimiter::new(memory_bytes);
+        self.stdout.clear();
+        self.stderr.clear();
+        self.begin_call();
+    }
+
     pub fn take_log_dropped(&mut self) -> u64 {
         std::mem::take(&mut self.log_dropped)
     }
 
-    /// Starts the next call on a kept instance: its log lines count afresh against the cap.
+    /// Whether the guest holds no host resources (WASI streams, pollables): what a snapshot
+    /// needs, since those live in the store, not in the instance's memory.
+    pub fn holds_no_resources(&self) -> bool {
+        self.table.is_empty()
+    }
+
     pub fn begin_call(&mut self) {
         self.log_lines = 0;
         self.log_dropped = 0;

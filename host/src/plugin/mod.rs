@@ -44,6 +44,7 @@ mod bindings;
 mod cache;
 mod metrics;
 mod runtime;
+mod snapshot;
 mod stdio;
 mod validate;
 

@@ -24,8 +24,23 @@ use super::bindings::{
 };
 use super::cache::{ArtifactCache, CacheStats};
 use super::metrics::PluginMetrics;
+use super::snapshot;
 use super::stdio::CappedPipe;
 use super::{validate, PluginError};
+
+/// Host-side call states one plugin keeps for reuse: about as many as run at once on a node's
+/// cores, so that a burst does not leave many behind.
+const SPARE_STATES: usize = 16;
+
+/// Epoch ticks a snapshot's accessors may take (an hour at the default 1 ms tick): wizer's own
+/// code, reading memories out, never the plugin's.
+const SNAPSHOT_TICKS: u64 = 3_600_000;
+
+/// Components above this size are not snapshotted. They are interpreters (CPython from
+/// componentize-py, a JavaScript engine from componentize-js: 12–18 MB), which their toolchains
+/// already pre-initialise at build time; a snapshot would compile them twice more at load (tens
+/// of seconds each) to save a `configure` that is small beside an interpreted call.
+const SNAPSHOT_MAX_WASM_BYTES: usize = 4 << 20;
 
 /// How long a guest's panic message may be in a [`PluginError::Trap`].
 const TRAP_MESSAGE_BYTES: usize = 512;
@@ -276,14 +291,15 @@ impl PluginRuntime {
         limits: CallLimits,
     ) -> Result<RouterPlugin, PluginError> {
         const WORLD: &str = "router";
-        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits).await?;
-        let pre = RouterPre::new(pre).map_err(|e| wrong_world(WORLD, e))?;
+        let typed = |pre| RouterPre::new(pre).map_err(|e| wrong_world(WORLD, e));
+        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits, typed).await?;
+        // A trial instance: the snapshot instantiates (and, without one, `configure` accepts).
         let _slot = self.inner.load_slot.lock().await;
         let mut call = core.start(None);
         let result = core
             .bounded(async {
                 let router = pre.instantiate_async(&mut call.store).await?;
-                router.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)
+                core.configure(|config| router.call_configure(&mut call.store, config)).await
             })
             .await;
         core.finish(call, result, |_| Ok(()))?;
@@ -300,30 +316,31 @@ impl PluginRuntime {
         limits: CallLimits,
     ) -> Result<FilterPlugin, PluginError> {
         const WORLD: &str = "privacy-filter";
-        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits).await?;
-        let pre = PrivacyFilterPre::new(pre).map_err(|e| wrong_world(WORLD, e))?;
+        let typed = |pre| PrivacyFilterPre::new(pre).map_err(|e| wrong_world(WORLD, e));
+        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits, typed).await?;
         let _slot = self.inner.load_slot.lock().await;
         let mut call = core.start(None);
         let result = core
             .bounded(async {
                 let filter = pre.instantiate_async(&mut call.store).await?;
-                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)
+                core.configure(|config| filter.call_configure(&mut call.store, config)).await
             })
             .await;
         core.finish(call, result, |_| Ok(()))?;
         Ok(FilterPlugin { core: self.register(core), pre })
     }
 
-    /// Compiles (or loads from the cache) and links a component; the world is checked by the
-    /// caller's typed `…Pre::new`, which looks up the world's exports.
-    async fn prepare(
+    /// Compiles (or loads from the cache) and links a component, checks its world with `typed`
+    /// (the world's `…Pre::new`, which looks up its exports), and pre-initialises it.
+    async fn prepare<P>(
         &self,
         name: &str,
         version: &str,
         wasm: WasmSource<'_>,
         config_json: &str,
         limits: CallLimits,
-    ) -> Result<(Arc<PluginCore>, InstancePre<CallState>), PluginError> {
+        typed: impl Fn(InstancePre<CallState>) -> Result<P, PluginError>,
+    ) -> Result<(Arc<PluginCore>, P), PluginError> {
         let settings = &self.inner.settings;
         let memory_bytes = limits.max_memory_bytes.unwrap_or(settings.max_memory_bytes);
         if memory_bytes > settings.max_memory_bytes {
@@ -341,16 +358,11 @@ impl PluginRuntime {
                 std::fs::read(path).map_err(|source| PluginError::Io { path: path.to_path_buf(), source })?
             }
         };
-        // Compiling takes up to seconds of CPU: not on a Tokio worker.
-        let inner = Arc::clone(&self.inner);
-        let component: Component = tokio::task::spawn_blocking(move || inner.cache.load(&inner.engine, &bytes))
-            .await
-            .map_err(|e| PluginError::Runtime(format!("compilation task failed: {e}")))??;
-        let pre = self.inner.linker.instantiate_pre(&component).map_err(|e| {
-            // The linker has WASI and `host`; an import outside them is a component written for
-            // another host, which is what a wrong world means to an operator.
-            PluginError::WrongWorld { world: "router or privacy-filter", message: format!("{e:#}") }
-        })?;
+        let component = self.compile(bytes.clone()).await?;
+        // Linking and the world first: a component written for another host or world is refused
+        // before anything of it runs.
+        let pre = self.link(&component)?;
+        typed(pre.clone())?;
         let deadline = Duration::from_millis(limits.deadline_ms);
         let tick = Duration::from_millis(settings.epoch_tick_ms);
         let guest = Arc::new(GuestIdentity {
@@ -374,8 +386,89 @@ impl PluginRuntime {
             memory_bytes,
             peak_memory_bytes: AtomicUsize::new(0),
             health: Mutex::default(),
+            preconfigured: false,
+            ok_calls: self.inner.metrics.calls.with_label_values(&[name, version, "ok"]),
+            call_seconds: self.inner.metrics.call_seconds.with_label_values(&[name]),
+            spare: Mutex::default(),
         };
+        let (core, pre) = self.pre_initialise(core, &bytes, pre).await?;
+        Ok((core, typed(pre)?))
+    }
+
+    fn link(&self, component: &Component) -> Result<InstancePre<CallState>, PluginError> {
+        self.inner.linker.instantiate_pre(component).map_err(|e| {
+            // The linker has WASI and `host`; an import outside them is a component written for
+            // another host, which is what a wrong world means to an operator.
+            PluginError::WrongWorld { world: "router or privacy-filter", message: format!("{e:#}") }
+        })
+    }
+
+    /// Takes the plugin's snapshot after `configure` ([`snapshot`]) and links it in place of
+    /// the component, so that calls skip `configure`; a component that cannot be snapshotted
+    /// keeps `pre` and runs `configure` per call. A failing `configure` fails the load, as the
+    /// trial call would.
+    async fn pre_initialise(
+        &self,
+        mut core: PluginCore,
+        wasm: &[u8],
+        pre: InstancePre<CallState>,
+    ) -> Result<(Arc<PluginCore>, InstancePre<CallState>), PluginError> {
+        let unsupported = |core: PluginCore, reason: String| {
+            tracing::info!(plugin = %core.id, %reason, "no snapshot after configure: every instance runs configure");
+            Ok((Arc::new(core), pre.clone()))
+        };
+        if wasm.len() > SNAPSHOT_MAX_WASM_BYTES {
+            let reason =
+                format!("a component of {} bytes (an interpreter, pre-initialised by its toolchain)", wasm.len());
+            return unsupported(core, reason);
+        }
+        let instrumented = match snapshot::instrument(wasm) {
+            Ok(instrumented) => instrumented,
+            Err(reason) => return unsupported(core, reason),
+        };
+        let component = match self.compile(instrumented.wasm.clone()).await {
+            Ok(component) => component,
+            Err(error) => return unsupported(core, format!("cannot compile the instrumented component: {error}")),
+        };
+        let taken = {
+            let _slot = self.inner.load_slot.lock().await;
+            let mut call = core.start(None);
+            let configured = core
+                .bounded(async {
+                    let configured = snapshot::configure(&component, &core.config, &self.inner.linker, &mut call.store);
+                    configured.await.map_err(|failure| match failure {
+                        snapshot::ConfigureFailure::Wasm(error) => Failure::Wasm(error),
+                        snapshot::ConfigureFailure::Rejected(reason) => Failure::Rejected(reason),
+                    })
+                })
+                .await;
+            let taken = match configured {
+                Ok(instance) => {
+                    // Copying the state out is the host's work, not the plugin's: past its deadline.
+                    call.store.set_epoch_deadline(SNAPSHOT_TICKS);
+                    Ok(snapshot::take(&instrumented, instance, &mut call.store).await)
+                }
+                Err(failure) => Err(failure),
+            };
+            core.finish(call, taken, |_| Ok(()))?
+        };
+        let bytes = match taken {
+            snapshot::Snapshot::Taken(bytes) => bytes,
+            snapshot::Snapshot::Unsupported(reason) => return unsupported(core, reason),
+        };
+        let pre = self.link(&self.compile(bytes).await?)?;
+        core.preconfigured = true;
+        tracing::debug!(plugin = %core.id, "instances start from the snapshot taken after configure");
         Ok((Arc::new(core), pre))
+    }
+
+    /// Compiles a component (or takes it from the cache), off the Tokio workers: compiling takes
+    /// up to seconds of CPU.
+    async fn compile(&self, bytes: Vec<u8>) -> Result<Component, PluginError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || inner.cache.load(&inner.engine, &bytes))
+            .await
+            .map_err(|e| PluginError::Runtime(format!("compilation task failed: {e}")))?
     }
 
     fn register(&self, core: Arc<PluginCore>) -> Arc<PluginCore> {
@@ -491,6 +584,13 @@ struct PluginCore {
     /// The most linear memory any one instance of this plugin has held, load included.
     peak_memory_bytes: AtomicUsize,
     health: Mutex<Health>,
+    /// Whether instances start from a snapshot taken after `configure`, so that calls skip it.
+    preconfigured: bool,
+    /// The metrics every successful call updates, looked up once rather than by labels per call.
+    ok_calls: prometheus::IntCounter,
+    call_seconds: prometheus::Histogram,
+    /// Host-side states of finished calls, kept for the next ones ([`CallState::reset`]).
+    spare: Mutex<Vec<CallState>>,
 }
 
 /// Recent failures of a plugin version, and whether it is quarantined.
@@ -549,14 +649,39 @@ impl PluginCore {
 
     /// A fresh store: WASI with nothing in it, capped stdio, the memory cap and the deadline.
     fn start(&self, permit: Option<OwnedSemaphorePermit>) -> Call {
-        let settings = &self.runtime.settings;
-        let stdout = CappedPipe::new(settings.max_stdio_bytes);
-        let stderr = CappedPipe::new(settings.max_stdio_bytes);
-        let state = CallState::new(Arc::clone(&self.guest), self.memory_bytes, stdout.clone(), stderr.clone());
+        let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let state = match spare {
+            Some(mut state) => {
+                state.reset(self.memory_bytes);
+                state
+            }
+            None => {
+                let bytes = self.runtime.settings.max_stdio_bytes;
+                CallState::new(
+                    Arc::clone(&self.guest),
+                    self.memory_bytes,
+                    CappedPipe::new(bytes),
+                    CappedPipe::new(bytes),
+                )
+            }
+        };
+        let (stdout, stderr) = (state.stdout.clone(), state.stderr.clone());
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
         Call { store, stdout, stderr, started: Instant::now(), counted: permit.is_some(), _permit: permit }
+    }
+
+    /// Runs `configure` on a fresh instance (`call` calls it with the plugin's configuration),
+    /// unless instances start from the snapshot taken after it.
+    async fn configure<'a, F>(&'a self, call: impl FnOnce(&'a str) -> F) -> Result<(), Failure>
+    where
+        F: std::future::Future<Output = wasmtime::Result<Result<(), String>>>,
+    {
+        if self.preconfigured {
+            return Ok(());
+        }
+        call(&self.config).await?.map_err(Failure::Rejected)
     }
 
     /// Runs the wasm side of a call under the wall-clock bound.
@@ -574,10 +699,16 @@ impl PluginCore {
     ) -> Result<R, PluginError> {
         let memory_hit = self.collect(&mut call.store);
         let Call { store, stdout, stderr, started, counted, _permit } = call;
-        // The instance may be poisoned by a trap; it is never reused, so dropping it is all.
-        drop(store);
+        // The instance may be poisoned by a trap; it is never reused, so dropping it is all. The
+        // host side of the store is kept for another call.
+        let state = store.into_data();
         drop(_permit);
-        self.settle(memory_hit, &stdout, &stderr, started, counted, result, check)
+        let result = self.settle(memory_hit, &stdout, &stderr, started, counted, result, check);
+        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+        if spare.len() < SPARE_STATES {
+            spare.push(state);
+        }
+        result
     }
 
     /// Readies a kept instance for its next call: the deadline re-armed (an epoch deadline counts
@@ -619,13 +750,9 @@ impl PluginCore {
         stdout.forward(&self.guest, "stdout");
         stderr.forward(&self.guest, "stderr");
         if counted {
-            self.runtime
-                .metrics
-                .call_seconds
-                .with_label_values(&[&self.id.name])
-                .observe(started.elapsed().as_secs_f64());
+            self.call_seconds.observe(started.elapsed().as_secs_f64());
             match &result {
-                Ok(_) => self.count("ok"),
+                Ok(_) => self.ok_calls.inc(),
                 Err(error) => {
                     self.count(error.kind());
                     if error.is_plugin_fault() {
@@ -700,6 +827,12 @@ impl RouterPlugin {
         self.core.peak_memory_bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether its instances start from the snapshot taken after `configure` (calls skip it),
+    /// rather than running `configure` on each.
+    pub fn pre_initialised(&self) -> bool {
+        self.core.preconfigured
+    }
+
     /// Asks the router where a request goes. The outcome is checked: a decision names only given
     /// targets (each once, at least one), a refusal has an HTTP error status.
     pub async fn route(&self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
@@ -708,7 +841,7 @@ impl RouterPlugin {
         let result = core
             .bounded(async {
                 let router = self.pre.instantiate_async(&mut call.store).await?;
-                router.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                core.configure(|config| router.call_configure(&mut call.store, config)).await?;
                 Ok(router.call_route(&mut call.store, summary, targets).await?)
             })
             .await;
@@ -781,7 +914,7 @@ impl RouterSession {
                     Some(router) => router,
                     None => {
                         let fresh = self.pre.instantiate_async(&mut call.store).await?;
-                        fresh.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                        core.configure(|config| fresh.call_configure(&mut call.store, config)).await?;
                         router.insert(fresh)
                     }
                 };
@@ -820,6 +953,12 @@ impl FilterPlugin {
         self.core.peak_memory_bytes.load(Ordering::Relaxed)
     }
 
+    /// Whether its instances start from the snapshot taken after `configure` (calls skip it),
+    /// rather than running `configure` on each.
+    pub fn pre_initialised(&self) -> bool {
+        self.core.preconfigured
+    }
+
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
     /// non-empty range on character boundaries, no overlaps.
     pub async fn inspect_request(
@@ -832,7 +971,7 @@ impl FilterPlugin {
         let result = core
             .bounded(async {
                 let filter = self.pre.instantiate_async(&mut call.store).await?;
-                filter.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                core.configure(|config| filter.call_configure(&mut call.store, config)).await?;
                 Ok(filter.call_inspect_request(&mut call.store, summary, segments).await?)
             })
             .await;
@@ -1004,7 +1143,7 @@ impl ResponseSession {
                     Some(filter) => filter,
                     None => {
                         let fresh = self.pre.instantiate_async(&mut call.store).await?;
-                        fresh.call_configure(&mut call.store, &core.config).await?.map_err(Failure::Rejected)?;
+                        core.configure(|config| fresh.call_configure(&mut call.store, config)).await?;
                         filter.insert(fresh)
                     }
                 };

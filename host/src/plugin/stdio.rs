@@ -38,6 +38,11 @@ impl CappedPipe {
         CappedPipe { capacity, buffer: Arc::default() }
     }
 
+    /// Drops whatever is kept, for the pipe's next call.
+    pub fn clear(&self) {
+        *self.buffer.lock().unwrap_or_else(PoisonError::into_inner) = Buffer::default();
+    }
+
     fn push(&self, bytes: &[u8]) {
         // A poisoned lock only means another writer panicked mid-push; the bytes are still bytes.
         let mut buffer = self.buffer.lock().unwrap_or_else(PoisonError::into_inner);

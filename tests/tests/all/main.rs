@@ -15,6 +15,7 @@ mod ledger;
 mod metrics;
 mod openai_sdk;
 mod pii_recall;
+mod plugin_languages;
 mod plugin_runtime;
 mod plugins;
 mod provider_cache;

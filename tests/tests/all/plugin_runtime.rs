@@ -163,6 +163,23 @@ async fn the_good_router_answers_on_a_fresh_instance_every_call() {
     assert!(rig.runtime.is_pooling(), "the default pool fits this machine");
 }
 
+/// Instances start from the snapshot taken after `configure`: what it kept reaches every call,
+/// and what a call does still never reaches the next.
+#[tokio::test]
+async fn instances_start_configured_and_still_fresh() {
+    let rig = rig(|_| {});
+    let router = rig.router("good-router", "tuned", 200).await;
+    assert!(router.pre_initialised(), "the good router can be snapshotted after configure");
+    for _ in 0..3 {
+        match router.route(&summary(), &targets()).await.unwrap() {
+            Outcome::Route(decision) => assert_eq!(decision.model_rewrite.as_deref(), Some("tuned")),
+            other => panic!("expected a decision, got {other:?}"),
+        }
+    }
+    let seen = rig.metrics.guest_histograms.with_label_values(&["good-router", "instance_calls"]);
+    assert_eq!((seen.get_sample_count(), seen.get_sample_sum()), (3, 3.0), "an instance was reused");
+}
+
 /// Prints the cost of a call to the good router (fresh instance, configure, route): a figure
 /// to read, not a bound to assert. Run with `--nocapture`; meaningful in a release build.
 #[tokio::test]
@@ -441,8 +458,11 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
         other => panic!("expected a decision, got {other:?}"),
     }
 
+    assert!(router.pre_initialised());
+
     let filter =
         rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), "{}", limits(50)).await.unwrap();
+    assert!(filter.pre_initialised());
     let segments = vec![Segment { kind: SegmentKind::User, text: "write to ana.lopez@example.com please".into() }];
     // The runtime has already checked any redactions against the contract.
     let verdict = filter.inspect_request(&summary(), &segments).await.unwrap();
