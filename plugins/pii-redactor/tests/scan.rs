@@ -597,3 +597,55 @@ fn json_escapes_separate_words() {
     // Only those escapes: `\u` or a plain `n` still glue.
     assert_none(&[r"x\u0041alice@example", "nalice@example"]);
 }
+
+/// `text` with `pad` spaces in front, so that a value falls at every offset of the scanner's
+/// eight-byte blocks.
+fn padded(pad: usize, text: &str) -> String {
+    format!("{}{text}", " ".repeat(pad))
+}
+
+#[test]
+fn values_are_found_at_every_block_offset() {
+    // The scanner reads eight bytes at a time: values, escapes and the `@` or `:` that let any
+    // letter start a value must count wherever they fall in a block, and across two.
+    let cases: &[(&str, Vec<(&str, &str)>)] = &[
+        ("mail to mary@example.org now", vec![("email", "mary@example.org")]),
+        ("ab@x.io then zed.q@example.com", vec![("email", "ab@x.io"), ("email", "zed.q@example.com")]),
+        (r"x\tlisa@example.com", vec![("email", "lisa@example.com")]),
+        (r"k\nsk-proj-a1B2c3D4e5F6g7H8i9J0kLmN", vec![("secret", "sk-proj-a1B2c3D4e5F6g7H8i9J0kLmN")]),
+        ("host fe80::1ff:fe23:4567:890a up", vec![("ipv6", "fe80::1ff:fe23:4567:890a")]),
+        ("addr dead:beef::1 up", vec![("ipv6", "dead:beef::1")]),
+        ("paid GB82 WEST 1234 5698 7654 32 today", vec![("iban", "GB82 WEST 1234 5698 7654 32")]),
+        (
+            "id ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 ok",
+            vec![("secret", "ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789")],
+        ),
+        ("card 4111 1111 1111 1111 x12", vec![("card", "4111 1111 1111 1111")]),
+        ("order 4411 paid", vec![]),
+        ("Call me at 555-0132 today", vec![("phone", "555-0132")]),
+    ];
+    for pad in 0..16 {
+        for (text, want) in cases {
+            let text = padded(pad, text);
+            assert_eq!(found(&text), *want, "in {text:?}");
+        }
+    }
+}
+
+#[test]
+fn a_card_loses_only_to_a_longer_phone_number() {
+    // A 12-digit Maestro number is also a contextual phone shape: the phone number wins only when
+    // it reads on past the card, into an extension; one that ends where the card does never
+    // replaces it.
+    assert_eq!(found("call 5000 0000 0009 x12"), vec![("phone", "5000 0000 0009 x12")]);
+    assert_eq!(found("call 5000 0000 0009 ext. 4"), vec![("phone", "5000 0000 0009 ext. 4")]);
+    assert_eq!(found("call 5000 0000 0009"), vec![("card", "5000 0000 0009")]);
+    assert_eq!(found("4111 1111 1111 1111 ext. 12"), vec![("card", "4111 1111 1111 1111")]);
+    assert_eq!(found("4111-1111-1111-1111 ok"), vec![("card", "4111-1111-1111-1111")]);
+}
+
+#[test]
+fn punctuation_after_a_word_starts_nothing() {
+    // A `-`, `+`, `(` or `:` right after a word is inside a token, not at a word start.
+    assert_none(&["xox-----BEGIN RSA PRIVATE KEY-----\nabc", "a+44 20 7946 0958", "f(415) 555-0132"]);
+}

@@ -12,7 +12,7 @@ const MAX_DOMAIN: usize = 253;
 /// The characters accepted in a local part: the common subset of RFC 5322's atext. Quotes, `=`,
 /// `/` and the like are left out because in prose and code they delimit an address rather than
 /// belong to it (`to='bob@example.com'`).
-fn is_local(c: u8) -> bool {
+pub(super) fn is_local(c: u8) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-')
 }
 
@@ -157,6 +157,23 @@ impl Groups {
     }
 }
 
+/// Whether [`Groups::read`] goes on to another group after a group ending at `e` (before a
+/// `)` that closes it, if any): the separators it accepts, then a digit or `(` and a digit. A
+/// necessary condition only (it ignores the group count and a first group in parentheses), so
+/// that callers can skip [`phone`] where it would find a single group.
+pub(super) fn next_group(b: &[u8], e: usize) -> bool {
+    let mut r = e + usize::from(b.get(e) == Some(&b' '));
+    if let Some(&c @ (b'.' | b'-' | b'/')) = b.get(r) {
+        if c == b'.' && b.get(r + 1) == Some(&b' ') {
+            return false;
+        }
+        r += 1;
+        r += usize::from(b.get(r) == Some(&b' '));
+    }
+    r += usize::from(b.get(r) == Some(&b'('));
+    digit_at(b, r)
+}
+
 /// A phone number starting at `i` (a digit, `+` or `(`), with its extension if one follows
 /// (`x353`, ` ext. 12`), that ends past `beat` (another detector's longer finding wins anyway);
 /// returns its end.
@@ -219,7 +236,7 @@ pub(super) fn phone(b: &[u8], i: usize, beat: usize) -> Option<usize> {
 
 /// The end of an extension right after a number at `e`: `x`, `ext` or `ext.` (any case), an
 /// optional space before and after, and 1–6 digits (`-7740x353`, `0132 ext. 12`).
-fn extension(b: &[u8], e: usize) -> Option<usize> {
+pub(super) fn extension(b: &[u8], e: usize) -> Option<usize> {
     let mut p = e + usize::from(b.get(e) == Some(&b' '));
     let word = b.get(p..)?;
     p += if word.len() >= 3 && word[..3].eq_ignore_ascii_case(b"ext") {

@@ -70,19 +70,16 @@ fn issued(iin: u32, len: usize) -> bool {
 
 /// The Luhn checksum over the digits of `s`, skipping separators.
 fn luhn(s: &[u8]) -> bool {
+    /// A digit doubled, its two digits summed.
+    const DOUBLED: [u32; 10] = [0, 2, 4, 6, 8, 1, 3, 5, 7, 9];
     let mut sum = 0u32;
-    for (k, c) in s.iter().rev().filter(|c| c.is_ascii_digit()).enumerate() {
-        let d = u32::from(c - b'0');
-        sum += if k % 2 == 1 {
-            let x = d * 2;
-            if x > 9 {
-                x - 9
-            } else {
-                x
-            }
-        } else {
-            d
-        };
+    let mut double = false;
+    for &c in s.iter().rev() {
+        if c.is_ascii_digit() {
+            let d = usize::from(c - b'0');
+            sum += if double { DOUBLED[d] } else { d as u32 };
+            double = !double;
+        }
     }
     sum.is_multiple_of(10)
 }
