@@ -32,17 +32,22 @@ use serde::Deserialize;
 /// The `plugin` subcommands.
 #[derive(Subcommand)]
 pub enum PluginCommand {
-    /// Write a new plugin crate: Cargo.toml, src/lib.rs, README.md and sample input files.
+    /// Write a new plugin project: its source, build files, README.md and sample input files
+    /// (Rust: a crate on the guest SDK; Python and JavaScript: a project with the contract and
+    /// the SDK copied in).
     New {
-        /// The crate's name: a letter, then letters, digits, `-` or `_`.
+        /// The plugin's name: a letter, then letters, digits, `-` or `_`.
         name: String,
         /// Which kind of plugin.
         #[arg(long, value_enum)]
         kind: Kind,
+        /// The language it is written in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
         /// The crate's directory, which must not exist yet [default: ./NAME].
         #[arg(long, value_name = "PATH")]
         dir: Option<PathBuf>,
-        /// The guest SDK crate to depend on [default: this checkout's plugins/sdk].
+        /// For Rust: the guest SDK crate to depend on [default: this checkout's plugins/sdk].
         #[arg(long, value_name = "PATH")]
         sdk: Option<PathBuf>,
     },
@@ -54,6 +59,10 @@ pub enum PluginCommand {
         /// `.json` file (an object) [default: {}].
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// The call deadline in milliseconds, as `deadline_ms` in the node's `[plugins.NAME]`:
+        /// Python and JavaScript plugins need more than a Rust plugin's default.
+        #[arg(long, value_name = "MS", default_value_t = CallLimits::default().deadline_ms)]
+        deadline_ms: u64,
     },
     /// Call a plugin once on a request, with the node's runtime limits, and print its answer.
     Run {
@@ -72,7 +81,22 @@ pub enum PluginCommand {
         /// The plugin's kind; found by trying router, then filter, when absent.
         #[arg(long, value_enum)]
         kind: Option<Kind>,
+        /// The call deadline in milliseconds, as `deadline_ms` in the node's `[plugins.NAME]`:
+        /// Python and JavaScript plugins need more than a Rust plugin's default.
+        #[arg(long, value_name = "MS", default_value_t = CallLimits::default().deadline_ms)]
+        deadline_ms: u64,
     },
+}
+
+/// A language plugins are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Lang {
+    /// Rust, with the guest SDK (`cargo build --target wasm32-wasip2`).
+    Rust,
+    /// Python, with componentize-py.
+    Python,
+    /// JavaScript, with jco and componentize-js.
+    Js,
 }
 
 /// A plugin kind, as the CLI names it (the config's `kind`).
@@ -189,10 +213,12 @@ pub enum CliError {
 /// Runs a `plugin` subcommand, printing its error on failure.
 pub fn run(command: PluginCommand) -> ExitCode {
     let result = match command {
-        PluginCommand::New { name, kind, dir, sdk } => new(&name, kind, dir, sdk),
-        PluginCommand::Check { file, config } => block_on(check(&file, config.as_deref())),
-        PluginCommand::Run { file, request, targets, config, kind } => {
-            block_on(run_once(&file, &request, targets.as_deref(), config.as_deref(), kind))
+        PluginCommand::New { name, kind, lang, dir, sdk } => new(&name, kind, lang, dir, sdk),
+        PluginCommand::Check { file, config, deadline_ms } => {
+            block_on(check(&file, config.as_deref(), limits(deadline_ms)))
+        }
+        PluginCommand::Run { file, request, targets, config, kind, deadline_ms } => {
+            block_on(run_once(&file, &request, targets.as_deref(), config.as_deref(), kind, limits(deadline_ms)))
         }
     };
     match result {
@@ -221,7 +247,8 @@ fn block_on(work: impl std::future::Future<Output = Result<(), CliError>>) -> Re
 // ---- plugin new -------------------------------------------------------------------------------
 
 // The template files, kept as real files under host/templates/plugin/ so they can be read and
-// edited as what they are; `{{name}}`-style placeholders are filled in by `new`.
+// edited as what they are; `{{name}}`-style placeholders are filled in by `new`. The sample input
+// files serve every language.
 const TEMPLATE_CARGO_TOML: &str = include_str!("../templates/plugin/Cargo.toml.in");
 const TEMPLATE_GITIGNORE: &str = include_str!("../templates/plugin/gitignore");
 const TEMPLATE_ROUTER_LIB: &str = include_str!("../templates/plugin/router/lib.rs");
@@ -231,22 +258,49 @@ const TEMPLATE_ROUTER_TARGETS: &str = include_str!("../templates/plugin/router/t
 const TEMPLATE_FILTER_LIB: &str = include_str!("../templates/plugin/filter/lib.rs");
 const TEMPLATE_FILTER_README: &str = include_str!("../templates/plugin/filter/README.md");
 const TEMPLATE_FILTER_REQUEST: &str = include_str!("../templates/plugin/filter/request.json");
+const PYTHON_GITIGNORE: &str = include_str!("../templates/plugin/python/gitignore");
+const PYTHON_ROUTER_APP: &str = include_str!("../templates/plugin/python/router/app.py");
+const PYTHON_ROUTER_README: &str = include_str!("../templates/plugin/python/router/README.md");
+const PYTHON_FILTER_APP: &str = include_str!("../templates/plugin/python/filter/app.py");
+const PYTHON_FILTER_README: &str = include_str!("../templates/plugin/python/filter/README.md");
+const JS_GITIGNORE: &str = include_str!("../templates/plugin/js/gitignore");
+const JS_ROUTER_PLUGIN: &str = include_str!("../templates/plugin/js/router/plugin.js");
+const JS_ROUTER_PACKAGE: &str = include_str!("../templates/plugin/js/router/package.json");
+const JS_ROUTER_README: &str = include_str!("../templates/plugin/js/router/README.md");
+const JS_FILTER_PLUGIN: &str = include_str!("../templates/plugin/js/filter/plugin.js");
+const JS_FILTER_PACKAGE: &str = include_str!("../templates/plugin/js/filter/package.json");
+const JS_FILTER_README: &str = include_str!("../templates/plugin/js/filter/README.md");
+
+/// The contract and the Python and JavaScript SDKs, copied into a new project of their language
+/// so that it builds on its own.
+const WIT: &str = include_str!("../../wit/meridian-plugin.wit");
+const PYTHON_SDK: [(&str, &str); 3] = [
+    ("meridian_plugin/__init__.py", include_str!("../../plugins/python/sdk/meridian_plugin/__init__.py")),
+    ("meridian_plugin/routing.py", include_str!("../../plugins/python/sdk/meridian_plugin/routing.py")),
+    ("meridian_plugin/filtering.py", include_str!("../../plugins/python/sdk/meridian_plugin/filtering.py")),
+];
+const JS_SDK: &str = include_str!("../../plugins/js/sdk/meridian.js");
 
 /// The guest SDK of the checkout this binary was built from.
 const DEFAULT_SDK: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/sdk");
 
-/// `plugin new`: writes the crate for `kind` into `dir` (default `./NAME`).
-fn new(name: &str, kind: Kind, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<(), CliError> {
+/// `plugin new`: writes the project for `kind` in `lang` into `dir` (default `./NAME`).
+fn new(name: &str, kind: Kind, lang: Lang, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Result<(), CliError> {
     if !valid_crate_name(name) {
         return Err(CliError::BadName(name.into()));
     }
-    let sdk = sdk.unwrap_or_else(|| PathBuf::from(DEFAULT_SDK));
-    // Absolute, so that the dependency holds wherever the crate is built from.
-    let sdk = sdk.canonicalize().map_err(|_| CliError::NoSdk(sdk.clone()))?;
-    if !sdk.join("Cargo.toml").is_file() {
-        return Err(CliError::NoSdk(sdk));
-    }
-    let sdk_toml = sdk.to_str().and_then(toml_basic_string_body).ok_or_else(|| CliError::SdkPath(sdk.clone()))?;
+    let sdk_toml = match lang {
+        Lang::Rust => {
+            let sdk = sdk.unwrap_or_else(|| PathBuf::from(DEFAULT_SDK));
+            // Absolute, so that the dependency holds wherever the crate is built from.
+            let sdk = sdk.canonicalize().map_err(|_| CliError::NoSdk(sdk.clone()))?;
+            if !sdk.join("Cargo.toml").is_file() {
+                return Err(CliError::NoSdk(sdk));
+            }
+            sdk.to_str().and_then(toml_basic_string_body).ok_or_else(|| CliError::SdkPath(sdk.clone()))?
+        }
+        Lang::Python | Lang::Js => String::new(),
+    };
     let dir = dir.unwrap_or_else(|| PathBuf::from(name));
     let lib_name = name.replace('-', "_");
     let fill = |text: &str| {
@@ -255,40 +309,83 @@ fn new(name: &str, kind: Kind, dir: Option<PathBuf>, sdk: Option<PathBuf>) -> Re
             .replace("{{kind}}", kind.world())
             .replace("{{sdk_path}}", &sdk_toml)
     };
-    let mut files = vec![("Cargo.toml", fill(TEMPLATE_CARGO_TOML)), (".gitignore", TEMPLATE_GITIGNORE.to_string())];
-    match kind {
-        Kind::Router => files.extend([
-            ("src/lib.rs", fill(TEMPLATE_ROUTER_LIB)),
-            ("README.md", fill(TEMPLATE_ROUTER_README)),
-            ("request.json", TEMPLATE_ROUTER_REQUEST.to_string()),
-            ("targets.json", TEMPLATE_ROUTER_TARGETS.to_string()),
-        ]),
-        Kind::Filter => files.extend([
-            ("src/lib.rs", fill(TEMPLATE_FILTER_LIB)),
-            ("README.md", fill(TEMPLATE_FILTER_README)),
-            ("request.json", TEMPLATE_FILTER_REQUEST.to_string()),
-        ]),
-    }
+    let (request, targets) = match kind {
+        Kind::Router => (TEMPLATE_ROUTER_REQUEST, Some(TEMPLATE_ROUTER_TARGETS)),
+        Kind::Filter => (TEMPLATE_FILTER_REQUEST, None),
+    };
+    let mut files: Vec<(&str, String)> = vec![("request.json", request.to_string())];
+    files.extend(targets.map(|t| ("targets.json", t.to_string())));
+    let (build, wasm) = match (lang, kind) {
+        (Lang::Rust, _) => {
+            let (lib, readme) = match kind {
+                Kind::Router => (TEMPLATE_ROUTER_LIB, TEMPLATE_ROUTER_README),
+                Kind::Filter => (TEMPLATE_FILTER_LIB, TEMPLATE_FILTER_README),
+            };
+            files.extend([
+                ("Cargo.toml", fill(TEMPLATE_CARGO_TOML)),
+                (".gitignore", TEMPLATE_GITIGNORE.to_string()),
+                ("src/lib.rs", fill(lib)),
+                ("README.md", fill(readme)),
+            ]);
+            (
+                "cargo build --release --target wasm32-wasip2".to_string(),
+                format!("target/wasm32-wasip2/release/{lib_name}.wasm"),
+            )
+        }
+        (Lang::Python, _) => {
+            let (app, readme) = match kind {
+                Kind::Router => (PYTHON_ROUTER_APP, PYTHON_ROUTER_README),
+                Kind::Filter => (PYTHON_FILTER_APP, PYTHON_FILTER_README),
+            };
+            files.extend([
+                (".gitignore", PYTHON_GITIGNORE.to_string()),
+                ("app.py", fill(app)),
+                ("README.md", fill(readme)),
+                ("wit/meridian-plugin.wit", WIT.to_string()),
+            ]);
+            files.extend(PYTHON_SDK.iter().map(|(path, text)| (*path, text.to_string())));
+            let build = format!(
+                "python3 -m venv .venv && .venv/bin/pip install componentize-py==0.25.1\n  .venv/bin/componentize-py -d wit -w {} componentize app -o {lib_name}.wasm",
+                kind.world()
+            );
+            (build, format!("{lib_name}.wasm"))
+        }
+        (Lang::Js, _) => {
+            let (plugin, package, readme) = match kind {
+                Kind::Router => (JS_ROUTER_PLUGIN, JS_ROUTER_PACKAGE, JS_ROUTER_README),
+                Kind::Filter => (JS_FILTER_PLUGIN, JS_FILTER_PACKAGE, JS_FILTER_README),
+            };
+            files.extend([
+                (".gitignore", JS_GITIGNORE.to_string()),
+                ("plugin.js", fill(plugin)),
+                ("package.json", fill(package)),
+                ("README.md", fill(readme)),
+                ("meridian.js", JS_SDK.to_string()),
+                ("wit/meridian-plugin.wit", WIT.to_string()),
+            ]);
+            ("npm install\n  npm run build".to_string(), format!("dist/{lib_name}.wasm"))
+        }
+    };
 
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| CliError::Io { path: parent.to_path_buf(), source })?;
     }
-    // `create_dir` fails on anything already there, so an existing crate is never overwritten.
+    // `create_dir` fails on anything already there, so an existing project is never overwritten.
     std::fs::create_dir(&dir).map_err(|source| match source.kind() {
         std::io::ErrorKind::AlreadyExists => CliError::Exists(dir.clone()),
         _ => CliError::Io { path: dir.clone(), source },
     })?;
-    let src = dir.join("src");
-    std::fs::create_dir(&src).map_err(|source| CliError::Io { path: src, source })?;
     for (file, text) in files {
         let path = dir.join(file);
+        if let Some(folder) = path.parent() {
+            std::fs::create_dir_all(folder).map_err(|source| CliError::Io { path: folder.to_path_buf(), source })?;
+        }
         std::fs::write(&path, text).map_err(|source| CliError::Io { path, source })?;
     }
 
-    let wasm = format!("target/wasm32-wasip2/release/{lib_name}.wasm");
     let targets = if kind == Kind::Router { " --targets targets.json" } else { "" };
     println!(
-        "created {} plugin `{name}` in {}\n\nnext:\n  cd {}\n  cargo build --release --target wasm32-wasip2\n  meridian plugin check {wasm}\n  meridian plugin run {wasm} --request request.json{targets}",
+        "created {} plugin `{name}` in {}\n\nnext:\n  cd {}\n  {build}\n  meridian plugin check {wasm}\n  meridian plugin run {wasm} --request request.json{targets}",
         kind.world(),
         dir.display(),
         dir.display(),
@@ -374,9 +471,20 @@ impl Loaded {
 }
 
 /// Loads `file` as `kind`, or as whichever world it implements (router first), with `config`.
-async fn load(runtime: &PluginRuntime, file: &Path, config: &str, kind: Option<Kind>) -> Result<Loaded, CliError> {
+/// The node's default call limits, with `deadline_ms`.
+fn limits(deadline_ms: u64) -> CallLimits {
+    CallLimits { deadline_ms, ..CallLimits::default() }
+}
+
+async fn load(
+    runtime: &PluginRuntime,
+    file: &Path,
+    config: &str,
+    kind: Option<Kind>,
+    limits: CallLimits,
+) -> Result<Loaded, CliError> {
     let name = file.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned());
-    let (name, version, limits) = (name.as_str(), "dev", CallLimits::default());
+    let (name, version) = (name.as_str(), "dev");
     let fail = |world: Kind, source: PluginError| match source {
         PluginError::ConfigRejected(message) => CliError::ConfigRejected {
             file: file.to_path_buf(),
@@ -431,11 +539,11 @@ fn read_config(path: Option<&Path>) -> Result<String, CliError> {
 }
 
 /// `plugin check`.
-async fn check(file: &Path, config: Option<&Path>) -> Result<(), CliError> {
+async fn check(file: &Path, config: Option<&Path>, limits: CallLimits) -> Result<(), CliError> {
     let config = read_config(config)?;
     let cache = TempCache::new()?;
     let runtime = production_runtime(&cache)?;
-    let kind = load(&runtime, file, &config, None).await?.kind();
+    let kind = load(&runtime, file, &config, None, limits).await?.kind();
     println!("file: {}", file.display());
     println!("world: {}", kind.world());
     println!("exports: {}", kind.exports());
@@ -450,6 +558,7 @@ async fn run_once(
     targets: Option<&Path>,
     config: Option<&Path>,
     kind: Option<Kind>,
+    limits: CallLimits,
 ) -> Result<(), CliError> {
     let config = read_config(config)?;
     let body = std::fs::read(request).map_err(|source| CliError::Io { path: request.into(), source })?;
@@ -460,11 +569,11 @@ async fn run_once(
     let summary = chain::summary("plugin-run", "local", &Chain::default(), "local", None, &req);
     let cache = TempCache::new()?;
     let runtime = production_runtime(&cache)?;
-    let plugin = load(&runtime, file, &config, kind).await?;
+    let plugin = load(&runtime, file, &config, kind, limits).await?;
     let world = plugin.kind().world();
     let fail = |source| CliError::Plugin { file: file.to_path_buf(), world, source };
     println!("world: {world}");
-    let (elapsed, peak) = match plugin {
+    let (elapsed, peak, pre_initialised) = match plugin {
         Loaded::Router(router) => {
             let path = targets.ok_or_else(|| CliError::NeedTargets(file.to_path_buf()))?;
             let targets = read_targets(path, &req)?;
@@ -472,7 +581,7 @@ async fn run_once(
             let outcome = router.route(&summary, &targets).await.map_err(fail)?;
             let elapsed = started.elapsed();
             print!("{}", describe_outcome(&outcome));
-            (elapsed, router.peak_memory_bytes())
+            (elapsed, router.peak_memory_bytes(), router.pre_initialised())
         }
         Loaded::Filter(filter) => {
             let segments = redaction::segments(&req);
@@ -480,10 +589,15 @@ async fn run_once(
             let verdict = filter.inspect_request(&summary, &segments).await.map_err(fail)?;
             let elapsed = started.elapsed();
             print!("{}", describe_verdict(&verdict, &segments, &mut req)?);
-            (elapsed, filter.peak_memory_bytes())
+            (elapsed, filter.peak_memory_bytes(), filter.pre_initialised())
         }
     };
-    println!("time: {} (a fresh instance: instantiate, configure, call)", millis(elapsed));
+    let instance = if pre_initialised {
+        "a fresh instance of the snapshot taken after configure: instantiate, call"
+    } else {
+        "a fresh instance: instantiate, configure, call"
+    };
+    println!("time: {} ({instance})", millis(elapsed));
     println!("peak memory: {} KiB of linear memory", peak.div_ceil(1024));
     println!("fuel: not metered (epoch deadlines)");
     Ok(())

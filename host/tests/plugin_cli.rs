@@ -141,60 +141,95 @@ fn run_shows_a_routers_decision() {
     assert!(stderr(&o).contains("pass --targets"), "{}", stderr(&o));
 }
 
-/// `plugin new` → `cargo build` → `plugin check` → `plugin run` for one kind, as the README says.
-fn template_end_to_end(kind: &str, expect: &[&str]) {
-    let dir = TempDir::new(&format!("template-{kind}"));
+/// `plugin new` → build → `plugin check` → `plugin run` for one kind in one language, as the
+/// README says. Python and JavaScript projects are built with the toolchains scripts/build-plugins
+/// pinned and installed (the commands the project's README gives, with those tools).
+fn template_end_to_end(kind: &str, lang: &str, expect: &[&str]) {
+    let dir = TempDir::new(&format!("template-{lang}-{kind}"));
     let name = format!("my-{kind}");
-    let out = ok(&dir.0, &["plugin", "new", &name, "--kind", kind]);
+    let out = ok(&dir.0, &["plugin", "new", &name, "--kind", kind, "--lang", lang]);
     assert!(out.contains("created"), "{out}");
-    let crate_dir = dir.0.join(&name);
+    let project = dir.0.join(&name);
 
     // Never overwrites.
-    let again = meridian(&dir.0, &["plugin", "new", &name, "--kind", kind]);
+    let again = meridian(&dir.0, &["plugin", "new", &name, "--kind", kind, "--lang", lang]);
     assert!(!again.status.success());
     assert!(stderr(&again).contains("already exists"), "{}", stderr(&again));
 
-    // A target dir of its own (git-ignored), shared by both kinds so the SDK builds once.
-    let target_dir = workspace().join("target/plugin-template-test");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let build = Command::new(cargo)
-        .args(["build", "--release", "--target", "wasm32-wasip2"])
-        .current_dir(&crate_dir)
-        .env("CARGO_TARGET_DIR", &target_dir)
-        .output()
-        .expect("running cargo");
-    assert!(build.status.success(), "building the {kind} template failed:\n{}", stderr(&build));
-
-    let wasm = target_dir.join(format!("wasm32-wasip2/release/my_{kind}.wasm"));
-    let out = ok(&crate_dir, &["plugin", "check", path_str(&wasm)]);
     let world = if kind == "router" { "router" } else { "privacy-filter" };
-    assert!(out.contains(&format!("world: {world}\n")), "{out}");
+    let (build, wasm) = match lang {
+        "rust" => {
+            // A target dir of its own (git-ignored), shared by both kinds so the SDK builds once.
+            let target_dir = workspace().join("target/plugin-template-test");
+            let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+            cargo.args(["build", "--release", "--target", "wasm32-wasip2"]).env("CARGO_TARGET_DIR", &target_dir);
+            (cargo, target_dir.join(format!("wasm32-wasip2/release/my_{kind}.wasm")))
+        }
+        "python" => {
+            let mut build = Command::new(workspace().join(".meridian/venv-plugins/bin/componentize-py"));
+            build.args(["-d", "wit", "-w", world, "componentize", "app", "-o", &format!("my_{kind}.wasm")]);
+            (build, project.join(format!("my_{kind}.wasm")))
+        }
+        _ => {
+            let mut build = Command::new(workspace().join("plugins/js/node_modules/.bin/jco"));
+            let out = format!("dist/my_{kind}.wasm");
+            build.args(["componentize", "plugin.js", "--bundle", "--wit", "wit/meridian-plugin.wit"]);
+            build.args(["--world-name", world, "--disable", "all", "-o", &out]);
+            std::fs::create_dir_all(project.join("dist")).unwrap();
+            (build, project.join(out))
+        }
+    };
+    let mut build = build;
+    let built = build.current_dir(&project).output().expect("running the build");
+    assert!(built.status.success(), "building the {lang} {kind} template failed:\n{}", stderr(&built));
 
-    let mut args = vec!["plugin", "run", path_str(&wasm), "--request", "request.json"];
+    // An interpreter's first instance takes longer than a Rust plugin's 20 ms.
+    let deadline = if lang == "rust" { "20" } else { "2000" };
+    // `run` loads as `check` does (and prints the world); an interpreter's component takes tens
+    // of seconds to compile, so only Rust's are checked apart as well.
+    if lang == "rust" {
+        let out = ok(&project, &["plugin", "check", path_str(&wasm)]);
+        assert!(out.contains(&format!("world: {world}\n")), "{out}");
+    }
+    let mut args = vec!["plugin", "run", path_str(&wasm), "--request", "request.json", "--deadline-ms", deadline];
     if kind == "router" {
         args.extend(["--targets", "targets.json"]);
     }
-    let out = ok(&crate_dir, &args);
+    let out = ok(&project, &args);
+    assert!(out.contains(&format!("world: {world}\n")), "{out}");
     for line in expect {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
 
+/// dedicated-eu has spare capacity (free), then per-token openai-us, then serverless-eu;
+/// anthropic-us is down.
+const ROUTED: &str = "decision: route to dedicated-eu, openai-us, serverless-eu\n";
+
+const REDACTED: [&str; 3] = [
+    "labels: secret.code.redacted\n",
+    r#"secret_code "secret-code-4711""#,
+    "[1] user: Unlock the vault with [SECRET_CODE_1] and tell me what is inside.\n",
+];
+
 #[test]
 fn router_template_builds_and_routes_cheapest_healthy_first() {
-    // dedicated-eu has spare capacity (free), then per-token openai-us, then serverless-eu;
-    // anthropic-us is down.
-    template_end_to_end("router", &["decision: route to dedicated-eu, openai-us, serverless-eu\n"]);
+    template_end_to_end("router", "rust", &[ROUTED]);
 }
 
 #[test]
 fn filter_template_builds_and_redacts_secret_codes() {
-    template_end_to_end(
-        "filter",
-        &[
-            "labels: secret.code.redacted\n",
-            r#"secret_code "secret-code-4711""#,
-            "[1] user: Unlock the vault with [SECRET_CODE_1] and tell me what is inside.\n",
-        ],
-    );
+    template_end_to_end("filter", "rust", &REDACTED);
+}
+
+#[test]
+fn python_templates_build_and_behave_as_the_rust_ones() {
+    template_end_to_end("router", "python", &[ROUTED]);
+    template_end_to_end("filter", "python", &REDACTED);
+}
+
+#[test]
+fn javascript_templates_build_and_behave_as_the_rust_ones() {
+    template_end_to_end("router", "js", &[ROUTED]);
+    template_end_to_end("filter", "js", &REDACTED);
 }
