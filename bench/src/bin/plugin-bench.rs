@@ -14,7 +14,7 @@
 //!   ones, when `scripts/build-python-plugins` / `scripts/build-js-plugins` have built them.
 //!
 //! Run it with `scripts/bench` (which builds the components and release binaries first), or
-//! `target/release/plugin-bench [--calls N]` after `scripts/build-plugins`.
+//! `target/release/plugin-bench [--calls N] [--interpreted false]` after `scripts/build-plugins`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -34,7 +34,11 @@ fn main() {
     // Two workers: the concurrency-2 rows run on both cores, as an edge's calls do.
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a Tokio runtime");
-    if let Err(e) = runtime.block_on(run(calls)) {
+    // `--interpreted false` leaves the Python and JavaScript rows out: at milliseconds a call,
+    // they take minutes at the default number of calls.
+    let interpreted =
+        args.iter().position(|a| a == "--interpreted").and_then(|i| args.get(i + 1)).is_none_or(|v| v != "false");
+    if let Err(e) = runtime.block_on(run(calls, interpreted)) {
         eprintln!("plugin-bench: {e}");
         std::process::exit(1);
     }
@@ -155,7 +159,7 @@ where
     Ok(())
 }
 
-async fn run(calls: usize) -> Result<(), String> {
+async fn run(calls: usize, interpreted_rows: bool) -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("meridian-plugin-bench-{}", std::process::id()));
     let settings = PluginSettings { cache_dir: dir.clone(), ..PluginSettings::default() };
     let metrics = PluginMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?;
@@ -182,7 +186,8 @@ async fn run(calls: usize) -> Result<(), String> {
     // (the load's trial) takes longer than a Rust plugin's whole budget, so they get 200 ms.
     let keyword_config = r#"{"block": ["[Pp]assword"], "redact": {"email": "[-\\w.+]+@[-\\w]+(?:\\.[-\\w]+)+"}}"#;
     let interpreted = CallLimits { deadline_ms: 200, ..CallLimits::default() };
-    for (lang, prefix) in [("python", "py"), ("js", "js")] {
+    let languages = if interpreted_rows { &[("python", "py"), ("js", "js")][..] } else { &[] };
+    for &(lang, prefix) in languages {
         match wasm(&format!("{prefix}_keyword_filter")) {
             Some(bytes) => match load_filter("keyword-filter", bytes, keyword_config, &interpreted).await {
                 Ok(filter) => filters.push((format!("keyword-filter ({lang})"), filter)),
