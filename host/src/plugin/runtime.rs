@@ -70,8 +70,11 @@ pub struct PluginSettings {
     pub max_memories_per_component: u32,
     /// Tables one component may hold.
     pub max_tables_per_component: u32,
-    /// Bytes of each pooled memory kept mapped between instances and reset in place (with the
-    /// `PAGEMAP_SCAN` ioctl where the kernel has it), instead of unmapped and faulted in again.
+    /// Bytes of each pooled memory (and table) kept mapped between instances and reset in place
+    /// (with the `PAGEMAP_SCAN` ioctl where the kernel has it: only the dirty pages), instead of
+    /// unmapped and faulted in again. Measured here: unmapping is an `madvise` whose TLB flush
+    /// interrupts every core running the node, so two cores calling plugins took twice as long
+    /// each; a Rust guest's memory starts above 1 MiB (its stack comes first).
     pub keep_resident_bytes: usize,
     /// Period of the epoch ticker that enforces deadlines; a deadline is rounded up to ticks.
     pub epoch_tick_ms: u64,
@@ -103,7 +106,7 @@ impl Default for PluginSettings {
             max_core_instances_per_component: 16,
             max_memories_per_component: 2,
             max_tables_per_component: 8,
-            keep_resident_bytes: 1 << 20,
+            keep_resident_bytes: 8 << 20,
             epoch_tick_ms: 1,
             cache_dir: super::cache::default_dir(),
             quarantine_after: 5,
@@ -507,6 +510,9 @@ fn engine_config(settings: &PluginSettings, session_slots: u32, pooling: bool) -
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.memory_init_cow(true);
+    // Plugins are called, never run concurrently inside one store: without the component-model
+    // async machinery a store is cheaper to make.
+    config.concurrency_support(false);
     if pooling {
         // The shared semaphore's permits, one more for load-time dry runs, and every tenant's
         // session slots.
@@ -535,6 +541,7 @@ fn engine_config(settings: &PluginSettings, session_slots: u32, pooling: bool) -
             // Measured here: keep-resident alone made drops slower (it memsets the whole kept
             // region); with PAGEMAP_SCAN only the dirty pages are reset (Linux ≥ 6.7, else off).
             .linear_memory_keep_resident(settings.keep_resident_bytes)
+            .table_keep_resident(settings.keep_resident_bytes)
             .pagemap_scan(Enabled::Auto);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
