@@ -74,6 +74,8 @@ pub(crate) struct CallState {
     pub stderr: CappedPipe,
     log_lines: u32,
     log_dropped: u64,
+    /// What the guest passed to `answer-triggers` in this store, if it called it.
+    answer_triggers: Option<Vec<String>>,
 }
 
 impl CallState {
@@ -94,6 +96,7 @@ impl CallState {
             stderr,
             log_lines: 0,
             log_dropped: 0,
+            answer_triggers: None,
         }
     }
 
@@ -106,7 +109,14 @@ impl CallState {
         self.limiter = CallLimiter::new(memory_bytes);
         self.stdout.clear();
         self.stderr.clear();
+        self.answer_triggers = None;
         self.begin_call();
+    }
+
+    /// What the guest declared through `answer-triggers` in this store, if anything (the last
+    /// call wins).
+    pub fn take_answer_triggers(&mut self) -> Option<Vec<String>> {
+        self.answer_triggers.take()
     }
 
     pub fn take_log_dropped(&mut self) -> u64 {
@@ -182,6 +192,12 @@ impl Host for CallState {
     fn now_ms(&mut self) -> u64 {
         // A clock before 1970 is a broken node, not the plugin's problem: it reads 0.
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn answer_triggers(&mut self, triggers: Vec<String>) {
+        // Kept as given; the runtime checks them when the plugin loads (and ignores calls from
+        // the per-instance `configure` of a plugin without a snapshot).
+        self.answer_triggers = Some(triggers);
     }
 }
 

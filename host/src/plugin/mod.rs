@@ -42,6 +42,7 @@ use std::time::Duration;
 
 mod bindings;
 mod cache;
+mod gate;
 mod metrics;
 mod runtime;
 mod snapshot;
@@ -53,6 +54,7 @@ pub use bindings::{
     RequestVerdict, ResponseVerdict, Segment, SegmentKind, Target, TargetKind, TokenPrice,
 };
 pub use cache::CacheStats;
+pub use gate::{Triggers, LOOKBEHIND};
 pub use metrics::PluginMetrics;
 pub use runtime::{
     CallLimits, FilterPlugin, PluginId, PluginRuntime, PluginSettings, ResponseSession, RouterPlugin, RouterSession,

@@ -8,7 +8,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,7 @@ use super::bindings::{
     self, CallState, GuestIdentity, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment, Target,
 };
 use super::cache::{ArtifactCache, CacheStats};
+use super::gate::{Admit, Gate, Triggers};
 use super::metrics::PluginMetrics;
 use super::snapshot;
 use super::stdio::CappedPipe;
@@ -329,6 +330,9 @@ impl PluginRuntime {
                 core.configure(|config| filter.call_configure(&mut call.store, config)).await
             })
             .await;
+        if result.is_ok() {
+            core.declare_triggers(&mut call.store)?;
+        }
         core.finish(call, result, |_| Ok(()))?;
         Ok(FilterPlugin { core: self.register(core), pre })
     }
@@ -390,6 +394,7 @@ impl PluginRuntime {
             peak_memory_bytes: AtomicUsize::new(0),
             health: Mutex::default(),
             preconfigured: false,
+            answer_triggers: OnceLock::new(),
             ok_calls: self.inner.metrics.calls.with_label_values(&[name, version, "ok"]),
             call_seconds: self.inner.metrics.call_seconds.with_label_values(&[name]),
             spare: Mutex::default(),
@@ -447,6 +452,7 @@ impl PluginRuntime {
                 .await;
             let taken = match configured {
                 Ok(instance) => {
+                    core.declare_triggers(&mut call.store)?;
                     // Copying the state out is the host's work, not the plugin's: past its deadline.
                     call.store.set_epoch_deadline(SNAPSHOT_TICKS);
                     Ok(snapshot::take(&instrumented, instance, &mut call.store).await)
@@ -593,6 +599,8 @@ struct PluginCore {
     health: Mutex<Health>,
     /// Whether instances start from a snapshot taken after `configure`, so that calls skip it.
     preconfigured: bool,
+    /// What a filter's load-time `configure` declared through `answer-triggers`.
+    answer_triggers: OnceLock<Triggers>,
     /// The metrics every successful call updates, looked up once rather than by labels per call.
     ok_calls: prometheus::IntCounter,
     call_seconds: prometheus::Histogram,
@@ -716,6 +724,17 @@ impl PluginCore {
             spare.push(state);
         }
         result
+    }
+
+    /// Keeps what the load-time `configure` declared through `answer-triggers`, checked; later
+    /// declarations (the per-instance `configure` of a plugin without a snapshot) are ignored.
+    fn declare_triggers(&self, store: &mut Store<CallState>) -> Result<(), PluginError> {
+        if let Some(literals) = store.data_mut().take_answer_triggers() {
+            let triggers = Triggers::new(literals).map_err(PluginError::InvalidOutput)?;
+            tracing::debug!(plugin = %self.id, triggers = ?triggers.literals(), "answer triggers declared");
+            let _ = self.answer_triggers.set(triggers);
+        }
+        Ok(())
     }
 
     /// Readies a kept instance for its next call: the deadline re-armed (an epoch deadline counts
@@ -966,6 +985,12 @@ impl FilterPlugin {
         self.core.preconfigured
     }
 
+    /// The answer triggers its `configure` declared at load, if any: its response sessions show
+    /// it an answer only from the first of them on (see [`ResponseSession::inspect`]).
+    pub fn answer_triggers(&self) -> Option<&Triggers> {
+        self.core.answer_triggers.get()
+    }
+
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
     /// non-empty range on character boundaries, no overlaps.
     pub async fn inspect_request(
@@ -1017,6 +1042,7 @@ impl FilterPlugin {
             pre: self.pre.clone(),
             slots: Arc::clone(slots),
             state: SessionState::Idle,
+            gate: Gate::new(self.core.answer_triggers.get()),
         }
     }
 }
@@ -1085,6 +1111,8 @@ pub struct ResponseSession {
     /// Where its instance's slot comes from.
     slots: Arc<Semaphore>,
     state: SessionState,
+    /// Which of the answer's text the filter is shown, from its declared triggers.
+    gate: Gate,
 }
 
 enum SessionState {
@@ -1124,15 +1152,25 @@ impl ResponseSession {
         matches!(self.state, SessionState::Poisoned)
     }
 
-    /// Has the filter see the next piece of the answer's text, on the session's instance.
+    /// Has the filter see the next piece of the answer's text, on the session's instance. A
+    /// filter that declared answer triggers is shown nothing before the first of them (a piece
+    /// it does not need is allowed without a call, and without an instance), then that trigger's
+    /// context and every later piece.
     pub async fn inspect(&mut self, text: &str) -> Result<ResponseVerdict, PluginError> {
         let core = &self.core;
+        if let SessionState::Poisoned = self.state {
+            core.count("poisoned");
+            return Err(PluginError::Poisoned);
+        }
+        let text = match self.gate.admit(text) {
+            Admit::Show(text) => text,
+            Admit::Skip => return Ok(ResponseVerdict::Allow),
+        };
+        let text = &*text;
         // Poisoned unless this call succeeds.
         let mut live = match std::mem::replace(&mut self.state, SessionState::Poisoned) {
-            SessionState::Poisoned => {
-                core.count("poisoned");
-                return Err(PluginError::Poisoned);
-            }
+            // Counted above.
+            SessionState::Poisoned => return Err(PluginError::Poisoned),
             SessionState::Idle => Box::new(Live { call: core.admit(&self.slots).await?, filter: None }),
             SessionState::Live(mut live) => {
                 if core.is_quarantined() {

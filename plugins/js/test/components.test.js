@@ -25,6 +25,7 @@ export function log(level, message) { lines.push([level, message]); }
 export function counterAdd(name, delta) {}
 export function histogramRecord(name, value) {}
 export function nowMs() { return 0n; }
+export function answerTriggers(triggers) {}
 `,
 );
 
@@ -35,7 +36,7 @@ async function load(name) {
     throw new Error(`${wasm} is missing: run scripts/build-js-plugins first`);
   }
   const out = join(work, name);
-  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.0=../host.js', '--quiet']);
+  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.1=../host.js', '--quiet']);
   return import(join(out, `${name}.js`));
 }
 

@@ -40,6 +40,10 @@ pub struct PiiRedactor;
 impl Filter for PiiRedactor {
     fn configure(config: &str) -> Result<(), String> {
         let policy = Policy::from_json(config)?;
+        // Answers are read for secrets only, each of which starts with a trigger: the host skips
+        // the answers (and the instances) that hold none, and every answer without the rule.
+        let triggers = if policy.blocks_secrets_in_response() { scan::SECRET_TRIGGERS } else { &[] };
+        meridian_plugin_sdk::answer_triggers(triggers);
         POLICY.with(|p| *p.borrow_mut() = policy);
         Ok(())
     }

@@ -1,11 +1,18 @@
 //! The scanner, entity by entity: positives in the formats people write, and the near misses
 //! that must not match.
 
-use pii_redactor::scan::{scan, Entity, Finding};
+use pii_redactor::scan::{scan, Entity, Finding, SECRET_TRIGGERS};
 
-/// The findings in `text`, as (entity name, value).
+/// The findings in `text`, as (entity name, value). Every secret must start with one of the
+/// triggers the filter declares for answers, or the host would not show it that answer.
 fn found(text: &str) -> Vec<(&'static str, &str)> {
-    scan(text).map(|f| (f.entity.name(), &text[f.start..f.end])).collect()
+    let findings: Vec<_> = scan(text).map(|f| (f.entity.name(), &text[f.start..f.end])).collect();
+    for (entity, value) in &findings {
+        if *entity == "secret" {
+            assert!(SECRET_TRIGGERS.iter().any(|t| value.starts_with(t)), "{value:?} starts with no trigger");
+        }
+    }
+    findings
 }
 
 /// Asserts that each value, put in a sentence, is found whole as `entity` and nothing else.

@@ -11,8 +11,8 @@
 //!   `inspect_request`, `inspect_response`), exported from a plugin crate with [`export_router!`] or
 //!   [`export_filter!`], called once at the crate's root.
 //! - Host imports: [`log`]`::{trace, debug, info, warn, error}`, [`counter_add`], [`histogram_record`],
-//!   [`now_ms`]. They exist only inside the host: natively (unit tests) calling one aborts, so keep them out
-//!   of the logic you test.
+//!   [`now_ms`], [`answer_triggers`]. They exist only inside the host: natively (unit tests) calling
+//!   one aborts, so keep them out of the logic you test.
 //! - Routing helpers (pure, natively testable): [`estimated_cost`] (with [`expected_seconds`],
 //!   [`DEFAULT_MAX_OUTPUT_TOKENS`], [`DEFAULT_OUTPUT_TOKENS_PER_SECOND`]), [`serving`], [`healthy`],
 //!   [`hourly_share`], [`residency_allows`] (with [`carries_unredacted_pii`]), [`decide`], [`reject`], and
@@ -82,10 +82,10 @@ pub mod bindings {
             package meridian:plugin-sdk;
 
             world interfaces {
-                import meridian:plugin/host@0.1.0;
-                import meridian:plugin/types@0.1.0;
-                import meridian:plugin/routing@0.1.0;
-                import meridian:plugin/filtering@0.1.0;
+                import meridian:plugin/host@0.1.1;
+                import meridian:plugin/types@0.1.1;
+                import meridian:plugin/routing@0.1.1;
+                import meridian:plugin/filtering@0.1.1;
             }
         ",
         path: "../../wit",
@@ -195,6 +195,15 @@ pub fn histogram_record(name: &str, value: f64) {
 /// Milliseconds since the Unix epoch, from the node's clock (plugins have no other clock).
 pub fn now_ms() -> u64 {
     bindings::meridian::plugin::host::now_ms()
+}
+
+/// From `configure`, for a filter: declares the answer text it needs, so that the host shows
+/// `inspect_response` nothing of an answer before one of `triggers` appears in it (then that
+/// trigger's context, up to 256 bytes before it, and every later piece). An empty list: the filter
+/// never sees answers. Without this call it sees every piece. At most 64 triggers of 1–64 bytes.
+pub fn answer_triggers(triggers: &[&str]) {
+    let triggers: Vec<String> = triggers.iter().map(|t| (*t).to_owned()).collect();
+    bindings::meridian::plugin::host::answer_triggers(&triggers);
 }
 
 /// Accepts an empty configuration (`{}`, or nothing at all) and refuses anything else, for plugins that

@@ -22,6 +22,7 @@ const FIXTURES: &[&str] = &[
     "wrong-world",
     "config-reject",
     "good-router",
+    "contract-0-1-0",
 ];
 
 fn workspace_target() -> PathBuf {
@@ -470,12 +471,18 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
     let verdict = filter.inspect_request(&summary(), &segments).await.unwrap();
     assert!(format!("{verdict:?}").contains("email"), "the email is noticed: {verdict:?}");
     assert_eq!(filter.inspect_response("a harmless answer").await.unwrap(), ResponseVerdict::Allow);
+    // Without the secrets rule it reads no answer at all, and says so.
+    assert_eq!(filter.answer_triggers().map(|t| t.literals().len()), Some(0));
 }
 
 /// pii-redactor, answering `block_secrets_in_response`.
 async fn secrets_filter(rig: &Rig) -> FilterPlugin {
     let config = r#"{"block_secrets_in_response": true}"#;
-    rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), config, limits(200)).await.unwrap()
+    let filter =
+        rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), config, limits(200)).await.unwrap();
+    let triggers = filter.answer_triggers().expect("secret prefixes as answer triggers").literals();
+    assert!(triggers.iter().any(|t| t == "sk-") && triggers.iter().any(|t| t == "-----BEGIN "), "{triggers:?}");
+    filter
 }
 
 #[tokio::test]
@@ -502,7 +509,62 @@ async fn a_response_session_shows_one_answer_to_one_instance() {
     // One-shot calls are fresh instances: a half never meets its other half.
     assert_eq!(filter.inspect_response("my key is sk-proj-abc").await.unwrap(), ResponseVerdict::Allow);
     assert_eq!(filter.inspect_response("def1234567890ghijklmnop").await.unwrap(), ResponseVerdict::Allow);
-    assert_eq!(rig.calls("pii-redactor", "ok"), 7, "every call of a session is counted");
+    // Every call of a session is counted; the two answers that began without a secret's prefix
+    // (the filter's declared answer triggers) were never shown to it.
+    assert_eq!(rig.calls("pii-redactor", "ok"), 5);
+}
+
+/// The contract's minor versions only add: a router built against `meridian:plugin@0.1.0` (before
+/// `answer-triggers`) links against this host's `host` interface and answers.
+#[tokio::test]
+async fn a_component_built_against_the_first_contract_still_runs() {
+    let rig = rig(|_| {});
+    let router = rig.router("contract-0-1-0", "{}", 200).await;
+    match router.route(&summary(), &targets()).await.unwrap() {
+        Outcome::Route(decision) => assert_eq!(decision.targets, ["openrouter", "engine-a", "openai"]),
+        other => panic!("expected a decision, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn answer_triggers_decide_what_of_an_answer_a_filter_sees() {
+    let rig = rig(|_| {});
+    let filter = rig.filter("invalid-redaction", "\"triggered\"").await;
+    assert_eq!(filter.answer_triggers().map(|t| t.literals().to_vec()), Some(vec!["TRIGGER".to_string()]));
+    let calls = rig.calls("invalid-redaction", "ok");
+
+    // Nothing is shown before the trigger, even split across pieces; then the text before it
+    // (here all of it, from the answer's start) and the pieces that follow.
+    let mut answer = filter.response_session();
+    assert_eq!(answer.inspect("Hello there, ").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(answer.inspect("the word is TRIG").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(rig.calls("invalid-redaction", "ok"), calls, "no call, and no instance, before the trigger");
+    let shown = answer.inspect("GER here").await.unwrap();
+    assert_eq!(shown, ResponseVerdict::Block("saw:Hello there, the word is TRIGGER here".into()));
+
+    // The context is bounded: a long answer before the trigger is not all replayed.
+    let mut long = filter.response_session();
+    for _ in 0..100 {
+        assert_eq!(long.inspect("lorem ipsum ").await.unwrap(), ResponseVerdict::Allow);
+    }
+    let ResponseVerdict::Block(saw) = long.inspect("TRIGGER").await.unwrap() else { panic!("shown") };
+    assert!(saw.len() <= "saw:".len() + meridian::plugin::LOOKBEHIND + "TRIGGER".len(), "{}", saw.len());
+    assert!(saw.starts_with("saw:lorem ") || saw.starts_with("saw:ipsum "), "from a word's start: {saw}");
+    assert!(saw.ends_with("ipsum TRIGGER"), "{saw}");
+    // A whole answer without the trigger costs no call.
+    assert_eq!(filter.inspect_response("nothing to see").await.unwrap(), ResponseVerdict::Allow);
+    assert_eq!(rig.calls("invalid-redaction", "ok"), calls + 2);
+
+    // A declaration the contract does not allow refuses the plugin at load.
+    let refused = rig
+        .runtime
+        .load_filter("invalid-redaction", "0.1.0", &fixture("invalid-redaction"), "\"bad-triggers\"", limits(200))
+        .await;
+    assert!(
+        matches!(&refused, Err(PluginError::InvalidOutput(m)) if m.contains("answer-triggers")),
+        "{:?}",
+        refused.err()
+    );
 }
 
 #[tokio::test]

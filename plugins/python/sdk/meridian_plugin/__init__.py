@@ -7,7 +7,8 @@ A plugin is a module (``app.py``) with a ``WitWorld`` class implementing the ``r
   the ``Err`` the contract wants for bad input;
 - :func:`carries_unredacted_pii` / :func:`residency_allows`: the data-residency rule, as the Rust
   SDK (``plugins/sdk``) states it;
-- :func:`log`, :func:`counter_add`, :func:`histogram_record`, :func:`now_ms`: the ``host`` imports.
+- :func:`log`, :func:`counter_add`, :func:`histogram_record`, :func:`now_ms`,
+  :func:`answer_triggers`: the ``host`` imports.
 
 Routers add :mod:`meridian_plugin.routing`, filters :mod:`meridian_plugin.filtering`; import the one
 for your world only, as each imports its world's generated bindings.
@@ -33,6 +34,7 @@ __all__ = [
     "counter_add",
     "histogram_record",
     "now_ms",
+    "answer_triggers",
     "Level",
 ]
 
@@ -121,3 +123,11 @@ def histogram_record(name: str, value: float) -> None:
 def now_ms() -> int:
     """Milliseconds since the Unix epoch, from the node's clock."""
     return host.now_ms()
+
+
+def answer_triggers(triggers: Iterable[str]) -> None:
+    """From ``configure``, for a filter: the answer text it needs. The host then shows
+    ``inspect_response`` nothing of an answer before one of ``triggers`` appears in it (then that
+    trigger's context, up to 256 bytes before it, and every later piece); an empty list means
+    never. Without this call the filter sees every piece. At most 64 triggers of 1-64 bytes."""
+    host.answer_triggers(list(triggers))

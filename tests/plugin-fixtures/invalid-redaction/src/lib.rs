@@ -2,6 +2,10 @@
 //! `"out-of-range"` ends past the segment, `"bad-segment"` names a segment that does not exist,
 //! `"empty-range"` has `start == end`, `"split-char"` cuts a multi-byte character, `"overlap"`
 //! gives two overlapping ranges. `inspect-response` blocks with the mode as the reason.
+//!
+//! Two modes are about answer triggers instead: `"triggered"` declares the trigger `TRIGGER` and
+//! blocks every piece of an answer with `saw:` and the text it was shown, so that a test sees what
+//! the host passed; `"bad-triggers"` declares an empty trigger, which the host refuses.
 
 use meridian::plugin::filtering::{Inspection, Redaction};
 
@@ -23,7 +27,13 @@ fn redaction(segment: u32, start: u32, end: u32) -> Redaction {
 
 impl Guest for InvalidRedaction {
     fn configure(config: String) -> Result<(), String> {
-        MODE.with(|m| *m.borrow_mut() = config.trim_matches('"').to_string());
+        let mode = config.trim_matches('"').to_string();
+        match mode.as_str() {
+            "triggered" => meridian::plugin::host::answer_triggers(&["TRIGGER".to_string()]),
+            "bad-triggers" => meridian::plugin::host::answer_triggers(&[String::new()]),
+            _ => {}
+        }
+        MODE.with(|m| *m.borrow_mut() = mode);
         Ok(())
     }
 
@@ -40,8 +50,11 @@ impl Guest for InvalidRedaction {
         RequestVerdict::Allow(Inspection { labels: vec!["pii.email".into()], redactions })
     }
 
-    fn inspect_response(_text: String) -> ResponseVerdict {
-        ResponseVerdict::Block(mode())
+    fn inspect_response(text: String) -> ResponseVerdict {
+        match mode().as_str() {
+            "triggered" => ResponseVerdict::Block(format!("saw:{text}")),
+            mode => ResponseVerdict::Block(mode.to_string()),
+        }
     }
 }
 

@@ -1,0 +1,201 @@
+//! Which pieces of an answer a privacy filter is shown, from the triggers it declared through the
+//! contract's `answer-triggers` (`wit/meridian-plugin.wit`): nothing until one of them appears
+//! (found also when split across pieces), then the text from up to [`LOOKBEHIND`] bytes before
+//! it, and every later piece. A filter that declared nothing sees every piece; one that declared
+//! an empty list sees none. Skipping a piece skips the call, and with the first skipped piece
+//! of an answer the instance it would have needed: most answers hold no secret prefix, so a
+//! secrets scanner on the answer costs nothing for them.
+
+use std::borrow::Cow;
+
+/// Bytes of the answer before the first trigger that the filter's first call still gets: the
+/// context a scanner reads to decide where a token starts.
+pub const LOOKBEHIND: usize = 256;
+
+/// Most triggers a filter may declare.
+pub const MAX_TRIGGERS: usize = 64;
+
+/// Longest trigger, in bytes.
+pub const MAX_TRIGGER_BYTES: usize = 64;
+
+/// A filter's declared triggers, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Triggers {
+    literals: Vec<String>,
+    /// The longest one's length.
+    longest: usize,
+}
+
+impl Triggers {
+    /// Checks what a filter declared: at most [`MAX_TRIGGERS`], each 1–[`MAX_TRIGGER_BYTES`]
+    /// bytes.
+    pub fn new(literals: Vec<String>) -> Result<Triggers, String> {
+        if literals.len() > MAX_TRIGGERS {
+            return Err(format!("answer-triggers: {} triggers, at most {MAX_TRIGGERS}", literals.len()));
+        }
+        if let Some(bad) = literals.iter().find(|t| t.is_empty() || t.len() > MAX_TRIGGER_BYTES) {
+            return Err(format!("answer-triggers: {:?} is not 1-{MAX_TRIGGER_BYTES} bytes", bad));
+        }
+        let longest = literals.iter().map(String::len).max().unwrap_or(0);
+        Ok(Triggers { literals, longest })
+    }
+
+    /// The declared literals.
+    pub fn literals(&self) -> &[String] {
+        &self.literals
+    }
+
+    /// Where the first trigger in `text` starts.
+    fn first_in(&self, text: &str) -> Option<usize> {
+        self.literals.iter().filter_map(|t| text.find(t.as_str())).min()
+    }
+}
+
+/// What to do with one piece of an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit<'a> {
+    /// Show the filter this text (the piece, or the first trigger's context and the piece).
+    Show(Cow<'a, str>),
+    /// Nothing the filter needs: no call.
+    Skip,
+}
+
+/// One answer's gate for one filter.
+#[derive(Debug)]
+pub enum Gate {
+    /// The filter sees every piece: it declared nothing, or a trigger has appeared.
+    Open,
+    /// No trigger yet: the answer's last bytes, where a trigger split across pieces or the first
+    /// one's context would be.
+    Waiting { triggers: Triggers, held: String },
+}
+
+impl Gate {
+    /// A gate for `triggers` (`None`: every piece is shown).
+    pub fn new(triggers: Option<&Triggers>) -> Gate {
+        match triggers {
+            None => Gate::Open,
+            Some(t) => Gate::Waiting { triggers: t.clone(), held: String::new() },
+        }
+    }
+
+    /// Whether the filter is to be shown `piece`, and what of it.
+    pub fn admit<'a>(&mut self, piece: &'a str) -> Admit<'a> {
+        let Gate::Waiting { triggers, held } = self else { return Admit::Show(Cow::Borrowed(piece)) };
+        if triggers.literals.is_empty() {
+            return Admit::Skip;
+        }
+        held.push_str(piece);
+        match triggers.first_in(held) {
+            Some(at) => {
+                let shown = std::mem::take(held);
+                let start = context_start(&shown, at);
+                *self = Gate::Open;
+                Admit::Show(Cow::Owned(shown[start..].to_owned()))
+            }
+            None => {
+                // Keep what a trigger completed by the next piece, and its context, could need.
+                let keep = LOOKBEHIND + triggers.longest - 1;
+                if held.len() > keep {
+                    let mut cut = held.len() - keep;
+                    while !held.is_char_boundary(cut) {
+                        cut += 1;
+                    }
+                    held.drain(..cut);
+                }
+                Admit::Skip
+            }
+        }
+    }
+}
+
+/// Where the context of a trigger at `at` starts: at most [`LOOKBEHIND`] bytes before it, on a
+/// character boundary, and just after the first whitespace in that span when there is one (so
+/// that the text shown does not begin inside a word a scanner would misread). Text that starts
+/// at the answer's start is a word's start already.
+fn context_start(text: &str, at: usize) -> usize {
+    let mut start = at.saturating_sub(LOOKBEHIND);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    if start == 0 {
+        return 0;
+    }
+    match text[start..at].find(|c: char| c.is_ascii_whitespace()) {
+        Some(ws) => start + ws + 1,
+        None => start,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(literals: &[&str]) -> Gate {
+        Gate::new(Some(&Triggers::new(literals.iter().map(|s| s.to_string()).collect()).unwrap()))
+    }
+
+    fn shown(admit: Admit<'_>) -> Option<String> {
+        match admit {
+            Admit::Show(text) => Some(text.into_owned()),
+            Admit::Skip => None,
+        }
+    }
+
+    #[test]
+    fn without_a_declaration_every_piece_is_shown() {
+        let mut g = Gate::new(None);
+        assert_eq!(shown(g.admit("anything")).as_deref(), Some("anything"));
+    }
+
+    #[test]
+    fn an_empty_declaration_shows_nothing() {
+        let mut g = gate(&[]);
+        assert_eq!(shown(g.admit("sk-anything at all")), None);
+    }
+
+    #[test]
+    fn nothing_is_shown_until_a_trigger_then_everything() {
+        let mut g = gate(&["sk-", "AKIA"]);
+        assert_eq!(shown(g.admit("Here is the answer. ")), None);
+        assert_eq!(shown(g.admit("Your key: sk-abc")).as_deref(), Some("Here is the answer. Your key: sk-abc"));
+        assert_eq!(shown(g.admit("def")).as_deref(), Some("def"));
+        assert_eq!(shown(g.admit("no trigger here")).as_deref(), Some("no trigger here"));
+    }
+
+    #[test]
+    fn a_trigger_split_across_pieces_is_found() {
+        let mut g = gate(&["-----BEGIN "]);
+        assert_eq!(shown(g.admit("key: ---")), None);
+        assert_eq!(shown(g.admit("--BEG")), None);
+        assert_eq!(shown(g.admit("IN RSA")).as_deref(), Some("key: -----BEGIN RSA"));
+    }
+
+    #[test]
+    fn context_is_bounded_and_starts_after_a_whitespace() {
+        let mut g = gate(&["sk-"]);
+        let filler = "word ".repeat(200);
+        assert_eq!(shown(g.admit(&filler)), None);
+        let text = shown(g.admit("sk-x")).unwrap();
+        assert!(text.len() <= LOOKBEHIND + 4, "{}", text.len());
+        assert!(text.starts_with("word ") && text.ends_with("word sk-x"), "{text:?}");
+    }
+
+    #[test]
+    fn held_text_is_cut_on_character_boundaries() {
+        let mut g = gate(&["sk-"]);
+        for _ in 0..100 {
+            assert_eq!(shown(g.admit("ééééé")), None);
+        }
+        let text = shown(g.admit("sk-")).unwrap();
+        assert!(text.ends_with("ésk-"));
+    }
+
+    #[test]
+    fn declarations_are_bounded() {
+        assert!(Triggers::new(vec![String::new()]).is_err());
+        assert!(Triggers::new(vec!["x".repeat(65)]).is_err());
+        assert!(Triggers::new(vec!["x".into(); 65]).is_err());
+        assert!(Triggers::new(vec!["x".repeat(64); 64]).is_ok());
+    }
+}
