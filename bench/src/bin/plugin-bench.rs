@@ -7,7 +7,10 @@
 //! - the request side: prompts of 200 B, 2 KB and 32 KB (routers see only the prompt's size;
 //!   filters scan its text);
 //! - the answer side: a 2 KB answer whole (one call on a fresh instance), and streamed as 18
-//!   pieces to one session (its instance and the 18 calls, per answer);
+//!   pieces to one session (its instance and the 18 calls, per answer). pii-redactor's default
+//!   configuration declares no answer triggers, so its rows show the host skipping the calls;
+//!   `pii-redactor +secrets` (`block_secrets_in_response`) is shown an answer that names a secret
+//!   prefix in its first words, so every piece is a call;
 //! - the default chain per request: pii-redactor on a 1 KB prompt, latency-router, and
 //!   pii-redactor on a whole 1 KB answer;
 //! - the Python and JavaScript examples (`keyword-filter`, `residency-router`) next to the Rust
@@ -176,6 +179,9 @@ async fn run(calls: usize, interpreted_rows: bool) -> Result<(), String> {
     };
     let pii = load_filter("pii-redactor", need("pii_redactor")?, "{}", &limits).await.map_err(|e| e.to_string())?;
     let mut filters = vec![("pii-redactor (rust)".to_string(), Arc::clone(&pii))];
+    let secrets_config = r#"{"block_secrets_in_response": true}"#;
+    let secrets = load_filter("pii-redactor", need("pii_redactor")?, secrets_config, &limits).await;
+    let secrets = secrets.map_err(|e| e.to_string())?;
     let mut routers = Vec::new();
     for name in ["latency_router", "cost_router", "residency"] {
         let router = load_router(name, need(name)?, "{}", &limits).await.map_err(|e| e.to_string())?;
@@ -242,9 +248,16 @@ async fn run(calls: usize, interpreted_rows: bool) -> Result<(), String> {
                 row(Row { plugin: name, side: "route", size: size.clone() }, calls, concurrency, call).await?;
             }
         }
-        // The answer side: a 2 KB answer whole, and streamed as 18 pieces to one session.
-        let answer = Arc::new(prompt(2 << 10));
-        for (name, filter) in &filters {
+        // The answer side: a 2 KB answer whole, and streamed as 18 pieces to one session; for
+        // the secrets rule, an answer whose first words name a key prefix (a trigger).
+        let plain = Arc::new(prompt(2 << 10));
+        let triggered = Arc::new(format!("OpenAI keys start with sk- and {}", prompt((2 << 10) - 33)));
+        let answer_filters = filters
+            .iter()
+            .map(|(name, filter)| (name.clone(), Arc::clone(filter), Arc::clone(&plain)))
+            .chain([("pii-redactor +secrets (rust)".to_string(), Arc::clone(&secrets), triggered)]);
+        for (name, filter, answer) in answer_filters {
+            let (name, filter) = (&name, &filter);
             let (filter_whole, whole) = (Arc::clone(filter), Arc::clone(&answer));
             let call = move || {
                 let (filter, text) = (Arc::clone(&filter_whole), Arc::clone(&whole));
