@@ -91,6 +91,27 @@ pub struct Chain {
     pub price_cap_usd: Option<f64>,
     /// The instance slots its streamed answers' filters take (see [`SessionSlots`]).
     pub sessions: SessionSlots,
+    /// How long a streamed answer's pieces may wait to reach the filters together.
+    pub answer_batch: Option<AnswerBatch>,
+}
+
+/// A tenant's `[tenants.answer_batch]`, when it waits: see [`crate::config::AnswerBatchConfig`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerBatch {
+    /// Longest the first piece of a batch waits for more.
+    pub max_wait: std::time::Duration,
+    /// Text that ends the wait.
+    pub max_bytes: usize,
+}
+
+impl AnswerBatch {
+    /// The batching `config` asks for; `None` when it waits for nothing.
+    pub fn new(config: crate::config::AnswerBatchConfig) -> Option<AnswerBatch> {
+        (config.max_wait_ms > 0).then(|| AnswerBatch {
+            max_wait: std::time::Duration::from_millis(config.max_wait_ms),
+            max_bytes: config.max_bytes,
+        })
+    }
 }
 
 impl std::fmt::Debug for Chain {
@@ -101,6 +122,7 @@ impl std::fmt::Debug for Chain {
             .field("allowed_regions", &self.allowed_regions)
             .field("price_cap_usd", &self.price_cap_usd)
             .field("sessions", &self.sessions)
+            .field("answer_batch", &self.answer_batch)
             .finish()
     }
 }
@@ -184,6 +206,8 @@ async fn filter_request(
 /// one call takes a shared slot for that call only.
 pub struct AnswerFilter {
     sessions: Vec<ResponseSession>,
+    /// How a stream's pieces are gathered for the sessions; `None` for a whole answer.
+    batch: Option<AnswerBatch>,
     placeholders: Placeholders,
     text: StreamRestorer,
     tools: BTreeMap<u32, StreamRestorer>,
@@ -197,10 +221,16 @@ impl AnswerFilter {
             |f: &Arc<FilterPlugin>| if streaming { f.tenant_session(&chain.sessions) } else { f.response_session() };
         AnswerFilter {
             sessions: chain.filters.iter().map(session).collect(),
+            batch: if streaming { chain.answer_batch } else { None },
             placeholders,
             text: StreamRestorer::new(false),
             tools: BTreeMap::new(),
         }
+    }
+
+    /// How long a streamed answer's pieces may wait to reach the filters together, if at all.
+    pub fn batch(&self) -> Option<AnswerBatch> {
+        self.batch
     }
 
     /// How many distinct values the request side redacted.

@@ -427,6 +427,29 @@ pub struct TenantConfig {
     /// `[tenants.budgets]`: its spend and token limits (see `crate::budget`); none when empty.
     #[serde(default)]
     pub budgets: TenantBudgets,
+    /// `[tenants.answer_batch]`: how a streamed answer's pieces are gathered for its filters.
+    #[serde(default)]
+    pub answer_batch: AnswerBatchConfig,
+}
+
+/// `[tenants.answer_batch]`: pieces of a streamed answer gathered into one call of each filter.
+/// A burst (what has already arrived) is always one call; with `max_wait_ms` the edge also waits
+/// for more, up to that long after the first piece or until `max_bytes` of text have come, so
+/// that a model streaming a token at a time costs a filter call per batch rather than per token.
+/// The wait is added to when the client sees those pieces: at most `max_wait_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnswerBatchConfig {
+    /// Longest a piece waits for more; 0 (the default) waits for none. At most 1000.
+    pub max_wait_ms: u64,
+    /// Text (bytes) that ends the wait early; at least 1.
+    pub max_bytes: usize,
+}
+
+impl Default for AnswerBatchConfig {
+    fn default() -> Self {
+        AnswerBatchConfig { max_wait_ms: 0, max_bytes: 1024 }
+    }
 }
 
 /// `[tenants.budgets]`: a tenant's limits, each absent (no limit) or a maximum. Days and months
@@ -937,6 +960,12 @@ impl Config {
                     Some(_) => {}
                 }
             }
+            if t.answer_batch.max_wait_ms > 1000 {
+                return Err(invalid(format!("tenants[{i}].answer_batch.max_wait_ms"), "must be at most 1000"));
+            }
+            if t.answer_batch.max_bytes == 0 {
+                return Err(invalid(format!("tenants[{i}].answer_batch.max_bytes"), "must be at least 1"));
+            }
             if t.price_cap_usd.is_some_and(|c| !c.is_finite() || c < 0.0) {
                 return Err(invalid(format!("tenants[{i}].price_cap_usd"), "must be a non-negative number"));
             }
@@ -1142,6 +1171,19 @@ mod tests {
         assert!(err(&node("observer_keys = [\"secret\"]")).starts_with("node.observer_keys[0]"));
         assert_eq!(err(&node("shutdown_grace_ms = 0")), "node.shutdown_grace_ms: must be between 1 and 3600000");
         assert!(Config::parse(&node("shutdown_grace_ms = 5000")).is_ok());
+    }
+
+    #[test]
+    fn a_tenants_answer_batch_is_off_by_default_and_bounded() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.tenants[0].answer_batch, AnswerBatchConfig { max_wait_ms: 0, max_bytes: 1024 });
+        let batch =
+            |fields: &str| BASE.replace("[targets.oa]", &format!("[tenants.answer_batch]\n{fields}\n[targets.oa]"));
+        let c = Config::parse(&batch("max_wait_ms = 20")).unwrap();
+        assert_eq!(c.tenants[0].answer_batch.max_wait_ms, 20);
+        assert_eq!(err(&batch("max_wait_ms = 1001")), "tenants[0].answer_batch.max_wait_ms: must be at most 1000");
+        assert_eq!(err(&batch("max_bytes = 0")), "tenants[0].answer_batch.max_bytes: must be at least 1");
+        assert!(err(&batch("wait = 1")).contains("unknown field"));
     }
 
     #[test]

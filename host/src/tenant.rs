@@ -11,7 +11,7 @@ use hyper::header::{HeaderMap, AUTHORIZATION};
 use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::chain::{Chain, Plugins};
+use crate::chain::{AnswerBatch, Chain, Plugins};
 use crate::config::{parse_key_hash, CachePolicy, Config, RelayPolicy, TenantConfig};
 use crate::error::GatewayError;
 use crate::plugin::SessionSlots;
@@ -104,6 +104,7 @@ impl Tenants {
                 allowed_regions: t.allowed_regions.clone(),
                 price_cap_usd: t.price_cap_usd,
                 sessions,
+                answer_batch: AnswerBatch::new(t.answer_batch),
             };
             let tenant = Arc::new(Tenant {
                 name: t.name.as_str().into(),

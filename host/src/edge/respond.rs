@@ -11,12 +11,14 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::header::{HeaderMap, HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
+use tokio::sync::mpsc::{self, error::TryRecvError};
 use tracing::{debug, warn};
 
 use super::admit::Permits;
@@ -27,7 +29,7 @@ use super::record::Record;
 use super::Body;
 use crate::api::{ApiShape, StreamEncoder};
 use crate::cache::{CachedAnswer, FillGuard};
-use crate::chain::AnswerFilter;
+use crate::chain::{AnswerBatch, AnswerFilter};
 use crate::chat::{estimate_tokens, ChatResponse, StreamEvent, Usage};
 use crate::error::{GatewayError, UpstreamError};
 use crate::upstream::EventStream;
@@ -60,6 +62,14 @@ pub(super) async fn respond(
     let response = match answer {
         Answer::Stream(source, head) => {
             let encoder = api.stream_encoder(&request);
+            // A tenant that batches its filters' pieces waits on its streams with a deadline:
+            // they are read by a task of their own (see `Source::Pumped`).
+            let source = match source {
+                Source::Upstream(stream) if answer_filter.as_ref().and_then(AnswerFilter::batch).is_some() => {
+                    Source::pumped(stream)
+                }
+                source => source,
+            };
             sse_response(ClientStream::new(source, head, encoder, fill, record, permit, answer_filter, Box::pin(cut)))
         }
         Answer::Whole(mut answer) => {
@@ -154,18 +164,48 @@ fn sse_response(stream: ClientStream) -> Response<Body> {
     resp
 }
 
+/// Events a pumped stream reads ahead of its client: backpressure stays, a slow client stalls
+/// the upstream after this many.
+const PUMP_DEPTH: usize = 64;
+
 /// Where a client stream's events come from.
 pub(super) enum Source {
     /// A target's stream.
     Upstream(Box<EventStream>),
+    /// A target's stream read by a task of its own into a channel ([`Source::pumped`]), so that
+    /// a wait for its next event can be given up (a batch's wait ending) without losing a
+    /// half-read frame: [`EventStream::next`] is not cancel-safe, a channel's receive is.
+    Pumped(mpsc::Receiver<Result<StreamEvent, UpstreamError>>),
     /// A cached answer, replayed.
     Replay(std::vec::IntoIter<StreamEvent>),
 }
 
 impl Source {
+    /// `stream`, read ahead by a task that ends with it (after its end or its first error) or
+    /// when the receiver is dropped (the client went away, or the stream failed), dropping the
+    /// upstream then.
+    fn pumped(mut stream: Box<EventStream>) -> Source {
+        let (tx, rx) = mpsc::channel(PUMP_DEPTH);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = stream.next() => item,
+                    () = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Source::Pumped(rx)
+    }
+
     async fn next(&mut self) -> Option<Result<StreamEvent, UpstreamError>> {
         match self {
             Source::Upstream(s) => s.next().await,
+            Source::Pumped(rx) => rx.recv().await,
             Source::Replay(events) => events.next().map(Ok),
         }
     }
@@ -174,9 +214,34 @@ impl Source {
     fn ready(&mut self) -> Option<Option<Result<StreamEvent, UpstreamError>>> {
         match self {
             Source::Upstream(s) => s.ready(),
+            Source::Pumped(rx) => match rx.try_recv() {
+                Ok(item) => Some(Some(item)),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => Some(None),
+            },
             Source::Replay(events) => Some(events.next().map(Ok)),
         }
     }
+}
+
+/// Adds what a source gave to `batch`; `Some` with how the stream ended when it did.
+fn absorb(
+    item: Option<Result<StreamEvent, UpstreamError>>,
+    batch: &mut Vec<StreamEvent>,
+) -> Option<Result<(), GatewayError>> {
+    match item {
+        Some(Ok(ev)) => {
+            batch.push(ev);
+            None
+        }
+        None => Some(Ok(())),
+        Some(Err(e)) => Some(Err(GatewayError::Upstream(e))),
+    }
+}
+
+/// The answer text in `events`: what the filters are shown.
+fn text_len(events: &[StreamEvent]) -> usize {
+    events.iter().map(|e| if let StreamEvent::Text(t) = e { t.len() } else { 0 }).sum()
 }
 
 /// The right to fill the cache's entry with an answer, while the answer is under the entry
@@ -266,7 +331,7 @@ impl ClientStream {
             return None;
         }
         let mut batch = Vec::new();
-        let mut next = match self.head.pop_front() {
+        let first = match self.head.pop_front() {
             Some(ev) => Some(Ok(ev)),
             None => {
                 let cut = &mut self.cut;
@@ -284,20 +349,21 @@ impl ClientStream {
                 }
             }
         };
-        let end = loop {
-            match next {
-                Some(Ok(ev)) => batch.push(ev),
-                None => break Some(Ok(())),
-                Some(Err(e)) => break Some(Err(GatewayError::Upstream(e))),
-            }
-            next = match self.head.pop_front() {
+        let since = Instant::now();
+        let mut end = absorb(first, &mut batch);
+        while end.is_none() {
+            let next = match self.head.pop_front() {
                 Some(ev) => Some(Ok(ev)),
                 None => match self.source.ready() {
                     Some(item) => item,
-                    None => break None,
+                    None => break,
                 },
             };
-        };
+            end = absorb(next, &mut batch);
+        }
+        if let (None, Some(wait)) = (&end, self.answer_filter.as_ref().and_then(AnswerFilter::batch)) {
+            end = self.gather(&mut batch, wait, since).await;
+        }
         let mut out = BytesMut::new();
         if let Err(e) = self.cover(&batch).await {
             self.fail(e, &mut out);
@@ -333,6 +399,29 @@ impl ClientStream {
             Some(Err(e)) => self.fail(e, &mut out),
         }
         Some(out.freeze())
+    }
+
+    /// Waits for more of a pumped stream while `batch` has less text than the tenant's batch
+    /// size, up to its wait after `since` (when the batch's first event came); returns how the
+    /// stream ended, if it did meanwhile. Any other source is not waited on: its reads cannot be
+    /// given up safely.
+    async fn gather(
+        &mut self,
+        batch: &mut Vec<StreamEvent>,
+        wait: AnswerBatch,
+        since: Instant,
+    ) -> Option<Result<(), GatewayError>> {
+        if !matches!(self.source, Source::Pumped(_)) {
+            return None;
+        }
+        let deadline = tokio::time::Instant::from_std(since + wait.max_wait);
+        while text_len(batch) < wait.max_bytes {
+            let next = tokio::time::timeout_at(deadline, self.source.next()).await.ok()?;
+            if let Some(end) = absorb(next, batch) {
+                return Some(end);
+            }
+        }
+        None
     }
 
     /// Extends the request's budget hold to cover the answer with `batch` sent: the prompt and

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use meridian::config::{Config, PluginKind};
+use meridian::config::{AnswerBatchConfig, Config, PluginKind};
 use meridian_e2e::{
     add_plugin, metric, metric_or_zero, token_price, Behavior, ConfigExt, Mocks, TempDir, TestEdge, ACME_KEY,
     GLOBEX_KEY,
@@ -573,6 +573,39 @@ async fn plugins_that_cannot_load_stop_the_node_from_starting() {
     let err = TestEdge::try_start(cfg).await.err().expect("a missing component stops the start").to_string();
     assert!(err.starts_with("plugins.pii: "), "{err}");
     assert!(err.contains(&missing.display().to_string()), "names the file: {err}");
+}
+
+/// `[tenants.answer_batch]`: a stream whose pieces trickle in (a model's tokens) reaches the
+/// filter in a few batches rather than a call per piece, the client gets every piece in order,
+/// and a secret split across pieces is still found.
+#[tokio::test]
+async fn a_tenants_answer_batch_gathers_a_streams_pieces_for_its_filters() {
+    let mocks = Mocks::start().await;
+    let cache = TempDir::new("answer-batch");
+    let mut cfg = pii_config(&mocks, &cache, json!({"block_secrets_in_response": true}));
+    cfg.tenant_mut("acme").answer_batch = AnswerBatchConfig { max_wait_ms: 1000, max_bytes: 1 << 20 };
+    let edge = TestEdge::start(cfg).await;
+    let ok_calls = |m: &str| metric_or_zero(m, "meridian_plugin_calls_total", &["plugin=\"pii\"", "outcome=\"ok\""]);
+
+    // The answer names a key prefix first, so the filter reads all of it; twelve pieces 5 ms
+    // apart arrive well within one batch's wait.
+    let mut pieces = vec!["Keys start with sk- and then ".to_string()];
+    pieces.extend((0..11).map(|i| format!("word{i} ")));
+    let before = ok_calls(&edge.metrics().await);
+    mocks.openai.push(Behavior::Say { pieces: pieces.clone(), gap: Duration::from_millis(5) });
+    let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "tell me a story", true)).await;
+    assert_eq!(r.answer_text(), pieces.concat(), "every piece, in order: {}", r.text());
+    let calls = ok_calls(&edge.metrics().await) - before;
+    assert!((1.0..=3.0).contains(&calls), "12 pieces in {calls} filter calls");
+
+    // A secret split across pieces is found in the batch that joins them.
+    let split = ["my key is sk-proj-abc", "def1234567890ghijklmnop", " and that is all"];
+    mocks.openai.push(Behavior::Say { pieces: split.map(String::from).to_vec(), gap: Duration::from_millis(5) });
+    let r = edge.post("/v1/chat/completions", ACME_KEY, &chat("gpt-test", "tell me a story", true)).await;
+    let events = r.event_json();
+    assert_eq!(events.last().expect("events")["error"]["code"], "content_blocked", "{}", r.text());
+    let text: String = events.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert!(!text.contains("def1234567890"), "nothing of the secret went out: {}", r.text());
 }
 
 /// A secret split across stream events: every chunk of one answer goes to the same filter
