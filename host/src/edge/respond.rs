@@ -415,11 +415,14 @@ impl ClientStream {
             return None;
         }
         let deadline = tokio::time::Instant::from_std(since + wait.max_wait);
-        while text_len(batch) < wait.max_bytes {
+        let mut text = text_len(batch);
+        while text < wait.max_bytes {
             let next = tokio::time::timeout_at(deadline, self.source.next()).await.ok()?;
+            let known = batch.len();
             if let Some(end) = absorb(next, batch) {
                 return Some(end);
             }
+            text += text_len(&batch[known..]);
         }
         None
     }
