@@ -38,8 +38,11 @@ fn filtered_config(mocks: &Mocks, cache: &TempDir) -> Config {
     let mut cfg = config(mocks);
     cfg.plugin_runtime.cache_dir = cache.path().to_path_buf();
     add_plugin(&mut cfg, "pii", PluginKind::Filter, "pii-redactor", json!({"actions": {"email": "redact"}}));
-    cfg.tenant_mut("acme").filters = vec!["pii".into()];
-    cfg.tenant_mut("globex").filters = vec!["pii".into()];
+    // pii-redactor reads no answers without its secrets rule (it declares no answer triggers), so
+    // a filter that reads every piece holds each stream's session slot: the control fixture.
+    add_plugin(&mut cfg, "reader", PluginKind::Filter, "fixture-wrong-world", json!({}));
+    cfg.tenant_mut("acme").filters = vec!["pii".into(), "reader".into()];
+    cfg.tenant_mut("globex").filters = vec!["pii".into(), "reader".into()];
     cfg
 }
 

@@ -220,8 +220,19 @@ async fn engine_on(
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let path = dir.path().join("engine.toml");
     std::fs::write(&path, cluster.engine_config("engine-a", addr, max_batch)).unwrap();
-    let config = NodeConfig::load(&path).unwrap_or_else(|e| panic!("engine config: {e}"));
-    let node = Node::start(config).await.unwrap_or_else(|e| panic!("engine starts: {e}"));
+    // A restart on the address of a stopped engine can find it taken for a moment by another
+    // test's client socket (the kernel hands out freed ports again): try again until it is free.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let node = loop {
+        let config = NodeConfig::load(&path).unwrap_or_else(|e| panic!("engine config: {e}"));
+        match Node::start(config).await {
+            Ok(node) => break node,
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("in use") => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("engine starts: {e}"),
+        }
+    };
     let (stop, stopped) = oneshot::channel();
     let task = tokio::spawn(async move {
         let _ = node
