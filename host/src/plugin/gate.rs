@@ -7,6 +7,7 @@
 //! secrets scanner on the answer costs nothing for them.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 /// Bytes of the answer before the first trigger that the filter's first call still gets: the
 /// context a scanner reads to decide where a token starts.
@@ -66,16 +67,16 @@ pub enum Gate {
     /// The filter sees every piece: it declared nothing, or a trigger has appeared.
     Open,
     /// No trigger yet: the answer's last bytes, where a trigger split across pieces or the first
-    /// one's context would be.
-    Waiting { triggers: Triggers, held: String },
+    /// one's context would be. The triggers are the plugin's, shared by all its answers.
+    Waiting { triggers: Arc<Triggers>, held: String },
 }
 
 impl Gate {
     /// A gate for `triggers` (`None`: every piece is shown).
-    pub fn new(triggers: Option<&Triggers>) -> Gate {
+    pub fn new(triggers: Option<&Arc<Triggers>>) -> Gate {
         match triggers {
             None => Gate::Open,
-            Some(t) => Gate::Waiting { triggers: t.clone(), held: String::new() },
+            Some(t) => Gate::Waiting { triggers: Arc::clone(t), held: String::new() },
         }
     }
 
@@ -85,27 +86,34 @@ impl Gate {
         if triggers.literals.is_empty() {
             return Admit::Skip;
         }
-        held.push_str(piece);
-        match triggers.first_in(held) {
-            Some(at) => {
+        let shown = if held.is_empty() {
+            // The answer's first piece (a whole answer's only one), or nothing kept before it:
+            // searched where it lies, without a copy.
+            triggers.first_in(piece).map(|at| Cow::Borrowed(&piece[context_start(piece, at)..]))
+        } else {
+            held.push_str(piece);
+            triggers.first_in(held).map(|at| {
                 let shown = std::mem::take(held);
-                let start = context_start(&shown, at);
-                *self = Gate::Open;
-                Admit::Show(Cow::Owned(shown[start..].to_owned()))
-            }
-            None => {
-                // Keep what a trigger completed by the next piece, and its context, could need.
-                let keep = LOOKBEHIND + triggers.longest - 1;
-                if held.len() > keep {
-                    let mut cut = held.len() - keep;
-                    while !held.is_char_boundary(cut) {
-                        cut += 1;
-                    }
-                    held.drain(..cut);
-                }
-                Admit::Skip
-            }
+                Cow::Owned(shown[context_start(&shown, at)..].to_owned())
+            })
+        };
+        if let Some(shown) = shown {
+            *self = Gate::Open;
+            return Admit::Show(shown);
         }
+        if held.is_empty() {
+            held.push_str(piece);
+        }
+        // Keep what a trigger completed by the next piece, and its context, could need.
+        let keep = LOOKBEHIND + triggers.longest - 1;
+        if held.len() > keep {
+            let mut cut = held.len() - keep;
+            while !held.is_char_boundary(cut) {
+                cut += 1;
+            }
+            held.drain(..cut);
+        }
+        Admit::Skip
     }
 }
 
@@ -132,7 +140,7 @@ mod tests {
     use super::*;
 
     fn gate(literals: &[&str]) -> Gate {
-        Gate::new(Some(&Triggers::new(literals.iter().map(|s| s.to_string()).collect()).unwrap()))
+        Gate::new(Some(&Arc::new(Triggers::new(literals.iter().map(|s| s.to_string()).collect()).unwrap())))
     }
 
     fn shown(admit: Admit<'_>) -> Option<String> {
@@ -179,6 +187,19 @@ mod tests {
         let text = shown(g.admit("sk-x")).unwrap();
         assert!(text.len() <= LOOKBEHIND + 4, "{}", text.len());
         assert!(text.starts_with("word ") && text.ends_with("word sk-x"), "{text:?}");
+    }
+
+    #[test]
+    fn a_whole_answer_is_shown_from_its_triggers_context_without_a_copy() {
+        let mut g = gate(&["sk-"]);
+        let answer = format!("{}sk-x", "word ".repeat(200));
+        match g.admit(&answer) {
+            Admit::Show(Cow::Borrowed(text)) => {
+                assert!(text.len() <= LOOKBEHIND + 4 && text.starts_with("word ") && text.ends_with("sk-x"), "{text:?}")
+            }
+            other => panic!("shown in place: {other:?}"),
+        }
+        assert_eq!(shown(g.admit("more")).as_deref(), Some("more"));
     }
 
     #[test]

@@ -600,7 +600,7 @@ struct PluginCore {
     /// Whether instances start from a snapshot taken after `configure`, so that calls skip it.
     preconfigured: bool,
     /// What a filter's load-time `configure` declared through `answer-triggers`.
-    answer_triggers: OnceLock<Triggers>,
+    answer_triggers: OnceLock<Arc<Triggers>>,
     /// The metrics every successful call updates, looked up once rather than by labels per call.
     ok_calls: prometheus::IntCounter,
     call_seconds: prometheus::Histogram,
@@ -732,7 +732,7 @@ impl PluginCore {
         if let Some(literals) = store.data_mut().take_answer_triggers() {
             let triggers = Triggers::new(literals).map_err(PluginError::InvalidOutput)?;
             tracing::debug!(plugin = %self.id, triggers = ?triggers.literals(), "answer triggers declared");
-            let _ = self.answer_triggers.set(triggers);
+            let _ = self.answer_triggers.set(Arc::new(triggers));
         }
         Ok(())
     }
@@ -988,7 +988,7 @@ impl FilterPlugin {
     /// The answer triggers its `configure` declared at load, if any: its response sessions show
     /// it an answer only from the first of them on (see [`ResponseSession::inspect`]).
     pub fn answer_triggers(&self) -> Option<&Triggers> {
-        self.core.answer_triggers.get()
+        self.core.answer_triggers.get().map(|t| &**t)
     }
 
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
