@@ -142,6 +142,10 @@ struct Inner {
     ttft_ms: Option<f64>,
     error_rate: f64,
     consecutive_failures: u32,
+    /// Whether a request (not only probes) failed in the current run of failures: a run of failed
+    /// probes alone ends when a probe is answered, a run with a failed request only with a
+    /// request's success.
+    request_failed_in_run: bool,
     /// Ejections in a row (without a success between): the backoff's exponent.
     ejections_in_row: u32,
     ejections_total: u64,
@@ -179,6 +183,7 @@ impl Inner {
 
     fn success(&mut self) {
         self.consecutive_failures = 0;
+        self.request_failed_in_run = false;
         self.ejections_in_row = 0;
         self.ejected_until = None;
         self.trial_since = None;
@@ -293,7 +298,9 @@ impl TargetStats {
     /// A request it failed at `now`.
     pub fn failure(&self, now: Instant) {
         let ejection = self.ejection;
-        self.lock().failure(now, &ejection);
+        let mut inner = self.lock();
+        inner.request_failed_in_run = true;
+        inner.failure(now, &ejection);
     }
 
     /// A stream's time to its first token.
@@ -306,8 +313,9 @@ impl TargetStats {
     /// answered after the backoff closes the target; one that failed counts as a failure. While
     /// the target is ejected, probes only refresh its load. An answered probe also lowers the
     /// error rate, so that a recovered target routers ranked down by its past failures becomes
-    /// healthy again without traffic; it does not clear a run of request failures, which only a
-    /// request can (an engine can answer health and still fail generations).
+    /// healthy again without traffic, and it ends a run of failures that were all probes (an
+    /// engine that was not up yet when first probed); it does not clear a run with a failed
+    /// request, which only a request can (an engine can answer health and still fail generations).
     pub fn probe(&self, now: Instant, result: Option<(EngineLoad, Option<Duration>)>) {
         let ejection = self.ejection;
         let mut inner = self.lock();
@@ -321,7 +329,12 @@ impl TargetStats {
                 match state {
                     HealthState::HalfOpen => inner.success(),
                     HealthState::Ejected => {}
-                    _ => inner.error_rate = ewma(Some(inner.error_rate), 0.0, ERROR_ALPHA),
+                    _ => {
+                        inner.error_rate = ewma(Some(inner.error_rate), 0.0, ERROR_ALPHA);
+                        if !inner.request_failed_in_run {
+                            inner.consecutive_failures = 0;
+                        }
+                    }
                 }
             }
             None if state != HealthState::Ejected => inner.failure(now, &ejection),
@@ -506,6 +519,40 @@ mod tests {
         fail_times(&s, t0 + ms_(100), 3);
         s.probe(t0 + ms_(200), None);
         assert_eq!(s.snapshot(t0 + ms_(200)).ejected_until_ms, Some(200));
+    }
+
+    #[test]
+    fn an_answered_probe_ends_a_run_of_failed_probes_but_not_of_failed_requests() {
+        let t0 = Instant::now();
+        let load = EngineLoad {
+            provider: "cpu".into(),
+            tokens_per_second: 0.0,
+            queue_depth: 0,
+            active_sequences: 0,
+            max_batch: 2,
+        };
+        // An engine not up yet when first probed, then answering.
+        let s = stats();
+        s.probe(t0, None);
+        assert_eq!(s.snapshot(t0).consecutive_failures, 1);
+        let mut t = t0;
+        while s.state(t) != HealthState::Healthy {
+            assert!(t < t0 + ms_(100), "answered probes never made it healthy: {:?}", s.snapshot(t));
+            t += ms_(5);
+            s.probe(t, Some((load.clone(), None)));
+        }
+        assert_eq!(s.snapshot(t).consecutive_failures, 0);
+        // A failed request in the run: probes answered since do not clear it.
+        let s = stats();
+        s.probe(t0, None);
+        s.failure(t0);
+        for k in 1..50 {
+            s.probe(t0 + ms_(k), Some((load.clone(), None)));
+        }
+        let snap = s.snapshot(t0 + ms_(50));
+        assert_eq!((snap.health, snap.consecutive_failures), (HealthState::Degraded, 2));
+        s.success(None);
+        assert_eq!(s.state(t0 + ms_(50)), HealthState::Healthy);
     }
 
     #[test]
