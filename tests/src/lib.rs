@@ -416,6 +416,20 @@ pub fn python() -> String {
     })
 }
 
+/// The `node_modules` with the pinned packages of `tests/sdk/node/package.json` (the official
+/// OpenAI Node SDK): `$MERIDIAN_NODE_SDK`, else the one `scripts/test` installs in
+/// `.meridian/node-sdk`. Panics, saying how to get one, when there is neither.
+pub fn node_sdk() -> String {
+    std::env::var("MERIDIAN_NODE_SDK").unwrap_or_else(|_| {
+        let modules = concat!(env!("CARGO_MANIFEST_DIR"), "/../.meridian/node-sdk/node_modules");
+        assert!(
+            Path::new(modules).join("openai").exists(),
+            "this test needs the packages of tests/sdk/node/package.json: run scripts/test, or set MERIDIAN_NODE_SDK"
+        );
+        modules.to_string()
+    })
+}
+
 /// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or
 /// `pii_redactor`), under `target/wasm32-wasip2/release/`. Panics if it has not been built.
 pub fn plugin_wasm(name: &str) -> PathBuf {

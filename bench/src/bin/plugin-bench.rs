@@ -17,7 +17,7 @@
 //!   ones, when `scripts/build-python-plugins` / `scripts/build-js-plugins` have built them.
 //!
 //! Run it with `scripts/bench` (which builds the components and release binaries first), or
-//! `target/release/plugin-bench [--calls N] [--interpreted false]` after `scripts/build-plugins`.
+//! `target/release/plugin-bench [--calls N] [--interpreted false] [--only TEXT]` after `scripts/build-plugins`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -41,7 +41,9 @@ fn main() {
     // they take minutes at the default number of calls.
     let interpreted =
         args.iter().position(|a| a == "--interpreted").and_then(|i| args.get(i + 1)).is_none_or(|v| v != "false");
-    if let Err(e) = runtime.block_on(run(calls, interpreted)) {
+    // `--only TEXT` keeps the rows whose plugin name contains TEXT (to profile one plugin).
+    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
+    if let Err(e) = runtime.block_on(run(calls, interpreted, only)) {
         eprintln!("plugin-bench: {e}");
         std::process::exit(1);
     }
@@ -138,6 +140,9 @@ fn wasm(name: &str) -> Option<Vec<u8>> {
     std::fs::read(path).ok()
 }
 
+/// `--only`: the text a row's plugin name must contain to be run.
+static ONLY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 /// One row of the table.
 struct Row<'a> {
     plugin: &'a str,
@@ -150,6 +155,9 @@ where
     F: Fn() -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = CallResult> + Send,
 {
+    if !row.plugin.contains(ONLY.get().map_or("", String::as_str)) {
+        return Ok(());
+    }
     let times = timed(calls, concurrency, call).await?;
     println!(
         "| {} | {} | {} | {concurrency} | {:.1} | {:.1} |",
@@ -162,7 +170,8 @@ where
     Ok(())
 }
 
-async fn run(calls: usize, interpreted_rows: bool) -> Result<(), String> {
+async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), String> {
+    ONLY.get_or_init(|| only);
     let dir = std::env::temp_dir().join(format!("meridian-plugin-bench-{}", std::process::id()));
     let settings = PluginSettings { cache_dir: dir.clone(), ..PluginSettings::default() };
     let metrics = PluginMetrics::new(&prometheus::Registry::new()).map_err(|e| e.to_string())?;
