@@ -106,6 +106,26 @@ pub struct Config {
     /// `[ledger]`: the durable record of every request.
     #[serde(default)]
     pub ledger: LedgerConfig,
+    /// `[status]`: the history the status page (`/admin/status`) charts.
+    #[serde(default)]
+    pub status: StatusConfig,
+}
+
+/// `[status]`: how often the edge samples its targets, cache and costs for the status page, and
+/// how many samples it keeps (the default: every 5 s for the last 10 minutes).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    /// Time between samples (default 5000; at least 100).
+    pub sample_interval_ms: u64,
+    /// Samples kept, the oldest dropped first (default 120; 2 to 10 000).
+    pub samples: usize,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig { sample_interval_ms: 5000, samples: 120 }
+    }
 }
 
 /// `[ledger]`: where every request's record goes (see `crate::ledger`). On by default, in an
@@ -908,6 +928,12 @@ impl Config {
         if h.probe_interval_ms == 0 {
             return Err(invalid("health.probe_interval_ms", "must be greater than 0"));
         }
+        if self.status.sample_interval_ms < 100 {
+            return Err(invalid("status.sample_interval_ms", "must be at least 100"));
+        }
+        if !(2..=10_000).contains(&self.status.samples) {
+            return Err(invalid("status.samples", "must be from 2 to 10000"));
+        }
         if self.cache.enabled && self.cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));
         }
@@ -1264,6 +1290,17 @@ mod tests {
         assert!(bad("probe_interval_ms = 0").starts_with("health.probe_interval_ms"));
         let unknown = bad("threshold = 3");
         assert!(unknown.contains("unknown field `threshold`"), "{unknown}");
+    }
+
+    #[test]
+    fn the_status_section_has_defaults_and_is_checked() {
+        let st = Config::parse(BASE).unwrap().status;
+        assert_eq!((st.sample_interval_ms, st.samples), (5000, 120));
+        let bad = |section: &str| err(&format!("{BASE}\n[status]\n{section}\n"));
+        assert!(bad("sample_interval_ms = 99").starts_with("status.sample_interval_ms: must be at least 100"));
+        assert!(bad("samples = 1").starts_with("status.samples"));
+        assert!(bad("samples = 10001").starts_with("status.samples"));
+        assert!(bad("every = 1").contains("unknown field `every`"));
     }
 
     /// `BASE` as an edge of `eu-west` taking relays, with `peers` (TOML) as its `[[relay.peers]]`.

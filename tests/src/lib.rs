@@ -430,6 +430,21 @@ pub fn node_sdk() -> String {
     })
 }
 
+/// Headless Chromium (Debian's `chromium`, which `scripts/test` installs as root):
+/// `$MERIDIAN_CHROMIUM`, else `chromium` on the `PATH`. Panics, saying how to get it, when there
+/// is neither.
+pub fn chromium() -> String {
+    std::env::var("MERIDIAN_CHROMIUM").unwrap_or_else(|_| {
+        let found = std::env::var_os("PATH")
+            .into_iter()
+            .flat_map(|paths| std::env::split_paths(&paths).collect::<Vec<_>>())
+            .map(|dir| dir.join("chromium"))
+            .find(|p| p.is_file());
+        let path = found.expect("this test needs headless Chromium: run scripts/test as root (apt-get install chromium), or set MERIDIAN_CHROMIUM");
+        path.display().to_string()
+    })
+}
+
 /// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or
 /// `pii_redactor`), under `target/wasm32-wasip2/release/`. Panics if it has not been built.
 pub fn plugin_wasm(name: &str) -> PathBuf {

@@ -1,5 +1,5 @@
-//! The operator's endpoints, beside the request path: `POST /admin/plugins/reload` and
-//! `GET /admin/targets` for holders of a `node.admin_keys` key (absent, as a 404, when the node
+//! The operator's endpoints, beside the request path: `POST /admin/plugins/reload`,
+//! `GET /admin/targets` and the status page (`status/`) for holders of a `node.admin_keys` key (absent, as a 404, when the node
 //! has none), and `GET /readyz` and `GET /metrics`, open unless `node.observer_keys` lists keys
 //! (then they take one of those or an admin key, else 401).
 
@@ -18,15 +18,28 @@ use crate::error::GatewayError;
 use crate::plugin::PluginRuntime;
 use crate::tenant;
 
-/// Whether the request carries an admin key; a node without admin keys has no such endpoint.
-fn authorize(edge: &Edge, headers: &HeaderMap, method: &str, path: &str) -> Result<(), GatewayError> {
+/// Whether the request carries an admin key (`Authorization: Bearer`, `x-api-key`, or HTTP Basic
+/// with the key as the password, which is how a browser signs in to the status page); a node
+/// without admin keys has no such endpoint.
+pub(super) fn authorize(edge: &Edge, headers: &HeaderMap, method: &str, path: &str) -> Result<(), GatewayError> {
     if edge.admin_keys.is_empty() {
         return Err(GatewayError::NotFound { method: method.into(), path: path.into() });
     }
-    if !edge.admin_keys.contains(&tenant::key_digest(headers).unwrap_or_default()) {
+    let digest = tenant::key_digest(headers).or_else(|| basic_password_digest(headers));
+    if !edge.admin_keys.contains(&digest.unwrap_or_default()) {
         return Err(GatewayError::Unauthorized);
     }
     Ok(())
+}
+
+/// The SHA-256 of the password of an `Authorization: Basic` header (the user name is ignored).
+fn basic_password_digest(headers: &HeaderMap) -> Option<[u8; 32]> {
+    use base64::Engine as _;
+    use sha2::{Digest as _, Sha256};
+    let encoded = headers.get(hyper::header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded.trim()).ok()?;
+    let (_, password) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    (!password.is_empty()).then(|| Sha256::digest(password.as_bytes()).into())
 }
 
 /// `POST /admin/plugins/reload`: reloads every plugin (see [`Edge::reload_plugins`]).

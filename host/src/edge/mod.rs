@@ -16,8 +16,8 @@
 //! 7. `record.rs`: the request is accounted once, when it ends: answered, refused, or abandoned
 //!    by the client.
 //!
-//! Beside the path: the operator's endpoints (`admin.rs`), `POST /v1/embeddings`
-//! (`embeddings.rs`), and graceful shutdown (`drain.rs`). Nothing outside this module but the servers above it
+//! Beside the path: the operator's endpoints (`admin.rs`) and status page (`status/`),
+//! `POST /v1/embeddings` (`embeddings.rs`), and graceful shutdown (`drain.rs`). Nothing outside this module but the servers above it
 //! ([`crate::server`], [`crate::relay`]) uses it.
 
 mod admin;
@@ -32,6 +32,7 @@ mod parse;
 mod record;
 mod respond;
 mod route;
+mod status;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -93,6 +94,8 @@ pub struct Edge {
     pub budgets: crate::budget::Budgets,
     /// Graceful shutdown's state (see [`Edge::drain`]).
     drain: drain::Drain,
+    /// The samples the status page charts.
+    history: Arc<status::history::History>,
 }
 
 /// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
@@ -199,7 +202,9 @@ impl Edge {
         let mut targets: Vec<Arc<Target>> = targets.into_values().collect();
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         upstream::spawn_probes(&targets, Duration::from_millis(config.health.probe_interval_ms));
+        let history = status::history::History::spawn(&config.status, &targets, metrics.registry().clone());
         Ok(Edge {
+            history,
             targets,
             loaded: ArcSwap::from_pointee(loaded),
             reloading: tokio::sync::Mutex::new(()),
@@ -294,6 +299,11 @@ impl Edge {
             },
             (&Method::POST, "/admin/plugins/reload") => admin::reload(&self, req.headers()).await,
             (&Method::GET, "/admin/targets") => admin::targets(&self, req.headers()),
+            (&Method::GET, "/admin/status") => status::page(&self, req.headers()).await,
+            (&Method::GET, "/admin/status.json") => status::data(&self, req.headers()),
+            (&Method::GET, path @ ("/admin/status.js" | "/admin/status.css")) => {
+                status::asset(&self, req.headers(), path)
+            }
             (&Method::GET, "/v1/models") => match self.loaded.load().tenants.authenticate(req.headers()) {
                 Ok(_) => json_response(StatusCode::OK, self.model_list.clone()),
                 Err(e) => error_response(ApiShape::OpenAi, &e),

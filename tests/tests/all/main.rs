@@ -25,6 +25,7 @@ mod reload;
 mod shapes;
 mod shutdown;
 mod soak;
+mod status_page;
 mod target_health;
 mod translation;
 mod transport;
