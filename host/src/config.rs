@@ -176,6 +176,11 @@ impl LedgerConfig {
     }
 }
 
+/// Whether `url` names a Redis server (TCP or a Unix socket).
+fn is_redis_url(url: &str) -> bool {
+    url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")
+}
+
 /// `[health]`: when a failing target is taken out of rotation, for how long, and how often
 /// engine targets are probed.
 #[derive(Debug, Clone, Deserialize)]
@@ -397,15 +402,41 @@ pub struct CacheConfig {
     pub ttl_secs: u64,
     /// The largest answer kept (its content bytes): a stream past it is still sent, not cached.
     pub max_entry_bytes: u64,
+    /// `redis://…` (may use `${VAR}`): a second level shared by every edge pointed at the same
+    /// server, so that a prompt cached by one is a hit on the others; absent, each edge caches
+    /// alone.
+    pub redis_url: Option<String>,
+    /// How long one Redis command may take before the edge serves from its own cache alone
+    /// (default 200).
+    pub redis_timeout_ms: u64,
+    /// The prefix of the shared level's Redis keys (default `meridian:cache`).
+    pub key_prefix: String,
+    /// How long an edge that misses waits for another edge filling the same entry before it
+    /// calls upstream itself (default 10000).
+    pub coalesce_wait_ms: u64,
 }
 
 impl Default for CacheConfig {
     fn default() -> Self {
-        CacheConfig { enabled: true, max_bytes: 256 << 20, ttl_secs: 600, max_entry_bytes: 4 << 20 }
+        CacheConfig {
+            enabled: true,
+            max_bytes: 256 << 20,
+            ttl_secs: 600,
+            max_entry_bytes: 4 << 20,
+            redis_url: None,
+            redis_timeout_ms: 200,
+            key_prefix: "meridian:cache".into(),
+            coalesce_wait_ms: 10_000,
+        }
     }
 }
 
 impl CacheConfig {
+    /// The shared level's URL, with `${VAR}`s expanded.
+    pub fn redis_url(&self) -> Result<Option<String>, ConfigError> {
+        self.redis_url.as_deref().map(|url| expand_env(url, "cache.redis_url")).transpose()
+    }
+
     /// The largest answer kept: `max_entry_bytes`, or the whole cache if that is smaller.
     pub fn entry_limit(&self) -> usize {
         usize::try_from(self.max_entry_bytes.min(self.max_bytes)).unwrap_or(usize::MAX)
@@ -911,7 +942,7 @@ impl Config {
             return Err(invalid("budgets.key_prefix", "must not be empty"));
         }
         if let Some(url) = b.redis_url()? {
-            if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+            if !is_redis_url(&url) {
                 return Err(invalid("budgets.redis_url", format!("must be a redis:// URL, not `{url}`")));
             }
         }
@@ -936,6 +967,14 @@ impl Config {
         }
         if self.cache.enabled && self.cache.max_bytes == 0 {
             return Err(invalid("cache.max_bytes", "must be greater than 0 when the cache is enabled"));
+        }
+        if self.cache.redis_timeout_ms == 0 || self.cache.coalesce_wait_ms == 0 {
+            return Err(invalid("cache.redis_timeout_ms", "and cache.coalesce_wait_ms must be greater than 0"));
+        }
+        if let Some(url) = self.cache.redis_url()? {
+            if !is_redis_url(&url) {
+                return Err(invalid("cache.redis_url", format!("must be a redis:// URL, not `{url}`")));
+            }
         }
         if self.cache.enabled && self.cache.max_entry_bytes == 0 {
             return Err(invalid("cache.max_entry_bytes", "must be greater than 0 when the cache is enabled"));
@@ -1230,6 +1269,11 @@ mod tests {
             "targets.oa.max_event_bytes: must not exceed max_stream_bytes"
         );
         assert!(err(&format!("{BASE}\n[cache]\nmax_entry_bytes = 0\n")).starts_with("cache.max_entry_bytes"));
+        assert_eq!(c.cache.redis_url, None, "each edge caches alone unless told");
+        assert!(err(&format!("{BASE}\n[cache]\nredis_url = \"http://x\"\n")).starts_with("cache.redis_url"));
+        assert!(err(&format!("{BASE}\n[cache]\ncoalesce_wait_ms = 0\n")).starts_with("cache.redis_timeout_ms"));
+        let shared = Config::parse(&format!("{BASE}\n[cache]\nredis_url = \"redis://127.0.0.1:6379/\"\n")).unwrap();
+        assert_eq!(shared.cache.redis_url().unwrap().as_deref(), Some("redis://127.0.0.1:6379/"));
         let small = Config::parse(&format!("{BASE}\n[cache]\nmax_bytes = 1000\n")).unwrap();
         assert_eq!(small.cache.entry_limit(), 1000, "an entry is never larger than the cache");
     }

@@ -32,6 +32,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod plugin;
 pub mod redaction;
+pub mod redis_link;
 pub mod relay;
 pub mod routes;
 pub mod server;

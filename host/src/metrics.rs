@@ -43,6 +43,10 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     /// `meridian_cache_entries`: cached answers.
     pub cache_entries: IntGauge,
+    /// `meridian_shared_state_up{store}`: 1 while the Redis a region's edges share answers
+    /// (`store="cache"`: the prompt cache's shared level; `"budgets"`: the budgets' counters), 0
+    /// while the edge serves on its own state.
+    pub shared_state_up: IntGaugeVec,
     /// `meridian_requests_in_flight`: chat requests being served.
     pub in_flight: IntGauge,
     /// `meridian_target_latency_ms{target}`: smoothed latency to the first byte (0 until measured).
@@ -125,6 +129,14 @@ impl Metrics {
         .expect("valid metric");
         let cache_bytes = IntGauge::new("meridian_cache_bytes", "Size of cached answers").expect("valid metric");
         let cache_entries = IntGauge::new("meridian_cache_entries", "Cached answers").expect("valid metric");
+        let shared_state_up = IntGaugeVec::new(
+            Opts::new(
+                "meridian_shared_state_up",
+                "Whether the Redis shared by the region's edges answers (1) or not (0)",
+            ),
+            &["store"],
+        )
+        .expect("valid metric");
         let in_flight =
             IntGauge::new("meridian_requests_in_flight", "Chat requests being served").expect("valid metric");
         let target_latency = GaugeVec::new(
@@ -198,6 +210,7 @@ impl Metrics {
             Arc::new(cache_coalesced.clone()),
             Arc::new(cache_bytes.clone()),
             Arc::new(cache_entries.clone()),
+            Arc::new(shared_state_up.clone()),
             Arc::new(in_flight.clone()),
         ];
         for c in &declared {
@@ -217,6 +230,7 @@ impl Metrics {
             cache_coalesced,
             cache_bytes,
             cache_entries,
+            shared_state_up,
             in_flight,
             target_latency,
             target_health,

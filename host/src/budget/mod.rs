@@ -16,7 +16,9 @@
 //!
 //! The counters live in this process ([`local`]) or, for a region whose edges share one
 //! budget, in Redis ([`shared`]), behind one piece of period and limit logic ([`limits`],
-//! [`period`]). Spend is counted in the period a request was admitted in; extensions and
+//! [`period`]). While Redis does not answer, rate limits (per minute) fall back to this edge's
+//! own counters and budgets (per day, per month) refuse (see `Hold::charge`). Spend is counted
+//! in the period a request was admitted in; extensions and
 //! overruns in the period they happen in. In-process counters are rebuilt on start from the
 //! ledger ([`Budgets::seed`]); Redis keeps its own.
 
@@ -110,6 +112,7 @@ impl Budgets {
             Some(url) => Store::Shared(
                 Shared::new(&url, Duration::from_millis(settings.redis_timeout_ms))
                     .map_err(|message| ConfigError::Invalid { key: "budgets.redis_url".into(), message })?,
+                Local::default(),
             ),
             None => Store::Local(Local::default()),
         };
@@ -128,6 +131,11 @@ impl Budgets {
             credit_chunk_tokens: settings.credit_chunk_tokens,
             clock: unix_now,
         })
+    }
+
+    /// Whether the shared counters answer; `None` for counters in this process alone.
+    pub fn shared_up(&self) -> Option<bool> {
+        self.store.shared_up()
     }
 
     /// Output tokens a stream with no output limit holds at a time (`budgets.credit_chunk_tokens`).
@@ -172,7 +180,7 @@ impl Budgets {
             // Redis keeps its counters across restarts; seeding only fills those it lost, so an
             // edge that starts while Redis is away still serves (requests of tenants with budgets
             // get 503 `budget_unavailable` until Redis answers).
-            Err(e) if matches!(*self.store, Store::Shared(_)) => {
+            Err(e) if matches!(*self.store, Store::Shared(..)) => {
                 tracing::warn!(error = %e, "budgets: Redis did not take the ledger's totals; its own counters stand");
                 Ok(())
             }
@@ -218,6 +226,8 @@ struct Held {
     limit: usize,
     counter: Counter,
     amount: i64,
+    /// Held on this edge's own counters, Redis being away at the time.
+    fallback: bool,
 }
 
 impl Hold {
@@ -253,7 +263,7 @@ impl Hold {
     pub fn settle(self, tokens: u64, usd: f64) {
         let now = (self.clock)().as_secs() as i64;
         let spent = Amounts::new(usd, tokens, 0);
-        let mut deltas = Vec::new();
+        let (mut deltas, mut fallback) = (Vec::new(), Vec::new());
         for (index, limit) in self.account.limits.iter().enumerate() {
             if limit.meter == Meter::Requests {
                 // A request counts once it is admitted, whatever it spent.
@@ -272,37 +282,54 @@ impl Hold {
                     break;
                 }
                 let release = h.amount.min(-delta);
-                deltas.push((h.counter.clone(), -release));
+                let to = if h.fallback { &mut fallback } else { &mut deltas };
+                to.push((h.counter.clone(), -release));
                 delta += release;
             }
         }
+        self.store.adjust_fallback(&fallback, now);
         self.store.adjust(deltas, now);
     }
 
-    /// Charges `amounts` against the limits `which` selects, all or none, and holds them.
+    /// Charges `amounts` against the limits `which` selects, all or none, and holds them. While
+    /// the shared counters do not answer, a charge against rate limits alone (per minute: RPM,
+    /// TPM) goes to this edge's own counters, so the region's edges keep serving, each holding the
+    /// tenant to its rate on its own; a charge that touches a daily or monthly budget is refused
+    /// (`Unavailable`): money is never spent unaccounted.
     async fn charge(&mut self, amounts: Amounts, ask: Ask, which: impl Fn(&Limit) -> bool) -> Result<(), Refused> {
         let now = (self.clock)();
         let secs = now.as_secs() as i64;
         let (limits, charges) = self.account.charges(amounts, secs, which);
-        match self.store.charge(&charges, secs).await {
-            Ok(Ok(())) => {
+        let rates_only = limits.iter().all(|&i| self.account.limits[i].period == Period::Minute);
+        let (outcome, fallback) = match self.store.charge(&charges, secs).await {
+            Ok(outcome) => (outcome, false),
+            Err(e) => match self.store.charge_fallback(&charges, secs).filter(|_| rates_only) {
+                Some(outcome) => {
+                    tracing::debug!(tenant = %self.account.tenant, error = %e, "rate limits on this edge's own counters");
+                    (outcome, true)
+                }
+                None => return Err(Refused::Unavailable(e)),
+            },
+        };
+        match outcome {
+            Ok(()) => {
                 let held = limits.into_iter().zip(charges).map(|(limit, c)| Held {
                     limit,
                     counter: c.counter,
                     amount: c.amount,
+                    fallback,
                 });
                 self.held.extend(held);
                 self.reserved.tokens = self.reserved.tokens.saturating_add(ask.tokens);
                 self.reserved.usd += ask.usd;
                 Ok(())
             }
-            Ok(Err(i)) => {
+            Err(i) => {
                 let limit = &self.account.limits[limits[i]];
                 let end = limit.period.window(secs).end;
                 let retry_after = Duration::from_secs(u64::try_from(end).unwrap_or(0)).saturating_sub(now);
                 Err(Refused::Exhausted(Exhausted { which: limit.name, retry_after }))
             }
-            Err(e) => Err(Refused::Unavailable(e)),
         }
     }
 }

@@ -3,12 +3,13 @@
 //! all or nothing across edges as it is under the in-process store's lock ([`super::local`]).
 //! Every key expires at its window's end (plus a minute), so Redis keeps only live counters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Script;
 
 use super::limits::{Charge, Counter};
+use crate::redis_link::Link;
 
 /// Checks every charge against its maximum, then adds them all and sets their expiry; returns 0,
 /// or the 1-based index of the first charge that does not fit (nothing added). The check is
@@ -52,26 +53,42 @@ return 0
 ";
 
 /// Counters in Redis, over one reconnecting connection that every request shares (commands are
-/// pipelined on it).
+/// pipelined on it). While Redis does not answer, operations fail at once (and Redis is tried
+/// again once a second: [`Link`]).
 pub struct Shared {
-    connection: ConnectionManager,
+    link: Arc<Link>,
     charge: Script,
     adjust: Script,
     seed: Script,
 }
 
+/// What an operation says while Redis is left alone after failing.
+const DOWN: &str = "Redis did not answer (tried again every second)";
+
 impl Shared {
     /// A store at `url`. Nothing is sent until the first operation, so an edge starts while its
     /// Redis is away (and refuses requests of tenants with budgets until it is back).
     pub fn new(url: &str, timeout: Duration) -> Result<Shared, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            // A request waits for one command, not for a reconnection schedule.
-            .set_number_of_retries(1);
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| e.to_string())?;
-        Ok(Shared { connection, charge: Script::new(CHARGE), adjust: Script::new(ADJUST), seed: Script::new(SEED) })
+        Ok(Shared {
+            link: Arc::new(Link::new(url, timeout, "budgets")?),
+            charge: Script::new(CHARGE),
+            adjust: Script::new(ADJUST),
+            seed: Script::new(SEED),
+        })
+        .inspect(|shared| shared.link.spawn_probe())
+    }
+
+    /// The link, for its health.
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    /// Runs `call` on Redis unless it is left alone after failing.
+    async fn invoke<T: redis::FromRedisValue>(&self, call: redis::ScriptInvocation<'_>) -> Result<T, String> {
+        if !self.link.usable() {
+            return Err(DOWN.into());
+        }
+        self.link.answered(call.invoke_async(&mut self.link.connection()).await)
     }
 
     /// Adds every charge, or none: `Ok(Err(i))` when charge `i` is the first that does not fit.
@@ -80,7 +97,7 @@ impl Shared {
         for c in charges {
             call.key(&c.counter.key).arg(c.max).arg(c.amount).arg(c.counter.expires_at);
         }
-        let refused: usize = call.invoke_async(&mut self.connection.clone()).await.map_err(|e| e.to_string())?;
+        let refused: usize = self.invoke(call).await?;
         Ok(match refused {
             0 => Ok(()),
             i => Err(i - 1),
@@ -93,7 +110,7 @@ impl Shared {
         for (counter, delta) in deltas {
             call.key(&counter.key).arg(delta).arg(counter.expires_at);
         }
-        call.invoke_async::<i64>(&mut self.connection.clone()).await.map(drop).map_err(|e| e.to_string())
+        self.invoke::<i64>(call).await.map(drop)
     }
 
     /// Sets each counter that does not exist yet (see [`SEED`]).
@@ -102,6 +119,6 @@ impl Shared {
         for (counter, value) in values {
             call.key(&counter.key).arg(value).arg(counter.expires_at);
         }
-        call.invoke_async::<i64>(&mut self.connection.clone()).await.map(drop).map_err(|e| e.to_string())
+        self.invoke::<i64>(call).await.map(drop)
     }
 }

@@ -94,7 +94,9 @@ pub(super) fn targets(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     json_response(StatusCode::OK, Bytes::from(json!({ "targets": list }).to_string()))
 }
 
-/// `GET /readyz`: the node's region, targets and loaded plugins, and the plugins in quarantine;
+/// `GET /readyz`: the node's region, targets and loaded plugins, the plugins in quarantine, and
+/// whether the Redis the region's edges share answers (`shared_state.cache` and
+/// `shared_state.budgets`: `up`, `down`, or null when there is none);
 /// 503 `shutting_down` from the start of a shutdown's drain, so that load balancers stop sending.
 pub(super) fn readyz(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     if let Err(e) = observer(edge, headers) {
@@ -107,8 +109,14 @@ pub(super) fn readyz(edge: &Edge, headers: &HeaderMap) -> Response<Body> {
     let quarantined: Vec<String> =
         edge.plugins.iter().flat_map(PluginRuntime::quarantined).map(|id| id.to_string()).collect();
     let plugins = edge.loaded.load().plugins.clone();
+    // The region's shared state: an edge whose Redis is away still serves (on its own cache), and
+    // says so here.
+    let state = |up: bool| if up { "up" } else { "down" };
+    let shared_cache = edge.cache.as_ref().and_then(|c| c.shared()).map(|s| state(s.is_up()));
+    let shared_budgets = edge.budgets.shared_up().map(state);
     let body = json!({ "status": "ready", "region": edge.config.node.region, "targets": targets,
-        "plugins": plugins, "quarantined_plugins": quarantined });
+        "plugins": plugins, "quarantined_plugins": quarantined,
+        "shared_state": { "cache": shared_cache, "budgets": shared_budgets } });
     json_response(StatusCode::OK, Bytes::from(body.to_string()))
 }
 
@@ -122,6 +130,12 @@ pub(super) async fn metrics(edge: &Edge, headers: &HeaderMap) -> Response<Body> 
         let (bytes, entries) = cache.size().await;
         edge.metrics.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
         edge.metrics.cache_entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
+        if let Some(shared) = cache.shared() {
+            edge.metrics.shared_state_up.with_label_values(&["cache"]).set(i64::from(shared.is_up()));
+        }
+    }
+    if let Some(up) = edge.budgets.shared_up() {
+        edge.metrics.shared_state_up.with_label_values(&["budgets"]).set(i64::from(up));
     }
     let now = Instant::now();
     for t in &edge.targets {

@@ -50,6 +50,7 @@ use tracing::{info, warn};
 
 use crate::accounting::PriceModel;
 use crate::api::ApiShape;
+use crate::cache::shared::SharedCache;
 use crate::cache::PromptCache;
 use crate::chain::{LoadError, Plugins};
 use crate::config::{parse_key_hash, Config, ConfigError};
@@ -156,10 +157,26 @@ impl Edge {
             .collect();
         let model_list = Bytes::from(json!({ "object": "list", "data": data }).to_string());
         let connect = config.targets.values().map(|t| t.connect_timeout()).max().unwrap_or(Duration::from_secs(5));
-        let cache = config
-            .cache
-            .enabled
-            .then(|| PromptCache::new(config.cache.max_bytes, Duration::from_secs(config.cache.ttl_secs)));
+        let cache = match &config.cache {
+            c if c.enabled => {
+                let ttl = Duration::from_secs(c.ttl_secs);
+                let shared = match c.redis_url()? {
+                    Some(url) => Some(
+                        SharedCache::new(
+                            &url,
+                            Duration::from_millis(c.redis_timeout_ms),
+                            &c.key_prefix,
+                            ttl,
+                            Duration::from_millis(c.coalesce_wait_ms),
+                        )
+                        .map_err(|message| ConfigError::Invalid { key: "cache.redis_url".into(), message })?,
+                    ),
+                    None => None,
+                };
+                Some(PromptCache::with_shared(c.max_bytes, ttl, shared))
+            }
+            _ => None,
+        };
         let metrics = Metrics::new();
         // The runtime (its engine, pool and epoch ticker) only exists when plugins are configured.
         let (plugins, loaded) = if config.plugins.is_empty() {

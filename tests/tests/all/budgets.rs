@@ -369,6 +369,68 @@ async fn two_edges_sharing_redis_enforce_one_budget() {
     assert_eq!(spent(&a, "acme").await + spent(&b, "acme").await, 4 * (PROMPT_TOKENS + 8));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_edges_sharing_redis_hold_a_tenant_at_its_rpm_under_load() {
+    const RPM: usize = 40;
+    let (redis, mocks) = (Redis::start().await, Mocks::start().await);
+    let (redis, m) = (&redis, &mocks);
+    let rpm = TenantBudgets { requests_per_minute: Some(RPM as u64), ..TenantBudgets::default() };
+    let rpm = &rpm;
+    // 100 requests at once, split across two edges: the region admits 40 in the minute, not 80.
+    let statuses = within_one_minute(move || async move {
+        // Fresh counters for each run: its own key prefix.
+        let prefix = format!("rpm-{}", SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos());
+        let config = || {
+            let mut c = config(m, rpm.clone(), TenantBudgets::default(), Some(redis));
+            c.budgets.key_prefix = prefix.clone();
+            c
+        };
+        let edges = [Arc::new(TestEdge::start(config()).await), Arc::new(TestEdge::start(config()).await)];
+        let mut set = JoinSet::new();
+        for i in 0..100 {
+            let edge = Arc::clone(&edges[i % 2]);
+            set.spawn(async move { edge.post(OPENAI, ACME_KEY, &chat("gpt-test", false, Some(8))).await.status });
+        }
+        set.join_all().await
+    })
+    .await;
+    let admitted = statuses.iter().filter(|s| **s == 200).count();
+    assert_eq!(admitted, RPM, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|s| **s == 429).count(), 100 - RPM, "{statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_its_redis_an_edge_holds_rates_on_its_own_counters_and_refuses_budgets() {
+    let mocks = Mocks::start().await;
+    let m = &mocks;
+    // acme has a rate (3 requests a minute), globex a budget (tokens a day).
+    let rpm = &TenantBudgets { requests_per_minute: Some(3), ..TenantBudgets::default() };
+    let (statuses, edge) = within_one_minute(move || async move {
+        let redis = Redis::start().await;
+        let edge = TestEdge::start(config(m, rpm.clone(), tokens_per_day(10_000), Some(&redis))).await;
+        let mut statuses = Vec::new();
+        for key in [ACME_KEY, GLOBEX_KEY] {
+            statuses.push(edge.post(OPENAI, key, &chat("gpt-test", false, Some(8))).await.status);
+        }
+        // Redis dies: acme's rate goes on, on this edge's own counters (fresh: three more fit);
+        // globex's budget cannot be kept, and its requests are refused rather than run unaccounted.
+        drop(redis);
+        for _ in 0..4 {
+            statuses.push(edge.post(OPENAI, ACME_KEY, &chat("gpt-test", false, Some(8))).await.status);
+        }
+        let refused = edge.post(OPENAI, GLOBEX_KEY, &chat("gpt-test", false, Some(8))).await;
+        assert_eq!(refused.error_code(), "budget_unavailable", "{}", refused.text());
+        statuses.push(refused.status);
+        (statuses, edge)
+    })
+    .await;
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 503]);
+    let ready = edge.send("GET", "/readyz", None, &[], Default::default()).await;
+    assert_eq!(ready.status, 200, "still ready: {}", ready.text());
+    assert_eq!(ready.json()["shared_state"]["budgets"], "down");
+    assert_eq!(metric(&edge.metrics().await, "meridian_shared_state_up", &["store=\"budgets\""]), 0.0);
+}
+
 #[tokio::test]
 async fn budgets_in_a_redis_that_does_not_answer_refuse_rather_than_run_unaccounted() {
     let mocks = Mocks::start().await;

@@ -1,11 +1,16 @@
 //! The edge prompt cache: what is cached, per tenant, coalescing of identical requests in flight,
-//! never caching failures, and serving streamed and whole answers from one entry.
+//! never caching failures, and serving streamed and whole answers from one entry; and its level
+//! shared by a region's edges through a real `redis-server`: a prompt cached by one edge is a hit
+//! on another, identical misses on two edges make one upstream call, and killing Redis mid-load
+//! loses no request.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use meridian::config::CachePolicy;
-use meridian_e2e::{Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
+use meridian_e2e::servers::Redis;
+use meridian_e2e::{metric, Behavior, ConfigExt, Mocks, Reply, TestEdge, ACME_KEY, GLOBEX_KEY};
 use serde_json::{json, Value};
 
 const OPENAI: &str = "/v1/chat/completions";
@@ -268,4 +273,87 @@ async fn an_answer_is_shared_across_api_shapes_for_the_same_canonical_request() 
     assert_eq!(v["type"], "message", "served in the client's own shape");
     assert_eq!(v["content"][0]["text"], "Echo: either shape");
     assert_eq!(mocks.openai.request_count(), 1);
+}
+
+/// Two edges in front of `mocks` whose caches share `redis`.
+async fn shared_pair(mocks: &Mocks, redis: &Redis) -> (Arc<TestEdge>, Arc<TestEdge>) {
+    let config = || {
+        let mut c = mocks.config();
+        c.cache.redis_url = Some(redis.url());
+        c
+    };
+    (Arc::new(TestEdge::start(config()).await), Arc::new(TestEdge::start(config()).await))
+}
+
+#[tokio::test]
+async fn a_prompt_cached_by_one_edge_is_a_hit_on_another() {
+    let (redis, mocks) = (Redis::start().await, Mocks::start().await);
+    let (a, b) = shared_pair(&mocks, &redis).await;
+    let body = request("shared between edges", json!({"temperature": 0}));
+    let first = a.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(cache_status(&first), "miss");
+    let other = b.post(OPENAI, ACME_KEY, &body).await;
+    assert_eq!(cache_status(&other), "hit", "the entry the first edge filled");
+    assert_eq!(answer(&other)["choices"][0]["message"]["content"], "Echo: shared between edges");
+    assert_eq!(answer(&other)["id"], answer(&first)["id"], "the stored answer");
+    let stream = request("shared between edges", json!({"temperature": 0, "stream": true}));
+    let streamed = b.post(OPENAI, ACME_KEY, &stream).await;
+    assert_eq!(cache_status(&streamed), "hit");
+    assert_eq!(streamed_text(&streamed), ("Echo: shared between edges".to_string(), true));
+    assert_eq!(mocks.openai.request_count(), 1, "one upstream call for both edges");
+    // Entries stay per tenant across edges too.
+    assert_eq!(cache_status(&b.post(OPENAI, GLOBEX_KEY, &body).await), "miss");
+    assert_eq!(mocks.openai.request_count(), 2);
+    let ready = b.send("GET", "/readyz", None, &[], Bytes::new()).await.json();
+    assert_eq!(ready["shared_state"]["cache"], "up");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_misses_on_two_edges_make_one_upstream_call() {
+    let (redis, mocks) = (Redis::start().await, Mocks::start().await);
+    let (a, b) = shared_pair(&mocks, &redis).await;
+    mocks.openai.push(Behavior::Delay(Duration::from_millis(400)));
+    let body = request("asked on both edges at once", json!({"temperature": 0}));
+    let (on_a, on_b) = tokio::join!(concurrent(&a, &body, 3), concurrent(&b, &body, 3));
+    let replies: Vec<Reply> = on_a.into_iter().chain(on_b).collect();
+    assert_eq!(mocks.openai.request_count(), 1, "one upstream call for six requests on two edges");
+    assert_eq!((count(&replies, "miss"), count(&replies, "hit")), (1, 5));
+    let first = answer(&replies[0]);
+    assert!(replies.iter().all(|r| answer(r) == first), "everyone gets the same answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_shared_redis_mid_load_loses_no_request() {
+    let (redis, mocks) = (Redis::start().await, Mocks::start().await);
+    let (a, b) = shared_pair(&mocks, &redis).await;
+    // Requests on both edges throughout, repeats among them; Redis dies a third of the way in.
+    let mut redis = Some(redis);
+    let mut statuses = Vec::new();
+    for i in 0..60 {
+        if i == 20 {
+            drop(redis.take());
+        }
+        let edge = if i % 2 == 0 { &a } else { &b };
+        // Seven prompts repeat from the start; from the kill on, new ones join them.
+        let body = request(&format!("prompt {}", if i < 20 { i % 7 } else { i % 13 }), json!({"temperature": 0}));
+        let r = edge.post(OPENAI, ACME_KEY, &body).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+        statuses.push(cache_status(&r).to_string());
+    }
+    assert!(statuses[20..].iter().any(|s| s == "hit"), "each edge's own cache still answers: {statuses:?}");
+    assert!(statuses[20..].iter().any(|s| s == "miss"), "new prompts go upstream: {statuses:?}");
+    for edge in [&a, &b] {
+        // The edges notice within their next ping (every second) even if every lookup was local.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = edge.send("GET", "/readyz", None, &[], Bytes::new()).await;
+            assert_eq!(ready.status, 200, "an edge without its Redis is still ready");
+            if ready.json()["shared_state"]["cache"] == "down" {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{}", ready.text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(metric(&edge.metrics().await, "meridian_shared_state_up", &["store=\"cache\""]), 0.0);
+    }
 }

@@ -1,5 +1,8 @@
 //! The edge prompt cache: answers keyed by tenant and everything that changes them, bounded by
-//! bytes with a TTL, with concurrent identical misses coalesced into one upstream call.
+//! bytes with a TTL, with concurrent identical misses coalesced into one upstream call; with
+//! `[cache] redis_url`, a second level shared by a region's edges ([`shared`]).
+
+pub mod shared;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,6 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
+use shared::{Claim, SharedCache};
 
 /// A cache key: SHA-256 of the tenant and the canonical request.
 pub type CacheKey = [u8; 32];
@@ -86,46 +90,90 @@ type InFlight = Mutex<HashMap<CacheKey, watch::Receiver<()>>>;
 pub struct PromptCache {
     store: moka::future::Cache<CacheKey, Arc<CachedAnswer>>,
     in_flight: Arc<InFlight>,
+    shared: Option<Arc<SharedCache>>,
 }
 
 impl PromptCache {
     /// A cache of at most `max_bytes` whose entries live `ttl`.
     pub fn new(max_bytes: u64, ttl: Duration) -> Self {
+        Self::with_shared(max_bytes, ttl, None)
+    }
+
+    /// The same, in front of the region's `shared` level.
+    pub fn with_shared(max_bytes: u64, ttl: Duration, shared: Option<SharedCache>) -> Self {
         let store = moka::future::Cache::builder()
             .max_capacity(max_bytes)
             .weigher(|_k: &CacheKey, v: &Arc<CachedAnswer>| v.weight())
             .time_to_live(ttl)
             .build();
-        PromptCache { store, in_flight: Arc::default() }
+        PromptCache { store, in_flight: Arc::default(), shared: shared.map(Arc::new) }
+    }
+
+    /// The shared level, when there is one.
+    pub fn shared(&self) -> Option<&SharedCache> {
+        self.shared.as_deref()
     }
 
     /// Looks `key` up. If an identical request is already calling upstream, waits for it and
-    /// returns its answer; if that request fails or is abandoned, this one takes over.
+    /// returns its answer; if that request fails or is abandoned, this one takes over. With a
+    /// shared level, a local miss looks there next, and waits for another edge filling the same
+    /// entry ([`SharedCache::claim`]); a hit there is kept locally too.
     pub async fn lookup(&self, key: CacheKey) -> Lookup {
         let mut waited = false;
         loop {
             if let Some(answer) = self.store.get(&key).await {
                 return Lookup::Hit(answer, waited);
             }
-            let mut rx = {
+            // Follow the request in flight, or lead: the lock is released before any await.
+            let follow = {
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 match in_flight.get(&key) {
-                    Some(rx) => rx.clone(),
+                    Some(rx) => Ok(rx.clone()),
                     None => {
                         let (tx, rx) = watch::channel(());
                         in_flight.insert(key, rx);
-                        return Lookup::Miss(FillGuard {
+                        Err(FillGuard {
                             key,
                             store: self.store.clone(),
                             in_flight: Arc::clone(&self.in_flight),
+                            claim: None,
                             _done: tx,
-                        });
+                        })
                     }
                 }
+            };
+            let mut rx = match follow {
+                Ok(rx) => rx,
+                Err(guard) => return self.lookup_shared(guard).await,
             };
             // Wakes when the leader's guard drops, filled or not.
             let _ = rx.changed().await;
             waited = true;
+        }
+    }
+
+    /// A local miss, led by `guard`: the shared level's entry, another edge's fill, or the
+    /// miss (with this edge's claim on the shared entry, when it has one).
+    async fn lookup_shared(&self, mut guard: FillGuard) -> Lookup {
+        let Some(shared) = &self.shared else { return Lookup::Miss(guard) };
+        let found = match shared.get(&guard.key).await {
+            Some(answer) => Some((answer, false)),
+            None => match shared.claim(&guard.key).await {
+                Claim::Mine(token) => {
+                    guard.claim = Some((Arc::clone(shared), token));
+                    None
+                }
+                Claim::Filled(answer) => answer.map(|a| (a, true)),
+                Claim::Unavailable => None,
+            },
+        };
+        match found {
+            Some((answer, waited)) => {
+                let answer = Arc::new(answer);
+                guard.store.insert(guard.key, Arc::clone(&answer)).await;
+                Lookup::Hit(answer, waited)
+            }
+            None => Lookup::Miss(guard),
         }
     }
 
@@ -142,12 +190,17 @@ pub struct FillGuard {
     key: CacheKey,
     store: moka::future::Cache<CacheKey, Arc<CachedAnswer>>,
     in_flight: Arc<InFlight>,
+    /// This edge's claim on the shared entry, released by the fill or the drop.
+    claim: Option<(Arc<SharedCache>, String)>,
     _done: watch::Sender<()>,
 }
 
 impl FillGuard {
-    /// Stores a complete answer; waiting requests then read it.
-    pub async fn fill(self, answer: CachedAnswer) {
+    /// Stores a complete answer, locally and in the shared level; waiting requests then read it.
+    pub async fn fill(mut self, answer: CachedAnswer) {
+        if let Some((shared, token)) = self.claim.take() {
+            shared.fill(self.key, &answer, token);
+        }
         self.store.insert(self.key, Arc::new(answer)).await;
     }
 }
@@ -156,6 +209,9 @@ impl Drop for FillGuard {
     fn drop(&mut self) {
         // Unregister before the sender drops, so that woken waiters find the entry or lead.
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.key);
+        if let Some((shared, token)) = self.claim.take() {
+            shared.release(self.key, token);
+        }
     }
 }
 
