@@ -30,6 +30,7 @@ pub mod edge;
 pub mod error;
 pub mod ledger;
 pub mod metrics;
+pub mod periodic;
 pub mod plugin;
 pub mod redaction;
 pub mod redis_link;

@@ -91,16 +91,9 @@ impl Link {
     /// Pings Redis every [`RETRY`] for as long as the link is held, so that whether it answers
     /// is known even when no request needs it.
     pub fn spawn_probe(self: &std::sync::Arc<Self>) {
-        let weak = std::sync::Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RETRY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(link) = weak.upgrade() else { return };
-                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut link.connection()).await;
-                let _ = link.answered(pong);
-            }
+        crate::periodic::every(RETRY, self, |link| async move {
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut link.connection()).await;
+            let _ = link.answered(pong);
         });
     }
 }

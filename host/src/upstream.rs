@@ -5,7 +5,7 @@
 //! canonical [`StreamEvent`]s, so the request path does not care which it talks to.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -811,16 +811,7 @@ impl EventStream {
 /// endpoint): they recover through half-open requests.
 pub fn spawn_probes<'a>(targets: impl IntoIterator<Item = &'a Arc<Target>>, interval: Duration) {
     for target in targets.into_iter().filter(|t| matches!(t.transport, Transport::Quic(_))) {
-        let weak: Weak<Target> = Arc::downgrade(target);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(target) = weak.upgrade() else { return };
-                target.probe().await;
-            }
-        });
+        crate::periodic::every(interval, target, |target| async move { target.probe().await });
     }
 }
 

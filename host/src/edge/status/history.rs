@@ -62,17 +62,11 @@ impl History {
             targets: targets.iter().map(|t| t.name.clone()).collect(),
             samples: Mutex::new(VecDeque::with_capacity(config.samples)),
         });
-        let (weak, interval) = (Arc::downgrade(&history), history.interval);
         let targets: Vec<Weak<Target>> = targets.iter().map(Arc::downgrade).collect();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(history) = weak.upgrade() else { return };
-                let live: Vec<Arc<Target>> = targets.iter().filter_map(Weak::upgrade).collect();
-                history.push(sample(&live, &registry.gather()));
-            }
+        crate::periodic::every(history.interval, &history, move |history| {
+            let live: Vec<Arc<Target>> = targets.iter().filter_map(Weak::upgrade).collect();
+            history.push(sample(&live, &registry.gather()));
+            std::future::ready(())
         });
         history
     }
