@@ -362,6 +362,10 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// Private key (PEM).
     pub key: PathBuf,
+    /// Also serve HTTP/3 on the listen port over UDP, and advertise it on the TCP listener with
+    /// `Alt-Svc` (default false).
+    #[serde(default)]
+    pub http3: bool,
 }
 
 /// `[log]`.

@@ -1,5 +1,6 @@
-//! The edge's HTTP listener: HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS), header read timeouts,
-//! write timeouts for clients that stop reading, TCP_NODELAY, and graceful shutdown.
+//! The edge's HTTP listener: HTTP/1.1 and HTTP/2 (h2c, or ALPN over TLS), and with TLS HTTP/3 over
+//! UDP on the same port (`h3.rs`, advertised with `Alt-Svc`); header read timeouts, write
+//! timeouts for clients that stop reading, TCP_NODELAY, and graceful shutdown.
 
 use std::future::Future;
 use std::io;
@@ -9,6 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
+use hyper::header::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -21,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 mod deadlines;
+mod h3;
 
 use deadlines::{BodyDeadline, WriteDeadline};
 
@@ -57,6 +61,8 @@ pub struct Server {
     edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    /// HTTP/3's UDP endpoint, on the listener's port (`[node.tls] http3`).
+    h3: Option<quinn::Endpoint>,
     relay: Option<EngineServer>,
 }
 
@@ -66,9 +72,14 @@ impl Server {
         let tls = config.node.tls.as_ref().map(tls_acceptor).transpose()?;
         let addr = config.node.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        // The UDP side takes the port the TCP side got (they are separate namespaces).
+        let h3 = match &config.node.tls {
+            Some(t) if t.http3 => Some(h3::bind(listener.local_addr().unwrap_or(addr), t)?),
+            _ => None,
+        };
         let edge = Arc::new(Edge::new(config).await?);
         let relay = relay_listener(&edge)?;
-        Ok(Server { edge, listener, tls, relay })
+        Ok(Server { edge, listener, tls, h3, relay })
     }
 
     /// The bound address of the relay listener, if `[relay]` is configured.
@@ -101,7 +112,17 @@ impl Server {
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).keep_alive_interval(Some(Duration::from_secs(30)));
         let write_timeout = Duration::from_millis(node.client_write_timeout_ms);
-        let protocols = Arc::new(Protocols { http1, http2, write_timeout });
+        // Clients that speak HTTP/3 learn here that they may (RFC 9114 §3.1.1).
+        let alt_svc = self
+            .h3
+            .as_ref()
+            .and_then(|_| HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", self.local_addr().port())).ok());
+        let protocols = Arc::new(Protocols { http1, http2, write_timeout, alt_svc });
+        if let Some(endpoint) = &self.h3 {
+            let bounds = h3::Bounds { head: head_timeout, write: write_timeout };
+            tokio::spawn(h3::serve(endpoint.clone(), Arc::clone(&self.edge), bounds));
+            info!(addr = %self.local_addr(), "HTTP/3 listening (UDP)");
+        }
         let graceful = GracefulShutdown::new();
         let reloader = self.edge.has_plugins().then(|| tokio::spawn(reload_triggers(Arc::clone(&self.edge))));
         let relay = match self.relay.take().map(EngineServer::spawn) {
@@ -183,7 +204,13 @@ impl Server {
                 relay.shutdown().await;
             }
         };
-        tokio::join!(http, relayed);
+        let h3 = async {
+            if let Some(endpoint) = &self.h3 {
+                endpoint.close(0u32.into(), b"shutting down");
+                let _ = tokio::time::timeout(CLOSE_TIMEOUT, endpoint.wait_idle()).await;
+            }
+        };
+        tokio::join!(http, relayed, h3);
         self.edge.close().await;
     }
 }
@@ -347,6 +374,8 @@ struct Protocols {
     http2: http2::Builder<TokioExecutor>,
     /// `node.client_write_timeout_ms`: see [`deadlines`].
     write_timeout: Duration,
+    /// `Alt-Svc` for every response, when HTTP/3 is served too.
+    alt_svc: Option<HeaderValue>,
 }
 
 impl Protocols {
@@ -355,10 +384,15 @@ impl Protocols {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limit = self.write_timeout;
+        let alt_svc = self.alt_svc.clone();
         let service = service_fn(move |req| {
-            let edge = Arc::clone(&edge);
+            let (edge, alt_svc) = (Arc::clone(&edge), alt_svc.clone());
             async move {
-                let response = edge.handle(req).await;
+                let req = req.map(|body: hyper::body::Incoming| body.map_err(io::Error::other).boxed_unsync());
+                let mut response = edge.handle(req).await;
+                if let Some(alt_svc) = alt_svc {
+                    response.headers_mut().insert(hyper::header::ALT_SVC, alt_svc);
+                }
                 Ok::<_, std::convert::Infallible>(response.map(|body| BodyDeadline::new(body, limit)))
             }
         });
@@ -371,6 +405,13 @@ impl Protocols {
 }
 
 fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
+    let mut config = tls_server_config(tls)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The TLS server side of `tls`'s certificate and key, with no ALPN yet.
+fn tls_server_config(tls: &TlsConfig) -> Result<rustls::ServerConfig, StartError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| StartError::Tls(format!("cannot read certificate {}: {e}", tls.cert.display())))?;
@@ -379,12 +420,10 @@ fn tls_acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, StartError> {
     }
     let key = PrivateKeyDer::from_pem_file(&tls.key)
         .map_err(|e| StartError::Tls(format!("cannot read private key {}: {e}", tls.key.display())))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| StartError::Tls(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(format!("certificate and key do not match: {e}")))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+        .map_err(|e| StartError::Tls(format!("certificate and key do not match: {e}")))
 }

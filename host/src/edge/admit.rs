@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use super::ClientBody;
 use hyper::Request;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -25,7 +25,7 @@ use meridian_engine::api::RelayRequest;
 /// How a chat request reached this edge.
 pub(super) enum Arrival {
     /// From a client, over HTTP.
-    Client(Request<Incoming>),
+    Client(Request<ClientBody>),
     /// From a peer edge, over QUIC ([`crate::relay`]).
     Relayed(RelayRequest),
 }

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use hyper::body::Incoming;
+use super::ClientBody;
 
 use super::admit::Permits;
 use super::cache::{CacheDecision, CacheUse};
@@ -68,7 +68,7 @@ pub(super) enum PendingBody {
     /// A client's body, still on the wire, and the length its `content-length` declared.
     Http {
         /// The body.
-        body: Incoming,
+        body: ClientBody,
         /// Its declared length.
         declared: Option<u64>,
     },

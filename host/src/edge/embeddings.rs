@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use hyper::body::Incoming;
+use super::ClientBody;
 use hyper::{Request, Response, StatusCode};
 
 use super::admit::permit;
@@ -25,7 +25,7 @@ use crate::error::GatewayError;
 use crate::routes::{Plan, Routing};
 
 /// Answers `POST /v1/embeddings`.
-pub(super) async fn embeddings(edge: &Edge, req: Request<Incoming>) -> Result<Response<Body>, GatewayError> {
+pub(super) async fn embeddings(edge: &Edge, req: Request<ClientBody>) -> Result<Response<Body>, GatewayError> {
     let tenant = edge.loaded.load().tenants.authenticate(req.headers())?;
     tenant.admit()?;
     let _permit = permit(edge)?;

@@ -42,7 +42,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -72,6 +71,10 @@ pub use respond::error_response;
 
 /// The body of every response the edge sends.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// The body of a client's request, whichever HTTP version carried it (hyper's for HTTP/1.1 and
+/// HTTP/2, h3's for HTTP/3), its transport's errors as I/O errors.
+pub type ClientBody = UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// An edge node's shared state.
 pub struct Edge {
@@ -301,7 +304,7 @@ impl Edge {
     }
 
     /// Answers one HTTP request.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, req: Request<ClientBody>) -> Response<Body> {
         let request_id = request_id(req.headers());
         let response = match (req.method(), req.uri().path()) {
             (&Method::POST, "/v1/chat/completions") => {

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::ClientBody;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::header::{HeaderMap, CONTENT_LENGTH};
 
 use super::context::{Exchange, PendingBody};
@@ -47,7 +47,7 @@ pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
 
 /// Reads a client's body: refused at once when it declares more than `node.max_body_bytes`, cut
 /// off when it sends more, and timed out when it is slower than `node.body_read_timeout_ms`.
-pub(super) async fn read_body(edge: &Edge, body: Incoming, declared: Option<u64>) -> Result<Bytes, GatewayError> {
+pub(super) async fn read_body(edge: &Edge, body: ClientBody, declared: Option<u64>) -> Result<Bytes, GatewayError> {
     let limit = edge.config.node.max_body_bytes;
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(GatewayError::PayloadTooLarge { limit });

@@ -136,9 +136,15 @@ fn tls_client(
 }
 
 async fn tls_edge(mocks: &Mocks, dir: &TempDir, cert_pem: &str, key_pem: &str) -> TestEdge {
+    TestEdge::start(tls_config(mocks, dir, cert_pem, key_pem, false)).await
+}
+
+/// The standard config serving HTTPS with the certificate, and HTTP/3 too if `http3`.
+fn tls_config(mocks: &Mocks, dir: &TempDir, cert_pem: &str, key_pem: &str, http3: bool) -> Config {
     let mut cfg = mocks.config();
-    cfg.node.tls = Some(TlsConfig { cert: dir.write("cert.pem", cert_pem), key: dir.write("key.pem", key_pem) });
-    TestEdge::start(cfg).await
+    let (cert, key) = (dir.write("cert.pem", cert_pem), dir.write("key.pem", key_pem));
+    cfg.node.tls = Some(TlsConfig { cert, key, http3 });
+    cfg
 }
 
 #[tokio::test]
@@ -222,7 +228,7 @@ async fn bad_tls_config_fails_at_start_naming_the_problem() {
     // A missing certificate file.
     let missing = dir.0.join("no-such-cert.pem");
     let mut cfg = mocks.config();
-    cfg.node.tls = Some(TlsConfig { cert: missing.clone(), key: key_path.clone() });
+    cfg.node.tls = Some(TlsConfig { cert: missing.clone(), key: key_path.clone(), http3: false });
     let e = start_error(cfg).await;
     assert!(matches!(e, StartError::Tls(_)), "{e:?}");
     assert!(e.to_string().contains(&missing.display().to_string()), "names the file: {e}");
@@ -230,7 +236,7 @@ async fn bad_tls_config_fails_at_start_naming_the_problem() {
     // A missing key file.
     let missing = dir.0.join("no-such-key.pem");
     let mut cfg = mocks.config();
-    cfg.node.tls = Some(TlsConfig { cert: cert_path.clone(), key: missing.clone() });
+    cfg.node.tls = Some(TlsConfig { cert: cert_path.clone(), key: missing.clone(), http3: false });
     let e = start_error(cfg).await;
     assert!(matches!(e, StartError::Tls(_)), "{e:?}");
     assert!(e.to_string().contains(&missing.display().to_string()), "names the file: {e}");
@@ -238,7 +244,7 @@ async fn bad_tls_config_fails_at_start_naming_the_problem() {
     // A key that does not belong to the certificate.
     let (_, other_key) = self_signed();
     let mut cfg = mocks.config();
-    cfg.node.tls = Some(TlsConfig { cert: cert_path, key: dir.write("other-key.pem", &other_key) });
+    cfg.node.tls = Some(TlsConfig { cert: cert_path, key: dir.write("other-key.pem", &other_key), http3: false });
     let e = start_error(cfg).await;
     assert!(matches!(e, StartError::Tls(_)), "{e:?}");
     assert!(e.to_string().contains("match"), "says the key does not match: {e}");
@@ -329,4 +335,117 @@ async fn a_silent_connection_after_the_tls_handshake_is_closed() {
         assert!(closed, "a silent {} connection is closed", String::from_utf8_lossy(alpn));
         assert!(start.elapsed() < Duration::from_secs(3), "closed only after {:?}", start.elapsed());
     }
+}
+
+/// What aioquic's client (`tests/sdk/h3_client.py`) got for `requests`, sent in order on one
+/// HTTP/3 connection to `port` trusting `cert`.
+async fn over_http3(port: u16, cert: &std::path::Path, requests: Value) -> Vec<Reply> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/h3_client.py");
+    let cafile = cert.display().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(meridian_e2e::python())
+            .args([script, "127.0.0.1", &port.to_string(), &cafile])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python runs");
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), requests.to_string().as_bytes()).unwrap();
+        child.wait_with_output().expect("the client ends")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "HTTP/3 client failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let got: Value = serde_json::from_slice(&out.stdout).expect("the client prints JSON");
+    got["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Reply {
+            status: r["status"].as_u64().unwrap() as u16,
+            headers: r["headers"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.parse().unwrap(), v.as_str().unwrap().parse().unwrap()))
+                .collect(),
+            body: Bytes::from(r["body"].as_str().unwrap().to_string()),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_serves_both_shapes_whole_and_streamed_with_the_same_limits_and_errors() {
+    let mocks = Mocks::start().await;
+    let dir = TempDir::new();
+    let (cert, key) = self_signed();
+    let edge = TestEdge::start(tls_config(&mocks, &dir, &cert, &key, true)).await;
+    let port = edge.addr.port();
+
+    // The TCP listener advertises HTTP/3 on the same port.
+    let tcp = tls_client(&cert, true, true);
+    let (_, r) = post_chat(&tcp, &format!("https://127.0.0.1:{port}"), &chat("over tcp", false)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("alt-svc"), Some(format!("h3=\":{port}\"; ma=86400").as_str()));
+
+    let key = format!("Bearer {ACME_KEY}");
+    let anthropic = |stream: bool| {
+        json!({"model": "claude-test", "max_tokens": 64, "stream": stream,
+               "messages": [{"role": "user", "content": "over h3, anthropic"}]})
+    };
+    let post = |path: &str, auth: &str, body: String| {
+        json!({"method": "POST", "path": path, "body": body,
+               "headers": {"authorization": auth, "content-type": "application/json"}})
+    };
+    let too_big = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x".repeat(70_000)}]});
+    let requests = json!([
+        post("/v1/chat/completions", &key, chat("over h3", false).to_string()),
+        post("/v1/chat/completions", &key, chat("streamed over h3", true).to_string()),
+        post("/v1/messages", &key, anthropic(false).to_string()),
+        post("/v1/messages", &key, anthropic(true).to_string()),
+        post("/v1/chat/completions", "Bearer sk-not-a-key", chat("bad key", false).to_string()),
+        post("/v1/chat/completions", &key, too_big.to_string()),
+        post("/v1/chat/completions", &key, "{not json".to_string()),
+        {"method": "GET", "path": "/v1/models", "headers": {"authorization": key}},
+    ]);
+    let got = over_http3(port, &dir.0.join("cert.pem"), requests).await;
+    assert_eq!(got.len(), 8);
+    assert_eq!(got[0].status, 200, "{}", got[0].text());
+    assert_eq!(got[0].json()["choices"][0]["message"]["content"], "Echo: over h3");
+    assert_eq!(got[1].status, 200, "{}", got[1].text());
+    assert_eq!(got[1].header("content-type"), Some("text/event-stream"));
+    assert_eq!(streamed_text(&got[1]), "Echo: streamed over h3");
+    assert_eq!(got[1].events().last().map(|e| e.data.as_str()), Some("[DONE]"));
+    assert_eq!(got[2].status, 200, "{}", got[2].text());
+    assert_eq!(got[2].json()["content"][0]["text"], "Echo: over h3, anthropic");
+    assert_eq!(got[3].status, 200, "{}", got[3].text());
+    let kinds: Vec<String> = got[3].events().iter().filter_map(|e| e.event.clone()).collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("message_start"));
+    assert_eq!(kinds.last().map(String::as_str), Some("message_stop"));
+    assert!(got.iter().all(|r| r.header("x-request-id").is_some()));
+
+    // The errors are those of HTTP/1.1, status and body shape alike. (An HTTP/1.1 client still
+    // writing a body the edge refused at its declared length gets a broken pipe, not the 413:
+    // that one is checked by its code alone.)
+    let http1 = tls_client(&cert, true, false);
+    let base = format!("https://127.0.0.1:{port}");
+    assert_eq!(got[5].json()["error"]["code"], "payload_too_large", "{}", got[5].text());
+    let bodies =
+        [(4, "Bearer sk-not-a-key", chat("bad key", false).to_string()), (6, key.as_str(), "{not json".to_string())];
+    for (i, auth, body) in bodies {
+        let request = Request::post(format!("{base}/v1/chat/completions"))
+            .header("authorization", auth)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        let response = http1.request(request).await.expect("an HTTP/1.1 answer");
+        let status = response.status().as_u16();
+        let tcp: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(got[i].status, status, "request {i}: {}", got[i].text());
+        assert_eq!(got[i].json()["error"]["code"], tcp["error"]["code"], "request {i}: {}", got[i].text());
+        assert_eq!(got[i].json()["error"]["type"], tcp["error"]["type"]);
+    }
+    assert_eq!((got[4].status, got[5].status, got[6].status), (401, 413, 400));
+    assert_eq!(got[7].status, 200);
+    assert!(got[7].json()["data"].as_array().unwrap().iter().any(|m| m["id"] == "gpt-test"));
 }
