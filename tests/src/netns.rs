@@ -21,7 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 
 use crate::engine::{meridian_home, Cluster, CHAT_MODEL};
@@ -219,6 +220,60 @@ pub async fn spawn_relay(listen: SocketAddr, upstream: SocketAddr, local_ip: IpA
             let _ = tx.send((Instant::now() + delay, buf[..n].to_vec()));
         }
     });
+}
+
+/// A TCP delay relay on `listen` forwarding each connection to `upstream` (from `local_ip`),
+/// every chunk held back `delay` in each direction (in order): the same link as
+/// [`spawn_relay`]'s, for a protocol over TCP. TCP's own handshake crosses it too: the client's
+/// `connect` returns at once (the relay accepted it), so the relay reads nothing from it for a
+/// round trip (the SYN and the SYN-ACK), as a client 2 × `delay` away could send nothing sooner.
+pub async fn spawn_tcp_relay(listen: SocketAddr, upstream: SocketAddr, local_ip: IpAddr, delay: Duration) {
+    let listener = TcpListener::bind(listen).await.unwrap_or_else(|e| panic!("TCP relay binds {listen}: {e}"));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                // The SYN's way there and the SYN-ACK's way back; what the client wrote meanwhile
+                // waits in the socket and is read (and held another `delay`) after.
+                tokio::time::sleep(2 * delay).await;
+                let Ok(socket) = tokio::net::TcpSocket::new_v4() else { return };
+                if socket.bind(SocketAddr::new(local_ip, 0)).is_err() {
+                    return;
+                }
+                let Ok(server) = socket.connect(upstream).await else { return };
+                let _ = (client.set_nodelay(true), server.set_nodelay(true));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                tokio::spawn(delayed_copy(client_read, server_write, delay));
+                tokio::spawn(delayed_copy(server_read, client_write, delay));
+            });
+        }
+    });
+}
+
+/// Copies `from` to `to`, each chunk sent `delay` after it was read.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((at, data)) = rx.recv().await {
+            tokio::time::sleep_until(at.into()).await;
+            if to.write_all(&data).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buf = vec![0u8; 65536];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
 }
 
 /// A `meridian engine` or `meridian edge` process inside a region's namespace, killed (SIGKILL)
