@@ -62,6 +62,10 @@ pub struct RelayRequest {
     pub no_cache: bool,
     /// The canonical chat request as the origin's filters left it (the edge's JSON form).
     pub request: serde_json::Value,
+    /// W3C trace context of the sending edge's attempt (`traceparent`), when it has one: the
+    /// receiving edge's spans continue its trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A chat generation request.
@@ -89,6 +93,10 @@ pub struct ChatRequest {
     /// Generation ends before any of these strings; they are not part of the answer.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// W3C trace context of the caller's span (`traceparent`), when it has one: the engine's
+    /// spans (the request, its queue, prefill and decode) continue its trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// One chat message.

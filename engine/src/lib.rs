@@ -19,6 +19,7 @@ pub mod runtime;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod template;
 pub mod tls;
 pub mod wire;

@@ -10,6 +10,7 @@
 //! key = "certs/engine-local.key"
 //! [runtime]      # see config::RuntimeConfig
 //! [scheduler]    # see config::SchedulerConfig
+//! [telemetry]    # optional: otlp_endpoint = "http://127.0.0.1:4318" (see telemetry)
 //! [[models]]
 //! name = "smollm2-135m-instruct"
 //! path = "models/smollm2-135m-instruct/int4"
@@ -27,6 +28,7 @@ use tracing::info;
 use crate::config::{EngineConfig, ModelConfig, RuntimeConfig, SchedulerConfig};
 use crate::scheduler::{Engine, LoadError};
 use crate::server::{EngineServer, ServerError, ServerLimits};
+use crate::telemetry::{Exporter, TelemetryConfig};
 use crate::tls::{Identity, TlsError};
 
 /// Why a node could not be configured or started.
@@ -79,6 +81,9 @@ pub struct NodeConfig {
     /// `[scheduler]`.
     #[serde(default)]
     pub scheduler: SchedulerConfig,
+    /// `[telemetry]`: where chat requests' spans go (OTLP over HTTP); none by default.
+    #[serde(default)]
+    pub telemetry: TelemetryConfig,
     /// `[[models]]`.
     pub models: Vec<ModelConfig>,
 }
@@ -215,6 +220,12 @@ impl Node {
         let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_config))
             .await
             .map_err(|e| NodeError::Interrupted(e.to_string()))??;
+        if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+            let service = config.telemetry.service_name.as_deref().unwrap_or("meridian-engine");
+            let exporter = Exporter::start(endpoint, service, vec![("meridian.node", config.node.name.clone())])
+                .map_err(|message| NodeError::Config { path: "[telemetry]".into(), message })?;
+            engine.trace_to(exporter);
+        }
         let server = EngineServer::bind(config.node.listen, &identity, Arc::clone(&engine) as _, config.limits())?;
         let addr = server.local_addr().map_err(|source| ServerError::Bind { addr: config.node.listen, source })?;
         info!(node = %config.node.name, %addr, provider = engine.provider(), "engine node ready");

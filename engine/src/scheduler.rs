@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -32,6 +32,7 @@ use crate::embed::{BatchLimits, EmbeddingModel};
 use crate::kv::{Batch, Logits, Prefilled};
 use crate::model::{infer_kind, model_err, ChatModel, Prompter};
 use crate::sampling::{Sampler, SamplingParams};
+use crate::telemetry::{now_unix_nanos, Exporter, Span, SpanKind, TraceContext};
 
 pub use crate::model::LoadError;
 
@@ -72,6 +73,42 @@ struct Job {
     max_tokens: u32,
     stop: Vec<String>,
     tx: mpsc::Sender<Event>,
+    trace: Option<JobTrace>,
+}
+
+/// A traced request's span and where its spans go: the request (a server span under the
+/// caller's), and its queue, prefill and decode under it.
+struct JobTrace {
+    exporter: Exporter,
+    request: TraceContext,
+    parent: Option<[u8; 8]>,
+    model: String,
+    /// When the request arrived (and was queued), in ns since the Unix epoch.
+    start_ns: u64,
+}
+
+impl JobTrace {
+    /// Records phase `name` of the request, from `start_ns` to now.
+    fn phase(&self, name: &'static str, start_ns: u64, attribute: (&'static str, String)) {
+        let span =
+            Span::ended_now(self.request.child(), Some(self.request.span_id), name, SpanKind::Internal, start_ns);
+        self.exporter.export(span.with(attribute.0, attribute.1));
+    }
+
+    /// Records the request's own span, ended now; `error` when it failed.
+    fn finish(&self, outcome: &str, error: Option<String>) {
+        let mut span = Span::ended_now(
+            self.request,
+            self.parent,
+            format!("engine chat {}", self.model),
+            SpanKind::Server,
+            self.start_ns,
+        )
+        .with("meridian.model", self.model.clone())
+        .with("meridian.outcome", outcome);
+        span.error = error;
+        self.exporter.export(span);
+    }
 }
 
 struct ChatHandle {
@@ -87,6 +124,8 @@ pub struct Engine {
     embedding: BTreeMap<String, Arc<EmbeddingModel>>,
     provider: String,
     scheduler: SchedulerConfig,
+    /// Where chat requests' spans go, once [`Engine::trace_to`] set it.
+    tracer: OnceLock<Exporter>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -134,7 +173,13 @@ impl Engine {
         }
         let provider = provider.map_or(config.runtime.provider.as_str(), |p| p.as_str()).to_string();
         tracing::info!(%provider, chat = ?chat.keys().collect::<Vec<_>>(), embedding = ?embedding.keys().collect::<Vec<_>>(), "engine started");
-        Ok(Arc::new(Engine { chat, embedding, provider, scheduler: config.scheduler.clone() }))
+        Ok(Arc::new(Engine { chat, embedding, provider, scheduler: config.scheduler.clone(), tracer: OnceLock::new() }))
+    }
+
+    /// Sends chat requests' spans (the request, its queue, prefill and decode) to `exporter` from
+    /// now on; a second exporter is ignored.
+    pub fn trace_to(&self, exporter: Exporter) {
+        let _ = self.tracer.set(exporter);
     }
 
     /// The execution provider the models run on.
@@ -210,7 +255,17 @@ impl Backend for Engine {
         // Room for every event a generation can send (a delta per token, then the end), so the
         // model thread never waits on a slow reader; the channel allocates lazily.
         let (tx, rx) = mpsc::channel(max_tokens as usize + 2);
-        let job = Job { prompt_ids, params, max_tokens, stop: request.stop, tx };
+        let trace = self.tracer.get().map(|exporter| {
+            let parent = request.traceparent.as_deref().and_then(TraceContext::parse);
+            JobTrace {
+                exporter: exporter.clone(),
+                request: parent.map_or_else(TraceContext::new_root, |p| p.child()),
+                parent: parent.map(|p| p.span_id),
+                model: request.model.clone(),
+                start_ns: now_unix_nanos(),
+            }
+        });
+        let job = Job { prompt_ids, params, max_tokens, stop: request.stop, tx, trace };
         handle.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
         match handle.queue.try_send(job) {
             Ok(()) => Ok(rx),
@@ -266,6 +321,8 @@ impl Backend for Engine {
 /// One sequence being generated.
 struct Seq {
     tx: mpsc::Sender<Event>,
+    /// The request's trace, and when its decode began (ns since the Unix epoch).
+    trace: Option<(JobTrace, u64)>,
     sampler: Sampler,
     detok: Detokenizer,
     stop: StopMatcher,
@@ -305,6 +362,10 @@ impl Seq {
         let usage = Usage { prompt_tokens: self.prompt_tokens as u32, completion_tokens: self.generated as u32 };
         self.send(Event::Finished { finish_reason: reason, usage });
         self.done = true;
+        if let Some((trace, decode_start)) = self.trace.take() {
+            trace.phase("decode", decode_start, ("meridian.completion_tokens", self.generated.to_string()));
+            trace.finish(&format!("{reason:?}").to_lowercase(), None);
+        }
     }
 
     /// Takes the sampled token: streams its text, decides whether generation ends.
@@ -389,16 +450,28 @@ impl ModelLoop {
             if job.tx.is_closed() {
                 continue;
             }
+            let prefill_start = job.trace.as_ref().map_or(0, |_| now_unix_nanos());
+            if let Some(t) = &job.trace {
+                t.phase("queue", t.start_ns, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
+            }
             let (prefilled, logits) = match Batch::prefill(&mut self.model, &job.prompt_ids) {
                 Ok(p) => p,
                 Err(e) => {
-                    let _ =
-                        job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, format!("prefill: {e}"))));
+                    let error = format!("prefill: {e}");
+                    if let Some(t) = &job.trace {
+                        t.finish("failed", Some(error.clone()));
+                    }
+                    let _ = job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, error)));
                     continue;
                 }
             };
+            let trace = job.trace.map(|t| {
+                t.phase("prefill", prefill_start, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
+                (t, now_unix_nanos())
+            });
             let mut seq = Seq {
                 tx: job.tx,
+                trace,
                 sampler: Sampler::new(job.params),
                 detok: Detokenizer::new(self.model.token_bytes.clone()),
                 stop: StopMatcher::new(&job.stop),

@@ -444,6 +444,7 @@ mod tests {
                     redacted: true,
                     no_cache: true,
                     request: serde_json::json!({ "model": "m", "messages": [] }),
+                    traceparent: Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
                 }),
             }),
             Frame::Event(Bytes::from_static(br#"{"text":"hi"}"#)),

@@ -109,6 +109,9 @@ pub struct Config {
     /// `[status]`: the history the status page (`/admin/status`) charts.
     #[serde(default)]
     pub status: StatusConfig,
+    /// `[telemetry]`: where the request spans go (OTLP over HTTP); none by default.
+    #[serde(default)]
+    pub telemetry: meridian_engine::telemetry::TelemetryConfig,
 }
 
 /// `[status]`: how often the edge samples its targets, cache and costs for the status page, and

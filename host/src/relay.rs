@@ -136,6 +136,7 @@ mod tests {
             redacted: false,
             no_cache: false,
             request: Value::Null,
+            traceparent: None,
         }
     }
 

@@ -321,14 +321,17 @@ impl Target {
         managed: &Managed,
         client: &HttpClient,
         body: Bytes,
-        request_id: &str,
+        dispatch: &Dispatch,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let mut builder = Request::post(managed.endpoint.clone()).header(CONTENT_TYPE, "application/json");
         for (k, v) in &managed.headers {
             builder = builder.header(k, v);
         }
-        if let Ok(id) = HeaderValue::from_str(request_id) {
+        if let Ok(id) = HeaderValue::from_str(&dispatch.request_id) {
             builder = builder.header("x-request-id", id);
+        }
+        if let Some(Ok(trace)) = dispatch.traceparent.as_deref().map(HeaderValue::from_str) {
+            builder = builder.header("traceparent", trace);
         }
         let request = builder.body(Full::new(body)).map_err(|e| self.protocol(e.to_string()))?;
         let after = self.config.first_byte_timeout();
@@ -402,7 +405,7 @@ impl Target {
         let body = self.body(managed.api, req, upstream_model, default_max_tokens)?;
         let after = self.config.total_timeout();
         let answer = async {
-            let response = self.send(managed, client, body, &dispatch.request_id).await?;
+            let response = self.send(managed, client, body, dispatch).await?;
             self.read_body(response.into_body(), 64 << 20).await
         };
         let body = tokio::time::timeout(after, answer).await.map_err(|_| UpstreamError::Timeout {
@@ -451,7 +454,7 @@ impl Target {
         };
         let (started, in_flight) = (Instant::now(), self.stats.start());
         let body = self.body(managed.api, req, upstream_model, default_max_tokens)?;
-        let response = self.send(managed, client, body, &dispatch.request_id).await?;
+        let response = self.send(managed, client, body, dispatch).await?;
         let is_sse = response
             .headers()
             .get(CONTENT_TYPE)
@@ -514,8 +517,9 @@ impl Target {
                 (Source::Relay(Box::new(stream)), VecDeque::new())
             }
             Quic::Engine(client) => {
-                let request = engine::request(req, upstream_model)
+                let mut request = engine::request(req, upstream_model)
                     .map_err(|e| UpstreamError::Unsupported { target: self.name.clone(), message: e.to_string() })?;
+                request.traceparent = dispatch.traceparent.clone();
                 let opened = tokio::time::timeout(after, client.chat(request)).await;
                 let stream = opened.map_err(|_| timed_out())?.map_err(|e| self.engine_error(e))?;
                 (Source::Engine(Box::new(stream)), VecDeque::from([engine::start(&req.model)]))

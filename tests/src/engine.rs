@@ -181,6 +181,17 @@ impl TestEngine {
         TestEngine::launch(cluster, name, max_batch, 64, |c| c.node.shutdown_grace_ms = grace_ms).await
     }
 
+    /// Starts engine `name` of `cluster` on a loopback port with its node config changed by
+    /// `tweak` first (its `[telemetry]`, say).
+    pub async fn start_with(
+        cluster: &Cluster,
+        name: &str,
+        max_batch: u32,
+        tweak: impl FnOnce(&mut NodeConfig),
+    ) -> TestEngine {
+        TestEngine::launch(cluster, name, max_batch, 64, tweak).await
+    }
+
     async fn launch(
         cluster: &Cluster,
         name: &str,

@@ -56,6 +56,7 @@ pub fn request(req: &ChatRequest, upstream_model: &str) -> Result<wire::ChatRequ
         // A negative OpenAI seed is still a seed: keep its bits.
         seed: req.seed.map(|s| s as u64),
         stop,
+        traceparent: None,
     })
 }
 

@@ -32,6 +32,9 @@ pub struct Dispatch {
     pub path: Vec<String>,
     /// Whether the client asked that no cache answer the request or keep its answer.
     pub no_cache: bool,
+    /// The W3C trace context the target gets (`traceparent`): the attempt's span when the
+    /// request is traced, else the one the client sent, if any.
+    pub traceparent: Option<String>,
 }
 
 impl Dispatch {
@@ -51,6 +54,7 @@ impl Dispatch {
             no_cache: self.no_cache,
             // A canonical request always serializes (string keys, finite numbers from parsed JSON).
             request: serde_json::to_value(Relayed { chat, anthropic_extra, anthropic_blocks }).unwrap_or(Value::Null),
+            traceparent: self.traceparent.clone(),
         }
     }
 }
@@ -196,6 +200,7 @@ mod tests {
             redacted: false,
             path: vec!["us-east".into()],
             no_cache: false,
+            traceparent: None,
         };
         let relayed = dispatch.request(&req, "back");
         let body = serde_json::to_vec(&relayed.request).unwrap();

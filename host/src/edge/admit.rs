@@ -15,6 +15,7 @@ use super::cache::{requested_cache, CacheDecision, CacheUse};
 use super::context::{Exchange, Inbound, PendingBody};
 use super::parse::declared_length;
 use super::record::Record;
+use super::trace::Trace;
 use super::Edge;
 use crate::chat::ChatRequest;
 use crate::dispatch::{carries_unredacted_pii, policy::policy_forbids};
@@ -34,6 +35,12 @@ pub(super) enum Arrival {
 /// and one under `node.max_in_flight`. Returns the request's exchange, or why it was refused,
 /// already accounted in `record`.
 pub(super) fn admit(edge: &Edge, mut record: Record, arrival: Arrival) -> Result<Exchange, GatewayError> {
+    // Traced from arrival, refusals included: the trace the client or peer edge is in.
+    let incoming = match &arrival {
+        Arrival::Client(req) => req.headers().get("traceparent").and_then(|v| v.to_str().ok()),
+        Arrival::Relayed(r) => r.traceparent.as_deref(),
+    };
+    record.trace = Trace::begin(edge.tracer.as_ref(), incoming);
     match admission(edge, &mut record, arrival) {
         Ok((tenant, requested, inbound, permit)) => Ok(Exchange {
             tenant,
@@ -170,6 +177,7 @@ mod tests {
             redacted: false,
             no_cache: false,
             request: serde_json::Value::Null,
+            traceparent: None,
         }
     }
 

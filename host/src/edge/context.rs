@@ -94,6 +94,8 @@ impl Exchange {
             redacted: self.inbound.redacted,
             path: self.inbound.path.clone(),
             no_cache: self.cache.requested == Some(CacheUse::Bypass),
+            // Set per attempt (`dispatch::first_answer`).
+            traceparent: None,
         }
     }
 }

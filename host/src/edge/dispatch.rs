@@ -4,6 +4,7 @@
 //! target is tried. Nothing reaches the client before a target has answered: a stream counts as
 //! answered once it is past its `Start` event.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Instant;
@@ -12,6 +13,7 @@ use tracing::{debug, warn};
 
 use super::context::Exchange;
 use super::respond::{Answer, Source};
+use super::trace::Trace;
 use super::Edge;
 use crate::api::relay::Dispatch;
 use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
@@ -26,14 +28,14 @@ use crate::upstream::EventStream;
 /// returns the first answer. The exchange's record names the target that gave it.
 pub(super) async fn dispatch(edge: &Edge, cx: &mut Exchange, plan: &Plan) -> Result<Answer, GatewayError> {
     let peer = cx.dispatch_for_peer();
-    let tried = &mut cx.record.attempts;
+    let (tried, trace) = (&mut cx.record.attempts, &cx.record.trace);
     if cx.request.is_stream() {
-        let answered = open_stream(edge, &cx.request, plan, &peer, tried).await?;
+        let answered = open_stream(edge, &cx.request, plan, &peer, tried, trace).await?;
         cx.record.route(answered.route, answered.sent, answered.cold);
         let (stream, head) = answered.value;
         Ok(Answer::Stream(Source::Upstream(Box::new(stream)), head))
     } else {
-        let answered = complete(edge, &cx.request, plan, &peer, tried).await?;
+        let answered = complete(edge, &cx.request, plan, &peer, tried, trace).await?;
         cx.record.route(answered.route, answered.sent, answered.cold);
         Ok(Answer::Whole(answered.value))
     }
@@ -57,10 +59,11 @@ pub(super) async fn first_answer<'m, T, F, Fut>(
     edge: &Edge,
     plan: &'m Plan,
     tried: &mut Vec<AttemptRecord>,
+    trace: &Trace,
     mut attempt: F,
 ) -> Result<FirstAnswer<'m, T>, GatewayError>
 where
-    F: FnMut(&'m Route) -> Fut,
+    F: FnMut(&'m Route, Option<String>) -> Fut,
     Fut: Future<Output = Result<T, UpstreamError>>,
 {
     let routes = &plan.model.routes;
@@ -76,7 +79,8 @@ where
                 // Only a target that scales to zero needs its idle time (a lock per attempt).
                 let scale_to_zero = route.price.and_then(|p| p.scale_to_zero_after());
                 let idle_since = scale_to_zero.and_then(|_| route.target.touch(started));
-                let outcome = match attempt(route).await {
+                let mut call = trace.call();
+                let outcome = match attempt(route, call.header.take()).await {
                     Ok(value) => {
                         answer = Some(value);
                         Ok(())
@@ -89,6 +93,7 @@ where
                 let retry = outcome.as_ref().map_err(UpstreamError::retry).copied();
                 route.target.stats.attempt(Instant::now(), Some(started.elapsed()), retry);
                 let label = outcome.as_ref().map_or_else(UpstreamError::kind, |()| "ok");
+                trace.end_call(call, &route.target.name, label);
                 edge.metrics.attempts.with_label_values(&[&route.target.name, label]).inc();
                 tried.push(AttemptRecord {
                     target: route.target.name.clone(),
@@ -116,6 +121,14 @@ where
     }
 }
 
+/// What an attempt's target gets: `peer`, with the attempt's `traceparent` when there is one.
+fn with_trace(peer: &Dispatch, traceparent: Option<String>) -> Cow<'_, Dispatch> {
+    match traceparent {
+        None => Cow::Borrowed(peer),
+        Some(t) => Cow::Owned(Dispatch { traceparent: Some(t), ..peer.clone() }),
+    }
+}
+
 /// A whole answer from the first target that gives one.
 async fn complete<'m>(
     edge: &Edge,
@@ -123,10 +136,12 @@ async fn complete<'m>(
     plan: &'m Plan,
     peer: &Dispatch,
     tried: &mut Vec<AttemptRecord>,
+    trace: &Trace,
 ) -> Result<FirstAnswer<'m, ChatResponse>, GatewayError> {
     let max_tokens = plan.model.default_max_tokens;
-    first_answer(edge, plan, tried, |route| {
-        route.target.complete(&edge.client, req, &route.upstream_model, max_tokens, peer)
+    first_answer(edge, plan, tried, trace, |route, traceparent| {
+        let peer = with_trace(peer, traceparent);
+        async move { route.target.complete(&edge.client, req, &route.upstream_model, max_tokens, &peer).await }
     })
     .await
 }
@@ -141,10 +156,12 @@ async fn open_stream<'m>(
     plan: &'m Plan,
     peer: &Dispatch,
     tried: &mut Vec<AttemptRecord>,
+    trace: &Trace,
 ) -> Result<FirstAnswer<'m, (EventStream, VecDeque<StreamEvent>)>, GatewayError> {
     let max_tokens = plan.model.default_max_tokens;
-    first_answer(edge, plan, tried, |route| async move {
-        let mut s = route.target.stream(&edge.client, req, &route.upstream_model, max_tokens, peer).await?;
+    first_answer(edge, plan, tried, trace, |route, traceparent| async move {
+        let peer = with_trace(peer, traceparent);
+        let mut s = route.target.stream(&edge.client, req, &route.upstream_model, max_tokens, &peer).await?;
         let mut head = VecDeque::new();
         loop {
             match s.next().await {

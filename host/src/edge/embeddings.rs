@@ -18,6 +18,7 @@ use super::admit::permit;
 use super::dispatch::first_answer;
 use super::parse::{declared_length, read_body, served_model};
 use super::respond::{json_response, with_header};
+use super::trace::Trace;
 use super::{Body, Edge};
 use crate::api::openai;
 use crate::dispatch::Policy;
@@ -43,10 +44,13 @@ pub(super) async fn embeddings(edge: &Edge, req: Request<ClientBody>) -> Result<
         ..Policy::default()
     };
     let plan = Plan::new(model, &Routing::Static, None, &policy, Instant::now())?;
-    // The ledger records chat requests; an embedding request's attempts are in the metrics only.
-    let answered =
-        first_answer(edge, &plan, &mut Vec::new(), |route| route.target.embed(input.clone(), &route.upstream_model))
-            .await?;
+    // The ledger records chat requests; an embedding request's attempts are in the metrics only,
+    // and it is not traced.
+    let untraced = Trace::Off(None);
+    let answered = first_answer(edge, &plan, &mut Vec::new(), &untraced, |route, _| {
+        route.target.embed(input.clone(), &route.upstream_model)
+    })
+    .await?;
     let (answer, route) = (answered.value, answered.route);
     let encoding = request.encoding_format.unwrap_or_default();
     let body = openai::encode_embeddings(&request.model, &answer.data, answer.prompt_tokens, encoding);

@@ -33,6 +33,7 @@ mod record;
 mod respond;
 mod route;
 mod status;
+mod trace;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -61,6 +62,7 @@ use crate::routes::{ModelRoute, Route};
 use crate::tenant::Tenants;
 use crate::upstream::{self, HttpClient, Target};
 use meridian_engine::api::RelayRequest;
+use meridian_engine::telemetry::{now_unix_nanos, Exporter};
 
 use admit::Arrival;
 use context::Exchange;
@@ -100,6 +102,8 @@ pub struct Edge {
     drain: drain::Drain,
     /// The samples the status page charts.
     history: Arc<status::history::History>,
+    /// Where request spans go, with `[telemetry] otlp_endpoint`.
+    tracer: Option<Exporter>,
 }
 
 /// What a plugin reload replaces at once: the tenants with their plugin chains. Requests in
@@ -223,8 +227,19 @@ impl Edge {
         targets.sort_by(|a, b| a.name.cmp(&b.name));
         upstream::spawn_probes(&targets, Duration::from_millis(config.health.probe_interval_ms));
         let history = status::history::History::spawn(&config.status, &targets, metrics.registry().clone());
+        let tracer = match &config.telemetry.otlp_endpoint {
+            Some(endpoint) => {
+                let service = config.telemetry.service_name.as_deref().unwrap_or("meridian-edge");
+                let resource = vec![("meridian.region", config.node.region.clone())];
+                let exporter = Exporter::start(endpoint, service, resource)
+                    .map_err(|message| ConfigError::Invalid { key: "telemetry.otlp_endpoint".into(), message })?;
+                Some(exporter)
+            }
+            None => None,
+        };
         Ok(Edge {
             history,
+            tracer,
             targets,
             loaded: ArcSwap::from_pointee(loaded),
             reloading: tokio::sync::Mutex::new(()),
@@ -380,17 +395,29 @@ impl Edge {
 
     /// The phases between admission and the response: what answers the exchange.
     async fn answer(&self, cx: &mut Exchange) -> Result<Answer, GatewayError> {
+        // Each phase is a span of the request's trace, when it is recorded.
+        let traced = matches!(cx.record.trace, trace::Trace::On(_));
+        let start = || if traced { now_unix_nanos() } else { 0 };
         // parse: the body within limits, in the client's shape, for a model served here.
+        let t = start();
         let model = parse::parse(self, cx).await?;
+        cx.record.trace.phase("parse", t);
         // filter, route: redacted before the router sees it, and before the cache key is taken.
+        let t = start();
         let plan = route::route(self, cx, model).await?;
+        cx.record.trace.phase("filter and route", t);
         // budget: the worst case is held against the tenant's limits, or the request is refused.
+        let t = start();
         budget::reserve(self, cx, &plan).await?;
+        cx.record.trace.phase("budget", t);
         // cache: a hit answers here.
-        if let Some(hit) = cache::lookup(self, cx, &plan).await {
+        let t = start();
+        let hit = cache::lookup(self, cx, &plan).await;
+        cx.record.trace.phase("cache", t);
+        if let Some(hit) = hit {
             return Ok(hit);
         }
-        // dispatch: the first target along the plan that answers.
+        // dispatch: the first target along the plan that answers (a span per attempt).
         dispatch::dispatch(self, cx, &plan).await
     }
 }

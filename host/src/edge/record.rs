@@ -14,6 +14,7 @@ use hyper::Response;
 use tracing::{debug, warn};
 
 use super::respond::error_response;
+use super::trace::Trace;
 use super::{Body, Edge};
 use crate::accounting::PriceModel;
 use crate::api::ApiShape;
@@ -59,6 +60,8 @@ pub(super) struct Record {
     first_token: Option<Instant>,
     /// The status the client got, once refused.
     http_status: Option<u16>,
+    /// Its place in a distributed trace; the request's own span ends with the record.
+    pub trace: Trace,
 }
 
 /// What the route phase learned.
@@ -102,6 +105,7 @@ impl Record {
             started: Instant::now(),
             first_token: None,
             http_status: None,
+            trace: Trace::Off(None),
         }
     }
 
@@ -191,6 +195,18 @@ impl Record {
             );
             (usage, source, cost, busy)
         };
+        if matches!(self.trace, Trace::On(_)) {
+            let attributes = vec![
+                ("meridian.request_id", self.request_id.clone()),
+                ("meridian.tenant", tenant.to_string()),
+                ("meridian.model", model.to_string()),
+                ("meridian.target", target.to_string()),
+                ("meridian.status", status.to_string()),
+                ("http.response.status_code", http_status.to_string()),
+            ];
+            let error = (status != "ok").then(|| status.to_string());
+            self.trace.finish(format!("chat {}", self.api.name()), attributes, error);
+        }
         let tokens = u64::from(usage.input_tokens) + u64::from(usage.output_tokens);
         if let Some(hold) = self.hold.take() {
             hold.settle(tokens, cost);

@@ -145,6 +145,7 @@ async fn a_router_that_finds_the_pool_full_never_widens_residency() {
             redacted: false,
             no_cache: true,
             request: json!({"chat": chat("fallback", PERSONAL)}),
+            traceparent: None,
         };
         let mut stream = peer.relay(relayed).await.unwrap_or_else(|e| panic!("an answer, not {e}"));
         let mut text = String::new();

@@ -27,6 +27,7 @@ mod shutdown;
 mod soak;
 mod status_page;
 mod target_health;
+mod telemetry;
 mod translation;
 mod transport;
 mod upstream_bounds;

@@ -84,6 +84,7 @@ fn relay_request(path: &[&str], tenant: &str, request: Value) -> RelayRequest {
         redacted: false,
         no_cache: false,
         request,
+        traceparent: None,
     }
 }
 
