@@ -171,3 +171,23 @@ async fn without_an_exporter_a_clients_traceparent_reaches_the_upstream_unchange
     let seen = mocks.openai.received();
     assert_eq!(seen.last().and_then(|r| r.header("traceparent")), Some(traceparent));
 }
+
+#[tokio::test]
+async fn a_traced_request_hands_a_managed_upstream_its_attempts_span() {
+    let mocks = Mocks::start().await;
+    let mut config = mocks.config();
+    // A collector that is not there: the spans are dropped, the request is not slowed or failed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).unwrap().port();
+    config.telemetry = TelemetryConfig { otlp_endpoint: Some(format!("http://127.0.0.1:{port}")), service_name: None };
+    let edge = TestEdge::start(config).await;
+    let (trace, client_span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let body = json!({"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]});
+    let traceparent = format!("00-{trace}-{client_span}-01");
+    let r = edge.post_with("/v1/chat/completions", ACME_KEY, &[("traceparent", &traceparent)], &body).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = mocks.openai.received();
+    let sent = seen.last().and_then(|r| r.header("traceparent")).expect("a traceparent upstream").to_string();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[1], parts[3]), (4, "00", trace, "01"), "{sent}");
+    assert_ne!(parts[2], client_span, "the attempt's own span, under the edge's");
+}
