@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             redacted: false,
             path: vec!["a".into()],
             no_cache: false,
+            traceparent: None,
         };
         let frame = dispatch.request(&req, &req.model);
         let body = serde_json::to_vec(&frame.request).expect("a relay request serializes");
