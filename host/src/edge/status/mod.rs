@@ -60,11 +60,10 @@ pub(in crate::edge) fn asset(edge: &Edge, headers: &HeaderMap, path: &str) -> Re
     }
 }
 
-/// The history as JSON: `interval_ms`, `targets` (names) and `samples` (oldest first).
-fn history_json(edge: &Edge) -> String {
+/// The history's `samples` as JSON: `interval_ms`, `targets` (names) and `samples` (oldest first).
+fn history_json(edge: &Edge, samples: &[history::Sample]) -> String {
     let h = &edge.history;
-    json!({ "interval_ms": h.interval().as_millis() as u64, "targets": h.targets(), "samples": h.samples() })
-        .to_string()
+    json!({ "interval_ms": h.interval().as_millis() as u64, "targets": h.targets(), "samples": samples }).to_string()
 }
 
 /// `GET /admin/status.json`: what the charts draw.
@@ -72,7 +71,7 @@ pub(in crate::edge) fn data(edge: &Edge, headers: &HeaderMap) -> Response<Body> 
     if let Some(resp) = refusal(edge, headers, "/admin/status.json") {
         return resp;
     }
-    json_response(StatusCode::OK, Bytes::from(history_json(edge)))
+    json_response(StatusCode::OK, Bytes::from(history_json(edge, &edge.history.samples())))
 }
 
 /// `GET /admin/status`: the page.
@@ -262,7 +261,7 @@ fn render(edge: &Edge, cache: Option<(u64, u64)>) -> String {
         h,
         "<script type=\"application/json\" id=\"status-data\">{}</script>\
          <script src=\"/admin/status.js\"></script></body></html>",
-        history_json(edge).replace("</", "<\\/")
+        history_json(edge, &samples).replace("</", "<\\/")
     );
     h
 }
