@@ -91,7 +91,8 @@ pub enum PluginCommand {
 /// A language plugins are written in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Lang {
-    /// Rust, with the guest SDK (`cargo build --target wasm32-wasip2`).
+    /// Rust, with the guest SDK (`cargo build --target wasm32-unknown-unknown`: a core module with
+    /// its world, which the node encodes as a component at load).
     Rust,
     /// Python, with componentize-py.
     Python,
@@ -328,8 +329,8 @@ fn new(name: &str, kind: Kind, lang: Lang, dir: Option<PathBuf>, sdk: Option<Pat
                 ("README.md", fill(readme)),
             ]);
             (
-                "cargo build --release --target wasm32-wasip2".to_string(),
-                format!("target/wasm32-wasip2/release/{lib_name}.wasm"),
+                "cargo build --release --target wasm32-unknown-unknown".to_string(),
+                format!("target/wasm32-unknown-unknown/release/{lib_name}.wasm"),
             )
         }
         (Lang::Python, _) => {

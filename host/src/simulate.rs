@@ -152,7 +152,8 @@ pub struct Scenario {
     pub failure_scale: f64,
     /// The routers to compare, in report order.
     pub routers: Vec<RouterSpec>,
-    /// Where the router components are (`target/wasm32-wasip2/release` by default).
+    /// Where the router plugins are (`target/wasm32-unknown-unknown/release`, where
+    /// `scripts/build-plugins` puts the Rust ones, by default).
     pub plugin_dir: PathBuf,
     /// The plugin runtime's artifact cache.
     pub plugin_cache_dir: PathBuf,
@@ -184,7 +185,7 @@ impl Scenario {
             engine_usd_per_hour: 2.0,
             failure_scale: 1.0,
             routers,
-            plugin_dir: target.join("wasm32-wasip2/release"),
+            plugin_dir: target.join("wasm32-unknown-unknown/release"),
             // The user's own cache (never a fixed path under the shared temp dir, where another
             // user could plant artifacts first); the engine's artifacts have names of their own.
             plugin_cache_dir: crate::plugin::PluginSettings::default().cache_dir,

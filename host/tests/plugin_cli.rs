@@ -8,11 +8,12 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A built component, or a panic that names it and says how to build it.
+/// A built plugin (the Rust plugins' folder first, then the fixtures'), or a panic that names it
+/// and says how to build it.
 fn component(file: &str) -> PathBuf {
-    let path = workspace().join("target/wasm32-wasip2/release").join(file);
-    assert!(path.is_file(), "missing {}: build the plugins first with scripts/build-plugins", path.display());
-    path
+    let dirs = ["target/wasm32-unknown-unknown/release", "target/wasm32-wasip2/release"];
+    let found = dirs.iter().map(|dir| workspace().join(dir).join(file)).find(|path| path.is_file());
+    found.unwrap_or_else(|| panic!("missing {file} in {dirs:?}: build the plugins first with scripts/build-plugins"))
 }
 
 /// Runs `meridian` with `args` in `dir`.
@@ -162,8 +163,10 @@ fn template_end_to_end(kind: &str, lang: &str, expect: &[&str]) {
             // A target dir of its own (git-ignored), shared by both kinds so the SDK builds once.
             let target_dir = workspace().join("target/plugin-template-test");
             let mut cargo = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-            cargo.args(["build", "--release", "--target", "wasm32-wasip2"]).env("CARGO_TARGET_DIR", &target_dir);
-            (cargo, target_dir.join(format!("wasm32-wasip2/release/my_{kind}.wasm")))
+            cargo
+                .args(["build", "--release", "--target", "wasm32-unknown-unknown"])
+                .env("CARGO_TARGET_DIR", &target_dir);
+            (cargo, target_dir.join(format!("wasm32-unknown-unknown/release/my_{kind}.wasm")))
         }
         "python" => {
             let mut build = Command::new(workspace().join(".meridian/venv-plugins/bin/componentize-py"));

@@ -23,6 +23,7 @@ fn main() {
             "router",
             ["host", "types", "routing"],
             "fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                ::meridian_plugin_sdk::__report_panics();
                 <$ty as ::meridian_plugin_sdk::Router>::configure(&config)
             }
             fn route(
@@ -38,6 +39,7 @@ fn main() {
             "privacy-filter",
             ["host", "types", "filtering"],
             "fn configure(config: ::std::string::String) -> ::core::result::Result<(), ::std::string::String> {
+                ::meridian_plugin_sdk::__report_panics();
                 <$ty as ::meridian_plugin_sdk::Filter>::configure(&config)
             }
             fn inspect_request(

@@ -445,15 +445,25 @@ pub fn chromium() -> String {
     })
 }
 
-/// The component `scripts/build-plugins` builds for crate `name` (`pii-redactor` or
-/// `pii_redactor`), under `target/wasm32-wasip2/release/`. Panics if it has not been built.
-pub fn plugin_wasm(name: &str) -> PathBuf {
+/// Where `scripts/build-plugins` writes plugins, under the target directory: the Rust plugins
+/// (core modules the node encodes as components), then the test fixtures and the Python and
+/// JavaScript plugins (components).
+pub const PLUGIN_DIRS: [&str; 2] = ["wasm32-unknown-unknown/release", "wasm32-wasip2/release"];
+
+/// The plugin `scripts/build-plugins` built for crate `name` (`pii-redactor` or `pii_redactor`),
+/// in the first of [`PLUGIN_DIRS`] that holds it; `None` if it has not been built.
+pub fn built_plugin(name: &str) -> Option<PathBuf> {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("wasm32-wasip2/release").join(format!("{}.wasm", name.replace('-', "_")));
-    assert!(path.is_file(), "{} is missing: run scripts/build-plugins", path.display());
-    path
+    let file = format!("{}.wasm", name.replace('-', "_"));
+    PLUGIN_DIRS.iter().map(|dir| target.join(dir).join(&file)).find(|path| path.is_file())
+}
+
+/// [`built_plugin`], or a panic that says how to build it.
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    built_plugin(name)
+        .unwrap_or_else(|| panic!("plugin {name} is missing from {PLUGIN_DIRS:?}: run scripts/build-plugins"))
 }
 
 /// Adds plugin `name` to `config`: the component of crate `crate_name` (see [`plugin_wasm`]) with

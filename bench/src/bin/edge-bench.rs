@@ -285,7 +285,7 @@ fn start_edge(
     edge: Edge,
 ) -> Result<Proc, String> {
     let chain = edge.chain;
-    let wasm = |crate_name: &str| bin_dir.join(format!("../wasm32-wasip2/release/{crate_name}.wasm"));
+    let wasm = |crate_name: &str| bin_dir.join(format!("../wasm32-unknown-unknown/release/{crate_name}.wasm"));
     let plugins = if chain {
         for c in ["pii_redactor", "latency_router"] {
             if !wasm(c).is_file() {

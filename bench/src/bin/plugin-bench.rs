@@ -131,13 +131,10 @@ where
     Ok(times)
 }
 
-/// A component built by scripts/build-plugins (Rust) or the Python and JavaScript build
-/// scripts, by file stem; `None` when it is not built.
+/// A plugin built by scripts/build-plugins (Rust) or the Python and JavaScript build scripts, by
+/// file stem; `None` when it is not built.
 fn wasm(name: &str) -> Option<Vec<u8>> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/wasm32-wasip2/release")
-        .join(format!("{name}.wasm"));
-    std::fs::read(path).ok()
+    std::fs::read(meridian_e2e::built_plugin(name)?).ok()
 }
 
 /// `--only`: the text a row's plugin name must contain to be run.

@@ -31,7 +31,7 @@
 //!
 //! let metrics = Arc::new(PluginMetrics::new(&prometheus::Registry::new()).expect("fresh registry"));
 //! let runtime = PluginRuntime::new(PluginSettings::default(), metrics)?;
-//! let path = std::path::Path::new("target/wasm32-wasip2/release/latency_router.wasm");
+//! let path = std::path::Path::new("target/wasm32-unknown-unknown/release/latency_router.wasm");
 //! let router = runtime.load_router("latency-router", "1.0.0", path, "{}", CallLimits::default()).await?;
 //! let outcome = router.route(&summary, &targets).await?;
 //! # Ok(()) }
@@ -42,6 +42,7 @@ use std::time::Duration;
 
 mod bindings;
 mod cache;
+mod componentize;
 mod gate;
 mod metrics;
 mod runtime;

@@ -25,8 +25,8 @@ use super::bindings::{
 use super::cache::{ArtifactCache, CacheStats};
 use super::gate::{Admit, Gate, Triggers};
 use super::metrics::PluginMetrics;
-use super::snapshot;
 use super::stdio::CappedPipe;
+use super::{componentize, snapshot};
 use super::{validate, PluginError};
 
 /// Host-side call states one plugin keeps for reuse: about as many as run at once on a node's
@@ -365,6 +365,7 @@ impl PluginRuntime {
                 std::fs::read(path).map_err(|source| PluginError::Io { path: path.to_path_buf(), source })?
             }
         };
+        let bytes = componentize::component(bytes)?;
         let component = self.compile(bytes.clone()).await?;
         // Linking and the world first: a component written for another host or world is refused
         // before anything of it runs.

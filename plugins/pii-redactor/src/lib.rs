@@ -1,6 +1,6 @@
 //! The `pii-redactor` privacy filter: finds personal data and secrets in a request's text with a
 //! hand-written single-pass scanner ([`scan`]), and labels, redacts or blocks them as configured
-//! ([`policy`]). Built for `wasm32-wasip2`, it is a component of the `privacy-filter` world;
+//! ([`policy`]). Built for `wasm32-unknown-unknown`, it is a module of the `privacy-filter` world;
 //! natively, the scanner and the policy are plain functions to test.
 //!
 //! Weak shapes count only with context, as in production PII detectors: a 7-digit local phone

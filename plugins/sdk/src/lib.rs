@@ -1,5 +1,7 @@
 //! Guest SDK for Meridian plugins: WebAssembly components that implement the `meridian:plugin` contract
-//! (`wit/meridian-plugin.wit`), built with plain `cargo build --release --target wasm32-wasip2`.
+//! (`wit/meridian-plugin.wit`), built with plain `cargo build --release --target wasm32-unknown-unknown`
+//! (a module carrying its world, which the node encodes as a component at load: one core instance and
+//! no WASI, the cheapest to instantiate) or `--target wasm32-wasip2` (a component).
 //!
 //! # API
 //!
@@ -204,6 +206,23 @@ pub fn now_ms() -> u64 {
 pub fn answer_triggers(triggers: &[&str]) {
     let triggers: Vec<String> = triggers.iter().map(|t| (*t).to_owned()).collect();
     bindings::meridian::plugin::host::answer_triggers(&triggers);
+}
+
+/// With the `panic-messages` feature, sends a panic's message to the node's log, where a plugin
+/// built without WASI (`wasm32-unknown-unknown`, as `scripts/build-plugins` builds them) has no
+/// stderr to print it on; the call still ends in a trap, which the node logs with the guest's
+/// backtrace either way. Off by default: the `log` import it needs costs each fresh instance two
+/// more core instances (a shim and its fix-up), about 2 µs a call measured with `plugin-bench`.
+/// Called by the export macros at the start of `configure`, so that the hook is in place in the
+/// snapshot the node takes after `configure`. On WASI targets the standard hook prints to stderr,
+/// which the node captures.
+#[doc(hidden)]
+pub fn __report_panics() {
+    #[cfg(all(feature = "panic-messages", target_family = "wasm", target_os = "unknown"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| std::panic::set_hook(Box::new(|info| log::error(&info.to_string()))));
+    }
 }
 
 /// Accepts an empty configuration (`{}`, or nothing at all) and refuses anything else, for plugins that

@@ -11,6 +11,7 @@ use meridian::plugin::{
     PluginRuntime, PluginSettings, RequestSummary, RequestVerdict, ResponseVerdict, RouterPlugin, Segment, SegmentKind,
     Target, TargetKind,
 };
+use meridian_e2e::plugin_wasm;
 
 const FIXTURES: &[&str] = &[
     "spin",
@@ -25,17 +26,20 @@ const FIXTURES: &[&str] = &[
     "contract-0-1-0",
 ];
 
-fn workspace_target() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/release")
+/// The component of a fixture built for `wasm32-wasip2`, or a panic that says how to build them.
+fn fixture(name: &str) -> Vec<u8> {
+    fixture_built_for("wasm32-wasip2", name)
 }
 
-/// The built component of a fixture, or a panic that says how to build them.
-fn fixture(name: &str) -> Vec<u8> {
-    let path = workspace_target().join(format!("fixture_{}.wasm", name.replace('-', "_")));
+/// A fixture built for `target` (`scripts/build-plugins` builds them for `wasm32-wasip2`, as
+/// components, and for `wasm32-unknown-unknown`, as modules the runtime encodes at load).
+fn fixture_built_for(target: &str, name: &str) -> Vec<u8> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target").join(target).join("release");
+    let path = dir.join(format!("fixture_{}.wasm", name.replace('-', "_")));
     std::fs::read(&path).unwrap_or_else(|error| {
         let packages: Vec<String> = FIXTURES.iter().map(|f| format!("-p fixture-{f}")).collect();
         panic!(
-            "cannot read {}: {error}\nbuild the plugin fixtures first (scripts/build-plugins builds them all):\n  cargo build --release --target wasm32-wasip2 {}",
+            "cannot read {}: {error}\nbuild the plugin fixtures first (scripts/build-plugins builds them all):\n  cargo build --release --target {target} {}",
             path.display(),
             packages.join(" ")
         )
@@ -264,6 +268,39 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
     assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order());
 }
 
+/// A Rust plugin built without WASI is a core module carrying its world: the runtime encodes it
+/// as a component at load, and its instances meet the same limits as a component's.
+#[tokio::test]
+async fn modules_built_without_wasi_load_as_components_and_meet_the_same_limits() {
+    let rig = rig(|_| {});
+    let module = |name: &str| fixture_built_for("wasm32-unknown-unknown", name);
+    assert_eq!(&module("good-router")[..8], b"\0asm\x01\0\0\0", "a core module, not a component");
+    let load = |name: &'static str, deadline_ms: u64| {
+        let (runtime, wasm) = (&rig.runtime, module(name));
+        async move { runtime.load_router(name, "0.1.0", &wasm, "{}", limits(deadline_ms)).await.unwrap() }
+    };
+    let good = load("good-router", 2_000).await;
+    assert!(good.pre_initialised(), "snapshotted after configure, as components are");
+    for _ in 0..3 {
+        assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order());
+    }
+    let spun = load("spin", 50).await.route(&summary(), &targets()).await;
+    assert!(matches!(spun, Err(PluginError::Timeout(d)) if d == Duration::from_millis(50)), "{spun:?}");
+    let bombed = load("memory-bomb", 2_000).await.route(&summary(), &targets()).await;
+    assert!(matches!(bombed, Err(PluginError::MemoryLimit(n)) if n == 16 << 20), "{bombed:?}");
+    // No stderr for the panic's message: the trap, with the guest's backtrace, names where.
+    let trapped = load("trap", 200).await.route(&summary(), &targets()).await;
+    assert!(matches!(&trapped, Err(PluginError::Trap(m)) if m.contains("unreachable")), "{trapped:?}");
+
+    // A module that names no world is refused at load, with the cause.
+    let bare = b"\0asm\x01\0\0\0".to_vec();
+    match rig.runtime.load_router("bare", "0.1.0", &bare, "{}", limits(200)).await {
+        Err(PluginError::Compile(m)) => assert!(m.contains("names no world"), "{m}"),
+        Err(other) => panic!("a refusal naming the cause, not {other}"),
+        Ok(_) => panic!("a module without a world is refused"),
+    }
+}
+
 #[tokio::test]
 async fn wrong_worlds_and_rejected_configs_fail_at_load() {
     let rig = rig(|_| {});
@@ -440,22 +477,14 @@ async fn a_pool_too_large_to_reserve_falls_back_to_on_demand() {
     assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
 }
 
-/// A plugin this repository ships, from `plugins/`.
-fn shipped(crate_name: &str) -> PathBuf {
-    let path = workspace_target().join(format!("{}.wasm", crate_name.replace('-', "_")));
-    assert!(
-        path.exists(),
-        "{} is missing; build the shipped plugins first:\n  cargo build --release --target wasm32-wasip2 -p {crate_name}",
-        path.display()
-    );
-    path
-}
-
 #[tokio::test]
 async fn the_shipped_latency_router_and_pii_redactor_run() {
     let rig = rig(|_| {});
-    let router =
-        rig.runtime.load_router("latency-router", "0.1.0", &shipped("latency-router"), "{}", limits(50)).await.unwrap();
+    let router = rig
+        .runtime
+        .load_router("latency-router", "0.1.0", &plugin_wasm("latency-router"), "{}", limits(50))
+        .await
+        .unwrap();
     match router.route(&summary(), &targets()).await.unwrap() {
         Outcome::Route(decision) => assert_eq!(decision.targets, ["engine-a", "openai", "openrouter"], "fastest first"),
         other => panic!("expected a decision, got {other:?}"),
@@ -464,7 +493,7 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
     assert!(router.pre_initialised());
 
     let filter =
-        rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), "{}", limits(50)).await.unwrap();
+        rig.runtime.load_filter("pii-redactor", "0.1.0", &plugin_wasm("pii-redactor"), "{}", limits(50)).await.unwrap();
     assert!(filter.pre_initialised());
     let segments = vec![Segment { kind: SegmentKind::User, text: "write to ana.lopez@example.com please".into() }];
     // The runtime has already checked any redactions against the contract.
@@ -478,8 +507,11 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
 /// pii-redactor, answering `block_secrets_in_response`.
 async fn secrets_filter(rig: &Rig) -> FilterPlugin {
     let config = r#"{"block_secrets_in_response": true}"#;
-    let filter =
-        rig.runtime.load_filter("pii-redactor", "0.1.0", &shipped("pii-redactor"), config, limits(200)).await.unwrap();
+    let filter = rig
+        .runtime
+        .load_filter("pii-redactor", "0.1.0", &plugin_wasm("pii-redactor"), config, limits(200))
+        .await
+        .unwrap();
     let triggers = filter.answer_triggers().expect("secret prefixes as answer triggers").literals();
     assert!(triggers.iter().any(|t| t == "sk-") && triggers.iter().any(|t| t == "-----BEGIN "), "{triggers:?}");
     filter
