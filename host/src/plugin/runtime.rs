@@ -389,8 +389,11 @@ impl PluginRuntime {
             // The first tick comes anywhere within one period, so one more tick than the deadline
             // holds guarantees at least the deadline (and at most one tick more).
             deadline_ticks: deadline.as_nanos().div_ceil(tick.as_nanos()) as u64 + 1,
-            // A guest blocked in a host call (a sleep, a poll) never sees the epoch: this bounds it.
-            wall_limit: deadline + tick * 2 + Duration::from_millis(20),
+            // A guest blocked in a host call (a sleep, a poll) never sees the epoch: this bounds
+            // it. Only WASI's calls can block; a plugin that imports only `host` (whose calls
+            // return at once) is bounded by the epoch alone, without a timer per call.
+            wall_limit: imports_wasi(&component, &self.inner.engine)
+                .then(|| deadline + tick * 2 + Duration::from_millis(20)),
             memory_bytes,
             peak_memory_bytes: AtomicUsize::new(0),
             health: Mutex::default(),
@@ -487,6 +490,11 @@ impl PluginRuntime {
         plugins.push(Arc::downgrade(&core));
         core
     }
+}
+
+/// Whether `component` imports any WASI interface (whose calls, unlike `host`'s, can block).
+fn imports_wasi(component: &Component, engine: &Engine) -> bool {
+    component.component_type().imports(engine).any(|(name, _)| name.starts_with("wasi:"))
 }
 
 fn wrong_world(world: &'static str, error: wasmtime::Error) -> PluginError {
@@ -593,7 +601,7 @@ struct PluginCore {
     config: String,
     deadline: Duration,
     deadline_ticks: u64,
-    wall_limit: Duration,
+    wall_limit: Option<Duration>,
     memory_bytes: usize,
     /// The most linear memory any one instance of this plugin has held, load included.
     peak_memory_bytes: AtomicUsize,
@@ -700,9 +708,12 @@ impl PluginCore {
         call(&self.config).await?.map_err(Failure::Rejected)
     }
 
-    /// Runs the wasm side of a call under the wall-clock bound.
+    /// Runs the wasm side of a call under the wall-clock bound, when it has one.
     async fn bounded<R>(&self, work: impl std::future::Future<Output = Result<R, Failure>>) -> Result<R, Failure> {
-        tokio::time::timeout(self.wall_limit, work).await.unwrap_or(Err(Failure::WallTimeout))
+        match self.wall_limit {
+            Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or(Err(Failure::WallTimeout)),
+            None => work.await,
+        }
     }
 
     /// Ends a call: drops its instance, forwards its output, turns the result into a checked
