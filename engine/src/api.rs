@@ -201,6 +201,16 @@ pub struct Health {
     pub max_batch: u32,
     /// Generated tokens per second over the last few seconds.
     pub tokens_per_second: f64,
+    /// Prompts whose beginning came from the prefix cache, since start (all chat models). Absent
+    /// from engines before the prefix cache, and then 0.
+    #[serde(default)]
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens whose prefill the prefix cache saved, since start.
+    #[serde(default)]
+    pub prefix_cache_tokens_reused: u64,
+    /// Bytes of KV the prefix caches hold now.
+    #[serde(default)]
+    pub prefix_cache_bytes: u64,
 }
 
 /// Error classes on the wire; each maps to one HTTP status at the edge.

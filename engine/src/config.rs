@@ -100,6 +100,10 @@ pub struct SchedulerConfig {
     /// Most tokens in one embedding run, padding included (texts × the longest one; default
     /// 8 192, 32 texts of MiniLM's 256). A text longer than this on its own runs alone.
     pub embed_max_batch_tokens: usize,
+    /// Bytes of prompts' KV cache each chat model keeps for later prompts that begin the same way
+    /// (default 128 MiB; 0 turns the prefix cache off). SmolLM2-135M's cache takes 46 KB a
+    /// token, so the default holds about 2,900 tokens of prefixes.
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -110,6 +114,7 @@ impl Default for SchedulerConfig {
             default_max_tokens: 256,
             embed_max_batch: 32,
             embed_max_batch_tokens: 8192,
+            prefix_cache_bytes: 128 << 20,
         }
     }
 }

@@ -12,6 +12,7 @@
 use ort::value::{DynValue, Tensor};
 
 use crate::model::ChatModel;
+use crate::prefix::Reuse;
 
 /// Shape of a decoder's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +40,11 @@ impl Prefilled {
     /// Whether it holds no positions (never, after a prefill of at least one token).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Its KV tensors, [1, H, len, D] each, in layout order.
+    pub fn kv(&self) -> &[DynValue] {
+        &self.kv
     }
 }
 
@@ -104,11 +110,16 @@ impl Batch {
         self.lens[i]
     }
 
-    /// Runs `ids` through the model with an empty cache (batch 1): returns its cache and logits.
-    pub fn prefill(model: &mut ChatModel, ids: &[u32]) -> ort::Result<(Prefilled, Logits)> {
+    /// Runs `ids` through the model (batch 1), continuing from `reuse` (the cache of its first
+    /// `reuse.len` tokens, from the [`PrefixCache`](crate::prefix::PrefixCache)) or from an empty
+    /// cache: returns the whole prompt's cache and the logits.
+    pub fn prefill(model: &mut ChatModel, ids: &[u32], reuse: Option<Reuse>) -> ort::Result<(Prefilled, Logits)> {
         let n = ids.len();
+        let from = reuse.as_ref().map_or(0, |r| r.len);
+        assert!(from < n, "a reused prefix leaves at least the last token to compute");
+        let new = ids[from..].iter().map(|&t| t as i64).collect();
         let fwd =
-            model.forward(1, ids.iter().map(|&t| t as i64).collect(), (0..n as i64).collect(), vec![1; n], None)?;
+            model.forward(1, new, (from as i64..n as i64).collect(), vec![1; n], reuse.as_ref().map(|r| &r.kv[..]))?;
         Ok((Prefilled { kv: fwd.present, len: n }, logits(fwd.logits, 1)?))
     }
 

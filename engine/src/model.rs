@@ -470,7 +470,7 @@ impl ChatModel {
         let eos = self.spec.eos_token_ids.clone();
         if use_kv_cache {
             let mut batch = Batch::new(self.layout());
-            let (prefilled, logits) = Batch::prefill(self, prompt_ids)?;
+            let (prefilled, logits) = Batch::prefill(self, prompt_ids, None)?;
             let mut token = argmax(logits.row(0));
             batch.rebuild(&[], vec![prefilled])?;
             loop {
@@ -483,7 +483,7 @@ impl ChatModel {
         }
         let mut seq = prompt_ids.to_vec();
         loop {
-            let (_, logits) = Batch::prefill(self, &seq)?;
+            let (_, logits) = Batch::prefill(self, &seq, None)?;
             let token = argmax(logits.row(0));
             out.push(token);
             seq.push(token);

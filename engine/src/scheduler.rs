@@ -16,7 +16,7 @@
 //! `embed_max_batch_tokens` tokens), each run's vectors passed on as soon as they are ready.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ use crate::detok::{Detokenizer, StopMatcher};
 use crate::embed::{BatchLimits, EmbeddingModel};
 use crate::kv::{Batch, Logits, Prefilled};
 use crate::model::{infer_kind, model_err, ChatModel, Prompter};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{now_unix_nanos, Exporter, Span, SpanKind, TraceContext};
 
@@ -44,6 +45,7 @@ const RATE_WINDOW: Duration = Duration::from_secs(5);
 struct Shared {
     queue_depth: AtomicU32,
     active: AtomicU32,
+    prefix: Arc<PrefixStats>,
     /// (when, tokens generated) per step, the last [`RATE_WINDOW`].
     rate: Mutex<VecDeque<(Instant, u32)>>,
 }
@@ -211,10 +213,11 @@ fn spawn_model_thread(model: ChatModel, cfg: &SchedulerConfig) -> Result<ChatHan
         shared: shared.clone(),
     };
     let (name, dir) = (model.name.clone(), model.dir.clone());
+    let prefix = PrefixCache::new(model.layout(), cfg.prefix_cache_bytes, Arc::clone(&shared.prefix));
     let max_batch = cfg.max_batch;
     std::thread::Builder::new()
         .name(format!("model-{name}"))
-        .spawn(move || ModelLoop::new(model, rx, shared, max_batch).run())
+        .spawn(move || ModelLoop::new(model, rx, shared, max_batch, prefix).run())
         .map_err(|e| model_err(&name, &dir, format!("cannot start its thread: {e}")))?;
     Ok(handle)
 }
@@ -305,6 +308,9 @@ impl Backend for Engine {
 
     fn health(&self) -> Health {
         let sum = |f: fn(&Shared) -> u32| self.chat.values().map(|h| f(&h.shared)).sum::<u32>();
+        let prefix = |f: fn(&PrefixStats) -> &AtomicU64| {
+            self.chat.values().map(|h| f(&h.shared.prefix).load(Ordering::Relaxed)).sum::<u64>()
+        };
         Health {
             provider: self.provider.clone(),
             chat_models: self.chat.keys().cloned().collect(),
@@ -314,6 +320,9 @@ impl Backend for Engine {
             active_sequences: sum(|s| s.active.load(Ordering::SeqCst)),
             max_batch: self.scheduler.max_batch as u32,
             tokens_per_second: self.chat.values().map(|h| h.shared.tokens_per_second()).sum(),
+            prefix_cache_hits: prefix(|p| &p.hits),
+            prefix_cache_tokens_reused: prefix(|p| &p.tokens_reused),
+            prefix_cache_bytes: prefix(|p| &p.bytes),
         }
     }
 }
@@ -399,12 +408,20 @@ struct ModelLoop {
     batch: Batch,
     /// Parallel to the batch's rows.
     seqs: Vec<Seq>,
+    /// Recent prompts' caches, for prompts that begin the same way.
+    prefix: PrefixCache,
 }
 
 impl ModelLoop {
-    fn new(model: ChatModel, rx: Receiver<Job>, shared: Arc<Shared>, max_batch: usize) -> ModelLoop {
+    fn new(
+        model: ChatModel,
+        rx: Receiver<Job>,
+        shared: Arc<Shared>,
+        max_batch: usize,
+        prefix: PrefixCache,
+    ) -> ModelLoop {
         let batch = Batch::new(model.layout());
-        ModelLoop { model, rx, shared, max_batch, batch, seqs: Vec::new() }
+        ModelLoop { model, rx, shared, max_batch, batch, seqs: Vec::new(), prefix }
     }
 
     fn run(mut self) {
@@ -454,7 +471,11 @@ impl ModelLoop {
             if let Some(t) = &job.trace {
                 t.phase("queue", t.start_ns, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
             }
-            let (prefilled, logits) = match Batch::prefill(&mut self.model, &job.prompt_ids) {
+            let prefilled = self
+                .prefix
+                .lookup(&job.prompt_ids)
+                .and_then(|reuse| Batch::prefill(&mut self.model, &job.prompt_ids, reuse));
+            let (prefilled, logits) = match prefilled {
                 Ok(p) => p,
                 Err(e) => {
                     let error = format!("prefill: {e}");
@@ -465,6 +486,10 @@ impl ModelLoop {
                     continue;
                 }
             };
+            if let Err(e) = self.prefix.insert(&job.prompt_ids, prefilled.kv()) {
+                // The answer goes on; only later prompts lose the reuse.
+                tracing::warn!(error = %e, "the prompt's cache could not be kept for reuse");
+            }
             let trace = job.trace.map(|t| {
                 t.phase("prefill", prefill_start, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
                 (t, now_unix_nanos())

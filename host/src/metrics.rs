@@ -60,6 +60,14 @@ pub struct Metrics {
     pub engine_info: IntGaugeVec,
     /// `meridian_engine_tokens_per_second{target}`: generation speed each engine reports.
     pub engine_tokens_per_second: GaugeVec,
+    /// `meridian_engine_prefix_cache_hits_total{target}`: prompts each engine began from its
+    /// prefix cache (as it reports them).
+    pub engine_prefix_hits: IntCounterVec,
+    /// `meridian_engine_prefix_cache_tokens_reused_total{target}`: prompt tokens whose prefill
+    /// each engine's prefix cache saved.
+    pub engine_prefix_tokens_reused: IntCounterVec,
+    /// `meridian_engine_prefix_cache_bytes{target}`: KV bytes each engine's prefix cache holds.
+    pub engine_prefix_bytes: IntGaugeVec,
     /// `meridian_target_ejections_total{target}`: outlier ejections.
     pub target_ejections: IntCounterVec,
     /// `meridian_relay_refusals_total{reason}`: relayed requests refused before dispatch because
@@ -162,6 +170,27 @@ impl Metrics {
             &["target"],
         )
         .expect("valid metric");
+        let engine_prefix_hits = IntCounterVec::new(
+            Opts::new(
+                "meridian_engine_prefix_cache_hits_total",
+                "Prompts each engine target began from its prefix cache",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let engine_prefix_tokens_reused = IntCounterVec::new(
+            Opts::new(
+                "meridian_engine_prefix_cache_tokens_reused_total",
+                "Prompt tokens whose prefill each engine target's prefix cache saved",
+            ),
+            &["target"],
+        )
+        .expect("valid metric");
+        let engine_prefix_bytes = IntGaugeVec::new(
+            Opts::new("meridian_engine_prefix_cache_bytes", "KV bytes each engine target's prefix cache holds"),
+            &["target"],
+        )
+        .expect("valid metric");
         let target_ejections = IntCounterVec::new(
             Opts::new("meridian_target_ejections_total", "Outlier ejections of each target"),
             &["target"],
@@ -199,6 +228,9 @@ impl Metrics {
             Arc::new(target_in_flight.clone()),
             Arc::new(engine_info.clone()),
             Arc::new(engine_tokens_per_second.clone()),
+            Arc::new(engine_prefix_hits.clone()),
+            Arc::new(engine_prefix_tokens_reused.clone()),
+            Arc::new(engine_prefix_bytes.clone()),
             Arc::new(target_ejections.clone()),
             Arc::new(relay_refusals.clone()),
             Arc::new(duration.clone()),
@@ -237,6 +269,9 @@ impl Metrics {
             target_in_flight,
             engine_info,
             engine_tokens_per_second,
+            engine_prefix_hits,
+            engine_prefix_tokens_reused,
+            engine_prefix_bytes,
             target_ejections,
             relay_refusals,
         }
@@ -250,6 +285,16 @@ impl Metrics {
         if let Some(engine) = &s.engine {
             self.engine_info.with_label_values(&[target, &engine.provider]).set(1);
             self.engine_tokens_per_second.with_label_values(&[target]).set(engine.tokens_per_second);
+            // Counters the engine keeps, caught up to what it reports.
+            for (counter, total) in [
+                (&self.engine_prefix_hits, engine.prefix_cache_hits),
+                (&self.engine_prefix_tokens_reused, engine.prefix_cache_tokens_reused),
+            ] {
+                let counter = counter.with_label_values(&[target]);
+                counter.inc_by(total.saturating_sub(counter.get()));
+            }
+            let bytes = i64::try_from(engine.prefix_cache_bytes).unwrap_or(i64::MAX);
+            self.engine_prefix_bytes.with_label_values(&[target]).set(bytes);
         }
         let ejections = self.target_ejections.with_label_values(&[target]);
         ejections.inc_by(s.ejections_total.saturating_sub(ejections.get()));

@@ -773,6 +773,7 @@ fn to_target(t: TargetSpec, req: &ChatRequest) -> plugin::Target {
         queue_depth: 0,
         active_sequences: 0,
         max_batch,
+        ..Default::default()
     });
     let model = t.model.unwrap_or_else(|| req.model.clone());
     let facts = TargetFacts {

@@ -239,6 +239,7 @@ mod tests {
             queue_depth: 0,
             active_sequences: 1,
             max_batch: 4,
+            ..Default::default()
         };
         stats.probe(Instant::now(), Some((load, None)));
         assert_eq!(r.router_view(Instant::now()).capacity, Some(4), "the engine's own figure wins");

@@ -1236,6 +1236,7 @@ impl Probes {
                             queue_depth: 0,
                             active_sequences: 0,
                             max_batch: sc.engine_capacity,
+                            ..Default::default()
                         };
                         (load, Some(Duration::from_micros(us(rtt))))
                     });

@@ -61,7 +61,7 @@ pub enum Admission {
 }
 
 /// What an engine reports about its load.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct EngineLoad {
     /// The execution provider its models run on (`tensorrt`, `cuda`, `cpu`).
     pub provider: String,
@@ -73,6 +73,12 @@ pub struct EngineLoad {
     pub active_sequences: u32,
     /// Most sequences decoded in one batch.
     pub max_batch: u32,
+    /// Prompts it began from its prefix cache, since it started.
+    pub prefix_cache_hits: u64,
+    /// Prompt tokens whose prefill its prefix cache saved, since it started.
+    pub prefix_cache_tokens_reused: u64,
+    /// Bytes of KV its prefix cache holds.
+    pub prefix_cache_bytes: u64,
 }
 
 /// A point-in-time view of a target's statistics.
@@ -492,6 +498,7 @@ mod tests {
             queue_depth: 2,
             active_sequences: 3,
             max_batch: 8,
+            ..Default::default()
         };
         s.probe(t0, Some((load.clone(), Some(ms_(4)))));
         assert_eq!(s.state(t0), HealthState::Healthy);
@@ -530,6 +537,7 @@ mod tests {
             queue_depth: 0,
             active_sequences: 0,
             max_batch: 2,
+            ..Default::default()
         };
         // An engine not up yet when first probed, then answering.
         let s = stats();

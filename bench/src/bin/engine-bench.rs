@@ -7,7 +7,10 @@
 //! - `quic`: an engine client over QUIC with mutual TLS on loopback;
 //! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
 //!
-//! and the same batch-1 figures from `engine/bench/ort_loop.py`.
+//! and the same batch-1 figures from `engine/bench/ort_loop.py`. Those rows run with the prefix
+//! cache off, so that every request is prefilled whole. Then, for the first weight format, the
+//! prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
+//! question was cached by an earlier request.
 //!
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
@@ -200,6 +203,67 @@ impl Path3 {
     }
 }
 
+/// Time to first token of a prompt of ~1,000 tokens (a long system prompt and a question), cold
+/// and when an earlier request cached the system prompt: medians of `runs`, each cold prompt
+/// made new by its first words, each cached one with a new question.
+async fn prefix_cache(weights: &str, config: &EngineConfig, runs: usize) -> Result<(), String> {
+    let engine = Engine::start(config).map_err(|e| e.to_string())?;
+    let context: String = (1..=40)
+        .map(|k| {
+            format!(
+                "Room {k} of the museum shows {} ship models, {} maps and the logbook of voyage number {}. ",
+                3 * k % 17 + 2,
+                5 * k % 11 + 1,
+                1800 + 7 * k
+            )
+        })
+        .collect();
+    let ask = |session: &str, question: &str| ChatRequest {
+        model: "smol".into(),
+        messages: vec![
+            Message { role: "system".into(), content: format!("{session} {context}") },
+            Message { role: "user".into(), content: question.into() },
+        ],
+        max_tokens: Some(1),
+        temperature: Some(0.0),
+        ..Default::default()
+    };
+    let first_token = |request: ChatRequest| {
+        let engine = Arc::clone(&engine);
+        async move {
+            let start = Instant::now();
+            let mut rx = engine.chat(request).map_err(|e| e.to_string())?;
+            match rx.recv().await {
+                Some(Event::Delta(_) | Event::Finished { .. }) => Ok::<_, String>(start.elapsed().as_secs_f64() * 1e3),
+                Some(Event::Failed(e)) => Err(e.to_string()),
+                None => Err("the engine's stream ended early".into()),
+            }
+        }
+    };
+    let tokens = engine
+        .prompt_ids(&ask("Visitor guide.", "Which room shows the oldest maps?"))
+        .map_err(|e| e.to_string())?
+        .len();
+    let mut cold = Vec::new();
+    for run in 0..runs.max(3) {
+        cold.push(first_token(ask(&format!("Guide number {run}."), "Which room shows the oldest maps?")).await?);
+    }
+    first_token(ask("Visitor guide.", "Where is the café?")).await?;
+    let reused_before = engine.health().prefix_cache_tokens_reused;
+    let mut cached = Vec::new();
+    for run in 0..runs.max(3) {
+        cached.push(first_token(ask("Visitor guide.", &format!("Which room shows map number {run}?"))).await?);
+    }
+    let reused = (engine.health().prefix_cache_tokens_reused - reused_before) / runs.max(3) as u64;
+    let (cold, cached) = (median(cold), median(cached));
+    println!(
+        "\nprefix cache ({weights}, engine): a {tokens}-token prompt's first token in {cold:.1} ms cold, \
+         {cached:.1} ms with {reused} of its tokens cached ({:.1}× faster)",
+        cold / cached
+    );
+    Ok(())
+}
+
 /// What the QUIC hop adds to time to first token, without the model's prefill noise: a request
 /// stream opened, its request frame parsed by the engine and refused at admission (unknown model),
 /// and the error frame back; and a health round trip on the kept control stream.
@@ -355,7 +419,8 @@ async fn run(options: Options) -> Result<(), String> {
         };
         let config = EngineConfig {
             runtime,
-            scheduler: SchedulerConfig { max_batch: 8, ..SchedulerConfig::default() },
+            // The prefix cache would serve the repeated prompt from its second request on.
+            scheduler: SchedulerConfig { max_batch: 8, prefix_cache_bytes: 0, ..SchedulerConfig::default() },
             models: vec![ModelConfig { name: "smol".into(), path: dir.clone(), kind: None }],
         };
         let engine = Engine::start(&config).map_err(|e| e.to_string())?;
@@ -414,6 +479,8 @@ async fn run(options: Options) -> Result<(), String> {
         }
         if weights == &options.weights[0] {
             hop(&paths[1].1).await?;
+            let config = EngineConfig { scheduler: SchedulerConfig::default(), ..config.clone() };
+            prefix_cache(weights, &config, options.runs).await?;
         }
         drop(paths);
         let _ = stop_edge.send(());

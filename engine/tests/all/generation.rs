@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::*;
-use meridian_engine::api::{Backend, ChatRequest, ErrorCode, Event, FinishReason};
+use meridian_engine::api::{Backend, ChatRequest, ErrorCode, Event, FinishReason, Message};
 use meridian_engine::config::SchedulerConfig;
 
 const PROMPTS: [&str; 4] = [
@@ -48,6 +48,58 @@ async fn concurrent_requests_equal_each_alone() {
     let f = Answer { text: head + &rest.text, deltas: rest.deltas + 1, ..rest };
     assert_eq!(f, alone[2]);
     assert_eq!(s, alone[0]);
+}
+
+/// A long system prompt shared by the prefix-cache test's requests (~120 tokens).
+const SYSTEM: &str = "You are the assistant of the Harbour Lighthouse Museum. The museum opens at ten in the \
+    morning and closes at five in the afternoon, every day except Mondays. Tickets cost eight euros for \
+    adults and four for children; members enter free. The lighthouse tower has one hundred and twelve \
+    steps and a gallery with a view over the bay. Guided tours start every hour and last forty minutes. \
+    The café on the ground floor serves soup, bread and cakes. Dogs are welcome on a lead, but not in \
+    the tower. Answer visitors briefly and politely, and never invent opening times or prices.";
+
+fn ask(turns: &[(&str, &str)]) -> ChatRequest {
+    let mut messages = vec![Message { role: "system".into(), content: SYSTEM.into() }];
+    messages.extend(turns.iter().map(|(role, text)| Message { role: (*role).into(), content: (*text).into() }));
+    ChatRequest { model: "smol".into(), messages, max_tokens: Some(16), ..Default::default() }
+}
+
+/// A prompt that begins like an earlier one continues from the earlier one's KV cache, and
+/// answers exactly as an engine without the prefix cache does (fp32, where a row's logits do not
+/// depend on how many rows run together); health counts the reuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_that_begins_like_an_earlier_one_reuses_its_cache_and_answers_the_same() {
+    let cached = engine(&[("smol", FP32)], SchedulerConfig::default());
+    let plain = engine(&[("smol", FP32)], SchedulerConfig { prefix_cache_bytes: 0, ..Default::default() });
+
+    let first = ask(&[("user", "When do you open on Sunday?")]);
+    let a = chat(&cached, first.clone()).await.unwrap();
+    assert_eq!(a, chat(&plain, first).await.unwrap());
+    let h = cached.health();
+    assert_eq!((h.prefix_cache_hits, h.prefix_cache_tokens_reused), (0, 0), "nothing to reuse yet");
+    assert!(h.prefix_cache_bytes > 0, "the first prompt is kept");
+
+    // Another visitor, same system prompt: its blocks are reused.
+    let second = ask(&[("user", "How much is a ticket for a child?")]);
+    let b = chat(&cached, second.clone()).await.unwrap();
+    assert_eq!(b, chat(&plain, second).await.unwrap(), "the same answer as without the cache");
+    let h = cached.health();
+    assert_eq!(h.prefix_cache_hits, 1);
+    assert!(h.prefix_cache_tokens_reused >= 96, "the system prompt's whole blocks: {h:?}");
+
+    // The first conversation's next turn: all of its first prompt's whole blocks.
+    let next = ask(&[("user", "When do you open on Sunday?"), ("assistant", &a.text), ("user", "And on Monday?")]);
+    let reused_before = h.prefix_cache_tokens_reused;
+    let c = chat(&cached, next.clone()).await.unwrap();
+    assert_eq!(c, chat(&plain, next).await.unwrap());
+    let h = cached.health();
+    assert_eq!(h.prefix_cache_hits, 2);
+    // The first prompt's whole blocks, but for the last one, where its end may tokenise
+    // differently once the answer follows.
+    let first_blocks = (u64::from(a.usage.prompt_tokens) - 1) / 16 * 16;
+    let gained = h.prefix_cache_tokens_reused - reused_before;
+    assert!(gained >= first_blocks - 16, "the first turn's blocks: {gained} of {first_blocks} ({h:?})");
+    assert_eq!(plain.health().prefix_cache_hits, 0, "off when its budget is 0");
 }
 
 #[tokio::test]

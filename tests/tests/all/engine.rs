@@ -3,7 +3,8 @@
 //! goes away cancels its generation on the engine; a killed engine is fallen back from with no
 //! request lost; a request too large for the engine's frames is the client's 413, never the
 //! engine's failure; 2 048 embeddings in one request, as floats or base64; a draining engine
-//! refuses new requests at once and the edge goes to the next.
+//! refuses new requests at once and the edge goes to the next; the engine's prefix cache counters
+//! reach the edge's metrics.
 
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,22 @@ async fn both_api_shapes_answer_from_the_engine_whole_and_streamed() {
     let a_text: String =
         a_stream.event_json().iter().filter_map(|e| e["delta"]["text"].as_str().map(str::to_string)).collect();
     assert_eq!(a_text, text);
+
+    // Four requests with one prompt: the engine began the last three from its prefix cache (the
+    // same answers above show it changed nothing), and the edge's probes bring its counters in.
+    let target = ["target=\"engine-a\""];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = edge.metrics().await;
+        let hits = metric_or_zero(&m, "meridian_engine_prefix_cache_hits_total", &target);
+        if hits >= 3.0 {
+            assert!(metric(&m, "meridian_engine_prefix_cache_tokens_reused_total", &target) >= 3.0 * 16.0, "{m}");
+            assert!(metric(&m, "meridian_engine_prefix_cache_bytes", &target) > 0.0, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the engine's prefix cache hits reach the edge: {hits}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
