@@ -28,8 +28,6 @@ pub const BLOCK: usize = 16;
 pub struct PrefixStats {
     /// Prompts that found a cached prefix.
     pub hits: AtomicU64,
-    /// Prompts that found none (prompts shorter than a block and one token are not counted).
-    pub misses: AtomicU64,
     /// Prompt tokens whose prefill was skipped.
     pub tokens_reused: AtomicU64,
     /// Bytes of KV cache held now.
@@ -125,10 +123,7 @@ impl PrefixCache {
             // The hash names the prefix; the tokens prove it.
             (self.entries.get(&id)?.tokens[..len] == ids[..len]).then_some((id, len))
         });
-        let Some((id, len)) = found else {
-            self.stats.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(None);
-        };
+        let Some((id, len)) = found else { return Ok(None) };
         self.clock += 1;
         let entry = self.entries.get_mut(&id).expect("indexed entries exist");
         entry.last_used = self.clock;
@@ -298,6 +293,6 @@ mod tests {
         let ids: Vec<u32> = (0..40).collect();
         c.insert(&ids, &present(40)).unwrap();
         assert!(c.lookup(&ids).unwrap().is_none());
-        assert_eq!(stats.misses.load(Ordering::Relaxed), 0, "not counted when off");
+        assert_eq!(stats.bytes.load(Ordering::Relaxed), 0, "nothing kept");
     }
 }
