@@ -4,6 +4,8 @@
 //! The scheduler implements [`Backend`]; the server only moves these values between frames and
 //! calls. Keeping both sides on one set of types means the protocol doc and the code cannot drift.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -211,6 +213,65 @@ pub struct Health {
     /// Bytes of KV the prefix caches hold now.
     #[serde(default)]
     pub prefix_cache_bytes: u64,
+    /// What the prefix caches hold, by chat model, for edges to route by: conversation beginnings
+    /// as `[hash, tokens]` ([`ConversationHasher`] hashes of a request's leading messages, and
+    /// how many of its prompt tokens they render to), most recently used first, at most
+    /// [`MAX_HELD_PREFIXES`] per model. Absent from engines before it, and when nothing is held.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prefixes: BTreeMap<String, Vec<(u64, u32)>>,
+}
+
+/// The most conversation beginnings an engine reports per model in [`Health::prefixes`] (about
+/// 30 bytes each on the wire).
+pub const MAX_HELD_PREFIXES: usize = 256;
+
+/// Names the beginnings of a conversation, message by message, the same way on every node: the
+/// engine for what its prefix cache holds, the edge for a request it routes. The hash after
+/// message `i` covers the roles and texts of messages `0..=i` (as the engine receives them), so two
+/// requests share it exactly when they begin with the same `i + 1` messages (up to a 64-bit
+/// collision, which can only misguide a routing guess, never an answer).
+///
+/// A fixed function (no per-process seed), word at a time: a wyhash-style multiply-fold, spelled
+/// out in `PROTOCOL.md` (`HEALTH`) for other implementations.
+#[derive(Debug, Clone)]
+pub struct ConversationHasher {
+    state: u64,
+}
+
+impl Default for ConversationHasher {
+    fn default() -> Self {
+        ConversationHasher { state: 0x243f_6a88_85a3_08d3 }
+    }
+}
+
+impl ConversationHasher {
+    /// Adds the next message (its role as the engine protocol names it, and its text) and returns
+    /// the hash of the conversation up to and including it.
+    pub fn message(&mut self, role: &str, content: &str) -> u64 {
+        self.field(role.as_bytes());
+        self.field(content.as_bytes());
+        self.state
+    }
+
+    /// Length-prefixed, so that no two splits of the same bytes into fields hash alike.
+    fn field(&mut self, bytes: &[u8]) {
+        self.fold(bytes.len() as u64);
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.fold(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0u8; 8];
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            tail[..rest.len()].copy_from_slice(rest);
+            self.fold(u64::from_le_bytes(tail));
+        }
+    }
+
+    fn fold(&mut self, word: u64) {
+        let m = u128::from(self.state ^ word) * u128::from(0x3e41_64dd_07f7_183au64);
+        self.state = (m as u64) ^ ((m >> 64) as u64);
+    }
 }
 
 /// Error classes on the wire; each maps to one HTTP status at the edge.
@@ -298,5 +359,35 @@ pub trait Backend: Send + Sync + 'static {
     fn relay(&self, peer: &str, request: RelayRequest) -> Result<mpsc::Receiver<bytes::Bytes>, EngineError> {
         let _ = (peer, request);
         Err(EngineError::new(ErrorCode::BadRequest, "this node is an engine: it does not take relayed requests"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConversationHasher;
+
+    fn hashes(messages: &[(&str, &str)]) -> Vec<u64> {
+        let mut h = ConversationHasher::default();
+        messages.iter().map(|(role, content)| h.message(role, content)).collect()
+    }
+
+    #[test]
+    fn conversation_hashes_name_beginnings_and_nothing_else() {
+        let long = "x".repeat(1000);
+        let a = hashes(&[("system", &long), ("user", "Hi"), ("assistant", "Hello")]);
+        let b = hashes(&[("system", &long), ("user", "Hi"), ("assistant", "Hello!"), ("user", "more")]);
+        assert_eq!(a[..2], b[..2], "the same beginning, the same hashes");
+        assert_ne!(a[2], b[2]);
+        // Role, boundaries and order all count.
+        assert_ne!(hashes(&[("user", "Hi")]), hashes(&[("system", "Hi")]));
+        assert_ne!(hashes(&[("user", "ab"), ("user", "c")])[1], hashes(&[("user", "a"), ("user", "bc")])[1]);
+        assert_ne!(hashes(&[("user", "")]), hashes(&[("user", "\0")]));
+        // Fixed across processes and builds: no random seed.
+        assert_eq!(hashes(&[("user", "Hi")]), hashes(&[("user", "Hi")]));
+        assert_eq!(
+            hashes(&[("user", "Hi")])[0],
+            0xb4b9_16b2_6413_1aa7,
+            "the function PROTOCOL.md spells out (computed from its text in Python)"
+        );
     }
 }

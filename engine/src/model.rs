@@ -18,7 +18,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
 
-use crate::api::{EngineError, ErrorCode, Message};
+use crate::api::{ConversationHasher, EngineError, ErrorCode, Message};
 use crate::config::{ModelKind, Provider, RuntimeConfig};
 use crate::detok::TokenBytes;
 use crate::kv::{Batch, KvLayout};
@@ -135,6 +135,31 @@ impl Prompter {
     /// Rendered and tokenised.
     pub fn prompt_ids(&self, messages: &[Message]) -> Result<Vec<u32>, EngineError> {
         self.tokenize(&self.render(messages)?)
+    }
+
+    /// Rendered and tokenised, with the conversation's beginnings: for each message in order, its
+    /// [`ConversationHasher`] hash and how many of the prompt's tokens come before the end of its
+    /// text (what a prefix cache holding that many tokens holds of the conversation). Stops at a
+    /// message whose text the template did not write out as given.
+    pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<(u64, u32)>), EngineError> {
+        let text = self.render(messages)?;
+        let enc = self
+            .tokenizer
+            .encode(text.as_str(), false)
+            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}")))?;
+        // Byte offsets into `text`, in order.
+        let offsets = enc.get_offsets();
+        let mut hasher = ConversationHasher::default();
+        let mut marks = Vec::with_capacity(messages.len());
+        let mut pos = 0;
+        for m in messages {
+            let hash = hasher.message(&m.role, &m.content);
+            let Some(at) = text[pos..].find(m.content.as_str()) else { break };
+            pos += at + m.content.len();
+            let tokens = offsets.partition_point(|&(start, _)| start < pos);
+            marks.push((hash, tokens as u32));
+        }
+        Ok((enc.get_ids().to_vec(), marks))
     }
 }
 

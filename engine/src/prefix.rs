@@ -15,9 +15,11 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use ort::value::{DynValue, Tensor};
 
+use crate::api::MAX_HELD_PREFIXES;
 use crate::kv::KvLayout;
 
 /// Tokens per block: the granularity of matching and of what is kept.
@@ -32,6 +34,16 @@ pub struct PrefixStats {
     pub tokens_reused: AtomicU64,
     /// Bytes of KV cache held now.
     pub bytes: AtomicU64,
+    /// The conversation beginnings held (hash, tokens), most recently used first, at most
+    /// [`MAX_HELD_PREFIXES`]: what health reports for edges to route by.
+    pub held: Mutex<Vec<(u64, u32)>>,
+}
+
+impl PrefixStats {
+    /// A copy of [`PrefixStats::held`].
+    pub fn held(&self) -> Vec<(u64, u32)> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// A cached prefix, ready to continue: the KV tensors ([1, H, len, D] each, in layout order) and
@@ -49,6 +61,8 @@ struct Entry {
     kv: Vec<Vec<f32>>,
     /// The boundary hashes that point at this entry (to unindex it on eviction).
     keys: Vec<u64>,
+    /// The conversation beginnings the entry holds whole: (hash, tokens), tokens ≤ its length.
+    marks: Vec<(u64, u32)>,
     last_used: u64,
 }
 
@@ -147,19 +161,30 @@ impl PrefixCache {
 
     /// Keeps the cache of prompt `ids` (`present`: its prefill's KV, [1, H, n, D] each with n =
     /// `ids.len()`), up to its last whole block before the final token, unless an entry already
-    /// holds all of that prefix.
-    pub fn insert(&mut self, ids: &[u32], present: &[DynValue]) -> ort::Result<()> {
+    /// holds all of that prefix. `marks` are the prompt's conversation beginnings (hash, tokens
+    /// up to the end of that message's text, from [`crate::model::Prompter::prompt`]); those
+    /// within what is kept are reported as held.
+    pub fn insert(&mut self, ids: &[u32], present: &[DynValue], marks: &[(u64, u32)]) -> ort::Result<()> {
         let len = Self::cacheable(ids);
         let size = len * Self::bytes_per_token(self.layout);
         if self.max_bytes == 0 || len == 0 || size > self.max_bytes {
             return Ok(());
         }
+        let marks: Vec<(u64, u32)> = marks.iter().copied().filter(|&(_, t)| t as usize <= len).collect();
         let keys = self.boundaries(ids, len);
         let last = *keys.last().expect("at least one block");
         if let Some(entry) = self.index.get(&last).and_then(|id| self.entries.get_mut(id)) {
             if entry.tokens[..len] == ids[..len] {
                 self.clock += 1;
                 entry.last_used = self.clock;
+                // The same tokens may come from other messages (a template that drops some).
+                for mark in marks {
+                    if !entry.marks.contains(&mark) {
+                        entry.marks.push(mark);
+                    }
+                }
+                entry.marks.sort_unstable_by_key(|&(_, tokens)| tokens);
+                self.publish();
                 return Ok(());
             }
         }
@@ -176,6 +201,26 @@ impl PrefixCache {
                 Ok(data)
             })
             .collect::<ort::Result<Vec<_>>>()?;
+        // An entry this prompt extends (an earlier turn of the conversation) is superseded: the
+        // new one holds all of it, but perhaps its last block, where the earlier prompt's end may
+        // tokenise differently once its answer follows. It goes, and its marks move over.
+        let mut marks = marks;
+        for (i, key) in keys.iter().enumerate() {
+            let shared = (i + 1) * BLOCK;
+            let Some(&id) = self.index.get(key) else { continue };
+            let entry = &self.entries[&id];
+            let n = entry.tokens.len();
+            if n <= shared + BLOCK && n <= len && entry.tokens[..shared] == ids[..shared] {
+                // Its beginnings that the new entry holds too.
+                let common = if entry.tokens[..] == ids[..n] { n } else { shared };
+                for mark in self.remove(id).marks {
+                    if mark.1 as usize <= common && !marks.contains(&mark) {
+                        marks.push(mark);
+                    }
+                }
+            }
+        }
+        marks.sort_unstable_by_key(|&(_, tokens)| tokens);
         while self.bytes + size > self.max_bytes {
             self.evict_oldest();
         }
@@ -185,16 +230,44 @@ impl PrefixCache {
         for &key in &keys {
             self.index.insert(key, id);
         }
-        self.entries.insert(id, Entry { tokens: ids[..len].to_vec(), kv, keys, last_used: self.clock });
+        self.entries.insert(id, Entry { tokens: ids[..len].to_vec(), kv, keys, marks, last_used: self.clock });
         self.bytes += size;
         self.stats.bytes.store(self.bytes as u64, Ordering::Relaxed);
+        self.publish();
         Ok(())
     }
 
-    /// Drops the least recently used entry, and the boundaries that still point at it.
+    /// Rewrites [`PrefixStats::held`]: the entries' marks (each entry's longest first), most
+    /// recently used entry first, each
+    /// hash once (with the most tokens any entry holds of it), at most [`MAX_HELD_PREFIXES`].
+    fn publish(&self) {
+        let mut entries: Vec<&Entry> = self.entries.values().collect();
+        entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.last_used));
+        let mut held: Vec<(u64, u32)> = Vec::new();
+        let mut at: HashMap<u64, usize> = HashMap::new();
+        for &(hash, tokens) in entries.iter().flat_map(|e| e.marks.iter().rev()) {
+            match at.get(&hash) {
+                Some(&i) => held[i].1 = held[i].1.max(tokens),
+                None if held.len() < MAX_HELD_PREFIXES => {
+                    at.insert(hash, held.len());
+                    held.push((hash, tokens));
+                }
+                None => break,
+            }
+        }
+        *self.stats.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    /// Drops the least recently used entry.
     fn evict_oldest(&mut self) {
         let Some((&id, _)) = self.entries.iter().min_by_key(|(_, e)| e.last_used) else { return };
-        let entry = self.entries.remove(&id).expect("just found");
+        self.remove(id);
+        self.publish();
+    }
+
+    /// Drops entry `id` and the boundaries that still point at it.
+    fn remove(&mut self, id: u64) -> Entry {
+        let entry = self.entries.remove(&id).expect("a held entry");
         for key in &entry.keys {
             if self.index.get(key) == Some(&id) {
                 self.index.remove(key);
@@ -202,6 +275,7 @@ impl PrefixCache {
         }
         self.bytes -= entry.tokens.len() * Self::bytes_per_token(self.layout);
         self.stats.bytes.store(self.bytes as u64, Ordering::Relaxed);
+        entry
     }
 }
 
@@ -244,7 +318,7 @@ mod tests {
         let (mut c, stats) = cache(1 << 20);
         let first: Vec<u32> = (0..40).collect();
         assert!(c.lookup(&first).unwrap().is_none());
-        c.insert(&first, &present(40)).unwrap();
+        c.insert(&first, &present(40), &[]).unwrap();
         // 39 cacheable tokens: two whole blocks are kept.
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 32 * PrefixCache::bytes_per_token(LAYOUT) as u64);
 
@@ -275,23 +349,65 @@ mod tests {
         let a: Vec<u32> = (0..17).collect();
         let b: Vec<u32> = (100..117).collect();
         let d: Vec<u32> = (200..217).collect();
-        c.insert(&a, &present(17)).unwrap();
-        c.insert(&b, &present(17)).unwrap();
+        c.insert(&a, &present(17), &[]).unwrap();
+        c.insert(&b, &present(17), &[]).unwrap();
         assert!(c.lookup(&a).unwrap().is_some(), "a is now the most recent");
-        c.insert(&d, &present(17)).unwrap();
+        c.insert(&d, &present(17), &[]).unwrap();
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 2 * per_block as u64);
         assert!(c.lookup(&b).unwrap().is_none(), "b was the least recently used");
         assert!(c.lookup(&a).unwrap().is_some() && c.lookup(&d).unwrap().is_some());
         // Larger than the whole budget: not kept, nothing evicted for it.
-        c.insert(&(0..100).collect::<Vec<u32>>(), &present(100)).unwrap();
+        c.insert(&(0..100).collect::<Vec<u32>>(), &present(100), &[]).unwrap();
         assert!(c.lookup(&a).unwrap().is_some());
+    }
+
+    #[test]
+    fn held_conversation_beginnings_are_those_kept_whole_and_leave_with_their_entry() {
+        let per_block = BLOCK * PrefixCache::bytes_per_token(LAYOUT);
+        let (mut c, stats) = cache(2 * per_block);
+        // 40 tokens keep 32: the beginning at 39 tokens is not held whole.
+        c.insert(&(0..40).collect::<Vec<u32>>(), &present(40), &[(1, 10), (2, 32), (3, 39)]).unwrap();
+        assert_eq!(stats.held(), [(2, 32), (1, 10)], "longest first, only what is kept");
+        // A second prompt evicts the first (the budget is two blocks): its marks go with it.
+        c.insert(&(100..140).collect::<Vec<u32>>(), &present(40), &[(7, 20)]).unwrap();
+        assert_eq!(stats.held(), [(7, 20)]);
+        // The same tokens under another beginning: one entry, both marks.
+        c.insert(&(100..140).collect::<Vec<u32>>(), &present(40), &[(8, 20)]).unwrap();
+        assert_eq!(stats.held(), [(8, 20), (7, 20)]);
+    }
+
+    #[test]
+    fn a_prompt_that_extends_an_entry_replaces_it() {
+        let (mut c, stats) = cache(1 << 20);
+        let turn1: Vec<u32> = (0..40).collect();
+        c.insert(&turn1, &present(40), &[(1, 20)]).unwrap();
+        // The next turn: the whole first prompt, then more.
+        let turn2: Vec<u32> = (0..60).collect();
+        assert_eq!(c.lookup(&turn2).unwrap().expect("a hit").len, 32);
+        c.insert(&turn2, &present(60), &[(2, 40)]).unwrap();
+        assert_eq!(c.entries.len(), 1, "the first turn's entry is superseded");
+        assert_eq!(stats.bytes.load(Ordering::Relaxed), 48 * PrefixCache::bytes_per_token(LAYOUT) as u64);
+        assert_eq!(stats.held(), [(2, 40), (1, 20)], "its marks moved over, longest first");
+        assert_eq!(c.lookup(&turn1).unwrap().expect("still served").len, 32);
+        // A prompt that only shares a beginning leaves the entry alone.
+        let mut other = turn2.clone();
+        other[20] = 999;
+        c.insert(&other, &present(60), &[]).unwrap();
+        assert_eq!(c.entries.len(), 2);
+        // One whose last block differs from the entry's (the earlier prompt's end, tokenised
+        // differently once its answer follows) still replaces it.
+        let mut turn3: Vec<u32> = (0..80).collect();
+        turn3[40] = 7;
+        c.insert(&turn3, &present(80), &[(3, 60)]).unwrap();
+        assert_eq!(c.entries.len(), 2, "turn 2's entry went; the other stays");
+        assert_eq!(stats.held()[..2], [(3, 60), (1, 20)], "of its marks, those within the shared blocks");
     }
 
     #[test]
     fn a_zero_budget_turns_it_off() {
         let (mut c, stats) = cache(0);
         let ids: Vec<u32> = (0..40).collect();
-        c.insert(&ids, &present(40)).unwrap();
+        c.insert(&ids, &present(40), &[]).unwrap();
         assert!(c.lookup(&ids).unwrap().is_none());
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 0, "nothing kept");
     }

@@ -71,6 +71,8 @@ impl Shared {
 /// An admitted request, waiting for the model thread.
 struct Job {
     prompt_ids: Vec<u32>,
+    /// The conversation's beginnings in the prompt (hash, tokens), for the prefix cache to report.
+    marks: Vec<(u64, u32)>,
     params: SamplingParams,
     max_tokens: u32,
     stop: Vec<String>,
@@ -240,7 +242,7 @@ impl Backend for Engine {
         if max_tokens == 0 {
             return Err(bad("max_tokens must be at least 1".into()));
         }
-        let prompt_ids = handle.prompter.prompt_ids(&request.messages)?;
+        let (prompt_ids, marks) = handle.prompter.prompt(&request.messages)?;
         if prompt_ids.is_empty() {
             return Err(bad("the prompt renders to no tokens".into()));
         }
@@ -268,7 +270,7 @@ impl Backend for Engine {
                 start_ns: now_unix_nanos(),
             }
         });
-        let job = Job { prompt_ids, params, max_tokens, stop: request.stop, tx, trace };
+        let job = Job { prompt_ids, marks, params, max_tokens, stop: request.stop, tx, trace };
         handle.shared.queue_depth.fetch_add(1, Ordering::SeqCst);
         match handle.queue.try_send(job) {
             Ok(()) => Ok(rx),
@@ -323,6 +325,12 @@ impl Backend for Engine {
             prefix_cache_hits: prefix(|p| &p.hits),
             prefix_cache_tokens_reused: prefix(|p| &p.tokens_reused),
             prefix_cache_bytes: prefix(|p| &p.bytes),
+            prefixes: self
+                .chat
+                .iter()
+                .map(|(name, h)| (name.clone(), h.shared.prefix.held()))
+                .filter(|(_, held)| !held.is_empty())
+                .collect(),
         }
     }
 }
@@ -486,7 +494,7 @@ impl ModelLoop {
                     continue;
                 }
             };
-            if let Err(e) = self.prefix.insert(&job.prompt_ids, prefilled.kv()) {
+            if let Err(e) = self.prefix.insert(&job.prompt_ids, prefilled.kv(), &job.marks) {
                 // The answer goes on; only later prompts lose the reuse.
                 tracing::warn!(error = %e, "the prompt's cache could not be kept for reuse");
             }

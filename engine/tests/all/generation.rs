@@ -102,6 +102,36 @@ async fn a_prompt_that_begins_like_an_earlier_one_reuses_its_cache_and_answers_t
     assert_eq!(plain.health().prefix_cache_hits, 0, "off when its budget is 0");
 }
 
+/// A prompt's conversation beginnings (what the prefix cache reports holding) count, for each
+/// message, the tokens of the prompt up to the end of its text: as many as the tokenizer gives for
+/// the template's text up to there, written out here by hand.
+#[test]
+fn each_conversation_beginning_counts_the_prompt_tokens_before_its_message_ends() {
+    let model = meridian_engine::model::ChatModel::load(
+        "smol",
+        &model_dir(INT4),
+        &meridian_engine::config::RuntimeConfig::default(),
+    )
+    .unwrap();
+    let prompter = model.prompter();
+    let turns = [("system", SYSTEM), ("user", "Hi, is it open?"), ("assistant", "Yes."), ("user", "Until when?")];
+    let messages: Vec<Message> =
+        turns.iter().map(|(role, text)| Message { role: (*role).into(), content: (*text).into() }).collect();
+    let (ids, marks) = prompter.prompt(&messages).unwrap();
+    assert_eq!(ids, prompter.prompt_ids(&messages).unwrap());
+    assert_eq!(marks.len(), turns.len());
+    let mut hasher = meridian_engine::api::ConversationHasher::default();
+    let mut text = String::new();
+    for ((role, content), (hash, tokens)) in turns.iter().zip(&marks) {
+        // SmolLM2's template: each message as `<|im_start|>ROLE\nTEXT<|im_end|>\n`.
+        text.push_str(&format!("<|im_start|>{role}\n{content}"));
+        assert_eq!(*tokens as usize, prompter.tokenize(&text).unwrap().len(), "up to the end of {role}: {content:?}");
+        assert_eq!(*hash, hasher.message(role, content));
+        text.push_str("<|im_end|>\n");
+    }
+    assert!((marks[3].1 as usize) < ids.len(), "the answer's opening comes after the last message");
+}
+
 #[tokio::test]
 async fn stop_strings_max_tokens_and_usage() {
     let engine = engine(&[("smol", INT4)], SchedulerConfig::default());
