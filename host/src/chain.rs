@@ -15,7 +15,7 @@ use crate::chat::{ChatRequest, ChatResponse, StreamEvent};
 use crate::config::{Config, PluginKind};
 use crate::error::GatewayError;
 use crate::plugin::{
-    self, CachePolicy, FilterPlugin, Outcome, PluginError, PluginId, PluginRuntime, RequestSummary, RequestVerdict,
+    CachePolicy, FilterPlugin, Outcome, PluginError, PluginId, PluginRuntime, RequestSummary, RequestVerdict,
     ResponseSession, ResponseVerdict, RouterPlugin, SessionSlots,
 };
 use crate::redaction::{self, Placeholders, StreamRestorer};
@@ -323,7 +323,7 @@ pub async fn run(
         let placeholders = filter_request(chain, req, summary).await?;
         Some(AnswerFilter::new(chain, placeholders, summary.streaming))
     };
-    let routed = route(chain, summary, model, models).await?;
+    let routed = route(chain, summary, req, model, models).await?;
     Ok((answer, routed))
 }
 
@@ -345,13 +345,14 @@ pub struct Routed {
 async fn route(
     chain: &Chain,
     summary: &RequestSummary,
+    req: &ChatRequest,
     model: Arc<ModelRoute>,
     models: &HashMap<String, Arc<ModelRoute>>,
 ) -> Result<Routed, GatewayError> {
     let Some(router) = &chain.router else { return Ok(Routed { model, routing: Routing::Static, cache: None }) };
     let now = std::time::Instant::now();
-    let targets: Vec<plugin::Target> = model.routes.iter().map(|r| r.router_view(now)).collect();
-    let decision = match router.route(summary, &targets).await {
+    let (targets, held) = model.router_inputs(|| crate::api::engine::conversation(req), now);
+    let decision = match router.route(summary, &targets, &held).await {
         Ok(Outcome::Route(d)) => d,
         Ok(Outcome::Reject(r)) => return Err(GatewayError::Rejected { status: r.status, reason: r.reason }),
         Err(e) => {

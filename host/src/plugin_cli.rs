@@ -577,9 +577,9 @@ async fn run_once(
     let (elapsed, peak, pre_initialised) = match plugin {
         Loaded::Router(router) => {
             let path = targets.ok_or_else(|| CliError::NeedTargets(file.to_path_buf()))?;
-            let targets = read_targets(path, &req)?;
+            let (targets, held) = read_targets(path, &req)?;
             let started = Instant::now();
-            let outcome = router.route(&summary, &targets).await.map_err(fail)?;
+            let outcome = router.route(&summary, &targets, &held).await.map_err(fail)?;
             let elapsed = started.elapsed();
             print!("{}", describe_outcome(&outcome));
             (elapsed, router.peak_memory_bytes(), router.pre_initialised())
@@ -709,6 +709,9 @@ struct TargetSpec {
     in_flight: u32,
     /// Requests it serves at once; an hourly price's capacity when absent, as the node reports.
     capacity: Option<u32>,
+    /// Prompt tokens of the request its prefix cache holds (what `prefix-match` answers).
+    #[serde(default)]
+    prefix_match: u32,
 }
 
 /// A target's kind in a `--targets` file: the contract's `target-kind`.
@@ -732,8 +735,9 @@ enum HealthSpec {
     Down,
 }
 
-/// Reads a `--targets` file into the targets a router is given.
-fn read_targets(path: &Path, req: &ChatRequest) -> Result<Vec<plugin::Target>, CliError> {
+/// Reads a `--targets` file into the targets a router is given, and what each holds of the
+/// request in its prefix cache.
+fn read_targets(path: &Path, req: &ChatRequest) -> Result<(Vec<plugin::Target>, Vec<u32>), CliError> {
     let text = std::fs::read(path).map_err(|source| CliError::Io { path: path.into(), source })?;
     let input = |message: String| CliError::Input { path: path.into(), message };
     let specs: Vec<TargetSpec> = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&text))
@@ -748,7 +752,8 @@ fn read_targets(path: &Path, req: &ChatRequest) -> Result<Vec<plugin::Target>, C
             if ![t.latency_ms, t.ttft_ms].iter().all(|ms| ms.is_finite() && *ms >= 0.0) {
                 return Err(input(format!("[{i}]: latency_ms and ttft_ms must be finite and not negative")));
             }
-            Ok(to_target(t, req))
+            let held = t.prefix_match;
+            Ok((to_target(t, req), held))
         })
         .collect()
 }

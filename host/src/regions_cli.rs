@@ -40,6 +40,11 @@ pub enum RegionsCommand {
         /// Folder of the router components (default: what scripts/build-plugins built).
         #[arg(long, value_name = "DIR")]
         plugins: Option<PathBuf>,
+        /// The conversation scenario instead: multi-turn conversations with long system prompts
+        /// over four engines with prefix caches in one region (`--regions` is ignored), comparing
+        /// round-robin, the latency router and the prefix router.
+        #[arg(long)]
+        conversations: bool,
     },
 }
 
@@ -47,8 +52,12 @@ pub enum RegionsCommand {
 pub fn run(command: RegionsCommand) -> ExitCode {
     match command {
         RegionsCommand::Check { file, certs } => check(&file, certs.as_deref()),
-        RegionsCommand::Simulate { requests, regions, seed, fresh_instances, plugins } => {
-            let mut scenario = Scenario::new(requests, regions as usize, seed);
+        RegionsCommand::Simulate { requests, regions, seed, fresh_instances, plugins, conversations } => {
+            let mut scenario = if conversations {
+                Scenario::conversations(requests, seed)
+            } else {
+                Scenario::new(requests, regions as usize, seed)
+            };
             if fresh_instances {
                 scenario.instances = InstanceMode::Fresh;
             }

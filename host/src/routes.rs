@@ -34,6 +34,44 @@ pub struct ModelRoute {
     pub routes: Vec<Route>,
 }
 
+impl ModelRoute {
+    /// What a router gets of this model's targets for a request at `now`: each target as
+    /// [`router_view`] makes it, and how many of the request's prompt tokens it holds in its
+    /// prefix cache ([`held_tokens`]), in target order. `conversation` (the request's
+    /// conversation beginnings, `crate::api::engine::conversation`) is called only when a target
+    /// reports what its cache holds.
+    pub fn router_inputs(
+        &self,
+        conversation: impl FnOnce() -> Vec<u64>,
+        now: Instant,
+    ) -> (Vec<plugin::Target>, Vec<u32>) {
+        let snapshots: Vec<Snapshot> = self.routes.iter().map(|r| r.target.stats.snapshot(now)).collect();
+        let targets = self.routes.iter().zip(&snapshots).map(|(r, s)| router_view(&r.facts(), s)).collect();
+        let mut conversation = Some(conversation);
+        let mut hashes: Option<Vec<u64>> = None;
+        let held = self
+            .routes
+            .iter()
+            .zip(&snapshots)
+            .map(|(r, s)| {
+                if s.engine.as_ref().is_none_or(|e| e.prefixes.is_empty()) {
+                    return 0;
+                }
+                let hashes = hashes.get_or_insert_with(|| conversation.take().map_or_else(Vec::new, |f| f()));
+                held_tokens(s, &r.upstream_model, hashes)
+            })
+            .collect();
+        (targets, held)
+    }
+}
+
+/// How many prompt tokens of a request for `model` (its conversation beginnings:
+/// `conversation`) a target's engine holds in its prefix cache, as it last reported; 0 when it
+/// holds none of them or reports nothing. The edge and the simulation both ask here.
+pub fn held_tokens(stats: &Snapshot, model: &str, conversation: &[u64]) -> u32 {
+    stats.engine.as_ref().map_or(0, |e| e.prefixes.matched(model, conversation))
+}
+
 impl Route {
     /// What is configured of the target, with the model's name and price there.
     pub fn facts(&self) -> TargetFacts<'_> {
@@ -56,11 +94,6 @@ impl Route {
             TargetApi::Edge => Protocol::PeerEdge,
         };
         candidate(&self.facts(), protocol, &self.target.stats.snapshot(now))
-    }
-
-    /// The target as a router sees it at `now`.
-    pub fn router_view(&self, now: Instant) -> plugin::Target {
-        router_view(&self.facts(), &self.target.stats.snapshot(now))
     }
 }
 
@@ -219,10 +252,14 @@ mod tests {
         Route { target, upstream_model: "m".into(), price: config.targets["gpu"].price }
     }
 
+    fn view(r: &Route) -> plugin::Target {
+        router_view(&r.facts(), &r.target.stats.snapshot(Instant::now()))
+    }
+
     #[test]
     fn routers_see_the_live_stats() {
         let r = route();
-        let t = r.router_view(Instant::now());
+        let t = view(&r);
         assert_eq!((t.health, t.latency_ms, t.ttft_ms, t.in_flight), (Health::Healthy, 0.0, 0.0, 0));
         assert_eq!(t.capacity, Some(8), "the price model's capacity until an engine reports one");
 
@@ -230,7 +267,7 @@ mod tests {
         stats.success(Some(Duration::from_millis(120)));
         stats.ttft(Duration::from_millis(40));
         let _busy = stats.start();
-        let t = r.router_view(Instant::now());
+        let t = view(&r);
         assert_eq!((t.latency_ms, t.ttft_ms, t.in_flight), (120.0, 40.0, 1));
 
         let load = crate::stats::EngineLoad {
@@ -242,11 +279,34 @@ mod tests {
             ..Default::default()
         };
         stats.probe(Instant::now(), Some((load, None)));
-        assert_eq!(r.router_view(Instant::now()).capacity, Some(4), "the engine's own figure wins");
+        assert_eq!(view(&r).capacity, Some(4), "the engine's own figure wins");
 
         stats.failure(Instant::now());
-        assert_eq!(r.router_view(Instant::now()).health, Health::Degraded);
+        assert_eq!(view(&r).health, Health::Degraded);
         stats.failure(Instant::now());
-        assert_eq!(r.router_view(Instant::now()).health, Health::Down, "ejected");
+        assert_eq!(view(&r).health, Health::Down, "ejected");
+    }
+
+    #[test]
+    fn routers_get_what_each_engine_holds_of_the_request_and_no_hashing_without_reports() {
+        let r = route();
+        let model = ModelRoute { name: "m".into(), default_max_tokens: 16, routes: vec![r] };
+        let hashed = std::cell::Cell::new(0);
+        let conversation = || {
+            hashed.set(hashed.get() + 1);
+            vec![10, 20, 30]
+        };
+        let (targets, held) = model.router_inputs(conversation, Instant::now());
+        assert_eq!((targets.len(), held, hashed.get()), (1, vec![0], 0), "nothing reported: nothing hashed");
+
+        let listed = [("m".to_string(), vec![(10, 300), (20, 420), (99, 999)])];
+        let load = crate::stats::EngineLoad {
+            max_batch: 4,
+            prefixes: Arc::new(crate::stats::HeldPrefixes::new(listed)),
+            ..Default::default()
+        };
+        model.routes[0].target.stats.probe(Instant::now(), Some((load, None)));
+        let (_, held) = model.router_inputs(conversation, Instant::now());
+        assert_eq!((held, hashed.get()), (vec![420], 1), "the longest beginning it holds");
     }
 }

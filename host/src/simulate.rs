@@ -63,7 +63,7 @@ use crate::plugin::{
     RouterPlugin, RouterSession, Target,
 };
 use crate::routes::{self, Routing, TargetFacts};
-use crate::stats::{Admission, Ejection, EngineLoad, InFlight, Snapshot, TargetStats};
+use crate::stats::{Admission, Ejection, EngineLoad, HeldPrefixes, InFlight, Snapshot, TargetStats};
 
 /// The model's name at every simulated target.
 const MODEL: &str = "m";
@@ -108,12 +108,12 @@ impl RouterSpec {
 
     /// The shipped routers: latency-router, cost-router, residency.
     pub fn shipped() -> Vec<RouterSpec> {
-        let wasm = |name: &str| RouterSpec::Wasm {
-            name: name.into(),
-            file: format!("{}.wasm", name.replace('-', "_")),
-            config: "{}".into(),
-        };
-        vec![wasm("latency-router"), wasm("cost-router"), wasm("residency")]
+        ["latency-router", "cost-router", "residency"].map(RouterSpec::wasm).into()
+    }
+
+    /// The shipped router `name` (`latency-router`…), with an empty configuration.
+    pub fn wasm(name: &str) -> RouterSpec {
+        RouterSpec::Wasm { name: name.into(), file: format!("{}.wasm", name.replace('-', "_")), config: "{}".into() }
     }
 }
 
@@ -161,6 +161,59 @@ pub struct Scenario {
     pub instances: InstanceMode,
     /// The edges' `[health]`: ejection of failing targets, and how often engines are probed.
     pub health: HealthConfig,
+    /// Dedicated engines in each region (named `<region>/engine`, or `<region>/engine-N` when
+    /// there are several).
+    pub engines_per_region: usize,
+    /// Only the engines: no managed API and no serverless endpoint (a pool of one's own
+    /// capacity, what prefix-aware routing serves).
+    pub engines_only: bool,
+    /// Requests as turns of multi-turn conversations, with engines' prefix caches; `None`: every
+    /// request stands alone and engines keep no cache.
+    pub conversations: Option<Conversations>,
+}
+
+/// Multi-turn conversations with long system prompts, for prefix-aware routing. `agents` system
+/// prompts (an assistant each, say) each have one conversation under way at a time, of `turns`
+/// turns, after which the next one begins; each request is the next turn at an agent drawn
+/// uniformly. Its prompt is the agent's system prompt, the conversation's earlier turns and its
+/// own. Each dedicated engine keeps a prefix cache: per conversation the longest beginning it
+/// prefilled (a later turn replacing an earlier one, as the engine's cache does), least recently
+/// used first out within `cache_tokens`. An engine's time to first token adds
+/// `prefill_ms_per_token` for each prompt token its cache does not hold (a conversation it has not
+/// seen still finds its agent's system prompt in another's entry), and its probe answer lists what
+/// it holds, as an engine's health does, for the edge to hand routers (`prefix-match`, through
+/// [`routes::held_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Conversations {
+    /// System prompts, each with a conversation under way.
+    pub agents: usize,
+    /// Turns of each conversation.
+    pub turns: u32,
+    /// Tokens of each system prompt.
+    pub system_tokens: u32,
+    /// Tokens each turn adds (a question, and the answer before the next).
+    pub turn_tokens: u32,
+    /// Each engine's prefix cache, in tokens.
+    pub cache_tokens: u64,
+    /// Prefill time per prompt token not in the cache, ms.
+    pub prefill_ms_per_token: f64,
+}
+
+/// Where a request sits among [`Conversations`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Turn {
+    agent: u32,
+    /// Unique across agents.
+    conversation: u32,
+    /// 0 for the first.
+    turn: u32,
+}
+
+impl Conversations {
+    /// Tokens of a conversation's first `turns` turns after its system prompt.
+    fn tokens(&self, turns: u32) -> u32 {
+        self.system_tokens + turns * self.turn_tokens
+    }
 }
 
 impl Scenario {
@@ -191,6 +244,35 @@ impl Scenario {
             plugin_cache_dir: crate::plugin::PluginSettings::default().cache_dir,
             instances: InstanceMode::Reuse,
             health: HealthConfig::default(),
+            engines_per_region: 1,
+            engines_only: false,
+            conversations: None,
+        }
+    }
+
+    /// The conversation scenario: `requests` turns of conversations at 32 agents (3,000-token
+    /// system prompts, six turns of 200 tokens each) at 25 requests/s in one region served by four
+    /// 16-slot engines only, each caching 40,000 tokens (about ten conversations) and prefilling
+    /// 10,000 tokens/s; round-robin, the latency router and the prefix router.
+    pub fn conversations(requests: usize, seed: u64) -> Scenario {
+        Scenario {
+            arrival_rate_per_s: 25.0,
+            engines_per_region: 4,
+            engines_only: true,
+            conversations: Some(Conversations {
+                agents: 32,
+                turns: 6,
+                system_tokens: 3_000,
+                turn_tokens: 200,
+                cache_tokens: 40_000,
+                prefill_ms_per_token: 0.1,
+            }),
+            routers: vec![
+                RouterSpec::RoundRobin,
+                RouterSpec::wasm("latency-router"),
+                RouterSpec::wasm("prefix-router"),
+            ],
+            ..Scenario::new(requests, 1, seed)
         }
     }
 
@@ -259,9 +341,18 @@ pub struct RouterReport {
     pub served_by_region: Vec<u64>,
     /// Answered requests by the serving target's kind: managed, serverless, dedicated.
     pub served_by_kind: [u64; 3],
+    /// With conversations: prompt tokens of the attempts at engines.
+    pub engine_prompt_tokens: u64,
+    /// Of those, the tokens the engines' prefix caches held.
+    pub prefix_tokens_reused: u64,
 }
 
 impl RouterReport {
+    /// The share of engines' prompt tokens that came from their prefix caches.
+    pub fn prefix_share(&self) -> f64 {
+        self.prefix_tokens_reused as f64 / self.engine_prompt_tokens.max(1) as f64
+    }
+
     /// Error rate over all requests.
     pub fn error_rate(&self) -> f64 {
         self.errors as f64 / self.requests.max(1) as f64
@@ -292,6 +383,8 @@ pub struct Report {
     pub simulated_s: f64,
     /// How Wasm routers got instances.
     pub instances: InstanceMode,
+    /// Whether requests were turns of conversations, with engines' prefix caches.
+    pub conversations: bool,
     /// Per router.
     pub routers: Vec<RouterReport>,
 }
@@ -343,6 +436,14 @@ impl fmt::Display for Report {
         }
         if let Some(r) = self.routers.first() {
             writeln!(f, "\nCost includes ${:.2} of dedicated engine hours, the same for every router.", r.fixed_usd)?;
+        }
+        if self.conversations {
+            writeln!(f, "\nPrompt tokens the engines took from their prefix caches:\n")?;
+            writeln!(f, "| router | engine prompt tokens | from prefix caches |")?;
+            writeln!(f, "| --- | ---: | ---: |")?;
+            for r in &self.routers {
+                writeln!(f, "| {} | {} | {:.1}% |", r.name, r.engine_prompt_tokens, r.prefix_share() * 100.0)?;
+            }
         }
         writeln!(f, "\nShare of answered requests by the serving target's region and kind:\n")?;
         write!(f, "| router |")?;
@@ -408,6 +509,7 @@ pub fn run(scenario: &Scenario) -> Result<Report, PluginError> {
         targets: world.targets.len(),
         simulated_s: world.span_ms / 1000.0,
         instances: scenario.instances,
+        conversations: scenario.conversations.is_some(),
         routers: results.into_iter().collect::<Result<_, _>>()?,
     })
 }
@@ -529,6 +631,8 @@ struct World<'a> {
     /// Per region, its edge.
     edges: Vec<EdgeModel>,
     span_ms: f64,
+    /// With conversations, where each request sits.
+    turns: Vec<Turn>,
     /// The instant simulated time 0 maps to, the same for every router.
     base: Instant,
 }
@@ -553,9 +657,9 @@ impl<'a> World<'a> {
         let mut targets = Vec::new();
         for (r, region) in scenario.regions.iter().enumerate() {
             let input = rng.range(0.10, 0.30);
-            let specs = [
+            let mut specs = vec![
                 (
-                    "managed",
+                    "managed".to_string(),
                     TargetKind::Managed,
                     PriceModel::token(input, 4.0 * input),
                     rng.range(250.0, 450.0),
@@ -563,22 +667,28 @@ impl<'a> World<'a> {
                     0.010,
                 ),
                 (
-                    "serverless",
+                    "serverless".to_string(),
                     TargetKind::Serverless,
                     PriceModel::gpu_second(rng.range(0.5, 1.5) / 3600.0),
                     rng.range(180.0, 300.0),
                     rng.range(50.0, 80.0),
                     0.020,
                 ),
-                (
-                    "engine",
+            ];
+            if scenario.engines_only {
+                specs.clear();
+            }
+            let engines = scenario.engines_per_region.max(1);
+            for k in 0..engines {
+                specs.push((
+                    if engines == 1 { "engine".to_string() } else { format!("engine-{}", k + 1) },
                     TargetKind::Dedicated,
                     PriceModel::Hour { usd_per_hour: scenario.engine_usd_per_hour, capacity: scenario.engine_capacity },
                     rng.range(100.0, 160.0),
                     rng.range(100.0, 140.0),
                     0.005,
-                ),
-            ];
+                ));
+            }
             for (suffix, kind, price, ttft_ms, tokens_per_s, failure) in specs {
                 let j = targets.len() as u64;
                 let config = SimTarget {
@@ -614,7 +724,21 @@ impl<'a> World<'a> {
                 EdgeModel { order, targets }
             })
             .collect();
-        World { scenario, rtt, clients, targets, tenants, edges, span_ms, base: Instant::now() }
+        // Each request's agent, conversation and turn, from the requests before it.
+        let turns = scenario.conversations.map_or_else(Vec::new, |c| {
+            let (agents, per) = (c.agents.max(1), c.turns.max(1));
+            let mut taken = vec![0u32; agents];
+            (0..scenario.requests as u64)
+                .map(|i| {
+                    let agent = Rng::new(seed, Stream::Request, i, 2).unit_index(agents);
+                    let n = taken[agent];
+                    taken[agent] += 1;
+                    let conversation = (n / per) * agents as u32 + agent as u32;
+                    Turn { agent: agent as u32, conversation, turn: n % per }
+                })
+                .collect()
+        });
+        World { scenario, rtt, clients, targets, tenants, edges, span_ms, turns, base: Instant::now() }
     }
 
     fn in_outage(&self, j: usize, t: f64) -> bool {
@@ -655,6 +779,8 @@ struct Request {
     personal: bool,
     summary: RequestSummary,
     output_tokens: u32,
+    /// With conversations: where it sits.
+    turn: Option<Turn>,
 }
 
 fn request(world: &World, i: u64) -> Request {
@@ -663,7 +789,11 @@ fn request(world: &World, i: u64) -> Request {
     let tenant = rng.unit_index(world.tenants.len());
     let t = &world.tenants[tenant];
     let region = if rng.unit() < 0.8 { t.home } else { rng.pick(&world.clients) };
-    let prompt_tokens = rng.lognormal(600.0, 0.9).clamp(10.0, 32_000.0) as u32;
+    let mut prompt_tokens = rng.lognormal(600.0, 0.9).clamp(10.0, 32_000.0) as u32;
+    let turn = world.turns.get(i as usize).copied();
+    if let (Some(c), Some(t)) = (sc.conversations, turn) {
+        prompt_tokens = c.tokens(t.turn + 1);
+    }
     let max_output_tokens = (rng.unit() < 0.7).then(|| rng.lognormal(300.0, 0.6).clamp(16.0, 4096.0) as u32);
     let wanted = rng.lognormal(180.0, 0.8).clamp(1.0, 4096.0) as u32;
     let output_tokens = max_output_tokens.map_or(wanted, |m| wanted.min(m));
@@ -692,7 +822,7 @@ fn request(world: &World, i: u64) -> Request {
         price_cap_usd: None,
         headers: Vec::new(),
     };
-    Request { region, tenant, personal, summary, output_tokens }
+    Request { region, tenant, personal, summary, output_tokens, turn }
 }
 
 /// What the edge's policy says for a simulated request ([`crate::edge`]'s, for a tenant with the
@@ -1056,7 +1186,7 @@ enum Caller {
 
 impl Caller {
     /// The router's answer, as the edge's chain takes it: its order, or its failure.
-    fn route(&mut self, summary: &RequestSummary, targets: &[Target]) -> Result<Routing, RouterRefused> {
+    fn route(&mut self, summary: &RequestSummary, targets: &[Target], held: &[u32]) -> Result<Routing, RouterRefused> {
         let outcome = match self {
             Caller::RoundRobin(next) => {
                 let n = targets.len();
@@ -1067,14 +1197,14 @@ impl Caller {
                 return Ok(Routing::Order(up.into_iter().chain(down).map(|t| t.name.clone()).collect()));
             }
             Caller::Session { rt, plugin, session } => {
-                let outcome = rt.block_on(session.route(summary, targets));
+                let outcome = rt.block_on(session.route(summary, targets, held));
                 if outcome.is_err() {
                     // The instance is gone; the next call gets a new one.
                     **session = plugin.session();
                 }
                 outcome
             }
-            Caller::Fresh { rt, plugin } => rt.block_on(plugin.route(summary, targets)),
+            Caller::Fresh { rt, plugin } => rt.block_on(plugin.route(summary, targets, held)),
         };
         match outcome {
             Ok(Outcome::Route(d)) => Ok(Routing::Order(d.targets)),
@@ -1105,13 +1235,80 @@ fn load(world: &World, spec: &RouterSpec, runtime: Option<Arc<PluginRuntime>>) -
     })
 }
 
+/// The hashes naming the first `n` beginnings of a conversation (its agent's system prompt, then
+/// each turn after it), as engines list them and the edge matches them; the one at index `j`
+/// covers [`Conversations::tokens`]`(j)` tokens. The first is the agent's, shared by its
+/// conversations.
+fn beginnings(seed: u64, at: Turn, n: u32) -> Vec<u64> {
+    let agent = mix(seed ^ mix(u64::from(at.agent)));
+    let conversation = mix(agent ^ u64::from(at.conversation));
+    (0..n).map(|j| if j == 0 { agent } else { mix(conversation ^ u64::from(j)) }).collect()
+}
+
+/// A simulated engine's prefix cache (see [`Conversations`]): per conversation, where it is, how
+/// many of its beginnings the engine holds and when it last used them.
+#[derive(Debug, Default)]
+struct PrefixLru {
+    held: BTreeMap<u32, (Turn, u32, u64)>,
+    tokens: u64,
+    clock: u64,
+}
+
+impl PrefixLru {
+    /// How many beginnings of `at`'s conversation it holds, up to `upto` (its agent's system prompt
+    /// alone when only another conversation of the agent is held); marks them used.
+    fn lookup(&mut self, at: Turn, upto: u32) -> u32 {
+        self.clock += 1;
+        if let Some((_, n, used)) = self.held.get_mut(&at.conversation) {
+            *used = self.clock;
+            return (*n).min(upto);
+        }
+        let agent = self.held.values_mut().find(|(t, _, _)| t.agent == at.agent);
+        agent.map_or(0, |(_, _, used)| {
+            *used = self.clock;
+            1
+        })
+    }
+
+    /// Keeps the first `n` beginnings of `at`'s conversation (replacing what it held of it), then
+    /// evicts the least recently used conversations until it fits.
+    fn keep(&mut self, conv: &Conversations, at: Turn, n: u32) {
+        self.clock += 1;
+        let size = |n: u32| u64::from(conv.tokens(n.saturating_sub(1)));
+        if let Some((_, old, _)) = self.held.insert(at.conversation, (at, n, self.clock)) {
+            self.tokens -= size(old);
+        }
+        self.tokens += size(n);
+        while self.tokens > conv.cache_tokens {
+            let Some((&oldest, &(_, m, _))) = self.held.iter().min_by_key(|(_, (_, _, used))| *used) else { break };
+            self.held.remove(&oldest);
+            self.tokens -= size(m);
+        }
+    }
+
+    /// What its engine's health lists: (hash, tokens) of every beginning held, most recently used
+    /// conversation first, at most as many as an engine lists.
+    fn listed(&self, seed: u64, conv: &Conversations) -> Vec<(u64, u32)> {
+        let mut held: Vec<&(Turn, u32, u64)> = self.held.values().collect();
+        held.sort_by_key(|(_, _, used)| Reverse(*used));
+        held.into_iter()
+            .flat_map(|&(at, n, _)| {
+                beginnings(seed, at, n).into_iter().enumerate().rev().map(|(j, h)| (h, conv.tokens(j as u32)))
+            })
+            .take(meridian_engine::api::MAX_HELD_PREFIXES)
+            .collect()
+    }
+}
+
 /// The simulated targets' own state, whatever edge calls them: when each engine slot is free and
-/// who waits in each engine's queue, and until when each serverless endpoint is warm.
+/// who waits in each engine's queue, until when each serverless endpoint is warm, and with
+/// conversations, what each engine's prefix cache holds.
 struct Capacity {
     slots: Vec<Vec<f64>>,
     /// Start times (µs) of requests queued at each engine.
     queued: Vec<BinaryHeap<Reverse<u64>>>,
     warm_until: Vec<f64>,
+    prefixes: Vec<PrefixLru>,
 }
 
 impl Capacity {
@@ -1125,7 +1322,12 @@ impl Capacity {
             })
             .collect();
         let n = world.targets.len();
-        Capacity { slots, queued: vec![BinaryHeap::new(); n], warm_until: vec![f64::NEG_INFINITY; n] }
+        Capacity {
+            slots,
+            queued: vec![BinaryHeap::new(); n],
+            warm_until: vec![f64::NEG_INFINITY; n],
+            prefixes: (0..n).map(|_| PrefixLru::default()).collect(),
+        }
     }
 
     /// Plays request `i`'s attempt at target `j`, started at `start` ms: in an outage the
@@ -1171,6 +1373,20 @@ impl Capacity {
         }
         let serverless = t.config.kind == TargetKind::Serverless;
         let cold = if serverless && arrive > self.warm_until[j] { rng.lognormal(COLD_START_MS, 0.3) } else { 0.0 };
+        // An engine prefills what its prefix cache does not hold of the conversation, and keeps
+        // the whole prompt for the next turn.
+        let mut ttft_server = ttft_server;
+        if let (Some(conv), Some(at), TargetKind::Dedicated) = (world.scenario.conversations, req.turn, t.config.kind) {
+            let prompt = req.summary.prompt_tokens;
+            let held = self.prefixes[j].lookup(at, at.turn + 1);
+            let reused = if held == 0 { 0 } else { conv.tokens(held - 1) };
+            ttft_server += f64::from(prompt - reused) * conv.prefill_ms_per_token;
+            report.engine_prompt_tokens += u64::from(prompt);
+            report.prefix_tokens_reused += u64::from(reused);
+            if !fails {
+                self.prefixes[j].keep(&conv, at, at.turn + 2);
+            }
+        }
         let first_token = net + wait + cold + ttft_server;
         let generate = if fails { 0.0 } else { req.output_tokens as f64 / tps * 1000.0 };
         let busy_ms = cold + ttft_server + generate;
@@ -1214,9 +1430,9 @@ struct Probes {
 
 impl Probes {
     /// Sends every edge the probes due by `now` ms: an engine in an outage (or unlucky) fails
-    /// one, else it reports its capacity (the load figures routers do not see are left at 0), with
-    /// the RTT.
-    fn due(&mut self, world: &World, edges: &mut [EdgeState], now: f64) {
+    /// one, else it reports its capacity and what its prefix cache holds (the load figures routers
+    /// do not see are left at 0), with the RTT.
+    fn due(&mut self, world: &World, edges: &mut [EdgeState], capacity: &Capacity, now: f64) {
         let sc = world.scenario;
         while self.next_ms <= now {
             for (e, edge) in edges.iter_mut().enumerate() {
@@ -1230,12 +1446,16 @@ impl Probes {
                     let answered = !world.in_outage(j, self.next_ms) && rng.unit() >= t.failure;
                     let result = answered.then(|| {
                         let rtt = world.rtt[e][t.region] * rng.lognormal(1.0, 0.25);
+                        let prefixes = sc.conversations.map_or_else(HeldPrefixes::default, |conv| {
+                            HeldPrefixes::new([(MODEL.to_string(), capacity.prefixes[j].listed(sc.seed, &conv))])
+                        });
                         let load = EngineLoad {
                             provider: "simulated".into(),
                             tokens_per_second: t.tokens_per_s,
                             queue_depth: 0,
                             active_sequences: 0,
                             max_batch: sc.engine_capacity,
+                            prefixes: Arc::new(prefixes),
                             ..Default::default()
                         };
                         (load, Some(Duration::from_micros(us(rtt))))
@@ -1282,6 +1502,8 @@ fn simulate_router(
         router_failures: 0,
         served_by_region: vec![0; nr],
         served_by_kind: [0; 3],
+        engine_prompt_tokens: 0,
+        prefix_tokens_reused: 0,
     };
     let mut latencies: Vec<f32> = Vec::with_capacity(sc.requests);
     let mut ttfts: Vec<f32> = Vec::with_capacity(sc.requests);
@@ -1291,7 +1513,7 @@ fn simulate_router(
 
     for i in 0..sc.requests as u64 {
         now += arrivals.exponential(mean_gap_ms);
-        probes.due(world, &mut edges, now);
+        probes.due(world, &mut edges, &capacity, now);
         let req = request(world, i);
         let (model, edge) = (&world.edges[req.region], &mut edges[req.region]);
         let now_us = us(now);
@@ -1300,7 +1522,9 @@ fn simulate_router(
         report.requests += 1;
         let inputs: Vec<Target> =
             model.targets.iter().zip(&stats).map(|(t, s)| routes::router_view(&t.facts(), s)).collect();
-        let Ok(routing) = caller.route(&req.summary, &inputs) else {
+        let conversation = req.turn.map_or_else(Vec::new, |at| beginnings(sc.seed, at, at.turn + 2));
+        let held: Vec<u32> = stats.iter().map(|s| routes::held_tokens(s, MODEL, &conversation)).collect();
+        let Ok(routing) = caller.route(&req.summary, &inputs, &held) else {
             report.errors += 1;
             report.refused += 1;
             continue;
@@ -1393,6 +1617,22 @@ mod tests {
             println!("{report}");
             report
         })
+    }
+
+    #[test]
+    fn in_conversations_the_prefix_router_serves_from_the_engines_caches() {
+        let report = run(&Scenario::conversations(6_000, 3)).expect("the routers load (run scripts/build-plugins)");
+        println!("{report}");
+        let latency = report.router("latency-router").expect("in the report");
+        let prefix = report.router("prefix-router").expect("in the report");
+        assert!(
+            prefix.prefix_share() > latency.prefix_share() + 0.2,
+            "prefix {:.3} vs latency {:.3}",
+            prefix.prefix_share(),
+            latency.prefix_share()
+        );
+        assert!(prefix.ttft_p50_ms < latency.ttft_p50_ms, "{} vs {}", prefix.ttft_p50_ms, latency.ttft_p50_ms);
+        assert!(prefix.errors <= latency.errors, "{} vs {}", prefix.errors, latency.errors);
     }
 
     fn router(name: &str) -> &'static RouterReport {

@@ -8,6 +8,7 @@
 //! active probe) is let through; a success closes it and resets the backoff, a failure ejects it
 //! again for the next, longer backoff.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +80,37 @@ pub struct EngineLoad {
     pub prefix_cache_tokens_reused: u64,
     /// Bytes of KV its prefix cache holds.
     pub prefix_cache_bytes: u64,
+    /// The conversation beginnings its prefix cache holds, by model (not in the JSON views: up
+    /// to 256 hashes per model).
+    #[serde(skip)]
+    pub prefixes: Arc<HeldPrefixes>,
+}
+
+/// The conversation beginnings an engine's prefix cache holds, as its health answer lists them
+/// (`meridian_engine::api::Health::prefixes`), indexed for lookups.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeldPrefixes {
+    by_model: HashMap<String, HashMap<u64, u32>>,
+}
+
+impl HeldPrefixes {
+    /// Indexes an engine's list: model → (conversation hash, tokens) pairs.
+    pub fn new(listed: impl IntoIterator<Item = (String, Vec<(u64, u32)>)>) -> HeldPrefixes {
+        HeldPrefixes { by_model: listed.into_iter().map(|(m, held)| (m, held.into_iter().collect())).collect() }
+    }
+
+    /// Whether nothing is held (or the engine does not report it).
+    pub fn is_empty(&self) -> bool {
+        self.by_model.values().all(HashMap::is_empty)
+    }
+
+    /// How many prompt tokens of a request for `model` the cache holds: those of the longest of
+    /// the request's conversation beginnings (`conversation`, hash after each message in order,
+    /// from `crate::api::engine::conversation`) that it holds; 0 for none.
+    pub fn matched(&self, model: &str, conversation: &[u64]) -> u32 {
+        let Some(held) = self.by_model.get(model) else { return 0 };
+        conversation.iter().rev().find_map(|h| held.get(h).copied()).unwrap_or(0)
+    }
 }
 
 /// A point-in-time view of a target's statistics.

@@ -27,7 +27,7 @@ use crate::chat::{ChatRequest, ChatResponse, ResponseBuilder, StreamEvent};
 use crate::config::{Config, ConfigError, Secret, TargetApi, TargetConfig, TargetEnv, TargetKind};
 use crate::error::UpstreamError;
 use crate::sse::{SseError, SseParser};
-use crate::stats::{Ejection, EngineLoad, InFlight, TargetStats};
+use crate::stats::{Ejection, EngineLoad, HeldPrefixes, InFlight, TargetStats};
 
 /// The shared HTTP(S) client of all managed targets.
 pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
@@ -262,6 +262,7 @@ impl Target {
                     prefix_cache_hits: h.prefix_cache_hits,
                     prefix_cache_tokens_reused: h.prefix_cache_tokens_reused,
                     prefix_cache_bytes: h.prefix_cache_bytes,
+                    prefixes: Arc::new(HeldPrefixes::new(h.prefixes)),
                 },
                 client.rtt(),
             )),

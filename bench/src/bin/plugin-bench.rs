@@ -249,7 +249,7 @@ async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), S
                 let (router, summary, targets) = (Arc::clone(router), Arc::clone(&summary), Arc::clone(&targets));
                 let call = move || {
                     let (router, summary, targets) = (Arc::clone(&router), Arc::clone(&summary), Arc::clone(&targets));
-                    async move { router.route(&summary, &targets).await.map(drop) }
+                    async move { router.route(&summary, &targets, &[]).await.map(drop) }
                 };
                 row(Row { plugin: name, side: "route", size: size.clone() }, calls, concurrency, call).await?;
             }
@@ -297,7 +297,7 @@ async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), S
                 (Arc::clone(&summary), Arc::clone(&segments), Arc::clone(&targets), Arc::clone(&answer));
             async move {
                 pii.inspect_request(&summary, &segments).await?;
-                router.route(&summary, &targets).await?;
+                router.route(&summary, &targets, &[]).await?;
                 pii.inspect_response(&answer).await.map(drop)
             }
         };

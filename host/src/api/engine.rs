@@ -1,11 +1,12 @@
 //! Canonical chat requests and events to and from a Meridian engine node's protocol
 //! (`engine/PROTOCOL.md`). Pure conversion; the QUIC transport is `meridian_engine::client`.
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use meridian_engine::api::{self as wire, Event};
 
-use crate::chat::{ChatRequest, Content, FinishReason, Role, StreamEvent, Usage};
+use crate::chat::{ChatRequest, Content, FinishReason, Message, Role, StreamEvent, Usage};
 
 /// Why a request cannot go to an engine: engines serve plain-text chat only.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,26 +21,7 @@ pub fn request(req: &ChatRequest, upstream_model: &str) -> Result<wire::ChatRequ
     let messages = req
         .messages
         .iter()
-        .map(|m| {
-            let role = match m.role {
-                Role::System | Role::Developer => "system",
-                Role::User => "user",
-                Role::Assistant => "assistant",
-                Role::Tool => return Err(Unsupported("tool messages are not supported")),
-            };
-            if m.tool_calls.is_some() {
-                return Err(Unsupported("tool calls are not supported"));
-            }
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) if parts.iter().all(|p| p.kind == "text") => {
-                    parts.iter().filter_map(|p| p.text.as_deref()).collect()
-                }
-                Some(Content::Parts(_)) => return Err(Unsupported("only text content parts are supported")),
-            };
-            Ok(wire::Message { role: role.into(), content })
-        })
+        .map(|m| message(m).map(|(role, content)| wire::Message { role: role.into(), content: content.into_owned() }))
         .collect::<Result<_, _>>()?;
     let stop = match &req.stop {
         None => Vec::new(),
@@ -58,6 +40,44 @@ pub fn request(req: &ChatRequest, upstream_model: &str) -> Result<wire::ChatRequ
         stop,
         traceparent: None,
     })
+}
+
+/// A canonical message as the engine takes it: its role there and its text.
+fn message(m: &Message) -> Result<(&'static str, Cow<'_, str>), Unsupported> {
+    let role = match m.role {
+        Role::System | Role::Developer => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+        Role::Tool => return Err(Unsupported("tool messages are not supported")),
+    };
+    if m.tool_calls.is_some() {
+        return Err(Unsupported("tool calls are not supported"));
+    }
+    let content = match &m.content {
+        None => Cow::Borrowed(""),
+        Some(Content::Text(t)) => Cow::Borrowed(t.as_str()),
+        Some(Content::Parts(parts)) if parts.iter().all(|p| p.kind == "text") => {
+            Cow::Owned(parts.iter().filter_map(|p| p.text.as_deref()).collect())
+        }
+        Some(Content::Parts(_)) => return Err(Unsupported("only text content parts are supported")),
+    };
+    Ok((role, content))
+}
+
+/// The request's conversation beginnings as an engine names them in its prefix cache
+/// ([`wire::ConversationHasher`]): the hash after each message, in order. Empty for a request no
+/// engine serves (tools, images).
+pub fn conversation(req: &ChatRequest) -> Vec<u64> {
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Vec::new();
+    }
+    let mut hasher = wire::ConversationHasher::default();
+    let mut out = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let Ok((role, content)) = message(m) else { return Vec::new() };
+        out.push(hasher.message(role, &content));
+    }
+    out
 }
 
 /// The `Start` event an engine stream begins with (engines send no header of their own).

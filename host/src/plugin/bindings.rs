@@ -76,6 +76,9 @@ pub(crate) struct CallState {
     log_dropped: u64,
     /// What the guest passed to `answer-triggers` in this store, if it called it.
     answer_triggers: Option<Vec<String>>,
+    /// For a router's call: the targets that hold some of the request's prompt in their prefix
+    /// caches, and how many tokens (what `prefix-match` answers).
+    prefix_held: Vec<(String, u32)>,
 }
 
 impl CallState {
@@ -97,6 +100,7 @@ impl CallState {
             log_lines: 0,
             log_dropped: 0,
             answer_triggers: None,
+            prefix_held: Vec::new(),
         }
     }
 
@@ -110,7 +114,14 @@ impl CallState {
         self.stdout.clear();
         self.stderr.clear();
         self.answer_triggers = None;
+        self.prefix_held.clear();
         self.begin_call();
+    }
+
+    /// What `prefix-match` answers during the next `route`: `held[i]` tokens for `targets[i]`.
+    pub fn set_prefix_held(&mut self, targets: &[Target], held: &[u32]) {
+        self.prefix_held.clear();
+        self.prefix_held.extend(targets.iter().zip(held).filter(|(_, &n)| n > 0).map(|(t, &n)| (t.name.clone(), n)));
     }
 
     /// What the guest declared through `answer-triggers` in this store, if anything (the last
@@ -159,7 +170,11 @@ impl WasiView for CallState {
 }
 
 impl router_world::meridian::plugin::types::Host for CallState {}
-impl router_world::meridian::plugin::routing::Host for CallState {}
+impl router_world::meridian::plugin::routing::Host for CallState {
+    fn prefix_match(&mut self, target: String) -> u32 {
+        self.prefix_held.iter().find(|(name, _)| *name == target).map_or(0, |&(_, n)| n)
+    }
+}
 impl filter_world::meridian::plugin::filtering::Host for CallState {}
 
 impl Host for CallState {

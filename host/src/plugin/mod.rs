@@ -33,7 +33,7 @@
 //! let runtime = PluginRuntime::new(PluginSettings::default(), metrics)?;
 //! let path = std::path::Path::new("target/wasm32-unknown-unknown/release/latency_router.wasm");
 //! let router = runtime.load_router("latency-router", "1.0.0", path, "{}", CallLimits::default()).await?;
-//! let outcome = router.route(&summary, &targets).await?;
+//! let outcome = router.route(&summary, &targets, &[]).await?;
 //! # Ok(()) }
 //! ```
 

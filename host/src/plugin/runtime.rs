@@ -871,11 +871,19 @@ impl RouterPlugin {
         self.core.preconfigured
     }
 
-    /// Asks the router where a request goes. The outcome is checked: a decision names only given
+    /// Asks the router where a request goes. `held` gives, per target in order, how many of the
+    /// request's prompt tokens it holds in its prefix cache (what the guest's `prefix-match`
+    /// answers; shorter or empty means 0). The outcome is checked: a decision names only given
     /// targets (each once, at least one), a refusal has an HTTP error status.
-    pub async fn route(&self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
+    pub async fn route(
+        &self,
+        summary: &RequestSummary,
+        targets: &[Target],
+        held: &[u32],
+    ) -> Result<Outcome, PluginError> {
         let core = &self.core;
         let mut call = core.admit(&core.runtime.permits).await?;
+        call.store.data_mut().set_prefix_held(targets, held);
         let result = core
             .bounded(async {
                 let router = self.pre.instantiate_async(&mut call.store).await?;
@@ -927,9 +935,14 @@ impl RouterSession {
         &self.core.id
     }
 
-    /// Asks the session's instance where a request goes; the outcome is checked as
-    /// [`RouterPlugin::route`] checks it.
-    pub async fn route(&mut self, summary: &RequestSummary, targets: &[Target]) -> Result<Outcome, PluginError> {
+    /// Asks the session's instance where a request goes (`held` as for [`RouterPlugin::route`]);
+    /// the outcome is checked as [`RouterPlugin::route`] checks it.
+    pub async fn route(
+        &mut self,
+        summary: &RequestSummary,
+        targets: &[Target],
+        held: &[u32],
+    ) -> Result<Outcome, PluginError> {
         let core = &self.core;
         if self.poisoned {
             core.count("poisoned");
@@ -946,6 +959,7 @@ impl RouterSession {
                 (call, router)
             }
         };
+        call.store.data_mut().set_prefix_held(targets, held);
         let result = core
             .bounded(async {
                 let router = match &mut router {

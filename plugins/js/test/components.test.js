@@ -17,7 +17,7 @@ const jco = join(root, 'plugins/js/node_modules/.bin/jco');
 const built = join(root, 'target/wasm32-wasip2/release');
 const work = mkdtempSync(join(tmpdir(), 'meridian-js-components-'));
 
-/** The host interface, recording log lines. */
+/** The host interface (recording log lines) and the routing interface's `prefix-match`. */
 writeFileSync(
   join(work, 'host.js'),
   `export const lines = [];
@@ -26,6 +26,7 @@ export function counterAdd(name, delta) {}
 export function histogramRecord(name, value) {}
 export function nowMs() { return 0n; }
 export function answerTriggers(triggers) {}
+export function prefixMatch(target) { return 0; }
 `,
 );
 
@@ -36,7 +37,7 @@ async function load(name) {
     throw new Error(`${wasm} is missing: run scripts/build-js-plugins first`);
   }
   const out = join(work, name);
-  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.1=../host.js', '--quiet']);
+  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.2=../host.js', '--map', 'meridian:plugin/routing@0.1.2=../host.js', '--quiet']);
   return import(join(out, `${name}.js`));
 }
 

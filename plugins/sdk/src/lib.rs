@@ -13,7 +13,7 @@
 //!   `inspect_request`, `inspect_response`), exported from a plugin crate with [`export_router!`] or
 //!   [`export_filter!`], called once at the crate's root.
 //! - Host imports: [`log`]`::{trace, debug, info, warn, error}`, [`counter_add`], [`histogram_record`],
-//!   [`now_ms`], [`answer_triggers`]. They exist only inside the host: natively (unit tests) calling
+//!   [`now_ms`], [`answer_triggers`], [`prefix_match`] (routers). They exist only inside the host: natively (unit tests) calling
 //!   one aborts, so keep them out of the logic you test.
 //! - Routing helpers (pure, natively testable): [`estimated_cost`] (with [`expected_seconds`],
 //!   [`DEFAULT_MAX_OUTPUT_TOKENS`], [`DEFAULT_OUTPUT_TOKENS_PER_SECOND`]), [`serving`], [`healthy`],
@@ -84,10 +84,10 @@ pub mod bindings {
             package meridian:plugin-sdk;
 
             world interfaces {
-                import meridian:plugin/host@0.1.1;
-                import meridian:plugin/types@0.1.1;
-                import meridian:plugin/routing@0.1.1;
-                import meridian:plugin/filtering@0.1.1;
+                import meridian:plugin/host@0.1.2;
+                import meridian:plugin/types@0.1.2;
+                import meridian:plugin/routing@0.1.2;
+                import meridian:plugin/filtering@0.1.2;
             }
         ",
         path: "../../wit",
@@ -197,6 +197,14 @@ pub fn histogram_record(name: &str, value: f64) {
 /// Milliseconds since the Unix epoch, from the node's clock (plugins have no other clock).
 pub fn now_ms() -> u64 {
     bindings::meridian::plugin::host::now_ms()
+}
+
+/// During `route`: how many of the request's prompt tokens the target named `target` already
+/// holds in its prefix cache (an engine's KV cache of earlier prompts beginning as this one does),
+/// as its engine last reported; 0 when none, for targets that do not report it (managed APIs,
+/// other edges), and for names not among the targets given. Contract 0.1.2.
+pub fn prefix_match(target: &str) -> u32 {
+    bindings::meridian::plugin::routing::prefix_match(target)
 }
 
 /// From `configure`, for a filter: declares the answer text it needs, so that the host shows

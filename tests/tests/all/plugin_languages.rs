@@ -86,7 +86,7 @@ async fn hostile_plugins_in_every_language_meet_the_same_limits() {
                     .unwrap_or_else(|e| panic!("{lang} {name}: {e}"))
             }
         };
-        let spun = router("fixture-spin", 100).await.route(&summary(), &targets()).await;
+        let spun = router("fixture-spin", 100).await.route(&summary(), &targets(), &[]).await;
         assert!(matches!(spun, Err(PluginError::Timeout(_))), "{lang} spin: {spun:?}");
 
         // The Python memory bomb is a filter, the JavaScript one a router: both worlds meet it.
@@ -97,14 +97,14 @@ async fn hostile_plugins_in_every_language_meet_the_same_limits() {
             let segments = vec![Segment { kind: SegmentKind::User, text: "boom".into() }];
             bomb.inspect_request(&summary(), &segments).await.map(drop)
         } else {
-            router("fixture-memory-bomb", 5_000).await.route(&summary(), &targets()).await.map(drop)
+            router("fixture-memory-bomb", 5_000).await.route(&summary(), &targets(), &[]).await.map(drop)
         };
         assert!(matches!(bombed, Err(PluginError::MemoryLimit(_))), "{lang} memory bomb: {bombed:?}");
 
-        let thrown = router("fixture-exception", 2_000).await.route(&summary(), &targets()).await;
+        let thrown = router("fixture-exception", 2_000).await.route(&summary(), &targets(), &[]).await;
         assert!(matches!(thrown, Err(PluginError::Trap(_))), "{lang} exception: {thrown:?}");
 
-        let routed = router("residency-router", 2_000).await.route(&summary(), &targets()).await;
+        let routed = router("residency-router", 2_000).await.route(&summary(), &targets(), &[]).await;
         let routed = routed.unwrap_or_else(|e| panic!("{lang}: {e}"));
         assert!(matches!(routed, Outcome::Route(ref d) if d.targets == ["a", "b"]), "{lang}: {routed:?}");
 

@@ -154,8 +154,8 @@ fn given_order() -> Outcome {
 async fn the_good_router_answers_on_a_fresh_instance_every_call() {
     let rig = rig(|_| {});
     let router = rig.router("good-router", "{}", 200).await;
-    let first = router.route(&summary(), &targets()).await.unwrap();
-    let second = router.route(&summary(), &targets()).await.unwrap();
+    let first = router.route(&summary(), &targets(), &[]).await.unwrap();
+    let second = router.route(&summary(), &targets(), &[]).await.unwrap();
     assert_eq!(first, given_order());
     assert_eq!(second, first, "a second call sees no state of the first");
 
@@ -176,7 +176,7 @@ async fn instances_start_configured_and_still_fresh() {
     let router = rig.router("good-router", "tuned", 200).await;
     assert!(router.pre_initialised(), "the good router can be snapshotted after configure");
     for _ in 0..3 {
-        match router.route(&summary(), &targets()).await.unwrap() {
+        match router.route(&summary(), &targets(), &[]).await.unwrap() {
             Outcome::Route(decision) => assert_eq!(decision.model_rewrite.as_deref(), Some("tuned")),
             other => panic!("expected a decision, got {other:?}"),
         }
@@ -193,12 +193,12 @@ async fn good_router_call_cost() {
     let router = rig.router("good-router", "{}", 200).await;
     let (summary, targets) = (summary(), targets());
     for _ in 0..50 {
-        router.route(&summary, &targets).await.unwrap();
+        router.route(&summary, &targets, &[]).await.unwrap();
     }
     let mut times = Vec::with_capacity(1000);
     for _ in 0..1000 {
         let start = Instant::now();
-        router.route(&summary, &targets).await.unwrap();
+        router.route(&summary, &targets, &[]).await.unwrap();
         times.push(start.elapsed());
     }
     times.sort();
@@ -223,18 +223,18 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
     let good_calls: Vec<_> = (0..50)
         .map(|_| {
             let good = Arc::clone(&good);
-            tokio::spawn(async move { good.route(&summary(), &targets()).await })
+            tokio::spawn(async move { good.route(&summary(), &targets(), &[]).await })
         })
         .collect();
 
     // The guest spins forever: only its 50 ms deadline can end the call.
-    let spun = spin.route(&summary(), &targets()).await;
+    let spun = spin.route(&summary(), &targets(), &[]).await;
     assert!(matches!(spun, Err(PluginError::Timeout(d)) if d == Duration::from_millis(50)), "{spun:?}");
 
-    let bombed = bomb.route(&summary(), &targets()).await;
+    let bombed = bomb.route(&summary(), &targets(), &[]).await;
     assert!(matches!(bombed, Err(PluginError::MemoryLimit(n)) if n == 16 << 20), "{bombed:?}");
 
-    let trapped = trap.route(&summary(), &targets()).await;
+    let trapped = trap.route(&summary(), &targets(), &[]).await;
     match &trapped {
         Err(PluginError::Trap(message)) => {
             assert!(message.contains("fixture-trap: deliberate panic"), "the guest's panic message: {message}")
@@ -242,7 +242,7 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
         other => panic!("expected a trap, got {other:?}"),
     }
 
-    let flooded = flood.route(&summary(), &targets()).await;
+    let flooded = flood.route(&summary(), &targets(), &[]).await;
     assert_eq!(flooded.unwrap(), given_order(), "a chatty plugin still answers");
     let dropped = rig.metrics.log_lines_dropped.with_label_values(&["log-flood"]).get();
     // 100 000 log lines and 10 000 stdout lines, at most 16 of each written.
@@ -250,7 +250,7 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
 
     for mode in ["unknown-target", "empty", "bad-status"] {
         let invalid = rig.router("invalid-output", &format!("\"{mode}\""), 200).await;
-        let answer = invalid.route(&summary(), &targets()).await;
+        let answer = invalid.route(&summary(), &targets(), &[]).await;
         assert!(matches!(answer, Err(PluginError::InvalidOutput(_))), "{mode}: {answer:?}");
     }
 
@@ -265,7 +265,7 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
     // Each failure counted once, none quarantined yet.
     assert!(rig.runtime.quarantined().is_empty());
     // After all that, the good router still answers.
-    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order());
+    assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
 }
 
 /// A Rust plugin built without WASI is a core module carrying its world: the runtime encodes it
@@ -282,14 +282,14 @@ async fn modules_built_without_wasi_load_as_components_and_meet_the_same_limits(
     let good = load("good-router", 2_000).await;
     assert!(good.pre_initialised(), "snapshotted after configure, as components are");
     for _ in 0..3 {
-        assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order());
+        assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
     }
-    let spun = load("spin", 50).await.route(&summary(), &targets()).await;
+    let spun = load("spin", 50).await.route(&summary(), &targets(), &[]).await;
     assert!(matches!(spun, Err(PluginError::Timeout(d)) if d == Duration::from_millis(50)), "{spun:?}");
-    let bombed = load("memory-bomb", 2_000).await.route(&summary(), &targets()).await;
+    let bombed = load("memory-bomb", 2_000).await.route(&summary(), &targets(), &[]).await;
     assert!(matches!(bombed, Err(PluginError::MemoryLimit(n)) if n == 16 << 20), "{bombed:?}");
     // No stderr for the panic's message: the trap, with the guest's backtrace, names where.
-    let trapped = load("trap", 200).await.route(&summary(), &targets()).await;
+    let trapped = load("trap", 200).await.route(&summary(), &targets(), &[]).await;
     assert!(matches!(&trapped, Err(PluginError::Trap(m)) if m.contains("unreachable")), "{trapped:?}");
 
     // A module that names no world is refused at load, with the cause.
@@ -371,9 +371,9 @@ async fn a_failing_version_is_quarantined() {
     let trap = rig.router("trap", "{}", 200).await;
     let good = rig.router("good-router", "{}", 200).await;
     for _ in 0..3 {
-        assert!(matches!(trap.route(&summary(), &targets()).await, Err(PluginError::Trap(_))));
+        assert!(matches!(trap.route(&summary(), &targets(), &[]).await, Err(PluginError::Trap(_))));
     }
-    let refused = trap.route(&summary(), &targets()).await;
+    let refused = trap.route(&summary(), &targets(), &[]).await;
     assert!(
         matches!(&refused, Err(PluginError::Quarantined(id)) if id == &PluginId { name: "trap".into(), version: "0.1.0".into() }),
         "{refused:?}"
@@ -382,7 +382,7 @@ async fn a_failing_version_is_quarantined() {
     assert_eq!(rig.calls("trap", "trap"), 3);
     assert_eq!(rig.calls("trap", "quarantined"), 1);
     assert_eq!(rig.runtime.quarantined(), [trap.id().clone()]);
-    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order(), "others are unaffected");
+    assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order(), "others are unaffected");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,11 +395,11 @@ async fn a_full_pool_answers_overloaded() {
     let good = rig.router("good-router", "{}", 200).await;
     let spinning = {
         let spin = Arc::clone(&spin);
-        tokio::spawn(async move { spin.route(&summary(), &targets()).await })
+        tokio::spawn(async move { spin.route(&summary(), &targets(), &[]).await })
     };
     // Until the spinning call has taken the only slot, the good router still gets it.
     loop {
-        match good.route(&summary(), &targets()).await {
+        match good.route(&summary(), &targets(), &[]).await {
             Err(PluginError::Overloaded(_)) => break,
             Ok(order) => assert_eq!(order, given_order()),
             Err(other) => panic!("expected overloaded, got {other:?}"),
@@ -408,7 +408,7 @@ async fn a_full_pool_answers_overloaded() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(matches!(spinning.await.unwrap(), Err(PluginError::Timeout(_))));
-    assert_eq!(good.route(&summary(), &targets()).await.unwrap(), given_order(), "the slot is free again");
+    assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order(), "the slot is free again");
     assert_eq!(rig.calls("good-router", "overloaded"), 1);
 }
 
@@ -441,7 +441,7 @@ async fn compiled_artifacts_are_cached_and_only_sealed_ones_are_read() {
     let router = second.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
     assert_eq!(second.cache_stats().hits, compiled);
     assert_eq!(second.cache_stats().compiles, 0);
-    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+    assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
 
     // A damaged artifact fails its seal and is compiled over.
     let mut bytes = std::fs::read(&path).unwrap();
@@ -460,7 +460,7 @@ async fn compiled_artifacts_are_cached_and_only_sealed_ones_are_read() {
     let fourth = runtime();
     let router = fourth.load_router("good-router", "1", &good, "{}", limits(200)).await.unwrap();
     assert_eq!(fourth.cache_stats().rejected, 1);
-    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+    assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
 
     // And the recompiled artifact serves the next load.
     let fifth = runtime();
@@ -474,7 +474,34 @@ async fn a_pool_too_large_to_reserve_falls_back_to_on_demand() {
     let rig = rig(|s| s.max_instances = 100_000_000);
     assert!(!rig.runtime.is_pooling());
     let router = rig.router("good-router", "{}", 200).await;
-    assert_eq!(router.route(&summary(), &targets()).await.unwrap(), given_order());
+    assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
+}
+
+/// `prefix-match` answers a router what the host computed for each target, call by call: the
+/// shipped prefix router (built against contract 0.1.2) follows it, and a router session (one
+/// instance, many calls) sees each call's own figures.
+#[tokio::test]
+async fn the_prefix_router_reads_what_each_target_holds_through_prefix_match() {
+    let rig = rig(|_| {});
+    let router = rig
+        .runtime
+        .load_router("prefix-router", "0.1.0", &plugin_wasm("prefix-router"), "{}", limits(50))
+        .await
+        .unwrap();
+    let engines: Vec<Target> = ["engine-a", "engine-b"]
+        .into_iter()
+        .map(|name| Target { kind: TargetKind::Dedicated, capacity: Some(8), ..target(name, 100.0) })
+        .collect();
+    let first = |outcome: Outcome| match outcome {
+        Outcome::Route(decision) => decision.targets[0].clone(),
+        other => panic!("expected a decision, got {other:?}"),
+    };
+    // 100 of the 120 prompt tokens at engine-b, then at engine-a.
+    assert_eq!(first(router.route(&summary(), &engines, &[0, 100]).await.unwrap()), "engine-b");
+    assert_eq!(first(router.route(&summary(), &engines, &[100, 0]).await.unwrap()), "engine-a");
+    let mut session = router.session();
+    assert_eq!(first(session.route(&summary(), &engines, &[0, 100]).await.unwrap()), "engine-b");
+    assert_eq!(first(session.route(&summary(), &engines, &[100]).await.unwrap()), "engine-a", "missing means 0");
 }
 
 #[tokio::test]
@@ -485,7 +512,7 @@ async fn the_shipped_latency_router_and_pii_redactor_run() {
         .load_router("latency-router", "0.1.0", &plugin_wasm("latency-router"), "{}", limits(50))
         .await
         .unwrap();
-    match router.route(&summary(), &targets()).await.unwrap() {
+    match router.route(&summary(), &targets(), &[]).await.unwrap() {
         Outcome::Route(decision) => assert_eq!(decision.targets, ["engine-a", "openai", "openrouter"], "fastest first"),
         other => panic!("expected a decision, got {other:?}"),
     }
@@ -552,7 +579,7 @@ async fn a_response_session_shows_one_answer_to_one_instance() {
 async fn a_component_built_against_the_first_contract_still_runs() {
     let rig = rig(|_| {});
     let router = rig.router("contract-0-1-0", "{}", 200).await;
-    match router.route(&summary(), &targets()).await.unwrap() {
+    match router.route(&summary(), &targets(), &[]).await.unwrap() {
         Outcome::Route(decision) => assert_eq!(decision.targets, ["openrouter", "engine-a", "openai"]),
         other => panic!("expected a decision, got {other:?}"),
     }
