@@ -18,6 +18,7 @@ mod pii_recall;
 mod plugin_languages;
 mod plugin_runtime;
 mod plugins;
+mod prefix_routing;
 mod provider_cache;
 mod regions_netns;
 mod relay;
