@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Sequence
 from wit_world.imports import routing as _wit
 from wit_world.imports import types as _types
 
-__all__ = ["CachePolicy", "Health", "TargetKind", "route", "decide", "reject", "NO_TARGET"]
+__all__ = ["CachePolicy", "Health", "TargetKind", "route", "decide", "reject", "prefix_match", "NO_TARGET"]
 
 #: The contract's ``cache-policy``: ``DEFAULT``, ``BYPASS``, ``FORCE``.
 CachePolicy = _wit.CachePolicy
@@ -50,3 +50,12 @@ def reject(status: int, reason: str) -> "_wit.Outcome":
     if not 400 <= status <= 599:
         raise ValueError(f"a refusal's status must be 400-599, got {status}")
     return _wit.Outcome_Reject(_wit.Refusal(status, reason))
+
+
+def prefix_match(target: str) -> int:
+    """During ``route`` (contract 0.1.2): how many of the request's prompt tokens the target named
+    ``target`` already holds in its prefix cache, as its engine last reported; 0 for none, for
+    targets that do not report a cache (managed APIs, other edges) and for unknown names. A host
+    import: it works only inside the node, not in native tests.
+    """
+    return _wit.prefix_match(target)
