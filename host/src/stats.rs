@@ -94,9 +94,16 @@ pub struct HeldPrefixes {
 }
 
 impl HeldPrefixes {
-    /// Indexes an engine's list: model → (conversation hash, tokens) pairs.
+    /// Indexes an engine's list: model → (conversation hash, tokens) pairs. An engine lists at
+    /// most `MAX_HELD_PREFIXES` per model; more (and models past the 64th) are ignored, so a
+    /// faulty engine cannot make the edge hold more.
     pub fn new(listed: impl IntoIterator<Item = (String, Vec<(u64, u32)>)>) -> HeldPrefixes {
-        HeldPrefixes { by_model: listed.into_iter().map(|(m, held)| (m, held.into_iter().collect())).collect() }
+        let by_model = listed
+            .into_iter()
+            .take(64)
+            .map(|(model, held)| (model, held.into_iter().take(meridian_engine::api::MAX_HELD_PREFIXES).collect()))
+            .collect();
+        HeldPrefixes { by_model }
     }
 
     /// Whether nothing is held (or the engine does not report it).
