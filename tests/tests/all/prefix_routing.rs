@@ -7,7 +7,6 @@
 //! prefix router's median time to first token is at most half the latency router's, with no errors
 //! for either.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,13 +15,13 @@ use meridian::config::PluginKind;
 use meridian_e2e::engine::{Cluster, TestEngine};
 use meridian_e2e::{add_plugin, metric_or_zero, ConfigExt, Mocks, ACME_KEY};
 use serde_json::{json, Value};
-use tokio::sync::Notify;
+use tokio::sync::oneshot;
 
 use crate::engine::edge;
 
 const CONVERSATIONS: usize = 8;
-const TURNS: usize = 4;
-/// Each engine's prefix cache: about 4.5 conversations of up to ~790 tokens at 46 KB a token
+const TURNS: usize = 5;
+/// Each engine's prefix cache: about 4.3 conversations of up to ~840 tokens at 46 KB a token
 /// (SmolLM2's 30 layers × 3 KV heads × 64 × f32, keys and values), so that an engine serving all
 /// eight evicts each before its next turn, and one serving four keeps them.
 const CACHE_BYTES: usize = 160 << 20;
@@ -48,7 +47,8 @@ struct Turn {
     target: String,
 }
 
-async fn stream_turn(url: &str, messages: &[Value]) -> Result<Turn, String> {
+/// `first`, if given, is told when the first content token arrives.
+async fn stream_turn(url: &str, messages: &[Value], mut first: Option<oneshot::Sender<()>>) -> Result<Turn, String> {
     let client =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = json!({"model": "smol", "stream": true, "temperature": 0, "max_tokens": 8, "messages": messages});
@@ -80,6 +80,9 @@ async fn stream_turn(url: &str, messages: &[Value]) -> Result<Turn, String> {
             }
             if let Some(delta) = event["choices"][0]["delta"]["content"].as_str().filter(|d| !d.is_empty()) {
                 ttft.get_or_insert_with(|| started.elapsed());
+                if let Some(first) = first.take() {
+                    let _ = first.send(());
+                }
                 text.push_str(delta);
             }
         }
@@ -112,10 +115,10 @@ fn p90(v: &[Duration]) -> Duration {
     v.get(v.len() * 9 / 10).copied().unwrap_or_default()
 }
 
-/// Eight conversations of four turns through an edge whose tenant routes with `router`, in front of
-/// two fresh engines. Conversation `k` begins when conversation `k - 1`'s first answer is whole, so
-/// that the conversations already running are in flight on their engines when a new one is routed;
-/// each then sends its next turn as soon as the last answer is in.
+/// Eight conversations of five turns through an edge whose tenant routes with `router`, in front of
+/// two fresh engines. The first turns go one after another, each when the one before has its first
+/// token; then each later turn goes in a round, all eight conversations at once, once the round
+/// before is answered.
 async fn run(router: &str, label: &str) -> Run {
     let mocks = Mocks::start().await;
     let cluster = Cluster::new(label);
@@ -131,43 +134,41 @@ async fn run(router: &str, label: &str) -> Run {
     .await;
 
     let url = edge.url();
-    let began: Vec<Arc<Notify>> = (0..=CONVERSATIONS).map(|_| Arc::new(Notify::new())).collect();
-    began[0].notify_one();
-    let mut tasks = Vec::new();
-    for k in 0..CONVERSATIONS {
-        let (url, mine, next) = (url.clone(), Arc::clone(&began[k]), Arc::clone(&began[k + 1]));
-        tasks.push(tokio::spawn(async move {
-            mine.notified().await;
-            let mut messages = vec![json!({"role": "system", "content": system_prompt(k)})];
-            let mut turns = Vec::new();
-            for t in 0..TURNS {
-                messages
-                    .push(json!({"role": "user", "content": format!("Question {t}: what comes first for team {k}?")}));
-                let turn = stream_turn(&url, &messages).await;
-                if t == 0 {
-                    next.notify_one();
-                }
-                match &turn {
-                    Ok(turn) => messages.push(json!({"role": "assistant", "content": turn.text})),
-                    Err(_) => messages.push(json!({"role": "assistant", "content": "(no answer)"})),
-                }
-                turns.push(turn);
+    let mut conversations: Vec<Vec<Value>> =
+        (0..CONVERSATIONS).map(|k| vec![json!({"role": "system", "content": system_prompt(k)})]).collect();
+    let mut turns = Vec::new();
+    for t in 0..TURNS {
+        for (k, messages) in conversations.iter_mut().enumerate() {
+            messages.push(json!({"role": "user", "content": format!("Question {t}: what comes first for team {k}?")}));
+        }
+        let mut round = Vec::new();
+        for messages in &conversations {
+            let (url, messages) = (url.clone(), messages.clone());
+            let (first, first_token) = oneshot::channel();
+            round.push(tokio::spawn(async move { stream_turn(&url, &messages, Some(first)).await }));
+            // The first turns go one after another, each once the one before has its first token
+            // (and is still in flight, decoding), so that a router weighing load sees it.
+            if t == 0 {
+                let _ = first_token.await;
             }
-            turns
-        }));
+        }
+        for (task, messages) in round.into_iter().zip(&mut conversations) {
+            let turn = task.await.expect("a turn runs to its end");
+            let answer = turn.as_ref().map_or("(no answer)", |t| t.text.as_str());
+            messages.push(json!({"role": "assistant", "content": answer}));
+            turns.push(turn);
+        }
     }
     let mut run = Run { ttfts: Vec::new(), errors: 0, served: [0, 0], prefix_hits: 0.0, tokens_reused: 0.0 };
-    for task in tasks {
-        for turn in task.await.expect("a conversation runs to its end") {
-            match turn {
-                Ok(turn) => {
-                    run.ttfts.push(turn.ttft);
-                    run.served[usize::from(turn.target == "engine-b")] += 1;
-                }
-                Err(e) => {
-                    eprintln!("{router}: {e}");
-                    run.errors += 1;
-                }
+    for turn in turns {
+        match turn {
+            Ok(turn) => {
+                run.ttfts.push(turn.ttft);
+                run.served[usize::from(turn.target == "engine-b")] += 1;
+            }
+            Err(e) => {
+                eprintln!("{router}: {e}");
+                run.errors += 1;
             }
         }
     }
