@@ -125,11 +125,13 @@ impl Prompter {
     /// Token ids of a rendered prompt (special tokens written in the text are parsed; none are
     /// added, the template writes them).
     pub fn tokenize(&self, prompt: &str) -> Result<Vec<u32>, EngineError> {
-        let enc = self
-            .tokenizer
+        Ok(self.encode(prompt)?.get_ids().to_vec())
+    }
+
+    fn encode(&self, prompt: &str) -> Result<tokenizers::Encoding, EngineError> {
+        self.tokenizer
             .encode(prompt, false)
-            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}")))
     }
 
     /// Rendered and tokenised.
@@ -143,10 +145,7 @@ impl Prompter {
     /// message whose text the template did not write out as given.
     pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<(u64, u32)>), EngineError> {
         let text = self.render(messages)?;
-        let enc = self
-            .tokenizer
-            .encode(text.as_str(), false)
-            .map_err(|e| EngineError::new(ErrorCode::Internal, format!("tokenizer: {e}")))?;
+        let enc = self.encode(&text)?;
         // Byte offsets into `text`, in order.
         let offsets = enc.get_offsets();
         let mut hasher = ConversationHasher::default();

@@ -203,7 +203,9 @@ impl PrefixCache {
             .collect::<ort::Result<Vec<_>>>()?;
         // An entry this prompt extends (an earlier turn of the conversation) is superseded: the
         // new one holds all of it, but perhaps its last block, where the earlier prompt's end may
-        // tokenise differently once its answer follows. It goes, and its marks move over.
+        // tokenise differently once its answer follows. It goes, and its marks move over. Another
+        // prompt that shares all of an entry but its last block replaces it too: at most that
+        // block of reuse is lost, for one copy of the shared blocks instead of two.
         let mut marks = marks;
         for (i, key) in keys.iter().enumerate() {
             let shared = (i + 1) * BLOCK;
@@ -238,8 +240,8 @@ impl PrefixCache {
     }
 
     /// Rewrites [`PrefixStats::held`]: the entries' marks (each entry's longest first), most
-    /// recently used entry first, each
-    /// hash once (with the most tokens any entry holds of it), at most [`MAX_HELD_PREFIXES`].
+    /// recently used entry first, each hash once (with the most tokens any entry holds of it), at
+    /// most [`MAX_HELD_PREFIXES`].
     fn publish(&self) {
         let mut entries: Vec<&Entry> = self.entries.values().collect();
         entries.sort_unstable_by_key(|e| std::cmp::Reverse(e.last_used));

@@ -277,7 +277,8 @@ impl Metrics {
         }
     }
 
-    /// Sets the per-target gauges (and catches the ejection counter up) from a target's stats.
+    /// Sets the per-target gauges (and catches the ejection and engine counters up) from a
+    /// target's stats.
     pub fn observe_target(&self, target: &str, s: &Snapshot) {
         self.target_latency.with_label_values(&[target]).set(s.latency_ms.unwrap_or(0.0));
         self.target_health.with_label_values(&[target]).set(s.health.gauge());
@@ -285,19 +286,12 @@ impl Metrics {
         if let Some(engine) = &s.engine {
             self.engine_info.with_label_values(&[target, &engine.provider]).set(1);
             self.engine_tokens_per_second.with_label_values(&[target]).set(engine.tokens_per_second);
-            // Counters the engine keeps, caught up to what it reports.
-            for (counter, total) in [
-                (&self.engine_prefix_hits, engine.prefix_cache_hits),
-                (&self.engine_prefix_tokens_reused, engine.prefix_cache_tokens_reused),
-            ] {
-                let counter = counter.with_label_values(&[target]);
-                counter.inc_by(total.saturating_sub(counter.get()));
-            }
+            catch_up(&self.engine_prefix_hits, target, engine.prefix_cache_hits);
+            catch_up(&self.engine_prefix_tokens_reused, target, engine.prefix_cache_tokens_reused);
             let bytes = i64::try_from(engine.prefix_cache_bytes).unwrap_or(i64::MAX);
             self.engine_prefix_bytes.with_label_values(&[target]).set(bytes);
         }
-        let ejections = self.target_ejections.with_label_values(&[target]);
-        ejections.inc_by(s.ejections_total.saturating_sub(ejections.get()));
+        catch_up(&self.target_ejections, target, s.ejections_total);
     }
 
     /// The registry, for metrics registered elsewhere (the plugin runtime's).
@@ -356,6 +350,13 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Raises the counter of `target` to `total`, a count kept elsewhere (a target's statistics, an
+/// engine's report); a total below it (an engine restarted) leaves it as it is.
+fn catch_up(counter: &IntCounterVec, target: &str, total: u64) {
+    let counter = counter.with_label_values(&[target]);
+    counter.inc_by(total.saturating_sub(counter.get()));
 }
 
 #[cfg(test)]

@@ -23,8 +23,8 @@
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use meridian_plugin_sdk::{decide, export_router, prefix_match, reject, residency_allows, serving};
-use meridian_plugin_sdk::{Outcome, RequestSummary, Router, Target};
+use meridian_plugin_sdk::{decide, export_router, prefix_match, reject, residency_allows};
+use meridian_plugin_sdk::{Health, Outcome, RequestSummary, Router, Target};
 use serde::Deserialize;
 
 /// The prefix router.
@@ -98,18 +98,19 @@ impl Router for PrefixRouter {
 
 /// Orders the allowed, serving targets by score; `held[i]` is what `targets[i]` holds of the prompt.
 pub fn route(config: &Config, req: &RequestSummary, targets: &[Target], held: &[u32]) -> Outcome {
-    let held_by = |t: &Target| {
-        let i = targets.iter().position(|x| std::ptr::eq(x, t)).expect("one of the targets");
-        held.get(i).copied().unwrap_or(0)
-    };
-    let mut order: Vec<(&Target, f64, u64)> = serving(targets.iter().filter(|t| residency_allows(req, t)))
-        .map(|t| (t, score(config, req, t, held_by(t)), rendezvous(&req.request_id, &t.name)))
+    let mut order: Vec<(&Target, f64, u64)> = targets
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.health != Health::Down && residency_allows(req, t))
+        .map(|(i, t)| {
+            let held = held.get(i).copied().unwrap_or(0);
+            (t, score(config, req, t, held), rendezvous(&req.request_id, &t.name))
+        })
         .collect();
     if order.is_empty() {
         return reject(503, "no target that may take this request is up");
     }
-    // Stable sort: degraded targets stay after healthy ones (`serving` put them there).
-    let degraded = |t: &Target| t.health != meridian_plugin_sdk::Health::Healthy;
+    let degraded = |t: &Target| t.health != Health::Healthy;
     order.sort_by(|(a, sa, ha), (b, sb, hb)| {
         degraded(a).cmp(&degraded(b)).then(sb.total_cmp(sa)).then(a.in_flight.cmp(&b.in_flight)).then(ha.cmp(hb))
     });
@@ -142,7 +143,7 @@ export_router!(PrefixRouter);
 mod tests {
     use super::*;
     use meridian_plugin_sdk::testing::{rejected, request, routed, target};
-    use meridian_plugin_sdk::{Health, TargetKind};
+    use meridian_plugin_sdk::TargetKind;
 
     fn engine(name: &str, in_flight: u32) -> Target {
         Target { kind: TargetKind::Dedicated, capacity: Some(8), in_flight, ..target(name) }
