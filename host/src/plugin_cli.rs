@@ -544,12 +544,26 @@ async fn check(file: &Path, config: Option<&Path>, limits: CallLimits) -> Result
     let config = read_config(config)?;
     let cache = TempCache::new()?;
     let runtime = production_runtime(&cache)?;
-    let kind = load(&runtime, file, &config, None, limits).await?.kind();
+    let loaded = load(&runtime, file, &config, None, limits).await?;
+    let kind = loaded.kind();
     println!("file: {}", file.display());
     println!("world: {}", kind.world());
     println!("exports: {}", kind.exports());
     println!("config: ok (configure accepted {config})");
+    if let Loaded::Filter(filter) = &loaded {
+        println!("request triggers: {}", describe_triggers(filter.request_triggers()));
+        println!("answer triggers: {}", describe_triggers(filter.answer_triggers()));
+    }
     Ok(())
+}
+
+/// What a filter declared it needs to see: every text, none, or the texts holding a trigger.
+fn describe_triggers(triggers: Option<&plugin::Triggers>) -> String {
+    match triggers.map(plugin::Triggers::literals) {
+        None => "none declared (sees every one)".into(),
+        Some([]) => "an empty list (sees none)".into(),
+        Some(literals) => format!("{literals:?} (sees only those holding one)"),
+    }
 }
 
 /// `plugin run`.
@@ -589,6 +603,9 @@ async fn run_once(
             let started = Instant::now();
             let verdict = filter.inspect_request(&summary, &segments).await.map_err(fail)?;
             let elapsed = started.elapsed();
+            if filter.request_triggers().is_some_and(|t| !segments.iter().any(|s| t.any_in(&s.text))) {
+                println!("request triggers: none in the request, so the filter was not called");
+            }
             print!("{}", describe_verdict(&verdict, &segments, &mut req)?);
             (elapsed, filter.peak_memory_bytes(), filter.pre_initialised())
         }

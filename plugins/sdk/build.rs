@@ -56,7 +56,7 @@ fn main() {
         let with: String = shared
             .iter()
             .map(|i| {
-                format!("\"meridian:plugin/{i}@0.1.2\": ::meridian_plugin_sdk::bindings::meridian::plugin::{i},\n")
+                format!("\"meridian:plugin/{i}@0.1.3\": ::meridian_plugin_sdk::bindings::meridian::plugin::{i},\n")
             })
             .collect();
         out.push_str(&format!(

@@ -52,6 +52,15 @@ pub use router_world::meridian::plugin::types::{
 
 use router_world::meridian::plugin::host::{Host, Level};
 
+/// What a filter's `configure` declared of the text it needs, as given (`None`: not declared).
+#[derive(Debug, Default)]
+pub(crate) struct DeclaredTriggers {
+    /// Through `answer-triggers`.
+    pub answer: Option<Vec<String>>,
+    /// Through `request-triggers`.
+    pub request: Option<Vec<String>>,
+}
+
 /// Who is running, for the log and metrics a guest writes, and the caps on what it may write.
 pub(crate) struct GuestIdentity {
     pub name: Arc<str>,
@@ -74,8 +83,8 @@ pub(crate) struct CallState {
     pub stderr: CappedPipe,
     log_lines: u32,
     log_dropped: u64,
-    /// What the guest passed to `answer-triggers` in this store, if it called it.
-    answer_triggers: Option<Vec<String>>,
+    /// What the guest passed to `answer-triggers` and `request-triggers` in this store.
+    declared: DeclaredTriggers,
     /// For a router's call: the targets that hold some of the request's prompt in their prefix
     /// caches, and how many tokens (what `prefix-match` answers).
     prefix_held: Vec<(String, u32)>,
@@ -99,7 +108,7 @@ impl CallState {
             stderr,
             log_lines: 0,
             log_dropped: 0,
-            answer_triggers: None,
+            declared: DeclaredTriggers::default(),
             prefix_held: Vec::new(),
         }
     }
@@ -113,7 +122,7 @@ impl CallState {
         self.limiter = CallLimiter::new(memory_bytes);
         self.stdout.clear();
         self.stderr.clear();
-        self.answer_triggers = None;
+        self.declared = DeclaredTriggers::default();
         self.prefix_held.clear();
         self.begin_call();
     }
@@ -124,10 +133,10 @@ impl CallState {
         self.prefix_held.extend(targets.iter().zip(held).filter(|(_, &n)| n > 0).map(|(t, &n)| (t.name.clone(), n)));
     }
 
-    /// What the guest declared through `answer-triggers` in this store, if anything (the last
-    /// call wins).
-    pub fn take_answer_triggers(&mut self) -> Option<Vec<String>> {
-        self.answer_triggers.take()
+    /// What the guest declared through `answer-triggers` and `request-triggers` in this store
+    /// (the last call of each wins).
+    pub fn take_declared_triggers(&mut self) -> DeclaredTriggers {
+        std::mem::take(&mut self.declared)
     }
 
     pub fn take_log_dropped(&mut self) -> u64 {
@@ -209,10 +218,14 @@ impl Host for CallState {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
     }
 
+    // Both kept as given; the runtime checks them when the plugin loads (and ignores calls from
+    // the per-instance `configure` of a plugin without a snapshot).
     fn answer_triggers(&mut self, triggers: Vec<String>) {
-        // Kept as given; the runtime checks them when the plugin loads (and ignores calls from
-        // the per-instance `configure` of a plugin without a snapshot).
-        self.answer_triggers = Some(triggers);
+        self.declared.answer = Some(triggers);
+    }
+
+    fn request_triggers(&mut self, triggers: Vec<String>) {
+        self.declared.request = Some(triggers);
     }
 }
 

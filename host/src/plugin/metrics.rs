@@ -13,7 +13,8 @@ const MAX_NAME_BYTES: usize = 64;
 pub struct PluginMetrics {
     /// `meridian_plugin_calls_total{plugin,version,outcome}`: calls by outcome (`ok`, `timeout`,
     /// `memory_limit`, `trap`, `invalid_output`, `config_rejected`, `overloaded`, `quarantined`,
-    /// `poisoned`…); a response session counts each of its calls.
+    /// `poisoned`…); a response session counts each of its calls. `skipped` counts requests a
+    /// filter's declared request triggers let through without a call.
     pub calls: IntCounterVec,
     /// `meridian_plugin_call_seconds{plugin}`: time of a call, instantiation included.
     pub call_seconds: HistogramVec,

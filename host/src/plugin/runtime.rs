@@ -20,7 +20,8 @@ use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAlloc
 use super::bindings::filter_world::{PrivacyFilter, PrivacyFilterPre};
 use super::bindings::router_world::{Router, RouterPre};
 use super::bindings::{
-    self, CallState, GuestIdentity, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment, Target,
+    self, CallState, GuestIdentity, Inspection, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment,
+    Target,
 };
 use super::cache::{ArtifactCache, CacheStats};
 use super::gate::{Admit, Gate, Triggers};
@@ -399,7 +400,9 @@ impl PluginRuntime {
             health: Mutex::default(),
             preconfigured: false,
             answer_triggers: OnceLock::new(),
+            request_triggers: OnceLock::new(),
             ok_calls: self.inner.metrics.calls.with_label_values(&[name, version, "ok"]),
+            skipped_calls: self.inner.metrics.calls.with_label_values(&[name, version, "skipped"]),
             call_seconds: self.inner.metrics.call_seconds.with_label_values(&[name]),
             spare: Mutex::default(),
         };
@@ -610,8 +613,12 @@ struct PluginCore {
     preconfigured: bool,
     /// What a filter's load-time `configure` declared through `answer-triggers`.
     answer_triggers: OnceLock<Arc<Triggers>>,
+    /// What a filter's load-time `configure` declared through `request-triggers`.
+    request_triggers: OnceLock<Triggers>,
     /// The metrics every successful call updates, looked up once rather than by labels per call.
     ok_calls: prometheus::IntCounter,
+    /// Requests a filter's declared triggers let through without a call.
+    skipped_calls: prometheus::IntCounter,
     call_seconds: prometheus::Histogram,
     /// Host-side states of finished calls, kept for the next ones ([`CallState::reset`]).
     spare: Mutex<Vec<CallState>>,
@@ -741,10 +748,17 @@ impl PluginCore {
     /// Keeps what the load-time `configure` declared through `answer-triggers`, checked; later
     /// declarations (the per-instance `configure` of a plugin without a snapshot) are ignored.
     fn declare_triggers(&self, store: &mut Store<CallState>) -> Result<(), PluginError> {
-        if let Some(literals) = store.data_mut().take_answer_triggers() {
-            let triggers = Triggers::new(literals).map_err(PluginError::InvalidOutput)?;
-            tracing::debug!(plugin = %self.id, triggers = ?triggers.literals(), "answer triggers declared");
-            let _ = self.answer_triggers.set(Arc::new(triggers));
+        let declared = store.data_mut().take_declared_triggers();
+        let check = |literals, what: &str| {
+            let triggers = Triggers::new(literals).map_err(|e| PluginError::InvalidOutput(format!("{what}: {e}")))?;
+            tracing::debug!(plugin = %self.id, triggers = ?triggers.literals(), "{what} declared");
+            Ok::<_, PluginError>(triggers)
+        };
+        if let Some(literals) = declared.answer {
+            let _ = self.answer_triggers.set(Arc::new(check(literals, "answer-triggers")?));
+        }
+        if let Some(literals) = declared.request {
+            let _ = self.request_triggers.set(check(literals, "request-triggers")?);
         }
         Ok(())
     }
@@ -1017,14 +1031,35 @@ impl FilterPlugin {
         self.core.answer_triggers.get().map(|t| &**t)
     }
 
+    /// The request triggers its `configure` declared at load, if any: it is called only for
+    /// requests that contain one (see [`FilterPlugin::inspect_request`]).
+    pub fn request_triggers(&self) -> Option<&Triggers> {
+        self.core.request_triggers.get()
+    }
+
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
     /// non-empty range on character boundaries, no overlaps.
+    ///
+    /// A filter that declared request triggers is not called for a request none of whose
+    /// segments contains one: the verdict is to allow it unchanged, counted as a `skipped`
+    /// call. A quarantined version still fails every request, needed or not, as it would have
+    /// if called (fail closed).
     pub async fn inspect_request(
         &self,
         summary: &RequestSummary,
         segments: &[Segment],
     ) -> Result<RequestVerdict, PluginError> {
         let core = &self.core;
+        if let Some(triggers) = core.request_triggers.get() {
+            if !segments.iter().any(|s| triggers.any_in(&s.text)) {
+                if core.is_quarantined() {
+                    core.count("quarantined");
+                    return Err(PluginError::Quarantined(core.id.clone()));
+                }
+                core.skipped_calls.inc();
+                return Ok(RequestVerdict::Allow(Inspection { labels: Vec::new(), redactions: Vec::new() }));
+            }
+        }
         let mut call = core.admit(&core.runtime.permits).await?;
         let result = core
             .bounded(async {

@@ -1,7 +1,7 @@
 /**
  * Guest SDK for Meridian plugins written in JavaScript: routers and privacy filters built into
  * WebAssembly components with componentize-js (`scripts/build-js-plugins`), against the
- * `meridian:plugin@0.1.2` contract (`wit/meridian-plugin.wit`).
+ * `meridian:plugin@0.1.3` contract (`wit/meridian-plugin.wit`).
  *
  * How the contract looks from JavaScript (componentize-js bindings):
  *
@@ -13,10 +13,12 @@
  *   {@link ConfigError}: the binding passes it on as the `err` text. Any other `Error` thrown from
  *   `configure`, and anything thrown from a hook, traps the instance (the host then falls back for a
  *   router and blocks for a filter).
- * - Host imports come from `'meridian:plugin/host@0.1.2'`: `log(level, message)`,
+ * - Host imports come from `'meridian:plugin/host@0.1.3'`: `log(level, message)`,
  *   `counterAdd(name, delta)` (delta a BigInt), `histogramRecord(name, value)`, `nowMs()` (a BigInt),
- *   and `answerTriggers(triggers)`: from `configure`, a filter's list of strings before one of which
- *   the host shows it nothing of an answer (`[]`: never; see the contract). This module does not
+ *   `answerTriggers(triggers)`: from `configure`, a filter's list of strings before one of which
+ *   the host shows it nothing of an answer (`[]`: never; see the contract), and
+ *   `requestTriggers(triggers)` (0.1.3): the strings one of which a request must contain for the
+ *   host to call the filter on it. This module does not
  *   import them, so it also runs in Node for tests.
  * - The module's top level runs once, when the component is built (componentize-js snapshots the
  *   initialised engine with Wizer); every request gets a fresh copy of that snapshot, so state never

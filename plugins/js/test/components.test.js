@@ -26,6 +26,7 @@ export function counterAdd(name, delta) {}
 export function histogramRecord(name, value) {}
 export function nowMs() { return 0n; }
 export function answerTriggers(triggers) {}
+export function requestTriggers(triggers) {}
 export function prefixMatch(target) { return 0; }
 `,
 );
@@ -37,7 +38,7 @@ async function load(name) {
     throw new Error(`${wasm} is missing: run scripts/build-js-plugins first`);
   }
   const out = join(work, name);
-  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.2=../host.js', '--map', 'meridian:plugin/routing@0.1.2=../host.js', '--quiet']);
+  execFileSync(jco, ['transpile', wasm, '-o', out, '--map', 'meridian:plugin/host@0.1.3=../host.js', '--map', 'meridian:plugin/routing@0.1.3=../host.js', '--quiet']);
   return import(join(out, `${name}.js`));
 }
 

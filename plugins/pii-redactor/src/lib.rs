@@ -44,6 +44,9 @@ impl Filter for PiiRedactor {
         // the answers (and the instances) that hold none, and every answer without the rule.
         let triggers = if policy.blocks_secrets_in_response() { scan::SECRET_TRIGGERS } else { &[] };
         meridian_plugin_sdk::answer_triggers(triggers);
+        // Every finding holds one of these: a request without any is allowed unchanged, without
+        // a call (or an instance).
+        meridian_plugin_sdk::request_triggers(scan::REQUEST_TRIGGERS);
         POLICY.with(|p| *p.borrow_mut() = policy);
         Ok(())
     }

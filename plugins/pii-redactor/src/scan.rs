@@ -145,6 +145,32 @@ pub const SECRET_TRIGGERS: &[&str] = &[
     "-----BEGIN ",
 ];
 
+/// What every finding contains, whatever its entity: a digit (cards, phone numbers, IBANs, SSNs,
+/// IPv4 addresses), an `@` (e-mail addresses), a `:` (IPv6 addresses) or a secret's prefix
+/// ([`SECRET_TRIGGERS`]). The filter declares them as its request triggers, so that the host
+/// calls it only for requests that hold one: a text without any has no finding, which the
+/// scanner tests check on every text they scan, generated ones included.
+pub const REQUEST_TRIGGERS: &[&str] =
+    &joined::<{ NON_SECRET_TRIGGERS.len() + SECRET_TRIGGERS.len() }>(NON_SECRET_TRIGGERS, SECRET_TRIGGERS);
+
+/// What every finding other than a secret holds (see [`REQUEST_TRIGGERS`]).
+const NON_SECRET_TRIGGERS: &[&str] = &["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "@", ":"];
+
+/// `a` then `b`, as one array of `N` (their lengths' sum).
+const fn joined<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    let mut out = [""; N];
+    let mut i = 0;
+    while i < a.len() {
+        out[i] = a[i];
+        i += 1;
+    }
+    while i < N {
+        out[i] = b[i - a.len()];
+        i += 1;
+    }
+    out
+}
+
 /// Scans `text`, yielding its findings in order, without overlaps.
 pub fn scan(text: &str) -> Scanner<'_> {
     let bytes = text.as_bytes();

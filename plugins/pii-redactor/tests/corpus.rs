@@ -1,7 +1,7 @@
 //! Precision and recall on the labelled corpus in `corpus.json` (also read by end-to-end tests):
 //! `cargo test -p pii-redactor --test corpus -- --nocapture` prints them per entity.
 
-use pii_redactor::scan::{scan, Entity};
+use pii_redactor::scan::{scan, Entity, REQUEST_TRIGGERS};
 use serde::Deserialize;
 
 /// One labelled snippet.
@@ -47,6 +47,10 @@ fn precision_and_recall_on_the_corpus() {
     let mut counts = [Counts::default(); Entity::ALL.len()];
     let mut misses = Vec::new();
     for sample in &corpus {
+        // The host calls the filter only for text holding one of its request triggers.
+        for e in &sample.entities {
+            assert!(REQUEST_TRIGGERS.iter().any(|t| e.value.contains(t)), "{:?} holds no request trigger", e.value);
+        }
         // A finding counts when its exact (entity, value) is expected; each expectation once.
         let mut expected: Vec<(Entity, &str)> = sample
             .entities

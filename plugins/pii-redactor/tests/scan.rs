@@ -1,18 +1,24 @@
 //! The scanner, entity by entity: positives in the formats people write, and the near misses
 //! that must not match.
 
-use pii_redactor::scan::{scan, Entity, Finding, SECRET_TRIGGERS};
+use pii_redactor::scan::{scan, Entity, Finding, REQUEST_TRIGGERS, SECRET_TRIGGERS};
 
 /// The findings in `text`, as (entity name, value). Every secret must start with one of the
-/// triggers the filter declares for answers, or the host would not show it that answer.
+/// triggers the filter declares for answers, or the host would not show it that answer; every
+/// finding must hold one of those it declares for requests, or the host would not call it.
 fn found(text: &str) -> Vec<(&'static str, &str)> {
     let findings: Vec<_> = scan(text).map(|f| (f.entity.name(), &text[f.start..f.end])).collect();
     for (entity, value) in &findings {
         if *entity == "secret" {
             assert!(SECRET_TRIGGERS.iter().any(|t| value.starts_with(t)), "{value:?} starts with no trigger");
         }
+        assert_holds_a_request_trigger(value);
     }
     findings
+}
+
+fn assert_holds_a_request_trigger(value: &str) {
+    assert!(REQUEST_TRIGGERS.iter().any(|t| value.contains(t)), "{value:?} holds no request trigger");
 }
 
 /// Asserts that each value, put in a sentence, is found whole as `entity` and nothing else.
@@ -499,6 +505,7 @@ fn assert_invariants(text: &str) {
         assert!(f.start < f.end, "empty finding {f:?} in {text:?}");
         assert!(f.start >= last_end, "overlap at {f:?} in {text:?}");
         assert!(text.is_char_boundary(f.start) && text.is_char_boundary(f.end), "{f:?} splits a char in {text:?}");
+        assert_holds_a_request_trigger(&text[f.start..f.end]);
         last_end = f.end;
     }
 }

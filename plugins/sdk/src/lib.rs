@@ -13,7 +13,7 @@
 //!   `inspect_request`, `inspect_response`), exported from a plugin crate with [`export_router!`] or
 //!   [`export_filter!`], called once at the crate's root.
 //! - Host imports: [`log`]`::{trace, debug, info, warn, error}`, [`counter_add`], [`histogram_record`],
-//!   [`now_ms`], [`answer_triggers`], [`prefix_match`] (routers). They exist only inside the host: natively (unit tests) calling
+//!   [`now_ms`], [`answer_triggers`], [`request_triggers`], [`prefix_match`] (routers). They exist only inside the host: natively (unit tests) calling
 //!   one aborts, so keep them out of the logic you test.
 //! - Routing helpers (pure, natively testable): [`estimated_cost`] (with [`expected_seconds`],
 //!   [`DEFAULT_MAX_OUTPUT_TOKENS`], [`DEFAULT_OUTPUT_TOKENS_PER_SECOND`]), [`serving`], [`healthy`],
@@ -84,10 +84,10 @@ pub mod bindings {
             package meridian:plugin-sdk;
 
             world interfaces {
-                import meridian:plugin/host@0.1.2;
-                import meridian:plugin/types@0.1.2;
-                import meridian:plugin/routing@0.1.2;
-                import meridian:plugin/filtering@0.1.2;
+                import meridian:plugin/host@0.1.3;
+                import meridian:plugin/types@0.1.3;
+                import meridian:plugin/routing@0.1.3;
+                import meridian:plugin/filtering@0.1.3;
             }
         ",
         path: "../../wit",
@@ -212,8 +212,20 @@ pub fn prefix_match(target: &str) -> u32 {
 /// trigger's context, up to 256 bytes before it, and every later piece). An empty list: the filter
 /// never sees answers. Without this call it sees every piece. At most 64 triggers of 1–64 bytes.
 pub fn answer_triggers(triggers: &[&str]) {
-    let triggers: Vec<String> = triggers.iter().map(|t| (*t).to_owned()).collect();
-    bindings::meridian::plugin::host::answer_triggers(&triggers);
+    bindings::meridian::plugin::host::answer_triggers(&owned(triggers));
+}
+
+/// From `configure`, for a filter: declares the request text it needs, so that the host calls
+/// `inspect_request` only for requests one of whose segments contains one of `triggers`, and
+/// allows every other request unchanged without a call. Declare what every finding must contain
+/// (a scanner for numbers declares the ten digits). An empty list: the filter never sees requests.
+/// Without this call it sees every one. At most 64 triggers of 1–64 bytes. Contract 0.1.3.
+pub fn request_triggers(triggers: &[&str]) {
+    bindings::meridian::plugin::host::request_triggers(&owned(triggers));
+}
+
+fn owned(triggers: &[&str]) -> Vec<String> {
+    triggers.iter().map(|t| (*t).to_owned()).collect()
 }
 
 /// With the `panic-messages` feature, sends a panic's message to the node's log, where a plugin

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian::plugin::{
-    CachePolicy, CallLimits, Decision, FilterPlugin, Health, Outcome, PluginError, PluginId, PluginMetrics,
+    CachePolicy, CallLimits, Decision, FilterPlugin, Health, Inspection, Outcome, PluginError, PluginId, PluginMetrics,
     PluginRuntime, PluginSettings, RequestSummary, RequestVerdict, ResponseVerdict, RouterPlugin, Segment, SegmentKind,
     Target, TargetKind,
 };
@@ -624,6 +624,49 @@ async fn answer_triggers_decide_what_of_an_answer_a_filter_sees() {
         "{:?}",
         refused.err()
     );
+}
+
+#[tokio::test]
+async fn request_triggers_decide_which_requests_a_filter_is_called_for() {
+    let rig = rig(|s| s.quarantine_after = 3);
+    // The shipped pii-redactor declares what every one of its findings holds.
+    let pii = rig
+        .runtime
+        .load_filter("pii-redactor", "0.1.0", &plugin_wasm("pii-redactor"), "{}", limits(200))
+        .await
+        .unwrap();
+    let declared = pii.request_triggers().expect("pii-redactor declares request triggers").literals();
+    for t in ["0", "9", "@", ":", "sk-", "-----BEGIN "] {
+        assert!(declared.iter().any(|d| d == t), "{t:?} in {declared:?}");
+    }
+    let plain = Segment { kind: SegmentKind::System, text: "You answer questions about the weather.".into() };
+    let question = Segment { kind: SegmentKind::User, text: "Will it rain in Lisbon tomorrow?".into() };
+    let allowed = pii.inspect_request(&summary(), &[plain.clone(), question.clone()]).await.unwrap();
+    assert_eq!(allowed, RequestVerdict::Allow(Inspection { labels: vec![], redactions: vec![] }));
+    assert_eq!((rig.calls("pii-redactor", "ok"), rig.calls("pii-redactor", "skipped")), (0, 1), "no call");
+
+    // One trigger in any segment, and the filter sees the whole request.
+    let phone = Segment { kind: SegmentKind::User, text: "or call me on +44 20 7946 0958".into() };
+    match pii.inspect_request(&summary(), &[plain.clone(), question, phone]).await.unwrap() {
+        RequestVerdict::Allow(found) => {
+            assert_eq!(found.labels, ["pii.phone.redacted"]);
+            assert_eq!((found.redactions.len(), found.redactions[0].segment), (1, 2), "{found:?}");
+        }
+        other => panic!("the phone number is redacted: {other:?}"),
+    }
+    assert_eq!((rig.calls("pii-redactor", "ok"), rig.calls("pii-redactor", "skipped")), (1, 1));
+
+    // A quarantined filter fails every request, including those it would not have been shown.
+    let broken = rig.filter("invalid-redaction", "\"request-triggered\"").await;
+    let needed = Segment { kind: SegmentKind::User, text: "the TRIGGER word".into() };
+    let skipped = broken.inspect_request(&summary(), &[plain.clone()]).await;
+    assert!(matches!(skipped, Ok(RequestVerdict::Allow(_))), "not shown, so not failed: {skipped:?}");
+    for _ in 0..3 {
+        let failed = broken.inspect_request(&summary(), &[needed.clone()]).await;
+        assert!(matches!(failed, Err(PluginError::InvalidOutput(_))), "{failed:?}");
+    }
+    let closed = broken.inspect_request(&summary(), &[plain]).await;
+    assert!(matches!(closed, Err(PluginError::Quarantined(_))), "fails closed: {closed:?}");
 }
 
 #[tokio::test]

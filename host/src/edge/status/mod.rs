@@ -179,25 +179,26 @@ fn render(edge: &Edge, cache: Option<(u64, u64)>) -> String {
     let calls = counter_sums(&families, "meridian_plugin_calls_total", &["plugin", "version", "outcome"]);
     h.push_str(
         "<section id=\"plugins\"><h2>Plugins</h2><table><thead><tr><th>plugin</th><th>version</th><th>calls ok</th>\
-         <th>calls failed</th><th>state</th></tr></thead><tbody>\n",
+         <th>not needed</th><th>calls failed</th><th>state</th></tr></thead><tbody>\n",
     );
     if plugins.is_empty() {
-        h.push_str("<tr><td colspan=\"5\">No plugins loaded.</td></tr>\n");
+        h.push_str("<tr><td colspan=\"6\">No plugins loaded.</td></tr>\n");
     }
     for id in &plugins {
         let (name, version) = id.rsplit_once('@').unwrap_or((id, ""));
-        let (mut ok, mut failed) = (0.0, 0.0);
+        // `skipped`: requests a filter's declared triggers let through without a call.
+        let (mut ok, mut skipped, mut failed) = (0.0, 0.0, 0.0);
         for (labels, n) in calls.iter().filter(|(l, _)| l[0] == name && l[1] == version) {
-            if labels[2] == "ok" {
-                ok += n;
-            } else {
-                failed += n;
+            match labels[2].as_str() {
+                "ok" => ok += n,
+                "skipped" => skipped += n,
+                _ => failed += n,
             }
         }
         let state = if quarantined.contains(id) { "quarantined" } else { "active" };
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{ok}</td><td>{failed}</td><td class=\"plugin {state}\">{state}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{ok}</td><td>{skipped}</td><td>{failed}</td><td class=\"plugin {state}\">{state}</td></tr>",
             esc(name),
             esc(version)
         );

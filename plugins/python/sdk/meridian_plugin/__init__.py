@@ -8,7 +8,7 @@ A plugin is a module (``app.py``) with a ``WitWorld`` class implementing the ``r
 - :func:`carries_unredacted_pii` / :func:`residency_allows`: the data-residency rule, as the Rust
   SDK (``plugins/sdk``) states it;
 - :func:`log`, :func:`counter_add`, :func:`histogram_record`, :func:`now_ms`,
-  :func:`answer_triggers`: the ``host`` imports.
+  :func:`answer_triggers`, :func:`request_triggers`: the ``host`` imports.
 
 Routers add :mod:`meridian_plugin.routing`, filters :mod:`meridian_plugin.filtering`; import the one
 for your world only, as each imports its world's generated bindings.
@@ -35,6 +35,7 @@ __all__ = [
     "histogram_record",
     "now_ms",
     "answer_triggers",
+    "request_triggers",
     "Level",
 ]
 
@@ -131,3 +132,12 @@ def answer_triggers(triggers: Iterable[str]) -> None:
     trigger's context, up to 256 bytes before it, and every later piece); an empty list means
     never. Without this call the filter sees every piece. At most 64 triggers of 1-64 bytes."""
     host.answer_triggers(list(triggers))
+
+
+def request_triggers(triggers: Iterable[str]) -> None:
+    """From ``configure``, for a filter (contract 0.1.3): the request text it needs. The host then
+    calls ``inspect_request`` only for a request one of whose segments contains one of
+    ``triggers``, and allows every other request unchanged without a call; declare what every
+    finding must contain. An empty list means never. Without this call the filter sees every
+    request. At most 64 triggers of 1-64 bytes."""
+    host.request_triggers(list(triggers))

@@ -3,9 +3,11 @@
 //! `"empty-range"` has `start == end`, `"split-char"` cuts a multi-byte character, `"overlap"`
 //! gives two overlapping ranges. `inspect-response` blocks with the mode as the reason.
 //!
-//! Two modes are about answer triggers instead: `"triggered"` declares the trigger `TRIGGER` and
+//! Three modes are about triggers instead: `"triggered"` declares the answer trigger `TRIGGER` and
 //! blocks every piece of an answer with `saw:` and the text it was shown, so that a test sees what
-//! the host passed; `"bad-triggers"` declares an empty trigger, which the host refuses.
+//! the host passed; `"bad-triggers"` declares an empty trigger, which the host refuses;
+//! `"request-triggered"` declares the request trigger `TRIGGER` and answers every request it is
+//! shown with a redaction past the segment's end (so it fails, and can be quarantined).
 
 use meridian::plugin::filtering::{Inspection, Redaction};
 
@@ -31,6 +33,7 @@ impl Guest for InvalidRedaction {
         match mode.as_str() {
             "triggered" => meridian::plugin::host::answer_triggers(&["TRIGGER".to_string()]),
             "bad-triggers" => meridian::plugin::host::answer_triggers(&[String::new()]),
+            "request-triggered" => meridian::plugin::host::request_triggers(&["TRIGGER".to_string()]),
             _ => {}
         }
         MODE.with(|m| *m.borrow_mut() = mode);
