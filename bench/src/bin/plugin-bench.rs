@@ -5,7 +5,8 @@
 //! run on it), its hook, and the output checks. Prints p50/p99 per plugin, at concurrency 1 and
 //! 2 (tasks on a two-worker runtime, each calling in a loop), for:
 //! - the request side: prompts of 200 B, 2 KB and 32 KB (routers see only the prompt's size;
-//!   filters scan its text);
+//!   filters scan its text), and a 2 KB prompt holding none of pii-redactor's request triggers
+//!   (no digit, `@`, `:` or secret prefix), for which the host does not call it;
 //! - the answer side: a 2 KB answer whole (one call on a fresh instance), and streamed as 18
 //!   pieces to one session (its instance and the 18 calls, per answer). pii-redactor's default
 //!   configuration declares no answer triggers, so its rows show the host skipping the calls;
@@ -54,6 +55,14 @@ fn main() {
 fn prompt(bytes: usize) -> String {
     const CHUNK: &str = "Please write to jane.doe@example.com or call +44 20 7946 0958 about the refund of \
         order 4411 paid with 4111 1111 1111 1111 last Tuesday; the customer prefers e-mail. ";
+    CHUNK.repeat(bytes.div_ceil(CHUNK.len()))[..bytes].to_string()
+}
+
+/// Prose of `bytes` bytes with no digit, `@`, `:` or secret prefix: nothing pii-redactor's
+/// request triggers name, as in most chat prompts that carry no personal data.
+fn prose(bytes: usize) -> String {
+    const CHUNK: &str = "Please summarise the customer's message about the delayed refund, keep a friendly \
+        tone, and suggest what the support team should do next; the customer prefers e-mail. ";
     CHUNK.repeat(bytes.div_ceil(CHUNK.len()))[..bytes].to_string()
 }
 
@@ -253,6 +262,19 @@ async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), S
                 };
                 row(Row { plugin: name, side: "route", size: size.clone() }, calls, concurrency, call).await?;
             }
+        }
+        // A 2 KB prompt with none of the filters' request triggers: pii-redactor, which declares
+        // what every finding holds, is not called; a filter that declares none scans it.
+        let summary_2k = Arc::new(summary(2 << 10));
+        let clean = Arc::new(vec![Segment { kind: SegmentKind::User, text: prose(2 << 10) }]);
+        for (name, filter) in &filters {
+            let (filter, summary, segments) = (Arc::clone(filter), Arc::clone(&summary_2k), Arc::clone(&clean));
+            let call = move || {
+                let (filter, summary, segments) = (Arc::clone(&filter), Arc::clone(&summary), Arc::clone(&segments));
+                async move { filter.inspect_request(&summary, &segments).await.map(drop) }
+            };
+            let row_name = Row { plugin: name, side: "request, no trigger", size: "2048 B".into() };
+            row(row_name, calls, concurrency, call).await?;
         }
         // The answer side: a 2 KB answer whole, and streamed as 18 pieces to one session; for
         // the secrets rule, an answer whose first words name a key prefix (a trigger).
