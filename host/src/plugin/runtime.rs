@@ -745,8 +745,8 @@ impl PluginCore {
         result
     }
 
-    /// Keeps what the load-time `configure` declared through `answer-triggers`, checked; later
-    /// declarations (the per-instance `configure` of a plugin without a snapshot) are ignored.
+    /// Keeps what the load-time `configure` declared through `answer-triggers` and
+    /// `request-triggers`, checked; later declarations (the per-instance `configure` of a plugin without a snapshot) are ignored.
     fn declare_triggers(&self, store: &mut Store<CallState>) -> Result<(), PluginError> {
         let declared = store.data_mut().take_declared_triggers();
         let check = |literals, what: &str| {
