@@ -5,8 +5,9 @@
 //! concurrency 1 and 64, non-streamed and streamed; time to first token of streams; the plugin
 //! chain (pii-redactor + latency-router) on and off at concurrency 1 and 64, non-streamed and
 //! streamed (prompts without personal data, which the filter's request triggers skip) and
-//! non-streamed with a phone number in the prompt (which it redacts), and the request ledger on and off at concurrency 64 (two fresh edges side by side:
-//! p50, requests/s and the edge's CPU per request, medians of 3 interleaved runs); cache-hit
+//! non-streamed with a phone number in the prompt (which it redacts), and the request ledger on
+//! and off at concurrency 64 (two fresh edges side by side: p50, requests/s and the edge's CPU
+//! per request, medians of 3 interleaved runs); cache-hit
 //! latency; the edge's RSS (idle and peak) and CPU time per request. Any failed request (wrk's
 //! connect, read, write, status or timeout errors) fails the benchmark.
 //!

@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meridian::plugin::{
-    CallLimits, Health, PluginMetrics, PluginRuntime, PluginSettings, PriceModel, RequestSummary, Segment, SegmentKind,
-    Target, TargetKind, TokenPrice,
+    CallLimits, FilterPlugin, Health, PluginMetrics, PluginRuntime, PluginSettings, PriceModel, RequestSummary,
+    Segment, SegmentKind, Target, TargetKind, TokenPrice,
 };
 
 fn main() {
@@ -53,17 +53,48 @@ fn main() {
 /// Prose of about `bytes` bytes with an e-mail address, a phone number and a card number in every
 /// 200 bytes, so that the redactor finds as much as real PII-heavy traffic would give it.
 fn prompt(bytes: usize) -> String {
-    const CHUNK: &str = "Please write to jane.doe@example.com or call +44 20 7946 0958 about the refund of \
-        order 4411 paid with 4111 1111 1111 1111 last Tuesday; the customer prefers e-mail. ";
-    CHUNK.repeat(bytes.div_ceil(CHUNK.len()))[..bytes].to_string()
+    repeated(
+        "Please write to jane.doe@example.com or call +44 20 7946 0958 about the refund of \
+         order 4411 paid with 4111 1111 1111 1111 last Tuesday; the customer prefers e-mail. ",
+        bytes,
+    )
 }
 
 /// Prose of `bytes` bytes with no digit, `@`, `:` or secret prefix: nothing pii-redactor's
 /// request triggers name, as in most chat prompts that carry no personal data.
 fn prose(bytes: usize) -> String {
-    const CHUNK: &str = "Please summarise the customer's message about the delayed refund, keep a friendly \
-        tone, and suggest what the support team should do next; the customer prefers e-mail. ";
-    CHUNK.repeat(bytes.div_ceil(CHUNK.len()))[..bytes].to_string()
+    repeated(
+        "Please summarise the customer's message about the delayed refund, keep a friendly \
+         tone, and suggest what the support team should do next; the customer prefers e-mail. ",
+        bytes,
+    )
+}
+
+/// `chunk` repeated and cut to `bytes` (ASCII, so any cut is a character boundary).
+fn repeated(chunk: &str, bytes: usize) -> String {
+    chunk.repeat(bytes.div_ceil(chunk.len()))[..bytes].to_string()
+}
+
+/// A row per filter: the request side on `segments`, each call a fresh instance (or none, where
+/// the filter's request triggers let the request through).
+async fn request_rows(
+    filters: &[(String, Arc<FilterPlugin>)],
+    side: &str,
+    size: &str,
+    summary: &Arc<RequestSummary>,
+    segments: &Arc<Vec<Segment>>,
+    calls: usize,
+    concurrency: usize,
+) -> Result<(), String> {
+    for (name, filter) in filters {
+        let (filter, summary, segments) = (Arc::clone(filter), Arc::clone(summary), Arc::clone(segments));
+        let call = move || {
+            let (filter, summary, segments) = (Arc::clone(&filter), Arc::clone(&summary), Arc::clone(&segments));
+            async move { filter.inspect_request(&summary, &segments).await.map(drop) }
+        };
+        row(Row { plugin: name, side, size: size.to_string() }, calls, concurrency, call).await?;
+    }
+    Ok(())
 }
 
 fn summary(prompt_bytes: usize) -> RequestSummary {
@@ -245,15 +276,7 @@ async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), S
             let size = format!("{bytes} B");
             let summary = Arc::new(summary(bytes));
             let segments = Arc::new(vec![Segment { kind: SegmentKind::User, text: prompt(bytes) }]);
-            for (name, filter) in &filters {
-                let (filter, summary, segments) = (Arc::clone(filter), Arc::clone(&summary), Arc::clone(&segments));
-                let call = move || {
-                    let (filter, summary, segments) =
-                        (Arc::clone(&filter), Arc::clone(&summary), Arc::clone(&segments));
-                    async move { filter.inspect_request(&summary, &segments).await.map(drop) }
-                };
-                row(Row { plugin: name, side: "request", size: size.clone() }, calls, concurrency, call).await?;
-            }
+            request_rows(&filters, "request", &size, &summary, &segments, calls, concurrency).await?;
             for (name, router) in &routers {
                 let (router, summary, targets) = (Arc::clone(router), Arc::clone(&summary), Arc::clone(&targets));
                 let call = move || {
@@ -267,15 +290,7 @@ async fn run(calls: usize, interpreted_rows: bool, only: String) -> Result<(), S
         // what every finding holds, is not called; a filter that declares none scans it.
         let summary_2k = Arc::new(summary(2 << 10));
         let clean = Arc::new(vec![Segment { kind: SegmentKind::User, text: prose(2 << 10) }]);
-        for (name, filter) in &filters {
-            let (filter, summary, segments) = (Arc::clone(filter), Arc::clone(&summary_2k), Arc::clone(&clean));
-            let call = move || {
-                let (filter, summary, segments) = (Arc::clone(&filter), Arc::clone(&summary), Arc::clone(&segments));
-                async move { filter.inspect_request(&summary, &segments).await.map(drop) }
-            };
-            let row_name = Row { plugin: name, side: "request, no trigger", size: "2048 B".into() };
-            row(row_name, calls, concurrency, call).await?;
-        }
+        request_rows(&filters, "request, no trigger", "2048 B", &summary_2k, &clean, calls, concurrency).await?;
         // The answer side: a 2 KB answer whole, and streamed as 18 pieces to one session; for
         // the secrets rule, an answer whose first words name a key prefix (a trigger).
         let plain = Arc::new(prompt(2 << 10));

@@ -13,8 +13,9 @@
 //!   `inspect_request`, `inspect_response`), exported from a plugin crate with [`export_router!`] or
 //!   [`export_filter!`], called once at the crate's root.
 //! - Host imports: [`log`]`::{trace, debug, info, warn, error}`, [`counter_add`], [`histogram_record`],
-//!   [`now_ms`], [`answer_triggers`], [`request_triggers`], [`prefix_match`] (routers). They exist only inside the host: natively (unit tests) calling
-//!   one aborts, so keep them out of the logic you test.
+//!   [`now_ms`], [`answer_triggers`] and [`request_triggers`] (filters), [`prefix_match`] (routers).
+//!   They exist only inside the host: natively (unit tests) calling one aborts, so keep them out of
+//!   the logic you test.
 //! - Routing helpers (pure, natively testable): [`estimated_cost`] (with [`expected_seconds`],
 //!   [`DEFAULT_MAX_OUTPUT_TOKENS`], [`DEFAULT_OUTPUT_TOKENS_PER_SECOND`]), [`serving`], [`healthy`],
 //!   [`hourly_share`], [`residency_allows`] (with [`carries_unredacted_pii`]), [`decide`], [`reject`], and
