@@ -588,7 +588,7 @@ async fn run_once(
     let world = plugin.kind().world();
     let fail = |source| CliError::Plugin { file: file.to_path_buf(), world, source };
     println!("world: {world}");
-    let (elapsed, peak, pre_initialised) = match plugin {
+    let (elapsed, peak, pre_initialised, direct) = match plugin {
         Loaded::Router(router) => {
             let path = targets.ok_or_else(|| CliError::NeedTargets(file.to_path_buf()))?;
             let (targets, held) = read_targets(path, &req)?;
@@ -596,7 +596,7 @@ async fn run_once(
             let outcome = router.route(&summary, &targets, &held).await.map_err(fail)?;
             let elapsed = started.elapsed();
             print!("{}", describe_outcome(&outcome));
-            (elapsed, router.peak_memory_bytes(), router.pre_initialised())
+            (elapsed, router.peak_memory_bytes(), router.pre_initialised(), router.called_directly())
         }
         Loaded::Filter(filter) => {
             let segments = redaction::segments(&req);
@@ -607,7 +607,7 @@ async fn run_once(
                 println!("request triggers: none in the request, so the filter was not called");
             }
             print!("{}", describe_verdict(&verdict, &segments, &mut req)?);
-            (elapsed, filter.peak_memory_bytes(), filter.pre_initialised())
+            (elapsed, filter.peak_memory_bytes(), filter.pre_initialised(), filter.called_directly())
         }
     };
     let instance = if pre_initialised {
@@ -615,7 +615,8 @@ async fn run_once(
     } else {
         "a fresh instance: instantiate, configure, call"
     };
-    println!("time: {} ({instance})", millis(elapsed));
+    let entry = if direct { "called directly: it imports only host" } else { "called on a fiber: it imports WASI" };
+    println!("time: {} ({instance}; {entry})", millis(elapsed));
     println!("peak memory: {} KiB of linear memory", peak.div_ceil(1024));
     println!("fuel: not metered (epoch deadlines)");
     Ok(())

@@ -15,20 +15,34 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::metrics::PluginMetrics;
 use super::stdio::CappedPipe;
 
-/// The `router` world.
+/// The `router` world, its exports called on a fiber (for plugins that import WASI, whose
+/// blocking calls, such as sleeps and polls, then await instead of blocking a Tokio worker); the
+/// `host` imports stay plain functions.
 pub(crate) mod router_world {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "router",
-        // Exports are called on a fiber so that WASI's blocking calls (stdout, sleeps, polls)
-        // await instead of blocking a Tokio worker; the `host` imports stay plain functions.
         exports: { default: async },
         // Callers compare decisions (tests, the routing core's property checks).
         additional_derives: [PartialEq],
     });
 }
 
-/// The `privacy-filter` world, sharing the router world's interfaces.
+/// The `router` world's exports called directly, for plugins that import only `host` (see
+/// `entry`); its types are the fiber bindings' own.
+pub(crate) mod router_world_direct {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "router",
+        with: {
+            "meridian:plugin/types": super::router_world::meridian::plugin::types,
+            "meridian:plugin/host": super::router_world::meridian::plugin::host,
+            "meridian:plugin/routing": super::router_world::meridian::plugin::routing,
+        },
+    });
+}
+
+/// The `privacy-filter` world on a fiber, sharing the router world's interfaces.
 pub(crate) mod filter_world {
     wasmtime::component::bindgen!({
         path: "../wit",
@@ -38,6 +52,19 @@ pub(crate) mod filter_world {
         with: {
             "meridian:plugin/types": super::router_world::meridian::plugin::types,
             "meridian:plugin/host": super::router_world::meridian::plugin::host,
+        },
+    });
+}
+
+/// The `privacy-filter` world's exports called directly.
+pub(crate) mod filter_world_direct {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "privacy-filter",
+        with: {
+            "meridian:plugin/types": super::router_world::meridian::plugin::types,
+            "meridian:plugin/host": super::router_world::meridian::plugin::host,
+            "meridian:plugin/filtering": super::filter_world::meridian::plugin::filtering,
         },
     });
 }

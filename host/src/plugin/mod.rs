@@ -43,6 +43,7 @@ use std::time::Duration;
 mod bindings;
 mod cache;
 mod componentize;
+mod entry;
 mod gate;
 mod metrics;
 mod runtime;

@@ -17,13 +17,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
-use super::bindings::filter_world::{PrivacyFilter, PrivacyFilterPre};
-use super::bindings::router_world::{Router, RouterPre};
 use super::bindings::{
     self, CallState, GuestIdentity, Inspection, Outcome, RequestSummary, RequestVerdict, ResponseVerdict, Segment,
     Target,
 };
 use super::cache::{ArtifactCache, CacheStats};
+use super::entry::{FilterEntry, FilterInstance, RouterEntry, RouterInstance};
 use super::gate::{Admit, Gate, Triggers};
 use super::metrics::PluginMetrics;
 use super::stdio::CappedPipe;
@@ -295,20 +294,18 @@ impl PluginRuntime {
         config_json: &str,
         limits: CallLimits,
     ) -> Result<RouterPlugin, PluginError> {
-        const WORLD: &str = "router";
-        let typed = |pre| RouterPre::new(pre).map_err(|e| wrong_world(WORLD, e));
-        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits, typed).await?;
+        let (core, entry) = self.prepare(name, version, wasm.into(), config_json, limits, RouterEntry::new).await?;
         // A trial instance: the snapshot instantiates (and, without one, `configure` accepts).
         let _slot = self.inner.load_slot.lock().await;
         let mut call = core.start(None);
         let result = core
             .bounded(async {
-                let router = pre.instantiate_async(&mut call.store).await?;
-                core.configure(|config| router.call_configure(&mut call.store, config)).await
+                let router = entry.instantiate(&mut call.store).await?;
+                core.configure(|config| router.configure(&mut call.store, config)).await
             })
             .await;
         core.finish(call, result, |_| Ok(()))?;
-        Ok(RouterPlugin { core: self.register(core), pre })
+        Ok(RouterPlugin { core: self.register(core), entry })
     }
 
     /// Loads a privacy filter: as [`PluginRuntime::load_router`], for the `privacy-filter` world.
@@ -320,26 +317,26 @@ impl PluginRuntime {
         config_json: &str,
         limits: CallLimits,
     ) -> Result<FilterPlugin, PluginError> {
-        const WORLD: &str = "privacy-filter";
-        let typed = |pre| PrivacyFilterPre::new(pre).map_err(|e| wrong_world(WORLD, e));
-        let (core, pre) = self.prepare(name, version, wasm.into(), config_json, limits, typed).await?;
+        let (core, entry) = self.prepare(name, version, wasm.into(), config_json, limits, FilterEntry::new).await?;
         let _slot = self.inner.load_slot.lock().await;
         let mut call = core.start(None);
         let result = core
             .bounded(async {
-                let filter = pre.instantiate_async(&mut call.store).await?;
-                core.configure(|config| filter.call_configure(&mut call.store, config)).await
+                let filter = entry.instantiate(&mut call.store).await?;
+                core.configure(|config| filter.configure(&mut call.store, config)).await
             })
             .await;
         if result.is_ok() {
             core.declare_triggers(&mut call.store)?;
         }
         core.finish(call, result, |_| Ok(()))?;
-        Ok(FilterPlugin { core: self.register(core), pre })
+        Ok(FilterPlugin { core: self.register(core), entry })
     }
 
     /// Compiles (or loads from the cache) and links a component, checks its world with `typed`
-    /// (the world's `…Pre::new`, which looks up its exports), and pre-initialises it.
+    /// (the world's [`entry`](super::entry) constructor, which looks up its exports; its second
+    /// argument says whether the component imports WASI, whose calls can block), and
+    /// pre-initialises it.
     async fn prepare<P>(
         &self,
         name: &str,
@@ -347,7 +344,7 @@ impl PluginRuntime {
         wasm: WasmSource<'_>,
         config_json: &str,
         limits: CallLimits,
-        typed: impl Fn(InstancePre<CallState>) -> Result<P, PluginError>,
+        typed: impl Fn(InstancePre<CallState>, bool) -> Result<P, PluginError>,
     ) -> Result<(Arc<PluginCore>, P), PluginError> {
         let settings = &self.inner.settings;
         let memory_bytes = limits.max_memory_bytes.unwrap_or(settings.max_memory_bytes);
@@ -371,7 +368,8 @@ impl PluginRuntime {
         // Linking and the world first: a component written for another host or world is refused
         // before anything of it runs.
         let pre = self.link(&component)?;
-        typed(pre.clone())?;
+        let blocking = imports_wasi(&component, &self.inner.engine);
+        typed(pre.clone(), blocking)?;
         let deadline = Duration::from_millis(limits.deadline_ms);
         let tick = Duration::from_millis(settings.epoch_tick_ms);
         let guest = Arc::new(GuestIdentity {
@@ -393,8 +391,7 @@ impl PluginRuntime {
             // A guest blocked in a host call (a sleep, a poll) never sees the epoch: this bounds
             // it. Only WASI's calls can block; a plugin that imports only `host` (whose calls
             // return at once) is bounded by the epoch alone, without a timer per call.
-            wall_limit: imports_wasi(&component, &self.inner.engine)
-                .then(|| deadline + tick * 2 + Duration::from_millis(20)),
+            wall_limit: blocking.then(|| deadline + tick * 2 + Duration::from_millis(20)),
             memory_bytes,
             peak_memory_bytes: AtomicUsize::new(0),
             health: Mutex::default(),
@@ -407,7 +404,7 @@ impl PluginRuntime {
             spare: Mutex::default(),
         };
         let (core, pre) = self.pre_initialise(core, &bytes, pre).await?;
-        Ok((core, typed(pre)?))
+        Ok((core, typed(pre, blocking)?))
     }
 
     fn link(&self, component: &Component) -> Result<InstancePre<CallState>, PluginError> {
@@ -498,10 +495,6 @@ impl PluginRuntime {
 /// Whether `component` imports any WASI interface (whose calls, unlike `host`'s, can block).
 fn imports_wasi(component: &Component, engine: &Engine) -> bool {
     component.component_type().imports(engine).any(|(name, _)| name.starts_with("wasi:"))
-}
-
-fn wrong_world(world: &'static str, error: wasmtime::Error) -> PluginError {
-    PluginError::WrongWorld { world, message: format!("{error:#}") }
 }
 
 fn check_settings(settings: &PluginSettings) -> Result<(), PluginError> {
@@ -864,7 +857,7 @@ impl PluginCore {
 /// A loaded router. Cheap to share behind an `Arc`; every call runs on a fresh instance.
 pub struct RouterPlugin {
     core: Arc<PluginCore>,
-    pre: RouterPre<CallState>,
+    entry: RouterEntry,
 }
 
 impl RouterPlugin {
@@ -885,6 +878,13 @@ impl RouterPlugin {
         self.core.preconfigured
     }
 
+    /// Whether its calls enter the instance directly, without a fiber or a wall-clock timer:
+    /// it imports only `host`, whose functions return at once, so nothing in a call can block
+    /// (see [`entry`](super::entry)). A plugin that imports WASI is called on a fiber.
+    pub fn called_directly(&self) -> bool {
+        self.entry.is_direct()
+    }
+
     /// Asks the router where a request goes. `held` gives, per target in order, how many of the
     /// request's prompt tokens it holds in its prefix cache (what the guest's `prefix-match`
     /// answers; shorter or empty means 0). The outcome is checked: a decision names only given
@@ -900,9 +900,9 @@ impl RouterPlugin {
         call.store.data_mut().set_prefix_held(targets, held);
         let result = core
             .bounded(async {
-                let router = self.pre.instantiate_async(&mut call.store).await?;
-                core.configure(|config| router.call_configure(&mut call.store, config)).await?;
-                Ok(router.call_route(&mut call.store, summary, targets).await?)
+                let router = self.entry.instantiate(&mut call.store).await?;
+                core.configure(|config| router.configure(&mut call.store, config)).await?;
+                Ok(router.route(&mut call.store, summary, targets).await?)
             })
             .await;
         core.finish(call, result, |outcome| validate::outcome(outcome, targets))
@@ -913,7 +913,7 @@ impl RouterPlugin {
     /// router a million times on one thread (`meridian::simulate`), where instantiation would
     /// cost most of the time. Nothing is instantiated until the first [`RouterSession::route`].
     pub fn session(&self) -> RouterSession {
-        RouterSession { core: Arc::clone(&self.core), pre: self.pre.clone(), live: None, poisoned: false }
+        RouterSession { core: Arc::clone(&self.core), entry: self.entry.clone(), live: None, poisoned: false }
     }
 }
 
@@ -928,8 +928,8 @@ impl RouterPlugin {
 /// (the cost router's global holds only its configuration).
 pub struct RouterSession {
     core: Arc<PluginCore>,
-    pre: RouterPre<CallState>,
-    live: Option<(Call, Option<Router>)>,
+    entry: RouterEntry,
+    live: Option<(Call, Option<RouterInstance>)>,
     poisoned: bool,
 }
 
@@ -979,12 +979,12 @@ impl RouterSession {
                 let router = match &mut router {
                     Some(router) => router,
                     None => {
-                        let fresh = self.pre.instantiate_async(&mut call.store).await?;
-                        core.configure(|config| fresh.call_configure(&mut call.store, config)).await?;
+                        let fresh = self.entry.instantiate(&mut call.store).await?;
+                        core.configure(|config| fresh.configure(&mut call.store, config)).await?;
                         router.insert(fresh)
                     }
                 };
-                Ok(router.call_route(&mut call.store, summary, targets).await?)
+                Ok(router.route(&mut call.store, summary, targets).await?)
             })
             .await;
         let memory_hit = core.collect(&mut call.store);
@@ -1004,7 +1004,7 @@ impl RouterSession {
 /// except the calls of one [`ResponseSession`], which share one.
 pub struct FilterPlugin {
     core: Arc<PluginCore>,
-    pre: PrivacyFilterPre<CallState>,
+    entry: FilterEntry,
 }
 
 impl FilterPlugin {
@@ -1023,6 +1023,13 @@ impl FilterPlugin {
     /// rather than running `configure` on each.
     pub fn pre_initialised(&self) -> bool {
         self.core.preconfigured
+    }
+
+    /// Whether its calls enter the instance directly, without a fiber or a wall-clock timer:
+    /// it imports only `host`, whose functions return at once, so nothing in a call can block
+    /// (see [`entry`](super::entry)). A plugin that imports WASI is called on a fiber.
+    pub fn called_directly(&self) -> bool {
+        self.entry.is_direct()
     }
 
     /// The answer triggers its `configure` declared at load, if any: its response sessions show
@@ -1063,9 +1070,9 @@ impl FilterPlugin {
         let mut call = core.admit(&core.runtime.permits).await?;
         let result = core
             .bounded(async {
-                let filter = self.pre.instantiate_async(&mut call.store).await?;
-                core.configure(|config| filter.call_configure(&mut call.store, config)).await?;
-                Ok(filter.call_inspect_request(&mut call.store, summary, segments).await?)
+                let filter = self.entry.instantiate(&mut call.store).await?;
+                core.configure(|config| filter.configure(&mut call.store, config)).await?;
+                Ok(filter.inspect_request(&mut call.store, summary, segments).await?)
             })
             .await;
         core.finish(call, result, |verdict| validate::request_verdict(verdict, segments))
@@ -1100,7 +1107,7 @@ impl FilterPlugin {
     fn session_in(&self, slots: &Arc<Semaphore>) -> ResponseSession {
         ResponseSession {
             core: Arc::clone(&self.core),
-            pre: self.pre.clone(),
+            entry: self.entry.clone(),
             slots: Arc::clone(slots),
             state: SessionState::Idle,
             gate: Gate::new(self.core.answer_triggers.get()),
@@ -1168,7 +1175,7 @@ impl fmt::Debug for SessionSlots {
 /// per filter for its duration.
 pub struct ResponseSession {
     core: Arc<PluginCore>,
-    pre: PrivacyFilterPre<CallState>,
+    entry: FilterEntry,
     /// Where its instance's slot comes from.
     slots: Arc<Semaphore>,
     state: SessionState,
@@ -1188,7 +1195,7 @@ enum SessionState {
 struct Live {
     call: Call,
     /// The instance's exports; `None` until instantiated in the first call.
-    filter: Option<PrivacyFilter>,
+    filter: Option<FilterInstance>,
 }
 
 impl fmt::Debug for ResponseSession {
@@ -1248,12 +1255,12 @@ impl ResponseSession {
                 let filter = match filter {
                     Some(filter) => filter,
                     None => {
-                        let fresh = self.pre.instantiate_async(&mut call.store).await?;
-                        core.configure(|config| fresh.call_configure(&mut call.store, config)).await?;
+                        let fresh = self.entry.instantiate(&mut call.store).await?;
+                        core.configure(|config| fresh.configure(&mut call.store, config)).await?;
                         filter.insert(fresh)
                     }
                 };
-                Ok(filter.call_inspect_response(&mut call.store, text).await?)
+                Ok(filter.inspect_response(&mut call.store, text).await?)
             })
             .await;
         let memory_hit = core.collect(&mut call.store);

@@ -175,6 +175,7 @@ async fn instances_start_configured_and_still_fresh() {
     let rig = rig(|_| {});
     let router = rig.router("good-router", "tuned", 200).await;
     assert!(router.pre_initialised(), "the good router can be snapshotted after configure");
+    assert!(!router.called_directly(), "a wasm32-wasip2 component imports WASI: called on a fiber");
     for _ in 0..3 {
         match router.route(&summary(), &targets(), &[]).await.unwrap() {
             Outcome::Route(decision) => assert_eq!(decision.model_rewrite.as_deref(), Some("tuned")),
@@ -269,7 +270,8 @@ async fn hostile_plugins_fail_per_policy_while_good_calls_succeed() {
 }
 
 /// A Rust plugin built without WASI is a core module carrying its world: the runtime encodes it
-/// as a component at load, and its instances meet the same limits as a component's.
+/// as a component at load, calls it directly (nothing it imports can block), and its instances
+/// meet the same limits as a component's: the deadline stops a spin without a fiber or a timer.
 #[tokio::test]
 async fn modules_built_without_wasi_load_as_components_and_meet_the_same_limits() {
     let rig = rig(|_| {});
@@ -281,6 +283,7 @@ async fn modules_built_without_wasi_load_as_components_and_meet_the_same_limits(
     };
     let good = load("good-router", 2_000).await;
     assert!(good.pre_initialised(), "snapshotted after configure, as components are");
+    assert!(good.called_directly(), "it imports only host: called without a fiber");
     for _ in 0..3 {
         assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
     }
