@@ -7,12 +7,14 @@
 //! streamed (prompts without personal data, which the filter's request triggers skip) and
 //! non-streamed with a phone number in the prompt (which it redacts), and the request ledger on
 //! and off at concurrency 64 (two fresh edges side by side: p50, requests/s and the edge's CPU
-//! per request, medians of 3 interleaved runs); cache-hit
+//! per request, medians of 3 pairs of back-to-back runs, alternating which edge goes first; what
+//! one adds and keeps over the other is taken per pair); cache-hit
 //! latency; the edge's RSS (idle and peak) and CPU time per request. Any failed request (wrk's
 //! connect, read, write, status or timeout errors) fails the benchmark.
 //!
 //! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
-//! Options: `--duration SECS` per wrk run (default 5), `--ttft-requests N` (default 300).
+//! Options: `--duration SECS` per wrk run (default 5), `--ttft-requests N` (default 300),
+//! `--pairs N` of side-by-side runs (default 3).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -39,7 +41,8 @@ fn main() {
     };
     let duration = opt("--duration", 5);
     let ttft_requests = opt("--ttft-requests", 300);
-    if let Err(e) = run(duration, ttft_requests) {
+    let pairs = usize::try_from(opt("--pairs", 3)).unwrap_or(usize::MAX).max(1);
+    if let Err(e) = run(duration, ttft_requests, pairs) {
         eprintln!("edge-bench: {e}");
         std::process::exit(1);
     }
@@ -70,7 +73,7 @@ fn wait_listening(addr: SocketAddr) -> Result<(), String> {
     Err(format!("nothing listens on {addr} after 10 s"))
 }
 
-fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
+fn run(duration: u64, ttft_requests: u64, pairs: usize) -> Result<(), String> {
     let bin_dir =
         std::env::current_exe().map_err(|e| e.to_string())?.parent().map(Path::to_path_buf).unwrap_or_default();
     let tmp = std::env::temp_dir().join(format!("meridian-bench-{}", std::process::id()));
@@ -142,31 +145,30 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
     let mut chain_rows = Vec::new();
     for (scenario, body) in [("non-streamed", plain), ("streamed", streamed), ("phone number", phone)] {
         for conc in [1u32, 64] {
-            let [on, off] = side_by_side(&tmp, [&chained, &unchained], body, conc, duration, 3)?;
+            let chain = side_by_side(&tmp, [&chained, &unchained], body, conc, duration, pairs)?;
+            let (on, off) = (&chain.first, &chain.second);
             println!(
                 "| {scenario}, chain on / off | edge | {conc} | {:.3} / {:.3} | — | — | {:.0} / {:.0} ({:.0}%) | 0 | {:.1} / {:.1} (chain {:+.1}) |",
                 on.p50_ms,
                 off.p50_ms,
                 on.rps,
                 off.rps,
-                100.0 * on.rps / off.rps.max(1.0),
+                100.0 * chain.kept,
                 on.cpu_us,
                 off.cpu_us,
-                on.cpu_us - off.cpu_us
+                chain.added_cpu_us
             );
-            chain_rows.push((scenario, conc, on, off));
+            chain_rows.push((scenario, conc, chain));
         }
     }
     drop((chained, unchained));
     let ledgered = start("edge-ledger", Edge::default())?;
     let unledgered = start("edge-no-ledger", Edge { ledger: false, ..Edge::default() })?;
-    let [with, without] = side_by_side(&tmp, [&ledgered, &unledgered], plain, 64, duration, 3)?;
+    let ledger = side_by_side(&tmp, [&ledgered, &unledgered], plain, 64, duration, pairs)?;
     drop((ledgered, unledgered));
     println!(
         "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {:.1} / {:.1} (ledger {:+.1}) |",
-        with.cpu_us,
-        without.cpu_us,
-        with.cpu_us - without.cpu_us
+        ledger.first.cpu_us, ledger.second.cpu_us, ledger.added_cpu_us
     );
     let cpu_before = proc_cpu(edge_pid);
     let hit = wrk(&tmp, &through, cached, 1, duration)?;
@@ -176,13 +178,16 @@ fn run(duration: u64, ttft_requests: u64) -> Result<(), String> {
         hit.p50_ms, hit.p90_ms, hit.p99_ms, hit.rps, hit.errors
     );
     println!();
-    println!("Plugin chain (pii-redactor + latency-router), medians of 3 interleaved runs each:");
-    for (scenario, conc, on, off) in &chain_rows {
+    println!(
+        "Plugin chain (pii-redactor + latency-router), {pairs} pairs of runs each (medians; CPU added and req/s \
+         kept per pair):"
+    );
+    for (scenario, conc, chain) in &chain_rows {
         println!(
             "  {scenario:<12} c={conc:<3} adds p50 {:+.3} ms, {:+.1} µs of edge CPU a request; keeps {:.0}% of req/s",
-            on.p50_ms - off.p50_ms,
-            on.cpu_us - off.cpu_us,
-            100.0 * on.rps / off.rps.max(1.0)
+            chain.first.p50_ms - chain.second.p50_ms,
+            chain.added_cpu_us,
+            100.0 * chain.kept
         );
     }
     println!("Added latency through the edge (edge − direct):");
@@ -232,35 +237,53 @@ struct Medians {
     cpu_us: f64,
 }
 
-/// `runs` wrk runs of `body` at `conc` against each of two edges, interleaved (a, b, a, b…) so
-/// that the machine's noise falls on both alike: the medians of each edge's p50, requests/s and
-/// CPU time per request.
+/// Two edges compared in [`side_by_side`]: each one's medians, and the medians over the pairs of
+/// runs (one of each, back to back) of what the first keeps of the second's requests/s and adds
+/// to its CPU time per request. Per pair, so that a slow minute of the machine falls on both
+/// sides of each ratio.
+struct Compared {
+    first: Medians,
+    second: Medians,
+    kept: f64,
+    added_cpu_us: f64,
+}
+
+/// `pairs` pairs of wrk runs of `body` at `conc`, one against each of two edges, back to back
+/// and alternating which goes first (a b, b a, a b…), so that the machine's noise and any drift
+/// fall on both alike.
 fn side_by_side(
     tmp: &Path,
     edges: [&(Proc, String); 2],
     body: &str,
     conc: u32,
     duration: u64,
-    runs: usize,
-) -> Result<[Medians; 2], String> {
+    pairs: usize,
+) -> Result<Compared, String> {
     let mut samples = [[Vec::new(), Vec::new(), Vec::new()], [Vec::new(), Vec::new(), Vec::new()]];
-    for _ in 0..runs {
-        for (i, (proc, url)) in edges.iter().enumerate() {
+    let (mut kept, mut added) = (Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        let order = if pair % 2 == 0 { [0, 1] } else { [1, 0] };
+        let mut run = [(0.0, 0.0); 2];
+        for i in order {
+            let (proc, url) = edges[i];
             let before = proc_cpu(proc.0.id());
             let r = wrk(tmp, url, body, conc, duration)?;
             let cpu = proc_cpu(proc.0.id()).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64;
             samples[i][0].push(r.p50_ms);
             samples[i][1].push(r.rps);
             samples[i][2].push(cpu);
+            run[i] = (r.rps, cpu);
         }
+        kept.push(run[0].0 / run[1].0.max(1.0));
+        added.push(run[0].1 - run[1].1);
     }
-    Ok(samples.map(|[mut p50, mut rps, mut cpu]| Medians {
+    let [first, second] = samples.map(|[mut p50, mut rps, mut cpu]| Medians {
         p50_ms: median(&mut p50),
         rps: median(&mut rps),
         cpu_us: median(&mut cpu),
-    }))
+    });
+    Ok(Compared { first, second, kept: median(&mut kept), added_cpu_us: median(&mut added) })
 }
-
 /// What an edge of the benchmark runs besides the plain path.
 struct Edge {
     /// The tenant runs the shipped `pii-redactor` and `latency-router` components.
