@@ -52,36 +52,48 @@ fn wrong_world(world: &'static str, error: wasmtime::Error) -> PluginError {
     PluginError::WrongWorld { world, message: format!("{error:#}") }
 }
 
-impl RouterEntry {
-    /// Types `pre` for the `router` world (refusing a component of another world), entered
-    /// directly unless `blocking`.
-    pub fn new(pre: InstancePre<CallState>, blocking: bool) -> Result<Self, PluginError> {
-        let typed = if blocking {
-            router_world::RouterPre::new(pre).map(Entry::Fiber)
-        } else {
-            router_world_direct::RouterPre::new(pre).map(Entry::Direct)
-        };
-        typed.map_err(|e| wrong_world("router", e))
-    }
+/// What both worlds' entries do alike: type a linked component for the world, instantiate it,
+/// and call `configure`. `$fiber` and `$direct` are the world's bindings, `$pre` their type of
+/// linked component.
+macro_rules! world_entry {
+    ($entry:ident, $instance:ident, $fiber:ident, $direct:ident, $pre:ident, $world:literal) => {
+        impl $entry {
+            #[doc = concat!("Types `pre` for the `", $world, "` world (refusing a component of another world),")]
+            /// entered directly unless `blocking`.
+            pub fn new(pre: InstancePre<CallState>, blocking: bool) -> Result<Self, PluginError> {
+                let typed = if blocking {
+                    $fiber::$pre::new(pre).map(Entry::Fiber)
+                } else {
+                    $direct::$pre::new(pre).map(Entry::Direct)
+                };
+                typed.map_err(|e| wrong_world($world, e))
+            }
 
-    /// A fresh instance in `store`.
-    pub async fn instantiate(&self, store: &mut Store<CallState>) -> wasmtime::Result<RouterInstance> {
-        Ok(match self {
-            Entry::Direct(pre) => Entry::Direct(pre.instantiate(store)?),
-            Entry::Fiber(pre) => Entry::Fiber(pre.instantiate_async(store).await?),
-        })
-    }
+            /// A fresh instance in `store`.
+            pub async fn instantiate(&self, store: &mut Store<CallState>) -> wasmtime::Result<$instance> {
+                Ok(match self {
+                    Entry::Direct(pre) => Entry::Direct(pre.instantiate(store)?),
+                    Entry::Fiber(pre) => Entry::Fiber(pre.instantiate_async(store).await?),
+                })
+            }
+        }
+
+        impl $instance {
+            /// Calls `configure`.
+            pub async fn configure(&self, store: &mut Store<CallState>, config: &str) -> Configured {
+                match self {
+                    Entry::Direct(guest) => guest.call_configure(store, config),
+                    Entry::Fiber(guest) => guest.call_configure(store, config).await,
+                }
+            }
+        }
+    };
 }
 
-impl RouterInstance {
-    /// Calls `configure`.
-    pub async fn configure(&self, store: &mut Store<CallState>, config: &str) -> Configured {
-        match self {
-            Entry::Direct(router) => router.call_configure(store, config),
-            Entry::Fiber(router) => router.call_configure(store, config).await,
-        }
-    }
+world_entry!(RouterEntry, RouterInstance, router_world, router_world_direct, RouterPre, "router");
+world_entry!(FilterEntry, FilterInstance, filter_world, filter_world_direct, PrivacyFilterPre, "privacy-filter");
 
+impl RouterInstance {
     /// Calls `route`.
     pub async fn route(
         &self,
@@ -96,36 +108,7 @@ impl RouterInstance {
     }
 }
 
-impl FilterEntry {
-    /// Types `pre` for the `privacy-filter` world (refusing a component of another world),
-    /// entered directly unless `blocking`.
-    pub fn new(pre: InstancePre<CallState>, blocking: bool) -> Result<Self, PluginError> {
-        let typed = if blocking {
-            filter_world::PrivacyFilterPre::new(pre).map(Entry::Fiber)
-        } else {
-            filter_world_direct::PrivacyFilterPre::new(pre).map(Entry::Direct)
-        };
-        typed.map_err(|e| wrong_world("privacy-filter", e))
-    }
-
-    /// A fresh instance in `store`.
-    pub async fn instantiate(&self, store: &mut Store<CallState>) -> wasmtime::Result<FilterInstance> {
-        Ok(match self {
-            Entry::Direct(pre) => Entry::Direct(pre.instantiate(store)?),
-            Entry::Fiber(pre) => Entry::Fiber(pre.instantiate_async(store).await?),
-        })
-    }
-}
-
 impl FilterInstance {
-    /// Calls `configure`.
-    pub async fn configure(&self, store: &mut Store<CallState>, config: &str) -> Configured {
-        match self {
-            Entry::Direct(filter) => filter.call_configure(store, config),
-            Entry::Fiber(filter) => filter.call_configure(store, config).await,
-        }
-    }
-
     /// Calls `inspect-request`.
     pub async fn inspect_request(
         &self,
