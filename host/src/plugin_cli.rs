@@ -588,7 +588,7 @@ async fn run_once(
     let world = plugin.kind().world();
     let fail = |source| CliError::Plugin { file: file.to_path_buf(), world, source };
     println!("world: {world}");
-    let (elapsed, peak, pre_initialised, direct) = match plugin {
+    let (elapsed, peak, how) = match plugin {
         Loaded::Router(router) => {
             let path = targets.ok_or_else(|| CliError::NeedTargets(file.to_path_buf()))?;
             let (targets, held) = read_targets(path, &req)?;
@@ -596,30 +596,38 @@ async fn run_once(
             let outcome = router.route(&summary, &targets, &held).await.map_err(fail)?;
             let elapsed = started.elapsed();
             print!("{}", describe_outcome(&outcome));
-            (elapsed, router.peak_memory_bytes(), router.pre_initialised(), router.called_directly())
+            (elapsed, router.peak_memory_bytes(), how_called(router.pre_initialised(), router.called_directly()))
         }
         Loaded::Filter(filter) => {
             let segments = redaction::segments(&req);
             let started = Instant::now();
             let verdict = filter.inspect_request(&summary, &segments).await.map_err(fail)?;
             let elapsed = started.elapsed();
-            if filter.request_triggers().is_some_and(|t| !segments.iter().any(|s| t.any_in(&s.text))) {
+            let how = if filter.needs_request(&segments) {
+                how_called(filter.pre_initialised(), filter.called_directly())
+            } else {
                 println!("request triggers: none in the request, so the filter was not called");
-            }
+                "no instance: the filter was not called".to_string()
+            };
             print!("{}", describe_verdict(&verdict, &segments, &mut req)?);
-            (elapsed, filter.peak_memory_bytes(), filter.pre_initialised(), filter.called_directly())
+            (elapsed, filter.peak_memory_bytes(), how)
         }
     };
+    println!("time: {} ({how})", millis(elapsed));
+    println!("peak memory: {} KiB of linear memory", peak.div_ceil(1024));
+    println!("fuel: not metered (epoch deadlines)");
+    Ok(())
+}
+
+/// What one call of a plugin did: which instance it got, and how the call entered it.
+fn how_called(pre_initialised: bool, direct: bool) -> String {
     let instance = if pre_initialised {
         "a fresh instance of the snapshot taken after configure: instantiate, call"
     } else {
         "a fresh instance: instantiate, configure, call"
     };
     let entry = if direct { "called directly: it imports only host" } else { "called on a fiber: it imports WASI" };
-    println!("time: {} ({instance}; {entry})", millis(elapsed));
-    println!("peak memory: {} KiB of linear memory", peak.div_ceil(1024));
-    println!("fuel: not metered (epoch deadlines)");
-    Ok(())
+    format!("{instance}; {entry}")
 }
 
 /// A duration in milliseconds, to the hundredth.

@@ -653,13 +653,19 @@ impl PluginCore {
         self.health.lock().unwrap_or_else(PoisonError::into_inner).quarantined
     }
 
-    /// Admits a call: not quarantined, and an instance slot of `slots` (the shared semaphore, or
-    /// a tenant's [`SessionSlots`]) free within the acquire timeout.
-    async fn admit(&self, slots: &Arc<Semaphore>) -> Result<Call, PluginError> {
+    /// Fails a call of a quarantined version (counted), before anything of it runs.
+    fn refuse_if_quarantined(&self) -> Result<(), PluginError> {
         if self.is_quarantined() {
             self.count("quarantined");
             return Err(PluginError::Quarantined(self.id.clone()));
         }
+        Ok(())
+    }
+
+    /// Admits a call: not quarantined, and an instance slot of `slots` (the shared semaphore, or
+    /// a tenant's [`SessionSlots`]) free within the acquire timeout.
+    async fn admit(&self, slots: &Arc<Semaphore>) -> Result<Call, PluginError> {
+        self.refuse_if_quarantined()?;
         let wait = Duration::from_millis(self.runtime.settings.acquire_timeout_ms);
         match tokio::time::timeout(wait, Arc::clone(slots).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.start(Some(permit))),
@@ -739,7 +745,8 @@ impl PluginCore {
     }
 
     /// Keeps what the load-time `configure` declared through `answer-triggers` and
-    /// `request-triggers`, checked; later declarations (the per-instance `configure` of a plugin without a snapshot) are ignored.
+    /// `request-triggers`, checked; later declarations (the per-instance `configure` of a plugin
+    /// without a snapshot) are ignored.
     fn declare_triggers(&self, store: &mut Store<CallState>) -> Result<(), PluginError> {
         let declared = store.data_mut().take_declared_triggers();
         let check = |literals, what: &str| {
@@ -965,10 +972,7 @@ impl RouterSession {
         let (mut call, mut router) = match self.live.take() {
             None => (core.admit(&core.runtime.permits).await?, None),
             Some((mut call, router)) => {
-                if core.is_quarantined() {
-                    core.count("quarantined");
-                    return Err(PluginError::Quarantined(core.id.clone()));
-                }
+                core.refuse_if_quarantined()?;
                 core.rearm(&mut call);
                 (call, router)
             }
@@ -1044,6 +1048,12 @@ impl FilterPlugin {
         self.core.request_triggers.get()
     }
 
+    /// Whether the filter is to be called for a request of `segments`: one of them holds one of
+    /// its declared request triggers, or it declared none.
+    pub fn needs_request(&self, segments: &[Segment]) -> bool {
+        self.core.request_triggers.get().is_none_or(|t| segments.iter().any(|s| t.any_in(&s.text)))
+    }
+
     /// Has the filter inspect a request's text. Redactions are checked: an existing segment, a
     /// non-empty range on character boundaries, no overlaps.
     ///
@@ -1057,15 +1067,10 @@ impl FilterPlugin {
         segments: &[Segment],
     ) -> Result<RequestVerdict, PluginError> {
         let core = &self.core;
-        if let Some(triggers) = core.request_triggers.get() {
-            if !segments.iter().any(|s| triggers.any_in(&s.text)) {
-                if core.is_quarantined() {
-                    core.count("quarantined");
-                    return Err(PluginError::Quarantined(core.id.clone()));
-                }
-                core.skipped_calls.inc();
-                return Ok(RequestVerdict::Allow(Inspection { labels: Vec::new(), redactions: Vec::new() }));
-            }
+        if !self.needs_request(segments) {
+            core.refuse_if_quarantined()?;
+            core.skipped_calls.inc();
+            return Ok(RequestVerdict::Allow(Inspection { labels: Vec::new(), redactions: Vec::new() }));
         }
         let mut call = core.admit(&core.runtime.permits).await?;
         let result = core
@@ -1241,10 +1246,7 @@ impl ResponseSession {
             SessionState::Poisoned => return Err(PluginError::Poisoned),
             SessionState::Idle => Box::new(Live { call: core.admit(&self.slots).await?, filter: None }),
             SessionState::Live(mut live) => {
-                if core.is_quarantined() {
-                    core.count("quarantined");
-                    return Err(PluginError::Quarantined(core.id.clone()));
-                }
+                core.refuse_if_quarantined()?;
                 core.rearm(&mut live.call);
                 live
             }
