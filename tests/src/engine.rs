@@ -84,6 +84,7 @@ impl Cluster {
         format!(
             "[node]\nname = \"{name}\"\nlisten = \"{listen}\"\n\
              [tls]\nca = {ca:?}\ncert = {cert:?}\nkey = {key:?}\n\
+             [log]\nlevel = \"warn\"\n\
              [runtime]\nprovider = \"cpu\"\n\
              [scheduler]\nmax_batch = {max_batch}\nqueue_capacity = {queue_capacity}\n\
              [[models]]\nname = \"smol\"\npath = {chat:?}\n\
@@ -249,7 +250,7 @@ impl EngineProcess {
         let addr = free_udp_addr();
         let path = dir.path().join("engine.toml");
         std::fs::write(&path, cluster.engine_config(name, addr, max_batch)).unwrap();
-        let child = Command::new(meridian_bin())
+        let child = Command::new(crate::netns::meridian_bin())
             .args(["engine", "-c"])
             .arg(&path)
             .env("MERIDIAN_HOME", meridian_home())
@@ -267,6 +268,11 @@ impl EngineProcess {
         process
     }
 
+    /// Its resident memory now, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        crate::process::rss_kib(self.child.id())
+    }
+
     /// Kills it the hard way: no goodbye reaches its peers.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -278,17 +284,4 @@ impl Drop for EngineProcess {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// The `meridian` binary that `cargo test --workspace` builds next to the test executables.
-fn meridian_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/meridian
-    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("meridian")).expect("target dir");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it with `cargo build -p meridian` (cargo test --workspace does)",
-        bin.display()
-    );
-    bin
 }

@@ -19,6 +19,10 @@
 //! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` batch-1 repetitions (default 3, the median is printed), `--provider
 //! auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the Python comparison.
 //!
+//! Last, the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
+//! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
+//! embedding.
+//!
 //! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
 //! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
 //! uses this on GPU hosts, where there is no cargo to run the golden test).
@@ -35,8 +39,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use meridian::config::{hash_key, Config};
 use meridian::server::Server;
-use meridian_e2e::engine::Cluster;
-use meridian_engine::api::{Backend, ChatRequest, Event, Message};
+use meridian_e2e::engine::{Cluster, EngineProcess};
+use meridian_engine::api::{Backend, ChatRequest, EmbedRequest, Event, Message};
 use meridian_engine::client::EngineClient;
 use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
 use meridian_engine::scheduler::Engine;
@@ -569,8 +573,28 @@ async fn run(options: Options) -> Result<(), String> {
             None => "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python into .meridian/venv-bench)".into(),
         });
     }
+    after.push(engine_memory(&cluster, options.tokens).await?);
     for line in after {
         println!("\n{line}");
     }
     Ok(())
+}
+
+/// Resident memory of a `meridian engine` process with the int4 chat model and the embedding
+/// model: idle once it answers health checks, then after a chat answer and an embedding.
+async fn engine_memory(cluster: &Cluster, tokens: u32) -> Result<String, String> {
+    let process = EngineProcess::start(cluster, "engine-rss", 8).await;
+    let idle = process.rss_kib();
+    let client = || cluster.client("edge-bench", "engine-rss", process.addr);
+    let answered = Path3::Quic(client()).one(tokens).await?;
+    let texts = (0..8).map(|i| format!("{PROMPT} ({i})")).collect();
+    client().embed(EmbedRequest::new("minilm", texts)).await.map_err(|e| e.to_string())?;
+    let used = process.rss_kib();
+    Ok(format!(
+        "engine process (meridian engine: SmolLM2 int4 + MiniLM, on cpu): {:.0} MB resident idle, {:.0} MB after a \
+         {}-token answer and 8 embeddings",
+        idle as f64 / 1024.0,
+        used as f64 / 1024.0,
+        answered.tokens
+    ))
 }
