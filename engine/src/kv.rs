@@ -4,11 +4,16 @@
 //! columns on its left are padding, masked out by `attention_mask` (0). Position ids count real
 //! tokens only, so a sequence sees the same positions alone or in a batch.
 //!
-//! Hot path ([`Batch::step`]): the `present.*` outputs of one step are the next step's
-//! `past_key_values.*` inputs as they are, with no copy. Only a change of composition
-//! ([`Batch::rebuild`]: a sequence joins after its own prefill, or leaves) copies the cache, and then
-//! also drops the columns that are padding in every row.
+//! Hot path ([`Batch::step`]): with a model that takes a shared KV buffer
+//! ([`ChatSpec::shared_kv_buffer`](crate::model::ChatSpec::shared_kv_buffer)), each KV tensor is
+//! one buffer with spare columns, given to the step as both past and present: the step writes its
+//! new column in place, and the buffer is copied only when its spare columns run out (every
+//! [`SPARE_COLUMNS`] steps). Otherwise the `present.*` outputs of one step are the next step's
+//! `past_key_values.*` inputs as they are, and the runtime copies the whole cache into them each
+//! step. A change of composition ([`Batch::rebuild`]: a sequence joins after its own prefill, or
+//! leaves) copies the cache, and then also drops the columns that are padding in every row.
 
+use ort::memory::Allocator;
 use ort::value::{DynValue, Tensor};
 
 use crate::model::ChatModel;
@@ -48,7 +53,7 @@ impl Prefilled {
     }
 }
 
-/// Logits of a run, [B, S, V]; only each row's last position is read.
+/// Logits of a run, [B, S, V] (or [B, 1, V]); only each row's last position is read.
 pub struct Logits {
     value: DynValue,
     seq: usize,
@@ -73,21 +78,30 @@ fn logits(value: DynValue, batch: usize) -> ort::Result<Logits> {
     Ok(Logits { value, seq, vocab })
 }
 
+/// Columns a shared KV buffer holds beyond the cache's, so that it is copied into a larger one
+/// once every this many steps. At 46 KB a column for SmolLM2 (30 layers, K and V, 3 heads of
+/// 64), a batch of 8 holds at most ~24 MB unused.
+pub const SPARE_COLUMNS: usize = 64;
+
 /// The KV cache of the sequences decoding together.
 pub struct Batch {
     layout: KvLayout,
+    /// Whether the model writes each step's entries into the buffers in place.
+    in_place: bool,
     /// Real positions per row.
     lens: Vec<usize>,
     /// Columns of the cache (the longest row).
     past: usize,
-    /// `past_key_values` in layout order, [B, H, past, D] each; empty when there are no rows.
+    /// Columns the tensors hold: `past`, or more for buffers written in place.
+    columns: usize,
+    /// `past_key_values` in layout order, [B, H, columns, D] each; empty when there are no rows.
     kv: Vec<DynValue>,
 }
 
 impl Batch {
-    /// An empty batch.
-    pub fn new(layout: KvLayout) -> Batch {
-        Batch { layout, lens: Vec::new(), past: 0, kv: Vec::new() }
+    /// An empty batch; `in_place` when the model takes shared KV buffers.
+    pub fn new(layout: KvLayout, in_place: bool) -> Batch {
+        Batch { layout, in_place, lens: Vec::new(), past: 0, columns: 0, kv: Vec::new() }
     }
 
     /// Rows.
@@ -140,13 +154,23 @@ impl Batch {
     pub fn step(&mut self, model: &mut ChatModel, tokens: &[u32]) -> ort::Result<Logits> {
         assert_eq!(tokens.len(), self.lens.len(), "one token per row");
         let (ids, pos, mask) = self.step_inputs(tokens);
-        let fwd = model.forward(self.lens.len(), ids, pos, mask, Some(&self.kv))?;
-        self.kv = fwd.present;
+        let logits_value = if self.in_place {
+            if self.past == self.columns {
+                let rows: Vec<usize> = (0..self.lens.len()).collect();
+                self.relayout(&rows, Vec::new())?;
+            }
+            model.step_in_place(ids, pos, mask, &mut self.kv)?
+        } else {
+            let fwd = model.forward(self.lens.len(), ids, pos, mask, Some(&self.kv))?;
+            self.kv = fwd.present;
+            self.columns += 1;
+            fwd.logits
+        };
         self.past += 1;
         for l in &mut self.lens {
             *l += 1;
         }
-        logits(fwd.logits, self.lens.len())
+        logits(logits_value, self.lens.len())
     }
 
     /// Changes the composition: keeps rows `keep` (old indices, in the new order), then appends
@@ -155,40 +179,60 @@ impl Batch {
         if add.is_empty() && keep.len() == self.lens.len() && keep.iter().enumerate().all(|(i, &k)| i == k) {
             return Ok(());
         }
+        self.relayout(keep, add)
+    }
+
+    /// Copies rows `keep` and `add` into new tensors, each row's positions ending at the new
+    /// `past`; a shared buffer gets [`SPARE_COLUMNS`] more columns, zeroed like the padding (the
+    /// runtime reads padding columns before the mask discards them, so they must hold numbers).
+    fn relayout(&mut self, keep: &[usize], add: Vec<Prefilled>) -> ort::Result<()> {
         let lens: Vec<usize> = keep.iter().map(|&o| self.lens[o]).chain(add.iter().map(|p| p.len)).collect();
         let past = lens.iter().copied().max().unwrap_or(0);
         if lens.is_empty() {
-            *self = Batch::new(self.layout);
+            *self = Batch::new(self.layout, self.in_place);
             return Ok(());
         }
+        let columns = if self.in_place { past + SPARE_COLUMNS } else { past };
         let KvLayout { heads, head_dim: d, .. } = self.layout;
         let b = lens.len();
+        let shape = [b, heads, columns, d];
         let mut kv = Vec::with_capacity(self.layout.layers * 2);
         for j in 0..self.layout.layers * 2 {
-            let mut data = vec![0f32; b * heads * past * d];
-            // Sources: (tensor data, its column count, its row index, real length).
-            let mut put = |row: usize, src: &[f32], src_cols: usize, src_row: usize, n: usize| {
+            let mut tensor = if self.in_place {
+                // Runtime-allocated: only such a tensor can be bound as an output.
+                Tensor::<f32>::new(&Allocator::default(), shape)?
+            } else {
+                Tensor::from_array((shape, vec![0f32; b * heads * columns * d]))?
+            };
+            let (_, data) = tensor.extract_tensor_mut();
+            if self.in_place {
+                data.fill(0.0);
+            }
+            // From row `src_row` of `src` (`src_cols` columns, its `n` positions ending at column
+            // `end`) to row `row`, ending at column `past`.
+            let mut put = |row: usize, src: &[f32], src_cols: usize, end: usize, src_row: usize, n: usize| {
                 for h in 0..heads {
-                    let s = ((src_row * heads + h) * src_cols + (src_cols - n)) * d;
-                    let t = ((row * heads + h) * past + (past - n)) * d;
+                    let s = ((src_row * heads + h) * src_cols + (end - n)) * d;
+                    let t = ((row * heads + h) * columns + (past - n)) * d;
                     data[t..t + n * d].copy_from_slice(&src[s..s + n * d]);
                 }
             };
             if !keep.is_empty() {
                 let (_, old) = self.kv[j].try_extract_tensor::<f32>()?;
                 for (row, &o) in keep.iter().enumerate() {
-                    put(row, old, self.past, o, self.lens[o]);
+                    put(row, old, self.columns, self.past, o, self.lens[o]);
                 }
             }
             for (k, p) in add.iter().enumerate() {
                 let (_, src) = p.kv[j].try_extract_tensor::<f32>()?;
-                put(keep.len() + k, src, p.len, 0, p.len);
+                put(keep.len() + k, src, p.len, p.len, 0, p.len);
             }
-            kv.push(Tensor::from_array(([b, heads, past, d], data))?.into_dyn());
+            kv.push(tensor.into_dyn());
         }
         self.kv = kv;
         self.lens = lens;
         self.past = past;
+        self.columns = columns;
         Ok(())
     }
 }
@@ -199,7 +243,7 @@ mod tests {
 
     #[test]
     fn step_inputs_left_pad() {
-        let mut b = Batch::new(KvLayout { layers: 1, heads: 1, head_dim: 1 });
+        let mut b = Batch::new(KvLayout { layers: 1, heads: 1, head_dim: 1 }, false);
         b.lens = vec![3, 1];
         b.past = 3;
         let (ids, pos, mask) = b.step_inputs(&[7, 8]);

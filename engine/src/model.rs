@@ -13,7 +13,8 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ort::session::{Session, SessionInputValue};
+use ort::memory::MemoryInfo;
+use ort::session::{Session, SessionInputValue, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use serde_json::Value as Json;
 use tokenizers::Tokenizer;
@@ -70,6 +71,11 @@ pub struct ChatSpec {
     pub bos_token: Option<String>,
     /// The EOS string the template may use.
     pub eos_token: Option<String>,
+    /// Whether a decode step may be given one buffer per KV tensor, with spare columns, as both
+    /// its past input and its present output, and then writes the new entries in place
+    /// (GroupQueryAttention's shared buffer; `past_present_share_buffer` in
+    /// `meridian-model.json`). Otherwise every step returns the whole cache anew.
+    pub shared_kv_buffer: bool,
 }
 
 /// Names of the decoder's inputs and outputs.
@@ -164,10 +170,14 @@ impl Prompter {
 
 /// The outputs of one decoder run.
 pub struct Forward {
-    /// `logits` [B, S, V].
+    /// `logits` [B, S, V], or [B, 1, V] from a graph that gives the last position's only.
     pub logits: DynValue,
     /// `present.*`, in [`KvLayout`] order, each [B, H, P+S, D].
     pub present: Vec<DynValue>,
+}
+
+fn take_logits(out: &mut SessionOutputs<'_>) -> ort::Result<DynValue> {
+    out.remove("logits").ok_or_else(|| ort::Error::new("no logits output"))
 }
 
 pub(crate) fn model_err(name: &str, dir: &Path, message: impl Into<String>) -> LoadError {
@@ -275,6 +285,7 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
             chat_template,
             bos_token: token_str(m.get("bos_token")).or_else(|| token_str(tok("bos_token"))),
             eos_token: token_str(m.get("eos_token")).or_else(|| token_str(tok("eos_token"))),
+            shared_kv_buffer: m.get("past_present_share_buffer").and_then(Json::as_bool).unwrap_or(false),
         });
     }
     let chat_template = template_of(tok("chat_template"))
@@ -297,6 +308,9 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
             chat_template,
             bos_token,
             eos_token,
+            // genai's graphs take right-padded rows (seqlens_k from the mask); the scheduler's
+            // batches are left-padded, so they run with a copied cache.
+            shared_kv_buffer: false,
         });
     }
     let c = read_json(&dir.join("config.json"))
@@ -324,6 +338,7 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
         chat_template,
         bos_token,
         eos_token,
+        shared_kv_buffer: false,
     })
 }
 
@@ -438,6 +453,11 @@ impl ChatModel {
         KvLayout { layers: self.spec.num_layers, heads: self.spec.num_kv_heads, head_dim: self.spec.head_dim }
     }
 
+    /// An empty batch for this model's cache.
+    pub fn batch(&self) -> Batch {
+        Batch::new(self.layout(), self.spec.shared_kv_buffer)
+    }
+
     /// The admission path's view of this model: template and tokenizer.
     pub fn prompter(&self) -> Prompter {
         Prompter { template: self.template.clone(), tokenizer: self.tokenizer.clone() }
@@ -476,7 +496,7 @@ impl ChatModel {
             }
         }
         let mut out = self.session.run(inputs)?;
-        let logits = out.remove("logits").ok_or_else(|| ort::Error::new("no logits output"))?;
+        let logits = take_logits(&mut out)?;
         let present = self
             .io
             .present
@@ -486,6 +506,34 @@ impl ChatModel {
         Ok(Forward { logits, present })
     }
 
+    /// One decode step (`ids`/`positions` [B, 1], `mask` [B, T]) that writes the new K/V entries
+    /// into `kv` in place: buffers [B, H, C, D] with C >= T, bound as both the past inputs and the
+    /// present outputs. Only for a model with [`ChatSpec::shared_kv_buffer`].
+    pub fn step_in_place(
+        &mut self,
+        ids: Vec<i64>,
+        positions: Vec<i64>,
+        mask: Vec<i64>,
+        kv: &mut [DynValue],
+    ) -> ort::Result<DynValue> {
+        let batch = ids.len();
+        let total = mask.len() / batch;
+        let mut binding = self.session.create_binding()?;
+        binding.bind_input("input_ids", &Tensor::from_array(([batch, 1], ids))?)?;
+        binding.bind_input("attention_mask", &Tensor::from_array(([batch, total], mask))?)?;
+        if self.io.has_position_ids {
+            binding.bind_input("position_ids", &Tensor::from_array(([batch, 1], positions))?)?;
+        }
+        for ((past, present), value) in self.io.past.iter().zip(&self.io.present).zip(kv.iter_mut()) {
+            binding.bind_input(past.as_str(), &*value)?;
+            binding.bind_output(present.as_str(), value)?;
+        }
+        binding.bind_output_to_device("logits", &MemoryInfo::default())?;
+        // A local, so that the outputs (which borrow the binding) are gone before it is.
+        let logits = take_logits(&mut self.session.run_binding(&binding)?);
+        logits
+    }
+
     /// Greedy generation of up to `n` tokens after `prompt_ids`, stopping after an end-of-sequence
     /// id (included). With `use_kv_cache` it decodes through [`Batch`] as the scheduler does;
     /// without, it recomputes the whole sequence every step (slow; the reference for tests).
@@ -493,7 +541,7 @@ impl ChatModel {
         let mut out = Vec::new();
         let eos = self.spec.eos_token_ids.clone();
         if use_kv_cache {
-            let mut batch = Batch::new(self.layout());
+            let mut batch = self.batch();
             let (prefilled, logits) = Batch::prefill(self, prompt_ids, None)?;
             let mut token = argmax(logits.row(0));
             batch.rebuild(&[], vec![prefilled])?;

@@ -428,7 +428,7 @@ impl ModelLoop {
         max_batch: usize,
         prefix: PrefixCache,
     ) -> ModelLoop {
-        let batch = Batch::new(model.layout());
+        let batch = model.batch();
         ModelLoop { model, rx, shared, max_batch, batch, seqs: Vec::new(), prefix }
     }
 
@@ -461,7 +461,7 @@ impl ModelLoop {
                 for s in self.seqs.drain(..) {
                     let _ = s.tx.try_send(Event::Failed(err.clone()));
                 }
-                self.batch = Batch::new(self.model.layout());
+                self.batch = self.model.batch();
             }
         }
     }

@@ -6,7 +6,10 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use meridian_engine::api::{Backend, ChatRequest, ErrorCode, Event, FinishReason, Message};
-use meridian_engine::config::SchedulerConfig;
+use meridian_engine::config::{RuntimeConfig, SchedulerConfig};
+use meridian_engine::kv::{Batch, SPARE_COLUMNS};
+use meridian_engine::model::ChatModel;
+use meridian_engine::sampling::argmax;
 
 const PROMPTS: [&str; 4] = [
     "Hi!",
@@ -48,6 +51,35 @@ async fn concurrent_requests_equal_each_alone() {
     let f = Answer { text: head + &rest.text, deltas: rest.deltas + 1, ..rest };
     assert_eq!(f, alone[2]);
     assert_eq!(s, alone[0]);
+}
+
+/// A model that takes a shared KV buffer decodes the same whether each step writes its column
+/// into the buffer in place or gets the whole cache back anew: rows of different lengths, and more
+/// steps than the buffer's spare columns, so that it is copied into a larger one on the way.
+#[test]
+fn decoding_in_place_equals_copying_the_cache() {
+    let mut model = ChatModel::load("fp32", &model_dir(FP32), &RuntimeConfig::default()).unwrap();
+    assert!(model.spec.shared_kv_buffer, "the converter's decoder takes a shared KV buffer");
+    let prompts: Vec<Vec<u32>> =
+        PROMPTS[..3].iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
+    let mut decode = |in_place: bool| {
+        let mut batch = Batch::new(model.layout(), in_place);
+        let (mut prefilled, mut tokens) = (Vec::new(), Vec::new());
+        for p in &prompts {
+            let (kv, logits) = Batch::prefill(&mut model, p, None).unwrap();
+            prefilled.push(kv);
+            tokens.push(argmax(logits.row(0)));
+        }
+        batch.rebuild(&[], prefilled).unwrap();
+        let mut steps = vec![tokens.clone()];
+        for _ in 0..SPARE_COLUMNS + 8 {
+            let logits = batch.step(&mut model, &tokens).unwrap();
+            tokens = (0..prompts.len()).map(|row| argmax(logits.row(row))).collect();
+            steps.push(tokens.clone());
+        }
+        steps
+    };
+    assert_eq!(decode(true), decode(false));
 }
 
 /// A long system prompt shared by the prefix-cache test's requests (~120 tokens).
