@@ -453,9 +453,12 @@ impl ChatModel {
         KvLayout { layers: self.spec.num_layers, heads: self.spec.num_kv_heads, head_dim: self.spec.head_dim }
     }
 
-    /// An empty batch for this model's cache.
+    /// An empty batch for this model's cache: written in place when the model takes a shared KV
+    /// buffer and runs on the CPU. The buffers live in host memory, so on a GPU the binding would
+    /// move the whole cache across each step (and the device's attention would not see one
+    /// buffer); there the runtime keeps copying the cache on the device instead.
     pub fn batch(&self) -> Batch {
-        Batch::new(self.layout(), self.spec.shared_kv_buffer)
+        Batch::new(self.layout(), self.spec.shared_kv_buffer && self.provider == Provider::Cpu)
     }
 
     /// The admission path's view of this model: template and tokenizer.
