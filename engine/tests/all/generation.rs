@@ -60,8 +60,7 @@ async fn concurrent_requests_equal_each_alone() {
 fn decoding_in_place_equals_copying_the_cache() {
     let mut model = ChatModel::load("fp32", &model_dir(FP32), &RuntimeConfig::default()).unwrap();
     assert!(model.spec.shared_kv_buffer, "the converter's decoder takes a shared KV buffer");
-    let prompts: Vec<Vec<u32>> =
-        PROMPTS[..3].iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> = PROMPTS[..3].iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
     let mut decode = |in_place: bool| {
         let mut batch = Batch::new(model.layout(), in_place);
         let (mut prefilled, mut tokens) = (Vec::new(), Vec::new());
