@@ -78,6 +78,10 @@ fn logits(value: DynValue, batch: usize) -> ort::Result<Logits> {
     Ok(Logits { value, seq, vocab })
 }
 
+/// Most positions, padding included, that one joint prefill ([`Batch::prefill_together`]) runs:
+/// bounds its activations and its attention bias (rows × S × S floats, at most 16 MB).
+pub const PREFILL_MAX_TOKENS: usize = 2048;
+
 /// Columns a shared KV buffer holds beyond the cache's, so that it is copied into a larger one
 /// once every this many steps. At 46 KB a column for SmolLM2 (30 layers, K and V, 3 heads of
 /// 64), a batch of 8 holds at most ~24 MB unused.
@@ -128,13 +132,52 @@ impl Batch {
     /// `reuse.len` tokens, from the [`PrefixCache`](crate::prefix::PrefixCache)) or from an empty
     /// cache: returns the whole prompt's cache and the logits.
     pub fn prefill(model: &mut ChatModel, ids: &[u32], reuse: Option<Reuse>) -> ort::Result<(Prefilled, Logits)> {
+        let Some(reuse) = reuse else {
+            let (mut prefilled, logits) = Batch::prefill_together(model, &[ids])?;
+            return Ok((prefilled.pop().expect("one prompt, one cache"), logits));
+        };
         let n = ids.len();
-        let from = reuse.as_ref().map_or(0, |r| r.len);
+        let from = reuse.len;
         assert!(from < n, "a reused prefix leaves at least the last token to compute");
         let new = ids[from..].iter().map(|&t| t as i64).collect();
-        let fwd =
-            model.forward(1, new, (from as i64..n as i64).collect(), vec![1; n], reuse.as_ref().map(|r| &r.kv[..]))?;
+        let fwd = model.forward(1, new, (from as i64..n as i64).collect(), vec![1; n], Some(&reuse.kv[..]))?;
         Ok((Prefilled { kv: fwd.present, len: n }, logits(fwd.logits, 1)?))
+    }
+
+    /// Runs `prompts` through the model in one run, from empty caches, left-padded to the longest
+    /// (the padding masked, as in a decode step): returns each prompt's cache, and the logits, row
+    /// `k` for prompt `k`. One run of the matrix products instead of one per prompt: the runtime's
+    /// fixed cost per operator is paid once. [`prefill_runs`] decides which prompts share a run.
+    pub fn prefill_together(model: &mut ChatModel, prompts: &[&[u32]]) -> ort::Result<(Vec<Prefilled>, Logits)> {
+        assert!(prompts.iter().all(|p| !p.is_empty()), "a prompt has at least one token");
+        let rows = prompts.len();
+        let width = prompts.iter().map(|p| p.len()).max().expect("at least one prompt");
+        let (mut ids, mut pos, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for p in prompts {
+            let pad = width - p.len();
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().map(|&t| i64::from(t))));
+            pos.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as i64));
+            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())));
+        }
+        let fwd = model.forward(rows, ids, pos, mask, None)?;
+        let logits = logits(fwd.logits, rows)?;
+        if rows == 1 {
+            return Ok((vec![Prefilled { kv: fwd.present, len: width }], logits));
+        }
+        // Each row's own positions (its last `len` columns) as a cache of its own.
+        let KvLayout { heads, head_dim, .. } = model.layout();
+        let mut caches: Vec<Vec<DynValue>> = prompts.iter().map(|_| Vec::with_capacity(fwd.present.len())).collect();
+        for present in &fwd.present {
+            let (_, data) = present.try_extract_tensor::<f32>()?;
+            for (row, (p, cache)) in prompts.iter().zip(&mut caches).enumerate() {
+                let n = p.len();
+                let mut own = vec![0f32; heads * n * head_dim];
+                let from = Columns { row, columns: width, end: width };
+                copy_positions(data, from, &mut own, Columns { row: 0, columns: n, end: n }, n, heads, head_dim);
+                cache.push(Tensor::from_array(([1, heads, n, head_dim], own))?.into_dyn());
+            }
+        }
+        Ok((caches.into_iter().zip(prompts).map(|(kv, p)| Prefilled { kv, len: p.len() }).collect(), logits))
     }
 
     /// Inputs of one decode step: `input_ids` [B,1], `position_ids` [B,1], `attention_mask`
@@ -208,24 +251,25 @@ impl Batch {
             if self.in_place {
                 data.fill(0.0);
             }
-            // From row `src_row` of `src` (`src_cols` columns, its `n` positions ending at column
-            // `end`) to row `row`, ending at column `past`.
-            let mut put = |row: usize, src: &[f32], src_cols: usize, end: usize, src_row: usize, n: usize| {
-                for h in 0..heads {
-                    let s = ((src_row * heads + h) * src_cols + (end - n)) * d;
-                    let t = ((row * heads + h) * columns + (past - n)) * d;
-                    data[t..t + n * d].copy_from_slice(&src[s..s + n * d]);
-                }
-            };
+            let to = |row: usize| Columns { row, columns, end: past };
             if !keep.is_empty() {
                 let (_, old) = self.kv[j].try_extract_tensor::<f32>()?;
                 for (row, &o) in keep.iter().enumerate() {
-                    put(row, old, self.columns, self.past, o, self.lens[o]);
+                    let from = Columns { row: o, columns: self.columns, end: self.past };
+                    copy_positions(old, from, data, to(row), self.lens[o], heads, d);
                 }
             }
             for (k, p) in add.iter().enumerate() {
                 let (_, src) = p.kv[j].try_extract_tensor::<f32>()?;
-                put(keep.len() + k, src, p.len, p.len, 0, p.len);
+                copy_positions(
+                    src,
+                    Columns { row: 0, columns: p.len, end: p.len },
+                    data,
+                    to(keep.len() + k),
+                    p.len,
+                    heads,
+                    d,
+                );
             }
             kv.push(tensor.into_dyn());
         }
@@ -235,6 +279,52 @@ impl Batch {
         self.columns = columns;
         Ok(())
     }
+}
+
+/// Where a row's positions lie in a KV tensor [B, H, columns, D]: they end at column `end`.
+#[derive(Clone, Copy)]
+struct Columns {
+    row: usize,
+    columns: usize,
+    end: usize,
+}
+
+/// Copies the `n` positions of one row (every head) from `src` to `dst`, each ending where its
+/// [`Columns`] say.
+fn copy_positions(src: &[f32], from: Columns, dst: &mut [f32], to: Columns, n: usize, heads: usize, d: usize) {
+    for h in 0..heads {
+        let s = ((from.row * heads + h) * from.columns + (from.end - n)) * d;
+        let t = ((to.row * heads + h) * to.columns + (to.end - n)) * d;
+        dst[t..t + n * d].copy_from_slice(&src[s..s + n * d]);
+    }
+}
+
+/// Splits waiting prompts of lengths `lens` into runs prefilled together
+/// ([`Batch::prefill_together`]). In order of length, a prompt joins the current run while the
+/// run's padded size (rows × longest) stays within `max_tokens` and its padding within a quarter
+/// of its real tokens: prompts of similar length share a run, and a long prompt is never padded
+/// against short ones. Returns indices into `lens`, each once.
+pub fn prefill_runs(lens: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lens.len()).collect();
+    order.sort_by_key(|&i| lens[i]);
+    let mut runs: Vec<Vec<usize>> = Vec::new();
+    let (mut real, mut longest) = (0, 0);
+    for i in order {
+        let n = lens[i];
+        let padded = match runs.last() {
+            Some(run) => (run.len() + 1) * longest.max(n),
+            None => usize::MAX,
+        };
+        if padded <= max_tokens && 4 * padded <= 5 * (real + n) {
+            runs.last_mut().expect("a run is open").push(i);
+            real += n;
+            longest = longest.max(n);
+        } else {
+            runs.push(vec![i]);
+            (real, longest) = (n, n);
+        }
+    }
+    runs
 }
 
 #[cfg(test)]
@@ -250,5 +340,18 @@ mod tests {
         assert_eq!(ids, vec![7, 8]);
         assert_eq!(pos, vec![3, 1]);
         assert_eq!(mask, vec![1, 1, 1, 1, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn prefill_runs_group_similar_lengths_within_the_budget() {
+        // Eight prompts of 40–49 tokens: one run.
+        let lens = [49, 45, 40, 49, 47, 44, 49, 42];
+        assert_eq!(prefill_runs(&lens, 2048), vec![vec![2, 7, 5, 1, 4, 0, 3, 6]]);
+        // A long prompt is not padded against short ones; the budget splits equal ones.
+        assert_eq!(prefill_runs(&[10, 1000, 12], 2048), vec![vec![0, 2], vec![1]]);
+        assert_eq!(prefill_runs(&[600, 600, 600, 600], 2048), vec![vec![0, 1, 2], vec![3]]);
+        // A prompt longer than the budget still gets a run of its own.
+        assert_eq!(prefill_runs(&[3000], 2048), vec![vec![0]]);
+        assert!(prefill_runs(&[], 2048).is_empty());
     }
 }

@@ -107,6 +107,15 @@ impl PrefixCache {
         ids.len().saturating_sub(1) / BLOCK * BLOCK
     }
 
+    /// Whether `later` would continue from `earlier`'s cache once that is kept: the cache is on and
+    /// both begin with the same whole block.
+    pub fn would_share(&self, earlier: &[u32], later: &[u32]) -> bool {
+        self.max_bytes > 0
+            && Self::cacheable(earlier) >= BLOCK
+            && Self::cacheable(later) >= BLOCK
+            && earlier[..BLOCK] == later[..BLOCK]
+    }
+
     /// The hash of `ids[..BLOCK * (i + 1)]` for each whole block `i` of `ids[..upto]`.
     fn boundaries(&self, ids: &[u32], upto: usize) -> Vec<u64> {
         let mut out = Vec::with_capacity(upto / BLOCK);

@@ -6,8 +6,9 @@
 //!
 //! Continuous batching, every step of the model thread:
 //! 1. sequences that finished or whose receiver was dropped leave the batch;
-//! 2. waiting requests are taken from the queue up to `max_batch`, each prefilled alone (batch 1),
-//!    its first token sampled;
+//! 2. waiting requests are taken from the queue up to `max_batch` and prefilled: one that begins
+//!    like a cached prompt continues from that cache alone; the others run together, left-padded,
+//!    in runs of similar length ([`prefill_runs`]); each samples its first token;
 //! 3. the batch is rebuilt if its composition changed ([`Batch::rebuild`]);
 //! 4. one batched decode step across all active sequences; each gets its token, text deltas go out
 //!    on its channel.
@@ -29,9 +30,9 @@ use crate::api::{
 use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::embed::{BatchLimits, EmbeddingModel};
-use crate::kv::{Batch, Logits, Prefilled};
+use crate::kv::{prefill_runs, Batch, Logits, Prefilled, PREFILL_MAX_TOKENS};
 use crate::model::{infer_kind, model_err, ChatModel, Prompter};
-use crate::prefix::{PrefixCache, PrefixStats};
+use crate::prefix::{PrefixCache, PrefixStats, Reuse};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{now_unix_nanos, Exporter, Span, SpanKind, TraceContext};
 
@@ -408,6 +409,14 @@ impl Seq {
     }
 }
 
+/// Ends a job whose prefill failed.
+fn fail(job: Job, error: String) {
+    if let Some(t) = &job.trace {
+        t.finish("failed", Some(error.clone()));
+    }
+    let _ = job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, error)));
+}
+
 struct ModelLoop {
     model: ChatModel,
     rx: Receiver<Job>,
@@ -466,34 +475,26 @@ impl ModelLoop {
         }
     }
 
-    /// Admit `jobs`, update the batch, run one decode step.
-    fn iteration(&mut self, jobs: Vec<Job>) -> ort::Result<()> {
-        let eos = self.model.spec.eos_token_ids.clone();
-        let ctx = self.model.spec.context_length;
-        let mut added: Vec<(Seq, Prefilled)> = Vec::new();
-        for job in jobs {
-            if job.tx.is_closed() {
-                continue;
+    /// Prefills the jobs of `run` in one run of the model (from `reuse`, for a run of one), samples
+    /// each one's first token, and adds those that go on to `added`.
+    fn prefill(&mut self, run: Vec<Job>, reuse: Option<Reuse>, added: &mut Vec<(Seq, Prefilled)>) {
+        let prefill_start = now_unix_nanos();
+        let prefilled = match reuse {
+            Some(reuse) => Batch::prefill(&mut self.model, &run[0].prompt_ids, Some(reuse))
+                .map(|(prefilled, logits)| (vec![prefilled], logits)),
+            None => {
+                let prompts: Vec<&[u32]> = run.iter().map(|j| &j.prompt_ids[..]).collect();
+                Batch::prefill_together(&mut self.model, &prompts)
             }
-            let prefill_start = job.trace.as_ref().map_or(0, |_| now_unix_nanos());
-            if let Some(t) = &job.trace {
-                t.phase("queue", t.start_ns, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
+        };
+        let (prefilled, logits) = match prefilled {
+            Ok(p) => p,
+            Err(e) => {
+                run.into_iter().for_each(|job| fail(job, format!("prefill: {e}")));
+                return;
             }
-            let prefilled = self
-                .prefix
-                .lookup(&job.prompt_ids)
-                .and_then(|reuse| Batch::prefill(&mut self.model, &job.prompt_ids, reuse));
-            let (prefilled, logits) = match prefilled {
-                Ok(p) => p,
-                Err(e) => {
-                    let error = format!("prefill: {e}");
-                    if let Some(t) = &job.trace {
-                        t.finish("failed", Some(error.clone()));
-                    }
-                    let _ = job.tx.try_send(Event::Failed(EngineError::new(ErrorCode::Internal, error)));
-                    continue;
-                }
-            };
+        };
+        for (row, (job, prefilled)) in run.into_iter().zip(prefilled).enumerate() {
             if let Err(e) = self.prefix.insert(&job.prompt_ids, prefilled.kv(), &job.marks) {
                 // The answer goes on; only later prompts lose the reuse.
                 tracing::warn!(error = %e, "the prompt's cache could not be kept for reuse");
@@ -514,11 +515,55 @@ impl ModelLoop {
                 next: 0,
                 done: false,
             };
-            seq.accept(logits.row(0), &eos, ctx);
+            seq.accept(logits.row(row), &self.model.spec.eos_token_ids, self.model.spec.context_length);
             self.shared.record(1);
             if !seq.done {
                 added.push((seq, prefilled));
             }
+        }
+    }
+
+    /// Admit `jobs`, update the batch, run one decode step.
+    fn iteration(&mut self, jobs: Vec<Job>) -> ort::Result<()> {
+        let eos = self.model.spec.eos_token_ids.clone();
+        let ctx = self.model.spec.context_length;
+        // A prompt that begins like a cached one continues from its cache alone; the others are
+        // prefilled together in runs of similar length. A prompt that begins like another one
+        // waiting here waits a round, so that it finds that one's cache instead of computing the
+        // same beginning beside it.
+        let mut pending: Vec<Job> = Vec::new();
+        for job in jobs {
+            if job.tx.is_closed() {
+                continue;
+            }
+            if let Some(t) = &job.trace {
+                t.phase("queue", t.start_ns, ("meridian.prompt_tokens", job.prompt_ids.len().to_string()));
+            }
+            pending.push(job);
+        }
+        let mut added: Vec<(Seq, Prefilled)> = Vec::new();
+        while !pending.is_empty() {
+            let (mut fresh, mut runs, mut later): (Vec<Job>, Vec<(Vec<Job>, Option<Reuse>)>, Vec<Job>) =
+                Default::default();
+            for job in pending {
+                match self.prefix.lookup(&job.prompt_ids) {
+                    Ok(None) if fresh.iter().any(|f| self.prefix.would_share(&f.prompt_ids, &job.prompt_ids)) => {
+                        later.push(job)
+                    }
+                    Ok(None) => fresh.push(job),
+                    Ok(reuse) => runs.push((vec![job], reuse)),
+                    Err(e) => fail(job, format!("prefill: {e}")),
+                }
+            }
+            let lens: Vec<usize> = fresh.iter().map(|j| j.prompt_ids.len()).collect();
+            let mut fresh: Vec<Option<Job>> = fresh.into_iter().map(Some).collect();
+            for run in prefill_runs(&lens, PREFILL_MAX_TOKENS) {
+                runs.push((run.iter().map(|&i| fresh[i].take().expect("each job in one run")).collect(), None));
+            }
+            for (run, reuse) in runs {
+                self.prefill(run, reuse, &mut added);
+            }
+            pending = later;
         }
         // Leave: finished and cancelled sequences. Join: the new ones.
         let keep: Vec<usize> =

@@ -30,8 +30,8 @@ async fn concurrent_requests_equal_each_alone() {
     for p in PROMPTS {
         alone.push(chat(&engine, request("smol", p, 24)).await.unwrap());
     }
-    // All four admitted back to back: they prefill one by one and decode together, left-padded
-    // to the longest prompt.
+    // All four admitted back to back: they prefill together and decode together, left-padded to
+    // the longest prompt.
     let rxs: Vec<_> = PROMPTS.iter().map(|p| engine.chat(request("smol", p, 24)).unwrap()).collect();
     let together = futures_util::future::join_all(rxs.into_iter().map(collect)).await;
     for ((p, a), t) in PROMPTS.iter().zip(&alone).zip(&together) {
@@ -79,6 +79,35 @@ fn decoding_in_place_equals_copying_the_cache() {
         steps
     };
     assert_eq!(decode(true), decode(false));
+}
+
+/// Prompts of different lengths prefilled in one left-padded run give each prompt the cache and
+/// the logits it gets alone, to float rounding (fp32; the padded run's matrix products block
+/// differently: ~3e-5 measured), and the same first token. That they decode on alike is
+/// `concurrent_requests_equal_each_alone`.
+#[test]
+fn prefilling_together_equals_each_alone() {
+    let mut model = ChatModel::load("fp32", &model_dir(FP32), &RuntimeConfig::default()).unwrap();
+    let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
+    assert!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len() > 2, "lengths differ");
+    let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let (together, logits) = Batch::prefill_together(&mut model, &refs).unwrap();
+    let max_diff = |a: &[f32], b: &[f32]| {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+    };
+    for (row, p) in prompts.iter().enumerate() {
+        let (alone, alone_logits) = Batch::prefill(&mut model, p, None).unwrap();
+        assert_eq!(together[row].len(), p.len());
+        assert!(max_diff(logits.row(row), alone_logits.row(0)) < 1e-3, "prompt {row}: logits");
+        assert_eq!(argmax(logits.row(row)), argmax(alone_logits.row(0)), "prompt {row}: first token");
+        for (a, t) in alone.kv().iter().zip(together[row].kv()) {
+            let (a_shape, a) = a.try_extract_tensor::<f32>().unwrap();
+            let (t_shape, t) = t.try_extract_tensor::<f32>().unwrap();
+            assert_eq!(a_shape, t_shape, "prompt {row}: cache shape");
+            assert!(max_diff(a, t) < 1e-3, "prompt {row}: cache");
+        }
+    }
 }
 
 /// A long system prompt shared by the prefix-cache test's requests (~120 tokens).
@@ -131,6 +160,40 @@ async fn a_prompt_that_begins_like_an_earlier_one_reuses_its_cache_and_answers_t
     let gained = h.prefix_cache_tokens_reused - reused_before;
     assert!(gained >= first_blocks - 16, "the first turn's blocks: {gained} of {first_blocks} ({h:?})");
     assert_eq!(plain.health().prefix_cache_hits, 0, "off when its budget is 0");
+}
+
+/// Prompts admitted together: one that begins like another waits for that one's prefill and
+/// continues from its cache (rather than computing the same system prompt beside it), while a
+/// prompt that begins differently is prefilled with the first; all answer as without the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_admitted_together_still_reuse_each_others_beginnings() {
+    let cached = engine(&[("smol", FP32)], SchedulerConfig::default());
+    let plain = engine(&[("smol", FP32)], SchedulerConfig { prefix_cache_bytes: 0, ..Default::default() });
+    // A long answer keeps the model thread stepping, so the three below queue during a step and
+    // are admitted together at the next.
+    let poem = ChatRequest {
+        messages: vec![
+            Message { role: "system".into(), content: "You write poems.".into() },
+            Message { role: "user".into(), content: "A long poem about the tide, please.".into() },
+        ],
+        ..request("smol", "", 200)
+    };
+    let mut busy = cached.chat(poem).unwrap();
+    assert!(matches!(busy.recv().await, Some(Event::Delta(_))), "the long answer is decoding");
+    let requests = [
+        ask(&[("user", "When do you open on Sunday?")]),
+        ask(&[("user", "How much is a ticket for a child?")]),
+        request("smol", PROMPTS[1], 16),
+    ];
+    let rxs: Vec<_> = requests.iter().map(|r| cached.chat(r.clone()).unwrap()).collect();
+    let together = futures_util::future::join_all(rxs.into_iter().map(collect)).await;
+    drop(busy);
+    for (r, t) in requests.iter().zip(&together) {
+        assert_eq!(t, &chat(&plain, r.clone()).await.unwrap(), "{:?}", r.messages.last());
+    }
+    let h = cached.health();
+    assert_eq!(h.prefix_cache_hits, 1, "the second visitor reuses the first's system prompt: {h:?}");
+    assert!(h.prefix_cache_tokens_reused >= 96, "the system prompt's whole blocks: {h:?}");
 }
 
 /// A prompt's conversation beginnings (what the prefix cache reports holding) count, for each
