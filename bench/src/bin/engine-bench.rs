@@ -2,7 +2,9 @@
 //! engine, against a plain Python onnxruntime greedy loop over the same ONNX file.
 //!
 //! For each weight format (int4, fp32) it prints time to first token and decode tokens/s at
-//! batch 1, and aggregate tokens/s at 4 and 8 concurrent requests, for three paths:
+//! batch 1, aggregate tokens/s at 4 and 8 concurrent requests, and how long the last of the 8 waits
+//! for its first token (prompts admitted together are all prefilled before the batch decodes), for
+//! three paths:
 //! - `engine`: the scheduler in this process (no transport);
 //! - `quic`: an engine client over QUIC with mutual TLS on loopback;
 //! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
@@ -12,12 +14,16 @@
 //! has built llama-cpp-python into `.meridian/venv-bench`). Those rows run with the prefix
 //! cache off, so that every request is prefilled whole. Then, for the first weight format, the
 //! prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
-//! question was cached by an earlier request, and llama.cpp's first token on the cold prompt.
+//! question was cached by an earlier request, and llama.cpp's first token on the cold prompt; and
+//! eight different prompts prefilled in one run against one by one.
 //!
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
-//! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` batch-1 repetitions (default 3, the median is printed), `--provider
-//! auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the Python comparison.
+//! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` rounds (default
+//! 3; a round runs every path in turn, batch 1 then 4 and 8 concurrent, and each figure is the
+//! median of its rounds), `--provider auto|cpu|cuda|tensorrt` (default auto), `--python-loop off`
+//! to skip the Python comparison. After the table it prints the edge path's throughput as a share
+//! of the engine's, from the same rounds.
 //!
 //! Last, the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
@@ -43,6 +49,8 @@ use meridian_e2e::engine::{Cluster, EngineProcess};
 use meridian_engine::api::{Backend, ChatRequest, EmbedRequest, Event, Message};
 use meridian_engine::client::EngineClient;
 use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
+use meridian_engine::kv::Batch;
+use meridian_engine::model::ChatModel;
 use meridian_engine::scheduler::Engine;
 use meridian_engine::server::{EngineServer, ServerLimits};
 use serde_json::{json, Value};
@@ -103,6 +111,14 @@ impl Sample {
     fn decode_rate(&self) -> f64 {
         f64::from(self.tokens.saturating_sub(1)) / (self.total - self.ttft).as_secs_f64()
     }
+}
+
+/// The median time to first token and the median decode rate of `samples`.
+fn median_sample(mut samples: Vec<Sample>) -> Sample {
+    samples.sort_by(|a, b| a.ttft.cmp(&b.ttft));
+    let ttft = samples[samples.len() / 2].ttft;
+    samples.sort_by(|a, b| a.decode_rate().total_cmp(&b.decode_rate()));
+    Sample { ttft, ..samples[samples.len() / 2] }
 }
 
 /// Where requests go.
@@ -182,32 +198,57 @@ impl Path3 {
         Ok(Sample { ttft: ttft.ok_or("no text generated")?, total: start.elapsed(), tokens })
     }
 
-    /// Median batch-1 sample of `runs`.
-    async fn batch1(&self, max_tokens: u32, runs: usize) -> Result<Sample, String> {
-        let mut samples = Vec::new();
-        for _ in 0..runs {
-            samples.push(self.one(max_tokens).await?);
-        }
-        samples.sort_by(|a, b| a.ttft.cmp(&b.ttft));
-        let ttft = samples[samples.len() / 2].ttft;
-        samples.sort_by(|a, b| a.decode_rate().total_cmp(&b.decode_rate()));
-        Ok(Sample { ttft, ..samples[samples.len() / 2] })
-    }
-
-    /// Tokens/s of `n` requests started together.
-    async fn aggregate(self: &Arc<Self>, n: usize, max_tokens: u32) -> Result<f64, String> {
+    /// Tokens/s of `n` requests started together, and when the last of them had its first token.
+    async fn aggregate(self: &Arc<Self>, n: usize, max_tokens: u32) -> Result<(f64, Duration), String> {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..n {
             let path = Arc::clone(self);
             tasks.spawn(async move { path.one(max_tokens).await });
         }
-        let mut tokens = 0;
+        let (mut tokens, mut last_first) = (0, Duration::ZERO);
         while let Some(r) = tasks.join_next().await {
-            tokens += r.map_err(|e| e.to_string())??.tokens;
+            let sample = r.map_err(|e| e.to_string())??;
+            tokens += sample.tokens;
+            last_first = last_first.max(sample.ttft);
         }
-        Ok(f64::from(tokens) / start.elapsed().as_secs_f64())
+        Ok((f64::from(tokens) / start.elapsed().as_secs_f64(), last_first))
     }
+}
+
+/// Eight different prompts of ~40–50 tokens prefilled in one run (as the scheduler does with
+/// prompts admitted together) against one by one, alternating in one process; medians of `runs`
+/// (at least 5). Returns the line to print.
+fn joint_prefill(weights: &str, dir: &Path, runtime: &RuntimeConfig, runs: usize) -> Result<String, String> {
+    let mut model = ChatModel::load("smol", dir, runtime).map_err(|e| e.to_string())?;
+    let prompts = (0..8)
+        .map(|i| {
+            let content = format!("{PROMPT} Make it chapter {} of {}.", i + 1, 8 + i * 3);
+            model.prompter().prompt_ids(&[Message { role: "user".into(), content }])
+        })
+        .collect::<Result<Vec<Vec<u32>>, _>>()
+        .map_err(|e| e.to_string())?;
+    let prompts: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
+    let (mut together, mut alone) = (Vec::new(), Vec::new());
+    let runs = runs.max(5);
+    for _ in 0..runs {
+        let start = Instant::now();
+        Batch::prefill_together(&mut model, &prompts).map_err(|e| e.to_string())?;
+        together.push(start.elapsed().as_secs_f64() * 1e3);
+        let start = Instant::now();
+        for p in &prompts {
+            Batch::prefill(&mut model, p, None).map_err(|e| e.to_string())?;
+        }
+        alone.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let lens = prompts.iter().map(|p| p.len());
+    let (together, alone) = (median(together), median(alone));
+    Ok(format!(
+        "prefill of 8 prompts of {}–{} tokens ({weights}, in-process, alternating, medians of {runs}): {together:.1} ms in one run, {alone:.1} ms one by one ({:.2}×)",
+        lens.clone().min().unwrap_or(0),
+        lens.max().unwrap_or(0),
+        alone / together
+    ))
 }
 
 /// Time to first token of a prompt of ~1,000 tokens (a long system prompt and a question), cold
@@ -446,8 +487,8 @@ async fn run(options: Options) -> Result<(), String> {
         "engine-bench: {} tokens a request (greedy, prompt {:?}), batch 1 = median of {} runs\n",
         options.tokens, PROMPT, options.runs
     );
-    println!("| weights | path | TTFT ms (batch 1) | decode tok/s (batch 1) | aggregate tok/s, 4 concurrent | aggregate tok/s, 8 concurrent | 8 vs batch 1 |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| weights | path | TTFT ms (batch 1) | decode tok/s (batch 1) | aggregate tok/s, 4 concurrent | aggregate tok/s, 8 concurrent | 8 concurrent: last first token, ms | 8 vs batch 1 |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for weights in &options.weights {
         let dir = home.join("models/smollm2-135m-instruct").join(weights);
         let mut runtime = base_runtime.clone();
@@ -507,22 +548,40 @@ async fn run(options: Options) -> Result<(), String> {
             ),
         ];
         paths[0].1.one(options.tokens).await?; // warm-up: first runs allocate ORT's arenas
-        let mut engine_rate = 0.0;
-        for (name, path) in &paths {
-            let b1 = path.batch1(options.tokens, options.runs).await?;
-            if engine_rate == 0.0 {
-                engine_rate = b1.decode_rate();
+                                               // Rounds of every path in turn (batch 1, then 4 and 8 together), so that the machine's
+                                               // drift falls on all paths alike; each figure is the median of its rounds.
+        let mut rounds: Vec<(Vec<Sample>, Vec<f64>, Vec<f64>, Vec<f64>)> =
+            paths.iter().map(|_| Default::default()).collect();
+        for _ in 0..options.runs {
+            for ((_, path), (b1, a4, a8, first8)) in paths.iter().zip(&mut rounds) {
+                b1.push(path.one(options.tokens).await?);
+                a4.push(path.aggregate(4, options.tokens).await?.0);
+                let (rate, last_first) = path.aggregate(8, options.tokens).await?;
+                a8.push(rate);
+                first8.push(last_first.as_secs_f64() * 1e3);
             }
-            let a4 = path.aggregate(4, options.tokens).await?;
-            let a8 = path.aggregate(8, options.tokens).await?;
+        }
+        let figures: Vec<(Sample, f64, f64, f64)> = rounds
+            .into_iter()
+            .map(|(b1, a4, a8, first8)| (median_sample(b1), median(a4), median(a8), median(first8)))
+            .collect();
+        let engine_rate = figures[0].0.decode_rate();
+        for ((name, _), (b1, a4, a8, first8)) in paths.iter().zip(&figures) {
             println!(
-                "| {weights} | {name} on {} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {:.2}× |",
+                "| {weights} | {name} on {} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {first8:.0} | {:.2}× |",
                 engine.provider(),
                 b1.ttft.as_secs_f64() * 1e3,
                 b1.decode_rate(),
                 a8 / b1.decode_rate()
             );
         }
+        let (engine_figures, edge_figures) = (&figures[0], &figures[2]);
+        after.push(format!(
+            "{weights}: through the edge (HTTP → QUIC) against the engine alone: {:.1}% of its tokens/s at batch 1, {:.1}% at 4 concurrent, {:.1}% at 8",
+            100.0 * edge_figures.0.decode_rate() / engine_figures.0.decode_rate(),
+            100.0 * edge_figures.1 / engine_figures.1,
+            100.0 * edge_figures.2 / engine_figures.2
+        ));
         if weights == &options.weights[0] {
             after.push(hop(&paths[1].1).await?);
             let config = EngineConfig { scheduler: SchedulerConfig::default(), ..config.clone() };
@@ -534,6 +593,9 @@ async fn run(options: Options) -> Result<(), String> {
         let _ = stop_edge.send(());
         server.shutdown().await;
         drop(engine);
+        if weights == &options.weights[0] {
+            after.push(joint_prefill(weights, &dir, &config.runtime, options.runs)?);
+        }
 
         if options.python_loop {
             let threads = threads.to_string();
@@ -548,14 +610,14 @@ async fn run(options: Options) -> Result<(), String> {
             ];
             let (ttft, rate) = anchor(&python, "ort_loop.py", &prompt, options.tokens, &args, options.runs)?;
             println!(
-                "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | engine/python batch 1: {:.2}× |",
+                "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | — | engine/python batch 1: {:.2}× |",
                 engine_rate / rate
             );
         }
         if let (Some(llama), "int4") = (&llama, weights.as_str()) {
             let (ttft, rate) = llama.run(&prompt, options.tokens, threads, options.runs)?;
             println!(
-                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
+                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
                 engine_rate / rate
             );
         }
