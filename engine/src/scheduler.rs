@@ -543,8 +543,8 @@ impl ModelLoop {
         }
         let mut added: Vec<(Seq, Prefilled)> = Vec::new();
         while !pending.is_empty() {
-            let (mut fresh, mut runs, mut later): (Vec<Job>, Vec<(Vec<Job>, Option<Reuse>)>, Vec<Job>) =
-                Default::default();
+            let (mut fresh, mut later): (Vec<Job>, Vec<Job>) = (Vec::new(), Vec::new());
+            let mut runs: Vec<(Vec<Job>, Option<Reuse>)> = Vec::new();
             for job in pending {
                 match self.prefix.lookup(&job.prompt_ids) {
                     Ok(None) if fresh.iter().any(|f| self.prefix.would_share(&f.prompt_ids, &job.prompt_ids)) => {

@@ -9,9 +9,9 @@
 //! - `quic`: an engine client over QUIC with mutual TLS on loopback;
 //! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
 //!
-//! and the same batch-1 figures from `engine/bench/ort_loop.py`, and from llama.cpp on the Q4_1
-//! GGUF the models are converted from (`engine/bench/llamacpp_loop.py`, when `scripts/bench engine`
-//! has built llama-cpp-python into `.meridian/venv-bench`). Those rows run with the prefix
+//! and, in the same rounds, the same batch-1 figures from `engine/bench/ort_loop.py`, and from
+//! llama.cpp on the Q4_1 GGUF the models are converted from (`engine/bench/llamacpp_loop.py`, when
+//! `scripts/bench engine` has built llama-cpp-python into `.meridian/venv-bench`). Those rows run with the prefix
 //! cache off, so that every request is prefilled whole. Then, for the first weight format, the
 //! prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
 //! question was cached by an earlier request, and llama.cpp's first token on the cold prompt; and
@@ -113,9 +113,20 @@ impl Sample {
     }
 }
 
+/// One path's samples, a round each.
+#[derive(Default)]
+struct Rounds {
+    batch1: Vec<Sample>,
+    /// Aggregate tokens/s, 4 and 8 concurrent.
+    four: Vec<f64>,
+    eight: Vec<f64>,
+    /// When the last of the 8 had its first token.
+    eight_last_first_ms: Vec<f64>,
+}
+
 /// The median time to first token and the median decode rate of `samples`.
 fn median_sample(mut samples: Vec<Sample>) -> Sample {
-    samples.sort_by(|a, b| a.ttft.cmp(&b.ttft));
+    samples.sort_by_key(|s| s.ttft);
     let ttft = samples[samples.len() / 2].ttft;
     samples.sort_by(|a, b| a.decode_rate().total_cmp(&b.decode_rate()));
     Sample { ttft, ..samples[samples.len() / 2] }
@@ -550,20 +561,39 @@ async fn run(options: Options) -> Result<(), String> {
         paths[0].1.one(options.tokens).await?; // warm-up: first runs allocate ORT's arenas
                                                // Rounds of every path in turn (batch 1, then 4 and 8 together), so that the machine's
                                                // drift falls on all paths alike; each figure is the median of its rounds.
-        let mut rounds: Vec<(Vec<Sample>, Vec<f64>, Vec<f64>, Vec<f64>)> =
-            paths.iter().map(|_| Default::default()).collect();
+                                               // The Python loop and llama.cpp (each a process of its own, at batch 1) take their turns
+                                               // in the same rounds.
+        let threads_arg = threads.to_string();
+        let python_args: [&OsStr; 7] = [
+            "--model".as_ref(),
+            dir.as_os_str(),
+            "--threads".as_ref(),
+            threads_arg.as_ref(),
+            "--spinning".as_ref(),
+            (if spinning { "on" } else { "off" }).as_ref(),
+            "--ignore-eos".as_ref(),
+        ];
+        let llama = llama.as_ref().filter(|_| weights == "int4");
+        let mut rounds: Vec<Rounds> = paths.iter().map(|_| Rounds::default()).collect();
+        let (mut python_rounds, mut llama_rounds) = (Vec::new(), Vec::new());
         for _ in 0..options.runs {
-            for ((_, path), (b1, a4, a8, first8)) in paths.iter().zip(&mut rounds) {
-                b1.push(path.one(options.tokens).await?);
-                a4.push(path.aggregate(4, options.tokens).await?.0);
+            for ((_, path), r) in paths.iter().zip(&mut rounds) {
+                r.batch1.push(path.one(options.tokens).await?);
+                r.four.push(path.aggregate(4, options.tokens).await?.0);
                 let (rate, last_first) = path.aggregate(8, options.tokens).await?;
-                a8.push(rate);
-                first8.push(last_first.as_secs_f64() * 1e3);
+                r.eight.push(rate);
+                r.eight_last_first_ms.push(last_first.as_secs_f64() * 1e3);
+            }
+            if options.python_loop {
+                python_rounds.push(anchor(&python, "ort_loop.py", &prompt, options.tokens, &python_args, 1)?);
+            }
+            if let Some(llama) = llama {
+                llama_rounds.push(llama.run(&prompt, options.tokens, threads, 1)?);
             }
         }
         let figures: Vec<(Sample, f64, f64, f64)> = rounds
             .into_iter()
-            .map(|(b1, a4, a8, first8)| (median_sample(b1), median(a4), median(a8), median(first8)))
+            .map(|r| (median_sample(r.batch1), median(r.four), median(r.eight), median(r.eight_last_first_ms)))
             .collect();
         let engine_rate = figures[0].0.decode_rate();
         for ((name, _), (b1, a4, a8, first8)) in paths.iter().zip(&figures) {
@@ -573,6 +603,24 @@ async fn run(options: Options) -> Result<(), String> {
                 b1.ttft.as_secs_f64() * 1e3,
                 b1.decode_rate(),
                 a8 / b1.decode_rate()
+            );
+        }
+        let medians = |rounds: Vec<(f64, f64)>| {
+            let (ttft, rate): (Vec<f64>, Vec<f64>) = rounds.into_iter().unzip();
+            (median(ttft), median(rate))
+        };
+        if !python_rounds.is_empty() {
+            let (ttft, rate) = medians(python_rounds);
+            println!(
+                "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | — | engine/python batch 1: {:.2}× |",
+                engine_rate / rate
+            );
+        }
+        if !llama_rounds.is_empty() {
+            let (ttft, rate) = medians(llama_rounds);
+            println!(
+                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
+                engine_rate / rate
             );
         }
         let (engine_figures, edge_figures) = (&figures[0], &figures[2]);
@@ -595,31 +643,6 @@ async fn run(options: Options) -> Result<(), String> {
         drop(engine);
         if weights == &options.weights[0] {
             after.push(joint_prefill(weights, &dir, &config.runtime, options.runs)?);
-        }
-
-        if options.python_loop {
-            let threads = threads.to_string();
-            let args = [
-                "--model".as_ref(),
-                dir.as_os_str(),
-                "--threads".as_ref(),
-                threads.as_ref(),
-                "--spinning".as_ref(),
-                (if spinning { "on" } else { "off" }).as_ref(),
-                "--ignore-eos".as_ref(),
-            ];
-            let (ttft, rate) = anchor(&python, "ort_loop.py", &prompt, options.tokens, &args, options.runs)?;
-            println!(
-                "| {weights} | python onnxruntime loop | {ttft:.1} | {rate:.1} | — | — | — | engine/python batch 1: {:.2}× |",
-                engine_rate / rate
-            );
-        }
-        if let (Some(llama), "int4") = (&llama, weights.as_str()) {
-            let (ttft, rate) = llama.run(&prompt, options.tokens, threads, options.runs)?;
-            println!(
-                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
-                engine_rate / rate
-            );
         }
     }
     if let Some((long, engine_cold)) = long_prompt {
