@@ -14,6 +14,7 @@
 //! leaves) copies the cache, and then also drops the columns that are padding in every row.
 
 use ort::memory::Allocator;
+use ort::session::IoBinding;
 use ort::value::{DynValue, Tensor};
 
 use crate::model::ChatModel;
@@ -100,12 +101,15 @@ pub struct Batch {
     columns: usize,
     /// `past_key_values` in layout order, [B, H, columns, D] each; empty when there are no rows.
     kv: Vec<DynValue>,
+    /// For buffers written in place: `kv` bound as the step's past and present, kept until `kv`
+    /// changes.
+    binding: Option<IoBinding>,
 }
 
 impl Batch {
     /// An empty batch; `in_place` when the model takes shared KV buffers.
     pub fn new(layout: KvLayout, in_place: bool) -> Batch {
-        Batch { layout, in_place, lens: Vec::new(), past: 0, columns: 0, kv: Vec::new() }
+        Batch { layout, in_place, lens: Vec::new(), past: 0, columns: 0, kv: Vec::new(), binding: None }
     }
 
     /// Rows.
@@ -202,7 +206,7 @@ impl Batch {
                 let rows: Vec<usize> = (0..self.lens.len()).collect();
                 self.relayout(&rows, Vec::new())?;
             }
-            model.step_in_place(ids, pos, mask, &mut self.kv)?
+            model.step_in_place(ids, pos, mask, &mut self.kv, &mut self.binding)?
         } else {
             let fwd = model.forward(self.lens.len(), ids, pos, mask, Some(&self.kv))?;
             self.kv = fwd.present;
@@ -273,6 +277,8 @@ impl Batch {
             }
             kv.push(tensor.into_dyn());
         }
+        // The old buffers go with the binding that holds them; the next step binds the new ones.
+        self.binding = None;
         self.kv = kv;
         self.lens = lens;
         self.past = past;
