@@ -245,16 +245,11 @@ impl Batch {
         let shape = [b, heads, columns, d];
         let mut kv = Vec::with_capacity(self.layout.layers * 2);
         for j in 0..self.layout.layers * 2 {
-            let mut tensor = if self.in_place {
-                // Runtime-allocated: only such a tensor can be bound as an output.
-                Tensor::<f32>::new(&Allocator::default(), shape)?
-            } else {
-                Tensor::from_array((shape, vec![0f32; b * heads * columns * d]))?
-            };
+            // Runtime-allocated, since only such a tensor can be bound as an output; its data is
+            // not initialised, and padding must hold numbers.
+            let mut tensor = Tensor::<f32>::new(&Allocator::default(), shape)?;
             let (_, data) = tensor.extract_tensor_mut();
-            if self.in_place {
-                data.fill(0.0);
-            }
+            data.fill(0.0);
             let to = |row: usize| Columns { row, columns, end: past };
             if !keep.is_empty() {
                 let (_, old) = self.kv[j].try_extract_tensor::<f32>()?;
