@@ -18,7 +18,6 @@ use ort::session::IoBinding;
 use ort::value::{DynValue, Tensor};
 
 use crate::model::ChatModel;
-use crate::prefix::Reuse;
 
 /// Shape of a decoder's KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,6 +50,32 @@ impl Prefilled {
     /// Its KV tensors, [1, H, len, D] each, in layout order.
     pub fn kv(&self) -> &[DynValue] {
         &self.kv
+    }
+}
+
+/// The cache of a prompt's beginning, to continue from (from the
+/// [`PrefixCache`](crate::prefix::PrefixCache)).
+pub struct Reuse {
+    /// Per KV tensor in layout order, the first `len` positions as [H, len, D].
+    pub kv: Vec<Vec<f32>>,
+    /// Tokens covered.
+    pub len: usize,
+}
+
+/// A prompt to prefill: its tokens, and the cache of its beginning when one was kept.
+pub struct Prompt<'a> {
+    /// The whole prompt.
+    pub ids: &'a [u32],
+    /// The cache of `ids[..reuse.len]`, which then is not computed again.
+    pub reuse: Option<Reuse>,
+}
+
+impl Prompt<'_> {
+    /// (positions that come from the cache, positions to compute).
+    pub fn size(&self) -> (usize, usize) {
+        let cached = self.reuse.as_ref().map_or(0, |r| r.len);
+        assert!(cached < self.ids.len(), "a reused prefix leaves at least the last token to compute");
+        (cached, self.ids.len() - cached)
     }
 }
 
@@ -136,52 +161,63 @@ impl Batch {
     /// `reuse.len` tokens, from the [`PrefixCache`](crate::prefix::PrefixCache)) or from an empty
     /// cache: returns the whole prompt's cache and the logits.
     pub fn prefill(model: &mut ChatModel, ids: &[u32], reuse: Option<Reuse>) -> ort::Result<(Prefilled, Logits)> {
-        let Some(reuse) = reuse else {
-            let (mut prefilled, logits) = Batch::prefill_together(model, &[ids])?;
-            return Ok((prefilled.pop().expect("one prompt, one cache"), logits));
-        };
-        let n = ids.len();
-        let from = reuse.len;
-        assert!(from < n, "a reused prefix leaves at least the last token to compute");
-        let new = ids[from..].iter().map(|&t| t as i64).collect();
-        let fwd = model.forward(1, new, (from as i64..n as i64).collect(), vec![1; n], Some(&reuse.kv[..]))?;
-        Ok((Prefilled { kv: fwd.present, len: n }, logits(fwd.logits, 1)?))
+        let (mut prefilled, logits) = Batch::prefill_together(model, vec![Prompt { ids, reuse }])?;
+        Ok((prefilled.pop().expect("one prompt, one cache"), logits))
     }
 
-    /// Runs `prompts` through the model in one run, from empty caches, left-padded to the longest
-    /// (the padding masked, as in a decode step): returns each prompt's cache, and the logits, row
-    /// `k` for prompt `k`. One run of the matrix products instead of one per prompt: the runtime's
-    /// fixed cost per operator is paid once. [`prefill_runs`] decides which prompts share a run.
-    pub fn prefill_together(model: &mut ChatModel, prompts: &[&[u32]]) -> ort::Result<(Vec<Prefilled>, Logits)> {
-        assert!(prompts.iter().all(|p| !p.is_empty()), "a prompt has at least one token");
+    /// Runs `prompts` through the model in one run: returns each prompt's whole cache, and the
+    /// logits, row `k` for prompt `k`. One run of the matrix products instead of one per prompt:
+    /// the runtime's fixed cost per operator is paid once, and every prompt has its first token
+    /// when the run ends. The prompts are left-padded to the longest, the padding masked as in a
+    /// decode step. [`prefill_runs`] decides which prompts share a run.
+    ///
+    /// A prompt that continues from a cached beginning runs alone: ONNX Runtime's
+    /// GroupQueryAttention takes a past cache with several new tokens for one row only ("batch_size
+    /// must be 1 when sequence_length > 1 and past context is given", ORT 1.31).
+    pub fn prefill_together(model: &mut ChatModel, prompts: Vec<Prompt<'_>>) -> ort::Result<(Vec<Prefilled>, Logits)> {
         let rows = prompts.len();
-        let width = prompts.iter().map(|p| p.len()).max().expect("at least one prompt");
+        let sizes: Vec<(usize, usize)> = prompts.iter().map(Prompt::size).collect();
+        assert!(
+            rows == 1 || sizes.iter().all(|&(cached, _)| cached == 0),
+            "a prompt continuing from a cache runs alone"
+        );
+        let width = sizes.iter().map(|&(_, new)| new).max().expect("at least one prompt");
         let (mut ids, mut pos, mut mask) = (Vec::new(), Vec::new(), Vec::new());
-        for p in prompts {
-            let pad = width - p.len();
-            ids.extend(std::iter::repeat_n(0, pad).chain(p.iter().map(|&t| i64::from(t))));
-            pos.extend(std::iter::repeat_n(0, pad).chain(0..p.len() as i64));
-            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, p.len())));
+        for (p, &(cached, new)) in prompts.iter().zip(&sizes) {
+            let pad = width - new;
+            ids.extend(std::iter::repeat_n(0, pad).chain(p.ids[cached..].iter().map(|&t| i64::from(t))));
+            pos.extend(std::iter::repeat_n(0, pad).chain(cached as i64..p.ids.len() as i64));
+            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, cached + new)));
         }
-        let fwd = model.forward(rows, ids, pos, mask, None)?;
+        let KvLayout { heads, head_dim: d, .. } = model.layout();
+        let past = match prompts.into_iter().next().and_then(|p| p.reuse) {
+            Some(reuse) if rows == 1 => Some(
+                reuse
+                    .kv
+                    .into_iter()
+                    .map(|data| Ok(Tensor::from_array(([1, heads, reuse.len, d], data))?.into_dyn()))
+                    .collect::<ort::Result<Vec<_>>>()?,
+            ),
+            _ => None,
+        };
+        let fwd = model.forward(rows, ids, pos, mask, past.as_deref())?;
         let logits = logits(fwd.logits, rows)?;
         if rows == 1 {
-            return Ok((vec![Prefilled { kv: fwd.present, len: width }], logits));
+            let len = sizes[0].0 + sizes[0].1;
+            return Ok((vec![Prefilled { kv: fwd.present, len }], logits));
         }
         // Each row's own positions (its last `len` columns) as a cache of its own.
-        let KvLayout { heads, head_dim, .. } = model.layout();
-        let mut caches: Vec<Vec<DynValue>> = prompts.iter().map(|_| Vec::with_capacity(fwd.present.len())).collect();
+        let mut caches: Vec<Vec<DynValue>> = sizes.iter().map(|_| Vec::with_capacity(fwd.present.len())).collect();
         for present in &fwd.present {
             let (_, data) = present.try_extract_tensor::<f32>()?;
-            for (row, (p, cache)) in prompts.iter().zip(&mut caches).enumerate() {
-                let n = p.len();
-                let mut own = vec![0f32; heads * n * head_dim];
+            for (row, (&(_, n), cache)) in sizes.iter().zip(&mut caches).enumerate() {
+                let mut own = vec![0f32; heads * n * d];
                 let from = Columns { row, columns: width, end: width };
-                copy_positions(data, from, &mut own, Columns { row: 0, columns: n, end: n }, n, heads, head_dim);
-                cache.push(Tensor::from_array(([1, heads, n, head_dim], own))?.into_dyn());
+                copy_positions(data, from, &mut own, Columns { row: 0, columns: n, end: n }, n, heads, d);
+                cache.push(Tensor::from_array(([1, heads, n, d], own))?.into_dyn());
             }
         }
-        Ok((caches.into_iter().zip(prompts).map(|(kv, p)| Prefilled { kv, len: p.len() }).collect(), logits))
+        Ok((caches.into_iter().zip(sizes).map(|(kv, (_, len))| Prefilled { kv, len }).collect(), logits))
     }
 
     /// Inputs of one decode step: `input_ids` [B,1], `position_ids` [B,1], `attention_mask`
@@ -230,8 +266,7 @@ impl Batch {
     }
 
     /// Copies rows `keep` and `add` into new tensors, each row's positions ending at the new
-    /// `past`; a shared buffer gets [`SPARE_COLUMNS`] more columns, zeroed like the padding (the
-    /// runtime reads padding columns before the mask discards them, so they must hold numbers).
+    /// `past`; a shared buffer gets [`SPARE_COLUMNS`] more columns, zeroed like the padding.
     fn relayout(&mut self, keep: &[usize], add: Vec<Prefilled>) -> ort::Result<()> {
         let lens: Vec<usize> = keep.iter().map(|&o| self.lens[o]).chain(add.iter().map(|p| p.len)).collect();
         let past = lens.iter().copied().max().unwrap_or(0);
@@ -245,30 +280,24 @@ impl Batch {
         let shape = [b, heads, columns, d];
         let mut kv = Vec::with_capacity(self.layout.layers * 2);
         for j in 0..self.layout.layers * 2 {
-            // Runtime-allocated, since only such a tensor can be bound as an output; its data is
-            // not initialised, and padding must hold numbers.
+            // Runtime-allocated, since only such a tensor can be bound as an output. Its data is
+            // not initialised: every row is written whole below, its padding and spare columns
+            // zeroed (the runtime reads them before the mask discards them, so they must hold
+            // numbers).
             let mut tensor = Tensor::<f32>::new(&Allocator::default(), shape)?;
             let (_, data) = tensor.extract_tensor_mut();
-            data.fill(0.0);
             let to = |row: usize| Columns { row, columns, end: past };
             if !keep.is_empty() {
                 let (_, old) = self.kv[j].try_extract_tensor::<f32>()?;
                 for (row, &o) in keep.iter().enumerate() {
                     let from = Columns { row: o, columns: self.columns, end: self.past };
-                    copy_positions(old, from, data, to(row), self.lens[o], heads, d);
+                    place_row(old, from, data, to(row), self.lens[o], heads, d);
                 }
             }
             for (k, p) in add.iter().enumerate() {
                 let (_, src) = p.kv[j].try_extract_tensor::<f32>()?;
-                copy_positions(
-                    src,
-                    Columns { row: 0, columns: p.len, end: p.len },
-                    data,
-                    to(keep.len() + k),
-                    p.len,
-                    heads,
-                    d,
-                );
+                let from = Columns { row: 0, columns: p.len, end: p.len };
+                place_row(src, from, data, to(keep.len() + k), p.len, heads, d);
             }
             kv.push(tensor.into_dyn());
         }
@@ -300,23 +329,34 @@ fn copy_positions(src: &[f32], from: Columns, dst: &mut [f32], to: Columns, n: u
     }
 }
 
-/// Splits waiting prompts of lengths `lens` into runs prefilled together
+/// Writes one row of `dst` whole: the `n` positions of `from` ending at `to.end`, and zeros in
+/// its other columns.
+fn place_row(src: &[f32], from: Columns, dst: &mut [f32], to: Columns, n: usize, heads: usize, d: usize) {
+    copy_positions(src, from, dst, to, n, heads, d);
+    for h in 0..heads {
+        let row = (to.row * heads + h) * to.columns * d;
+        dst[row..row + (to.end - n) * d].fill(0.0);
+        dst[row + to.end * d..row + to.columns * d].fill(0.0);
+    }
+}
+
+/// Splits waiting prompts of `new` positions each (none cached) into runs prefilled together
 /// ([`Batch::prefill_together`]). In order of length, a prompt joins the current run while the
-/// run's padded size (rows × longest) stays within `max_tokens` and its padding within a quarter
-/// of its real tokens: prompts of similar length share a run, and a long prompt is never padded
-/// against short ones. Returns indices into `lens`, each once.
-pub fn prefill_runs(lens: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by_key(|&i| lens[i]);
+/// run's padded size (rows × longest) stays within [`PREFILL_MAX_TOKENS`] and its padding within
+/// a quarter of its real tokens: prompts of similar length share a run, and a long prompt is never
+/// padded against short ones. Returns indices into `new`, each once.
+pub fn prefill_runs(new: &[usize]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..new.len()).collect();
+    order.sort_by_key(|&i| new[i]);
     let mut runs: Vec<Vec<usize>> = Vec::new();
     let (mut real, mut longest) = (0, 0);
     for i in order {
-        let n = lens[i];
+        let n = new[i];
         let padded = match runs.last() {
             Some(run) => (run.len() + 1) * longest.max(n),
             None => usize::MAX,
         };
-        if padded <= max_tokens && 4 * padded <= 5 * (real + n) {
+        if padded <= PREFILL_MAX_TOKENS && 4 * padded <= 5 * (real + n) {
             runs.last_mut().expect("a run is open").push(i);
             real += n;
             longest = longest.max(n);
@@ -346,13 +386,12 @@ mod tests {
     #[test]
     fn prefill_runs_group_similar_lengths_within_the_budget() {
         // Eight prompts of 40–49 tokens: one run.
-        let lens = [49, 45, 40, 49, 47, 44, 49, 42];
-        assert_eq!(prefill_runs(&lens, 2048), vec![vec![2, 7, 5, 1, 4, 0, 3, 6]]);
+        assert_eq!(prefill_runs(&[49, 45, 40, 49, 47, 44, 49, 42]), vec![vec![2, 7, 5, 1, 4, 0, 3, 6]]);
         // A long prompt is not padded against short ones; the budget splits equal ones.
-        assert_eq!(prefill_runs(&[10, 1000, 12], 2048), vec![vec![0, 2], vec![1]]);
-        assert_eq!(prefill_runs(&[600, 600, 600, 600], 2048), vec![vec![0, 1, 2], vec![3]]);
+        assert_eq!(prefill_runs(&[10, 1000, 12]), vec![vec![0, 2], vec![1]]);
+        assert_eq!(prefill_runs(&[600, 600, 600, 600]), vec![vec![0, 1, 2], vec![3]]);
         // A prompt longer than the budget still gets a run of its own.
-        assert_eq!(prefill_runs(&[3000], 2048), vec![vec![0]]);
-        assert!(prefill_runs(&[], 2048).is_empty());
+        assert_eq!(prefill_runs(&[3000]), vec![vec![0]]);
+        assert!(prefill_runs(&[]).is_empty());
     }
 }

@@ -17,10 +17,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use ort::value::{DynValue, Tensor};
+use ort::value::DynValue;
 
 use crate::api::MAX_HELD_PREFIXES;
-use crate::kv::KvLayout;
+use crate::kv::{KvLayout, Reuse};
 
 /// Tokens per block: the granularity of matching and of what is kept.
 pub const BLOCK: usize = 16;
@@ -44,15 +44,6 @@ impl PrefixStats {
     pub fn held(&self) -> Vec<(u64, u32)> {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-}
-
-/// A cached prefix, ready to continue: the KV tensors ([1, H, len, D] each, in layout order) and
-/// how many tokens they cover.
-pub struct Reuse {
-    /// The cache of the prompt's first `len` tokens.
-    pub kv: Vec<DynValue>,
-    /// Tokens covered (a multiple of [`BLOCK`]).
-    pub len: usize,
 }
 
 struct Entry {
@@ -132,12 +123,12 @@ impl PrefixCache {
         out
     }
 
-    /// The longest cached prefix of `ids`, copied out as tensors to continue from; `None` when
-    /// nothing matches (or the cache is off).
-    pub fn lookup(&mut self, ids: &[u32]) -> ort::Result<Option<Reuse>> {
+    /// The longest cached prefix of `ids`, copied out to continue from; `None` when nothing
+    /// matches (or the cache is off).
+    pub fn lookup(&mut self, ids: &[u32]) -> Option<Reuse> {
         let upto = Self::cacheable(ids);
         if self.max_bytes == 0 || upto == 0 {
-            return Ok(None);
+            return None;
         }
         let keys = self.boundaries(ids, upto);
         let found = keys.iter().enumerate().rev().find_map(|(i, key)| {
@@ -146,7 +137,7 @@ impl PrefixCache {
             // The hash names the prefix; the tokens prove it.
             (self.entries.get(&id)?.tokens[..len] == ids[..len]).then_some((id, len))
         });
-        let Some((id, len)) = found else { return Ok(None) };
+        let (id, len) = found?;
         self.clock += 1;
         let entry = self.entries.get_mut(&id).expect("indexed entries exist");
         entry.last_used = self.clock;
@@ -160,12 +151,12 @@ impl PrefixCache {
                 for h in 0..heads {
                     data.extend_from_slice(&src[h * cols * d..(h * cols + len) * d]);
                 }
-                Ok(Tensor::from_array(([1, heads, len, d], data))?.into_dyn())
+                data
             })
-            .collect::<ort::Result<Vec<_>>>()?;
+            .collect();
         self.stats.hits.fetch_add(1, Ordering::Relaxed);
         self.stats.tokens_reused.fetch_add(len as u64, Ordering::Relaxed);
-        Ok(Some(Reuse { kv, len }))
+        Some(Reuse { kv, len })
     }
 
     /// Keeps the cache of prompt `ids` (`present`: its prefill's KV, [1, H, n, D] each with n =
@@ -293,6 +284,7 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ort::value::Tensor;
     use std::sync::Arc;
 
     const LAYOUT: KvLayout = KvLayout { layers: 1, heads: 2, head_dim: 2 };
@@ -321,20 +313,20 @@ mod tests {
     }
 
     fn values(reuse: &Reuse) -> Vec<f32> {
-        reuse.kv[0].try_extract_tensor::<f32>().unwrap().1.to_vec()
+        reuse.kv[0].clone()
     }
 
     #[test]
     fn the_longest_shared_whole_block_prefix_is_reused_and_the_last_token_never() {
         let (mut c, stats) = cache(1 << 20);
         let first: Vec<u32> = (0..40).collect();
-        assert!(c.lookup(&first).unwrap().is_none());
+        assert!(c.lookup(&first).is_none());
         c.insert(&first, &present(40), &[]).unwrap();
         // 39 cacheable tokens: two whole blocks are kept.
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 32 * PrefixCache::bytes_per_token(LAYOUT) as u64);
 
         // The same prompt again: two blocks, never the last token.
-        let reuse = c.lookup(&first).unwrap().expect("a hit");
+        let reuse = c.lookup(&first).expect("a hit");
         assert_eq!(reuse.len, 32);
         let v = values(&reuse);
         assert_eq!(v.len(), 2 * 32 * 2);
@@ -343,12 +335,12 @@ mod tests {
         // A prompt that shares the first block only, then differs.
         let mut other = first.clone();
         other[20] = 999;
-        assert_eq!(c.lookup(&other).unwrap().expect("a hit").len, 16);
+        assert_eq!(c.lookup(&other).expect("a hit").len, 16);
         // A prompt of exactly 17 tokens may reuse one block; of 16, none (its last token is in it).
-        assert_eq!(c.lookup(&first[..17]).unwrap().expect("a hit").len, 16);
-        assert!(c.lookup(&first[..16]).unwrap().is_none());
+        assert_eq!(c.lookup(&first[..17]).expect("a hit").len, 16);
+        assert!(c.lookup(&first[..16]).is_none());
         // Nothing shared.
-        assert!(c.lookup(&(100..140).collect::<Vec<u32>>()).unwrap().is_none());
+        assert!(c.lookup(&(100..140).collect::<Vec<u32>>()).is_none());
         assert_eq!(stats.hits.load(Ordering::Relaxed), 3);
         assert_eq!(stats.tokens_reused.load(Ordering::Relaxed), 32 + 16 + 16);
     }
@@ -362,14 +354,14 @@ mod tests {
         let d: Vec<u32> = (200..217).collect();
         c.insert(&a, &present(17), &[]).unwrap();
         c.insert(&b, &present(17), &[]).unwrap();
-        assert!(c.lookup(&a).unwrap().is_some(), "a is now the most recent");
+        assert!(c.lookup(&a).is_some(), "a is now the most recent");
         c.insert(&d, &present(17), &[]).unwrap();
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 2 * per_block as u64);
-        assert!(c.lookup(&b).unwrap().is_none(), "b was the least recently used");
-        assert!(c.lookup(&a).unwrap().is_some() && c.lookup(&d).unwrap().is_some());
+        assert!(c.lookup(&b).is_none(), "b was the least recently used");
+        assert!(c.lookup(&a).is_some() && c.lookup(&d).is_some());
         // Larger than the whole budget: not kept, nothing evicted for it.
         c.insert(&(0..100).collect::<Vec<u32>>(), &present(100), &[]).unwrap();
-        assert!(c.lookup(&a).unwrap().is_some());
+        assert!(c.lookup(&a).is_some());
     }
 
     #[test]
@@ -394,12 +386,12 @@ mod tests {
         c.insert(&turn1, &present(40), &[(1, 20)]).unwrap();
         // The next turn: the whole first prompt, then more.
         let turn2: Vec<u32> = (0..60).collect();
-        assert_eq!(c.lookup(&turn2).unwrap().expect("a hit").len, 32);
+        assert_eq!(c.lookup(&turn2).expect("a hit").len, 32);
         c.insert(&turn2, &present(60), &[(2, 40)]).unwrap();
         assert_eq!(c.entries.len(), 1, "the first turn's entry is superseded");
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 48 * PrefixCache::bytes_per_token(LAYOUT) as u64);
         assert_eq!(stats.held(), [(2, 40), (1, 20)], "its marks moved over, longest first");
-        assert_eq!(c.lookup(&turn1).unwrap().expect("still served").len, 32);
+        assert_eq!(c.lookup(&turn1).expect("still served").len, 32);
         // A prompt that only shares a beginning leaves the entry alone.
         let mut other = turn2.clone();
         other[20] = 999;
@@ -419,7 +411,7 @@ mod tests {
         let (mut c, stats) = cache(0);
         let ids: Vec<u32> = (0..40).collect();
         c.insert(&ids, &present(40), &[]).unwrap();
-        assert!(c.lookup(&ids).unwrap().is_none());
+        assert!(c.lookup(&ids).is_none());
         assert_eq!(stats.bytes.load(Ordering::Relaxed), 0, "nothing kept");
     }
 }

@@ -30,9 +30,9 @@ use crate::api::{
 use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::embed::{BatchLimits, EmbeddingModel};
-use crate::kv::{prefill_runs, Batch, Logits, Prefilled, PREFILL_MAX_TOKENS};
+use crate::kv::{prefill_runs, Batch, Logits, Prefilled, Prompt, Reuse};
 use crate::model::{infer_kind, model_err, ChatModel, Prompter};
-use crate::prefix::{PrefixCache, PrefixStats, Reuse};
+use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{now_unix_nanos, Exporter, Span, SpanKind, TraceContext};
 
@@ -475,18 +475,13 @@ impl ModelLoop {
         }
     }
 
-    /// Prefills the jobs of `run` in one run of the model (from `reuse`, for a run of one), samples
-    /// each one's first token, and adds those that go on to `added`.
-    fn prefill(&mut self, run: Vec<Job>, reuse: Option<Reuse>, added: &mut Vec<(Seq, Prefilled)>) {
+    /// Prefills the jobs of `run` in one run of the model (a job with a cached beginning alone,
+    /// from it), samples each one's first token, and adds those that go on to `added`.
+    fn prefill(&mut self, run: Vec<(Job, Option<Reuse>)>, added: &mut Vec<(Seq, Prefilled)>) {
         let prefill_start = now_unix_nanos();
-        let prefilled = match reuse {
-            Some(reuse) => Batch::prefill(&mut self.model, &run[0].prompt_ids, Some(reuse))
-                .map(|(prefilled, logits)| (vec![prefilled], logits)),
-            None => {
-                let prompts: Vec<&[u32]> = run.iter().map(|j| &j.prompt_ids[..]).collect();
-                Batch::prefill_together(&mut self.model, &prompts)
-            }
-        };
+        let (run, reuses): (Vec<Job>, Vec<Option<Reuse>>) = run.into_iter().unzip();
+        let prompts = run.iter().zip(reuses).map(|(job, reuse)| Prompt { ids: &job.prompt_ids, reuse }).collect();
+        let prefilled = Batch::prefill_together(&mut self.model, prompts);
         let (prefilled, logits) = match prefilled {
             Ok(p) => p,
             Err(e) => {
@@ -527,10 +522,10 @@ impl ModelLoop {
     fn iteration(&mut self, jobs: Vec<Job>) -> ort::Result<()> {
         let eos = self.model.spec.eos_token_ids.clone();
         let ctx = self.model.spec.context_length;
-        // A prompt that begins like a cached one continues from its cache alone; the others are
-        // prefilled together in runs of similar length. A prompt that begins like another one
-        // waiting here waits a round, so that it finds that one's cache instead of computing the
-        // same beginning beside it.
+        // A prompt that begins like a cached one continues from its cache alone (see
+        // `Batch::prefill_together`); the others are prefilled together in runs of similar length.
+        // A prompt that begins like another one waiting here waits a round, so that it finds that
+        // one's cache instead of computing the same beginning beside it.
         let mut pending: Vec<Job> = Vec::new();
         for job in jobs {
             if job.tx.is_closed() {
@@ -544,24 +539,23 @@ impl ModelLoop {
         let mut added: Vec<(Seq, Prefilled)> = Vec::new();
         while !pending.is_empty() {
             let (mut fresh, mut later): (Vec<Job>, Vec<Job>) = (Vec::new(), Vec::new());
-            let mut runs: Vec<(Vec<Job>, Option<Reuse>)> = Vec::new();
+            let mut runs: Vec<Vec<(Job, Option<Reuse>)>> = Vec::new();
             for job in pending {
                 match self.prefix.lookup(&job.prompt_ids) {
-                    Ok(None) if fresh.iter().any(|f| self.prefix.would_share(&f.prompt_ids, &job.prompt_ids)) => {
+                    Some(reuse) => runs.push(vec![(job, Some(reuse))]),
+                    None if fresh.iter().any(|f| self.prefix.would_share(&f.prompt_ids, &job.prompt_ids)) => {
                         later.push(job)
                     }
-                    Ok(None) => fresh.push(job),
-                    Ok(reuse) => runs.push((vec![job], reuse)),
-                    Err(e) => fail(job, format!("prefill: {e}")),
+                    None => fresh.push(job),
                 }
             }
             let lens: Vec<usize> = fresh.iter().map(|j| j.prompt_ids.len()).collect();
             let mut fresh: Vec<Option<Job>> = fresh.into_iter().map(Some).collect();
-            for run in prefill_runs(&lens, PREFILL_MAX_TOKENS) {
-                runs.push((run.iter().map(|&i| fresh[i].take().expect("each job in one run")).collect(), None));
+            for run in prefill_runs(&lens) {
+                runs.push(run.iter().map(|&i| (fresh[i].take().expect("each job in one run"), None)).collect());
             }
-            for (run, reuse) in runs {
-                self.prefill(run, reuse, &mut added);
+            for run in runs {
+                self.prefill(run, &mut added);
             }
             pending = later;
         }

@@ -49,7 +49,7 @@ use meridian_e2e::engine::{Cluster, EngineProcess};
 use meridian_engine::api::{Backend, ChatRequest, EmbedRequest, Event, Message};
 use meridian_engine::client::EngineClient;
 use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
-use meridian_engine::kv::Batch;
+use meridian_engine::kv::{Batch, Prompt};
 use meridian_engine::model::ChatModel;
 use meridian_engine::scheduler::Engine;
 use meridian_engine::server::{EngineServer, ServerLimits};
@@ -239,12 +239,12 @@ fn joint_prefill(weights: &str, dir: &Path, runtime: &RuntimeConfig, runs: usize
         })
         .collect::<Result<Vec<Vec<u32>>, _>>()
         .map_err(|e| e.to_string())?;
-    let prompts: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
     let (mut together, mut alone) = (Vec::new(), Vec::new());
     let runs = runs.max(5);
     for _ in 0..runs {
         let start = Instant::now();
-        Batch::prefill_together(&mut model, &prompts).map_err(|e| e.to_string())?;
+        let run = prompts.iter().map(|ids| Prompt { ids, reuse: None }).collect();
+        Batch::prefill_together(&mut model, run).map_err(|e| e.to_string())?;
         together.push(start.elapsed().as_secs_f64() * 1e3);
         let start = Instant::now();
         for p in &prompts {

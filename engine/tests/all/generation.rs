@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use meridian_engine::api::{Backend, ChatRequest, ErrorCode, Event, FinishReason, Message};
 use meridian_engine::config::{RuntimeConfig, SchedulerConfig};
-use meridian_engine::kv::{Batch, SPARE_COLUMNS};
+use meridian_engine::kv::{Batch, Prefilled, Prompt, Reuse, SPARE_COLUMNS};
 use meridian_engine::model::ChatModel;
 use meridian_engine::sampling::argmax;
 
@@ -81,32 +81,56 @@ fn decoding_in_place_equals_copying_the_cache() {
     assert_eq!(decode(true), decode(false));
 }
 
-/// Prompts of different lengths prefilled in one left-padded run give each prompt the cache and
-/// the logits it gets alone, to float rounding (fp32; the padded run's matrix products block
-/// differently: ~3e-5 measured), and the same first token. That they decode on alike is
-/// `concurrent_requests_equal_each_alone`.
+/// Prompts of different lengths prefilled in one left-padded run, and a prompt continuing from a
+/// cache of its beginning (of different lengths, down to only its last token left), give each
+/// prompt the cache and the logits it gets alone from nothing, to float rounding (fp32; the padded
+/// run's matrix products block differently: ~3e-5 measured), and the same first token. That they
+/// decode on alike is `concurrent_requests_equal_each_alone`.
 #[test]
-fn prefilling_together_equals_each_alone() {
+fn prefilling_together_or_from_a_cached_beginning_equals_each_alone() {
     let mut model = ChatModel::load("fp32", &model_dir(FP32), &RuntimeConfig::default()).unwrap();
     let prompts: Vec<Vec<u32>> = PROMPTS.iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
     assert!(prompts.iter().map(Vec::len).collect::<std::collections::HashSet<_>>().len() > 2, "lengths differ");
-    let refs: Vec<&[u32]> = prompts.iter().map(|p| &p[..]).collect();
-    let (together, logits) = Batch::prefill_together(&mut model, &refs).unwrap();
+    let alone: Vec<_> = prompts.iter().map(|p| Batch::prefill(&mut model, p, None).unwrap()).collect();
     let max_diff = |a: &[f32], b: &[f32]| {
         assert_eq!(a.len(), b.len());
         a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
     };
-    for (row, p) in prompts.iter().enumerate() {
-        let (alone, alone_logits) = Batch::prefill(&mut model, p, None).unwrap();
-        assert_eq!(together[row].len(), p.len());
-        assert!(max_diff(logits.row(row), alone_logits.row(0)) < 1e-3, "prompt {row}: logits");
-        assert_eq!(argmax(logits.row(row)), argmax(alone_logits.row(0)), "prompt {row}: first token");
-        for (a, t) in alone.kv().iter().zip(together[row].kv()) {
+    let check = |what: &str, (prefilled, logits): (&Prefilled, &[f32]), row: usize| {
+        let (alone, alone_logits) = &alone[row];
+        assert_eq!(prefilled.len(), prompts[row].len(), "{what}: length");
+        assert!(max_diff(logits, alone_logits.row(0)) < 1e-3, "{what}: logits");
+        assert_eq!(argmax(logits), argmax(alone_logits.row(0)), "{what}: first token");
+        for (a, t) in alone.kv().iter().zip(prefilled.kv()) {
             let (a_shape, a) = a.try_extract_tensor::<f32>().unwrap();
             let (t_shape, t) = t.try_extract_tensor::<f32>().unwrap();
-            assert_eq!(a_shape, t_shape, "prompt {row}: cache shape");
-            assert!(max_diff(a, t) < 1e-3, "prompt {row}: cache");
+            assert_eq!(a_shape, t_shape, "{what}: cache shape");
+            assert!(max_diff(a, t) < 1e-3, "{what}: cache");
         }
+    };
+    let run = prompts.iter().map(|ids| Prompt { ids, reuse: None }).collect();
+    let (together, logits) = Batch::prefill_together(&mut model, run).unwrap();
+    for (row, prefilled) in together.iter().enumerate() {
+        check(&format!("prompt {row} together"), (prefilled, logits.row(row)), row);
+    }
+    // The first `len` positions of prompt 2's cache alone, as the prefix cache gives them.
+    let (heads, d) = (model.layout().heads, model.layout().head_dim);
+    let (whole, _) = &alone[2];
+    let beginning = |len: usize| {
+        let kv = whole
+            .kv()
+            .iter()
+            .map(|t| {
+                let (_, data) = t.try_extract_tensor::<f32>().unwrap();
+                let n = whole.len();
+                (0..heads).flat_map(|h| data[h * n * d..(h * n + len) * d].iter().copied()).collect()
+            })
+            .collect();
+        Reuse { kv, len }
+    };
+    for cached in [5, 17, prompts[2].len() - 1] {
+        let (prefilled, logits) = Batch::prefill(&mut model, &prompts[2], Some(beginning(cached))).unwrap();
+        check(&format!("prompt 2 from {cached} cached tokens"), (&prefilled, logits.row(0)), 2);
     }
 }
 
