@@ -6,6 +6,12 @@
 //! traffic goes through each (fresh engines for each), and the test prints both and checks that the
 //! prefix router's median time to first token is at most half the latency router's, with no errors
 //! for either.
+//!
+//! Each engine runs one ONNX Runtime thread, without spinning: two engines are two nodes, each with
+//! its own CPU, and this machine has two. With two spinning threads each (the default), the four
+//! threads would share two CPUs whenever both engines work, and an engine left idle would hand its
+//! CPU to the other: a router that sends everything to one engine would get both CPUs, and one that
+//! uses both engines would pay for their contention.
 
 use std::time::{Duration, Instant};
 
@@ -122,9 +128,14 @@ fn p90(v: &[Duration]) -> Duration {
 async fn run(router: &str, label: &str) -> Run {
     let mocks = Mocks::start().await;
     let cluster = Cluster::new(label);
-    let budget = |c: &mut meridian_engine::node::NodeConfig| c.scheduler.prefix_cache_bytes = CACHE_BYTES;
-    let a = TestEngine::start_with(&cluster, "engine-a", CONVERSATIONS as u32, budget).await;
-    let b = TestEngine::start_with(&cluster, "engine-b", CONVERSATIONS as u32, budget).await;
+    let node = |c: &mut meridian_engine::node::NodeConfig| {
+        c.scheduler.prefix_cache_bytes = CACHE_BYTES;
+        // A CPU each (see the top of this file).
+        c.runtime.intra_op_threads = 1;
+        c.runtime.spinning = false;
+    };
+    let a = TestEngine::start_with(&cluster, "engine-a", CONVERSATIONS as u32, node).await;
+    let b = TestEngine::start_with(&cluster, "engine-b", CONVERSATIONS as u32, node).await;
     let edge = edge(&mocks, &cluster, &[("engine-a", a.addr), ("engine-b", b.addr)], |c| {
         add_plugin(c, "router", PluginKind::Router, router, json!({}));
         c.tenant_mut("acme").router = Some("router".into());
