@@ -559,10 +559,12 @@ async fn run(options: Options) -> Result<(), String> {
             ),
         ];
         paths[0].1.one(options.tokens).await?; // warm-up: first runs allocate ORT's arenas
-                                               // Rounds of every path in turn (batch 1, then 4 and 8 together), so that the machine's
-                                               // drift falls on all paths alike; each figure is the median of its rounds.
-                                               // The Python loop and llama.cpp (each a process of its own, at batch 1) take their turns
-                                               // in the same rounds.
+
+        // Rounds of every path in turn, so that the machine's drift falls on all paths alike: batch 1
+        // on each path, then 4 together on each, then 8, so that the figures compared are taken
+        // seconds apart; every other round in the reverse order of paths, so that a steady drift
+        // within a round favours none. Each figure is the median of its rounds. The Python loop
+        // and llama.cpp (each a process of its own, at batch 1) take their turns in the same rounds.
         let threads_arg = threads.to_string();
         let python_args: [&OsStr; 7] = [
             "--model".as_ref(),
@@ -576,13 +578,21 @@ async fn run(options: Options) -> Result<(), String> {
         let llama = llama.as_ref().filter(|_| weights == "int4");
         let mut rounds: Vec<Rounds> = paths.iter().map(|_| Rounds::default()).collect();
         let (mut python_rounds, mut llama_rounds) = (Vec::new(), Vec::new());
-        for _ in 0..options.runs {
-            for ((_, path), r) in paths.iter().zip(&mut rounds) {
-                r.batch1.push(path.one(options.tokens).await?);
-                r.four.push(path.aggregate(4, options.tokens).await?.0);
-                let (rate, last_first) = path.aggregate(8, options.tokens).await?;
-                r.eight.push(rate);
-                r.eight_last_first_ms.push(last_first.as_secs_f64() * 1e3);
+        for round in 0..options.runs {
+            let mut order: Vec<usize> = (0..paths.len()).collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for &i in &order {
+                rounds[i].batch1.push(paths[i].1.one(options.tokens).await?);
+            }
+            for &i in &order {
+                rounds[i].four.push(paths[i].1.aggregate(4, options.tokens).await?.0);
+            }
+            for &i in &order {
+                let (rate, last_first) = paths[i].1.aggregate(8, options.tokens).await?;
+                rounds[i].eight.push(rate);
+                rounds[i].eight_last_first_ms.push(last_first.as_secs_f64() * 1e3);
             }
             if options.python_loop {
                 python_rounds.push(anchor(&python, "ort_loop.py", &prompt, options.tokens, &python_args, 1)?);
@@ -591,6 +601,17 @@ async fn run(options: Options) -> Result<(), String> {
                 llama_rounds.push(llama.run(&prompt, options.tokens, threads, 1)?);
             }
         }
+        // The edge's share of the engine's tokens/s: the median of each round's ratio, the two
+        // measured seconds apart.
+        let share = |figure: fn(&Rounds) -> Vec<f64>| {
+            let (engine, edge) = (figure(&rounds[0]), figure(&rounds[2]));
+            median(engine.iter().zip(&edge).map(|(engine, edge)| 100.0 * edge / engine).collect())
+        };
+        let shares = [
+            share(|r| r.batch1.iter().map(Sample::decode_rate).collect()),
+            share(|r| r.four.clone()),
+            share(|r| r.eight.clone()),
+        ];
         let figures: Vec<(Sample, f64, f64, f64)> = rounds
             .into_iter()
             .map(|r| (median_sample(r.batch1), median(r.four), median(r.eight), median(r.eight_last_first_ms)))
@@ -623,12 +644,9 @@ async fn run(options: Options) -> Result<(), String> {
                 engine_rate / rate
             );
         }
-        let (engine_figures, edge_figures) = (&figures[0], &figures[2]);
         after.push(format!(
-            "{weights}: through the edge (HTTP → QUIC) against the engine alone: {:.1}% of its tokens/s at batch 1, {:.1}% at 4 concurrent, {:.1}% at 8",
-            100.0 * edge_figures.0.decode_rate() / engine_figures.0.decode_rate(),
-            100.0 * edge_figures.1 / engine_figures.1,
-            100.0 * edge_figures.2 / engine_figures.2
+            "{weights}: through the edge (HTTP → QUIC) against the engine alone (median of the rounds' ratios): {:.1}% of its tokens/s at batch 1, {:.1}% at 4 concurrent, {:.1}% at 8",
+            shares[0], shares[1], shares[2]
         ));
         if weights == &options.weights[0] {
             after.push(hop(&paths[1].1).await?);
