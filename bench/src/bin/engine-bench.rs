@@ -20,10 +20,10 @@
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
 //! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` rounds (default
-//! 3; a round runs every path in turn, batch 1 then 4 and 8 concurrent, and each figure is the
-//! median of its rounds), `--provider auto|cpu|cuda|tensorrt` (default auto), `--python-loop off`
-//! to skip the Python comparison. After the table it prints the edge path's throughput as a share
-//! of the engine's, from the same rounds.
+//! 3; a round runs batch 1 on every path in turn, then 4 concurrent on each, then 8, and each
+//! figure is the median of its rounds), `--provider auto|cpu|cuda|tensorrt` (default auto),
+//! `--python-loop off` to skip the Python comparison. After the table it prints the edge path's
+//! throughput as a share of the engine's: the median of the rounds' ratios.
 //!
 //! Last, the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
