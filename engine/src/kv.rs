@@ -71,11 +71,17 @@ pub struct Prompt<'a> {
 }
 
 impl Prompt<'_> {
-    /// (positions that come from the cache, positions to compute).
-    pub fn size(&self) -> (usize, usize) {
+    /// (positions that come from the cache, positions to compute); an error when nothing is left
+    /// to compute, since the last position's logits give the first answer token.
+    fn size(&self) -> ort::Result<(usize, usize)> {
         let cached = self.reuse.as_ref().map_or(0, |r| r.len);
-        assert!(cached < self.ids.len(), "a reused prefix leaves at least the last token to compute");
-        (cached, self.ids.len() - cached)
+        if cached >= self.ids.len() {
+            return Err(ort::Error::new(format!(
+                "a prompt of {} tokens with {cached} of them cached leaves none to compute",
+                self.ids.len()
+            )));
+        }
+        Ok((cached, self.ids.len() - cached))
     }
 }
 
@@ -176,12 +182,13 @@ impl Batch {
     /// must be 1 when sequence_length > 1 and past context is given", ORT 1.31).
     pub fn prefill_together(model: &mut ChatModel, prompts: Vec<Prompt<'_>>) -> ort::Result<(Vec<Prefilled>, Logits)> {
         let rows = prompts.len();
-        let sizes: Vec<(usize, usize)> = prompts.iter().map(Prompt::size).collect();
-        assert!(
-            rows == 1 || sizes.iter().all(|&(cached, _)| cached == 0),
-            "a prompt continuing from a cache runs alone"
-        );
-        let width = sizes.iter().map(|&(_, new)| new).max().expect("at least one prompt");
+        let sizes = prompts.iter().map(Prompt::size).collect::<ort::Result<Vec<_>>>()?;
+        if rows > 1 && sizes.iter().any(|&(cached, _)| cached > 0) {
+            return Err(ort::Error::new("a prompt continuing from a cached beginning must run alone"));
+        }
+        let Some(width) = sizes.iter().map(|&(_, new)| new).max() else {
+            return Err(ort::Error::new("no prompt to prefill"));
+        };
         let (mut ids, mut pos, mut mask) = (Vec::new(), Vec::new(), Vec::new());
         for (p, &(cached, new)) in prompts.iter().zip(&sizes) {
             let pad = width - new;
@@ -190,15 +197,16 @@ impl Batch {
             mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, cached + new)));
         }
         let KvLayout { heads, head_dim: d, .. } = model.layout();
+        // A run with a cached beginning is that prompt alone (checked above).
         let past = match prompts.into_iter().next().and_then(|p| p.reuse) {
-            Some(reuse) if rows == 1 => Some(
+            Some(reuse) => Some(
                 reuse
                     .kv
                     .into_iter()
                     .map(|data| Ok(Tensor::from_array(([1, heads, reuse.len, d], data))?.into_dyn()))
                     .collect::<ort::Result<Vec<_>>>()?,
             ),
-            _ => None,
+            None => None,
         };
         let fwd = model.forward(rows, ids, pos, mask, past.as_deref())?;
         let logits = logits(fwd.logits, rows)?;

@@ -132,6 +132,12 @@ fn prefilling_together_or_from_a_cached_beginning_equals_each_alone() {
         let (prefilled, logits) = Batch::prefill(&mut model, &prompts[2], Some(beginning(cached))).unwrap();
         check(&format!("prompt 2 from {cached} cached tokens"), (&prefilled, logits.row(0)), 2);
     }
+    // What the runtime cannot run is an error, not a panic: a cached beginning beside another
+    // prompt, a prompt cached whole, no prompt.
+    let beside = vec![Prompt { ids: &prompts[2], reuse: Some(beginning(5)) }, Prompt { ids: &prompts[0], reuse: None }];
+    assert!(Batch::prefill_together(&mut model, beside).is_err());
+    assert!(Batch::prefill(&mut model, &prompts[2][..17], Some(beginning(17))).is_err());
+    assert!(Batch::prefill_together(&mut model, Vec::new()).is_err());
 }
 
 /// A long system prompt shared by the prefix-cache test's requests (~120 tokens).
