@@ -252,6 +252,7 @@ fn block_on(work: impl std::future::Future<Output = Result<(), CliError>>) -> Re
 // files serve every language.
 const TEMPLATE_CARGO_TOML: &str = include_str!("../templates/plugin/Cargo.toml.in");
 const TEMPLATE_GITIGNORE: &str = include_str!("../templates/plugin/gitignore");
+const TEMPLATE_CARGO_CONFIG: &str = include_str!("../templates/plugin/cargo-config.toml");
 const TEMPLATE_ROUTER_LIB: &str = include_str!("../templates/plugin/router/lib.rs");
 const TEMPLATE_ROUTER_README: &str = include_str!("../templates/plugin/router/README.md");
 const TEMPLATE_ROUTER_REQUEST: &str = include_str!("../templates/plugin/router/request.json");
@@ -325,6 +326,7 @@ fn new(name: &str, kind: Kind, lang: Lang, dir: Option<PathBuf>, sdk: Option<Pat
             files.extend([
                 ("Cargo.toml", fill(TEMPLATE_CARGO_TOML)),
                 (".gitignore", TEMPLATE_GITIGNORE.to_string()),
+                (".cargo/config.toml", TEMPLATE_CARGO_CONFIG.to_string()),
                 ("src/lib.rs", fill(lib)),
                 ("README.md", fill(readme)),
             ]);

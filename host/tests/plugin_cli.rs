@@ -200,6 +200,15 @@ fn template_end_to_end(kind: &str, lang: &str, expect: &[&str]) {
     }
     let out = ok(&project, &args);
     assert!(out.contains(&format!("world: {world}\n")), "{out}");
+    if lang == "rust" {
+        // The project's `.cargo/config.toml` links a 64 KiB stack: with rustc's 1 MiB one the
+        // stack alone (first in memory) took a fresh instance's memory past 1 MiB.
+        let peak: u64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix("peak memory: ")?.strip_suffix(" KiB of linear memory")?.parse().ok())
+            .unwrap_or_else(|| panic!("no peak memory line in:\n{out}"));
+        assert!(peak <= 512, "a fresh instance of the {kind} template held {peak} KiB");
+    }
     for line in expect {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
