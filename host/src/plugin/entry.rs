@@ -72,8 +72,14 @@ macro_rules! world_entry {
             /// A fresh instance in `store`.
             pub async fn instantiate(&self, store: &mut Store<CallState>) -> wasmtime::Result<$instance> {
                 Ok(match self {
-                    Entry::Direct(pre) => Entry::Direct(pre.instantiate(store)?),
-                    Entry::Fiber(pre) => Entry::Fiber(pre.instantiate_async(store).await?),
+                    Entry::Direct(pre) => {
+                        let instance = pre.instance_pre().instantiate(&mut *store)?;
+                        Entry::Direct(pre.exports(store, &instance)?)
+                    }
+                    Entry::Fiber(pre) => {
+                        let instance = pre.instance_pre().instantiate_async(&mut *store).await?;
+                        Entry::Fiber(pre.exports(store, &instance)?)
+                    }
                 })
             }
         }
