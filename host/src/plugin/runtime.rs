@@ -666,6 +666,10 @@ impl PluginCore {
     /// a tenant's [`SessionSlots`]) free within the acquire timeout.
     async fn admit(&self, slots: &Arc<Semaphore>) -> Result<Call, PluginError> {
         self.refuse_if_quarantined()?;
+        // A free slot is taken without a timer (most calls): the timeout is armed only to wait.
+        if let Ok(permit) = Arc::clone(slots).try_acquire_owned() {
+            return Ok(self.start(Some(permit)));
+        }
         let wait = Duration::from_millis(self.runtime.settings.acquire_timeout_ms);
         match tokio::time::timeout(wait, Arc::clone(slots).acquire_owned()).await {
             Ok(Ok(permit)) => Ok(self.start(Some(permit))),

@@ -1,7 +1,5 @@
 //! Checks that a plugin's answer is within the contract, before anything acts on it.
 
-use std::collections::HashSet;
-
 use super::bindings::{Outcome, RequestVerdict, Segment, Target};
 
 /// A router's outcome: a decision names only given targets, each once, and at least one; a
@@ -12,13 +10,14 @@ pub(crate) fn outcome(outcome: &Outcome, targets: &[Target]) -> Result<(), Strin
             if decision.targets.is_empty() {
                 return Err("the decision names no target".into());
             }
-            let given: HashSet<&str> = targets.iter().map(|t| t.name.as_str()).collect();
-            let mut seen = HashSet::new();
+            // Which given targets the decision has named so far. A model has a handful of targets,
+            // so scanning them is cheaper than hashing every name on each request.
+            let mut named = vec![false; targets.len()];
             for name in &decision.targets {
-                if !given.contains(name.as_str()) {
+                let Some(i) = targets.iter().position(|t| t.name == *name) else {
                     return Err(format!("the decision names `{name}`, which is not one of the given targets"));
-                }
-                if !seen.insert(name.as_str()) {
+                };
+                if std::mem::replace(&mut named[i], true) {
                     return Err(format!("the decision names `{name}` twice"));
                 }
             }
