@@ -17,6 +17,7 @@ const FIXTURES: &[&str] = &[
     "spin",
     "memory-bomb",
     "trap",
+    "stack-overflow",
     "log-flood",
     "invalid-output",
     "invalid-redaction",
@@ -294,6 +295,11 @@ async fn modules_built_without_wasi_load_as_components_and_meet_the_same_limits(
     // No stderr for the panic's message: the trap, with the guest's backtrace, names where.
     let trapped = load("trap", 200).await.route(&summary(), &targets(), &[]).await;
     assert!(matches!(&trapped, Err(PluginError::Trap(m)) if m.contains("unreachable")), "{trapped:?}");
+    // Modules link a 64 KiB stack below their data: recursing past it reaches below address 0,
+    // an out-of-bounds access that ends the call, never a write over the module's data.
+    let overflowed = load("stack-overflow", 200).await.route(&summary(), &targets(), &[]).await;
+    assert!(matches!(&overflowed, Err(PluginError::Trap(m)) if m.contains("out of bounds")), "{overflowed:?}");
+    assert_eq!(good.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
 
     // A module that names no world is refused at load, with the cause.
     let bare = b"\0asm\x01\0\0\0".to_vec();
