@@ -18,7 +18,8 @@ use super::stdio::CappedPipe;
 /// Gives a world's `Pre` a way to take an instance's exports without type-checking them again:
 /// bindgen's `load` checks every export's type on every instance, although the `Pre`'s indices
 /// were checked against the component's type once, when the `Pre` was made, and every instance of
-/// that `Pre` has that type (the check was ~1 µs of a router's call in a loaded edge).
+/// that `Pre` has that type (the repeated check showed in a profile of a loaded edge's router
+/// calls).
 macro_rules! pretyped {
     ($world:ident, $pre:ident, $($export:ident),+) => {
         impl<T: 'static> $pre<T> {
