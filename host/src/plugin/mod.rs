@@ -7,7 +7,8 @@
 //! instance semaphore and the failure bookkeeping. It loads a component as a [`RouterPlugin`] or a
 //! [`FilterPlugin`] after checking its world and letting it validate its configuration once.
 //!
-//! Every call then gets a new instance in a new store, with a memory cap, a deadline, WASI with
+//! Every call then gets a new instance (in a store kept from an earlier call of the same plugin
+//! that went well, or a new one: `spare`), with a memory cap, a deadline, WASI with
 //! nothing in it (no files, environment, arguments or sockets; stdout and stderr go to capped
 //! buffers that are forwarded to the log), and the `host` interface (log, metrics, clock). A
 //! plugin never sees another request's state, and a plugin that traps, runs out of time or memory,
@@ -48,6 +49,7 @@ mod gate;
 mod metrics;
 mod runtime;
 mod snapshot;
+mod spare;
 mod stdio;
 mod validate;
 

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::thread::JoinHandle;
@@ -25,12 +25,13 @@ use super::cache::{ArtifactCache, CacheStats};
 use super::entry::{FilterEntry, FilterInstance, RouterEntry, RouterInstance};
 use super::gate::{Admit, Gate, Triggers};
 use super::metrics::PluginMetrics;
+use super::spare::{Retired, Spare, KEEP_MAX_MEMORY_BYTES, RETIRED_RESERVE};
 use super::stdio::CappedPipe;
 use super::{componentize, snapshot};
 use super::{validate, PluginError};
 
-/// Host-side call states one plugin keeps for reuse: about as many as run at once on a node's
-/// cores, so that a burst does not leave many behind.
+/// Stores (or host-side call states) one plugin keeps for reuse: about as many as run at once on
+/// a node's cores, so that a burst does not leave many behind.
 const SPARE_STATES: usize = 16;
 
 /// Epoch ticks a snapshot's accessors may take (an hour at the default 1 ms tick): wizer's own
@@ -53,7 +54,8 @@ pub struct PluginSettings {
     /// Plugin instances of one-shot calls alive at once, across all plugins and tenants: the
     /// permits of the shared instance semaphore. A one-shot call (a request's filters, a router,
     /// a whole answer's filters) holds one for the call only. The pooling allocator has these
-    /// slots, one for load-time dry runs, and the tenants' session slots.
+    /// slots, one for load-time dry runs, the tenants' session slots, and a reserve for the
+    /// finished instances that kept stores hold (see `plugin::spare`).
     pub max_instances: u32,
     /// Instances one tenant's streamed answers may hold at once (one per filter per stream, from
     /// its first text until it ends): each tenant's [`SessionSlots`], set aside in the pool on
@@ -203,6 +205,8 @@ struct Inner {
     permits: Arc<Semaphore>,
     /// Load-time dry runs use the one extra pool slot, one at a time.
     load_slot: tokio::sync::Mutex<()>,
+    /// Finished instances that kept stores hold, across all plugins (see [`super::spare`]).
+    retired: Arc<AtomicU32>,
     plugins: Mutex<Vec<Weak<PluginCore>>>,
     _ticker: EpochTicker,
 }
@@ -252,6 +256,7 @@ impl PluginRuntime {
                 metrics,
                 pooling,
                 load_slot: tokio::sync::Mutex::new(()),
+                retired: Arc::default(),
                 plugins: Mutex::default(),
                 _ticker: ticker,
             }),
@@ -525,11 +530,11 @@ fn engine_config(settings: &PluginSettings, session_slots: u32, pooling: bool) -
     // async machinery a store is cheaper to make.
     config.concurrency_support(false);
     if pooling {
-        // The shared semaphore's permits, one more for load-time dry runs, and every tenant's
-        // session slots.
+        // The shared semaphore's permits, one more for load-time dry runs, every tenant's
+        // session slots, and the finished instances that kept stores may hold.
         let slots = settings
             .max_instances
-            .checked_add(1)
+            .checked_add(1 + RETIRED_RESERVE)
             .and_then(|s| s.checked_add(session_slots))
             .ok_or_else(|| PluginError::Settings("the instance pool's size overflows a u32".into()))?;
         let total = |per_component: u32, what: &str| {
@@ -613,8 +618,9 @@ struct PluginCore {
     /// Requests a filter's declared triggers let through without a call.
     skipped_calls: prometheus::IntCounter,
     call_seconds: prometheus::Histogram,
-    /// Host-side states of finished calls, kept for the next ones ([`CallState::reset`]).
-    spare: Mutex<Vec<CallState>>,
+    /// What finished calls left for the next ones: stores that may take more instances, or
+    /// host-side states ([`CallState::reset`]).
+    spare: Mutex<Vec<Spare>>,
 }
 
 /// Recent failures of a plugin version, and whether it is quarantined.
@@ -638,9 +644,10 @@ impl From<wasmtime::Error> for Failure {
 }
 
 /// One call in progress (or, in a response session, the instance between calls): its store and
-/// output pipes, and the permit it holds.
+/// output pipes, the finished instances the store already holds, and the permit it holds.
 struct Call {
     store: Store<CallState>,
+    retired: Retired,
     stdout: CappedPipe,
     stderr: CappedPipe,
     started: Instant,
@@ -681,13 +688,21 @@ impl PluginCore {
         }
     }
 
-    /// A fresh store: WASI with nothing in it, capped stdio, the memory cap and the deadline.
+    /// A store for a call's fresh instance (kept from an earlier call, or new): WASI with nothing
+    /// in it, capped stdio, the memory cap and the deadline.
     fn start(&self, permit: Option<OwnedSemaphorePermit>) -> Call {
         let spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner).pop();
         let state = match spare {
-            Some(mut state) => {
+            Some(Spare::Store(mut store, retired)) => {
+                store.data_mut().reset(self.memory_bytes);
+                store.set_epoch_deadline(self.deadline_ticks);
+                let (stdout, stderr) = (store.data().stdout.clone(), store.data().stderr.clone());
+                let counted = permit.is_some();
+                return Call { store, retired, stdout, stderr, started: Instant::now(), counted, _permit: permit };
+            }
+            Some(Spare::State(mut state)) => {
                 state.reset(self.memory_bytes);
-                state
+                *state
             }
             None => {
                 let bytes = self.runtime.settings.max_stdio_bytes;
@@ -703,7 +718,8 @@ impl PluginCore {
         let mut store = Store::new(&self.runtime.engine, state);
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
-        Call { store, stdout, stderr, started: Instant::now(), counted: permit.is_some(), _permit: permit }
+        let retired = Retired::new(Arc::clone(&self.runtime.retired));
+        Call { store, retired, stdout, stderr, started: Instant::now(), counted: permit.is_some(), _permit: permit }
     }
 
     /// Runs `configure` on a fresh instance (`call` calls it with the plugin's configuration),
@@ -726,8 +742,11 @@ impl PluginCore {
         }
     }
 
-    /// Ends a call: drops its instance, forwards its output, turns the result into a checked
-    /// answer or a typed error, and keeps the books (metrics, quarantine) for counted calls.
+    /// Ends a call: forwards its output, turns the result into a checked answer or a typed error,
+    /// and keeps the books (metrics, quarantine) for counted calls. Its instance is never called
+    /// again: after a counted call that went well (checked answer, small memory), its store is
+    /// kept for the next call's fresh instance; otherwise the store and its instances are dropped,
+    /// and the host side of it is kept.
     fn finish<R>(
         &self,
         mut call: Call,
@@ -735,16 +754,30 @@ impl PluginCore {
         check: impl FnOnce(&R) -> Result<(), String>,
     ) -> Result<R, PluginError> {
         let memory_hit = self.collect(&mut call.store);
-        let Call { store, stdout, stderr, started, counted, _permit } = call;
-        // The instance may be poisoned by a trap; it is never reused, so dropping it is all. The
-        // host side of the store is kept for another call.
-        let state = store.into_data();
+        let small = call.store.data().limiter.peak_memory_bytes <= KEEP_MAX_MEMORY_BYTES;
+        let Call { store, mut retired, stdout, stderr, started, counted, _permit } = call;
         drop(_permit);
         let result = self.settle(memory_hit, &stdout, &stderr, started, counted, result, check);
-        let mut spare = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
-        if spare.len() < SPARE_STATES {
-            spare.push(state);
-        }
+        // Load-time dry runs (uncounted) may run another component (the snapshot's): their
+        // stores go.
+        let spare = if counted && result.is_ok() && !memory_hit && small && retired.try_add() {
+            Spare::Store(store, retired)
+        } else {
+            let state = store.into_data();
+            drop(retired);
+            Spare::State(Box::new(state))
+        };
+        let unkept = {
+            let mut kept = self.spare.lock().unwrap_or_else(PoisonError::into_inner);
+            if kept.len() < SPARE_STATES {
+                kept.push(spare);
+                None
+            } else {
+                Some(spare)
+            }
+        };
+        // A spare that found no room (a store and its instances) is dropped outside the lock.
+        drop(unkept);
         result
     }
 

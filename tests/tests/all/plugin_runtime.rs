@@ -187,6 +187,57 @@ async fn instances_start_configured_and_still_fresh() {
     assert_eq!((seen.get_sample_count(), seen.get_sample_sum()), (3, 3.0), "an instance was reused");
 }
 
+/// A call's store is kept for the next calls' instances (several per store, then a new store):
+/// across many stores' worth of calls, on a fiber and called directly, every call still finds
+/// an instance that has never routed.
+#[tokio::test]
+async fn instances_in_kept_stores_are_fresh_too() {
+    let rig = rig(|_| {});
+    let module = fixture_built_for("wasm32-unknown-unknown", "good-router");
+    let direct = rig.runtime.load_router("good-router", "0.1.0", &module, "{}", limits(200)).await.unwrap();
+    let fiber = rig.router("good-router", "{}", 200).await;
+    assert!(direct.called_directly() && !fiber.called_directly());
+    let calls = 50;
+    for router in [&direct, &fiber] {
+        for _ in 0..calls {
+            assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
+        }
+    }
+    let seen = rig.metrics.guest_histograms.with_label_values(&["good-router", "instance_calls"]);
+    assert_eq!(seen.get_sample_count(), 2 * calls);
+    assert_eq!(seen.get_sample_sum(), (2 * calls) as f64, "an instance was called twice");
+}
+
+/// The finished instances a kept store holds have pool slots of their own: with one call slot,
+/// calls one after another (each kept store filling up) and calls at once never find the pool
+/// full.
+#[tokio::test]
+async fn finished_instances_in_kept_stores_never_take_a_calls_slot() {
+    let rig = rig(|settings| {
+        settings.max_instances = 1;
+        settings.acquire_timeout_ms = 10_000;
+    });
+    assert!(rig.runtime.is_pooling());
+    let router = Arc::new(rig.router("good-router", "{}", 2_000).await);
+    for _ in 0..40 {
+        assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
+    }
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let router = Arc::clone(&router);
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    assert_eq!(router.route(&summary(), &targets(), &[]).await.unwrap(), given_order());
+                }
+            })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    assert_eq!(rig.calls("good-router", "ok"), 120);
+}
+
 /// Prints the cost of a call to the good router (fresh instance, configure, route): a figure
 /// to read, not a bound to assert. Run with `--nocapture`; meaningful in a release build.
 #[tokio::test]
