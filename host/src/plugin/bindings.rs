@@ -309,7 +309,8 @@ pub(crate) fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
 pub(crate) struct CallLimiter {
     limits: StoreLimits,
     pub memory_hit: bool,
-    /// Linear memory of all the store's memories now, in bytes.
+    /// Linear memory of the memories made since this limiter was (those of the call's instance:
+    /// a kept store gets a new limiter per call), in bytes.
     memory_bytes: usize,
     /// The most `memory_bytes` has been.
     pub peak_memory_bytes: usize,
