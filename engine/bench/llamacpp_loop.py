@@ -73,8 +73,15 @@ def main():
     llama_cpp._logger.set_verbose(False)
 
     prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
-    if a.concurrent > 1:
-        return batched(a, prompt)
+    generate = batched(a, prompt) if a.concurrent > 1 else single(a, prompt)
+    for _ in range(a.warmup):
+        generate()
+    print(json.dumps({**generate(), "prompt_tokens": len(prompt), "threads": a.threads,
+                      "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}))
+
+
+def single(a, prompt):
+    """One sequence through the high-level Llama; returns the function that times one generation."""
     llm = llama_cpp.Llama(model_path=str(gguf_path(Path(a.wheel), a.format)), n_ctx=max(2048, len(prompt) + a.max_tokens + 8),
                           n_threads=a.threads, n_threads_batch=a.threads, n_batch=512, verbose=False)
 
@@ -95,17 +102,16 @@ def main():
                 break
             llm.eval([nxt])
         rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
-        return {"ttft_ms": round((stamps[0] - t0) * 1e3, 2), "decode_tokens_per_s": rate and round(rate, 2), "tokens": tokens,
-                "prompt_tokens": len(prompt), "threads": a.threads,
-                "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+        return {"ttft_ms": round((stamps[0] - t0) * 1e3, 2), "decode_tokens_per_s": rate and round(rate, 2),
+                "tokens": tokens}
 
-    for _ in range(a.warmup):
-        generate()
-    print(json.dumps(generate()))
+    return generate
 
 
 def batched(a, prompt):
-    """N sequences of `prompt` decoded together through llama.cpp's batch API (see the module docs)."""
+    """N sequences of `prompt` decoded together through llama.cpp's batch API (see the module docs);
+    returns the function that times one generation of all N. What it allocates lives as long as the
+    process, which ends after the timed run."""
     n = a.concurrent
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
@@ -157,16 +163,10 @@ def batched(a, prompt):
             nxt = [argmax(r) for r in rows]
             tokens.append(nxt[0])
         total = time.perf_counter() - t0
-        return {"aggregate_tokens_per_s": round(n * a.max_tokens / total, 2), "concurrent": n, "tokens": tokens,
-                "last_first_ms": round((first - t0) * 1e3, 2), "prompt_tokens": len(prompt), "threads": a.threads,
-                "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+        return {"aggregate_tokens_per_s": round(n * a.max_tokens / total, 2), "concurrent": n,
+                "last_first_ms": round((first - t0) * 1e3, 2), "tokens": tokens}
 
-    for _ in range(a.warmup):
-        generate()
-    print(json.dumps(generate()))
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
+    return generate
 
 
 if __name__ == "__main__":

@@ -455,7 +455,7 @@ impl LlamaCpp {
         threads: usize,
         runs: usize,
     ) -> Result<(f64, f64), String> {
-        self.script(format, prompt, tokens, threads, 1, runs, BATCH1_FIELDS)
+        self.script(format, prompt, tokens, threads, 1, runs)
     }
 
     /// (aggregate tokens/s, last first token ms) of `n` sequences of `prompt` decoded together by
@@ -469,10 +469,11 @@ impl LlamaCpp {
         n: usize,
         runs: usize,
     ) -> Result<(f64, f64), String> {
-        self.script(format, prompt, tokens, threads, n, runs, ["aggregate_tokens_per_s", "last_first_ms"])
+        self.script(format, prompt, tokens, threads, n, runs)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `llamacpp_loop.py` on `concurrent` sequences: the batch-1 fields for one, else the
+    /// aggregate ones.
     fn script(
         &self,
         format: &str,
@@ -481,8 +482,8 @@ impl LlamaCpp {
         threads: usize,
         concurrent: usize,
         runs: usize,
-        fields: [&str; 2],
     ) -> Result<(f64, f64), String> {
+        let fields = if concurrent == 1 { BATCH1_FIELDS } else { ["aggregate_tokens_per_s", "last_first_ms"] };
         let (threads, concurrent) = (threads.to_string(), concurrent.to_string());
         let args = [
             "--wheel".as_ref(),

@@ -309,8 +309,8 @@ pub(crate) fn truncate(message: &str, max: usize) -> std::borrow::Cow<'_, str> {
 pub(crate) struct CallLimiter {
     limits: StoreLimits,
     pub memory_hit: bool,
-    /// Linear memory of the memories made since this limiter was (those of the call's instance:
-    /// a kept store gets a new limiter per call), in bytes.
+    /// Linear memory of the memories made under this limiter, in bytes: those of the call's own
+    /// instance, since a kept store gets a new limiter per call.
     memory_bytes: usize,
     /// The most `memory_bytes` has been.
     pub peak_memory_bytes: usize,
