@@ -14,13 +14,18 @@ KL(fp32 || format) in nats, how often its most likely next token is fp32's, and 
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import llama_cpp
 import numpy as np
-import onnxruntime as ort
 
 from llamacpp_loop import gguf_path, quiet_llama
+
+# The converter's reference decoder (engine/convert/decode.py): the same session settings and steps
+# as its verification uses.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "convert"))
+from decode import Decoder  # noqa: E402
 
 TEXTS = ["GPL-3", "Apache-2.0", "MPL-2.0", "Artistic", "GFDL-1.3"]
 
@@ -33,24 +38,14 @@ def log_softmax(x):
 
 def onnx_scorer(model_dir, threads):
     """log-probabilities [len(ids) - 1, vocab] of each next token, the ONNX model fed one token a step."""
-    meta = json.loads((model_dir / "meridian-model.json").read_text())
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(str(model_dir / "model.onnx"), so, providers=["CPUExecutionProvider"])
-    past_names = [o.name.replace("present.", "past_key_values.") for o in sess.get_outputs()[1:]]
-    layers, kv, hd = meta["num_layers"], meta["num_kv_heads"], meta["head_dim"]
+    decoder = Decoder(model_dir, threads=threads)
 
     def score(ids):
-        feeds = {f"past_key_values.{i}.{k}": np.zeros((1, kv, 0, hd), np.float32)
-                 for i in range(layers) for k in ("key", "value")}
-        rows = []
+        past, rows = decoder.empty_past(1), []
         for pos, token in enumerate(ids[:-1]):
-            feeds["input_ids"] = np.array([[token]], np.int64)
-            feeds["attention_mask"] = np.ones((1, pos + 1), np.int64)
-            feeds["position_ids"] = np.array([[pos]], np.int64)
-            outs = sess.run(None, feeds)
-            rows.append(log_softmax(outs[0][0, -1]))
-            feeds.update(zip(past_names, outs[1:]))
+            logits, past = decoder.step(np.array([[token]], np.int64), np.ones((1, pos + 1), np.int64),
+                                        np.array([[pos]], np.int64), past)
+            rows.append(log_softmax(logits[0, -1]))
         return np.array(rows)
 
     return score

@@ -44,10 +44,14 @@ def _output_layer_8bit(model):
     128, as Q8_0: scale = the block's largest magnitude / 127); returns the largest difference from
     the fp32 weights, 0 when they came from Q8_0."""
     graph = model.graph
-    index = next(i for i, n in enumerate(graph.node) if n.name == OUTPUT_LAYER and n.op_type == "MatMul")
+    index = next((i for i, n in enumerate(graph.node) if n.name == OUTPUT_LAYER and n.op_type == "MatMul"), None)
+    if index is None:
+        raise ValueError(f"no MatMul named {OUTPUT_LAYER} in the graph")
     node = graph.node[index]
     x, weight_name = node.input
-    init = next(i for i in graph.initializer if i.name == weight_name)
+    init = next((i for i in graph.initializer if i.name == weight_name), None)
+    if init is None:
+        raise ValueError(f"{OUTPUT_LAYER}: its weight {weight_name} is not a constant")
     w = numpy_helper.to_array(init).astype(np.float64)  # [K, N]
     k, n = w.shape
     if k % BLOCK:
