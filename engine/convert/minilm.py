@@ -3,7 +3,6 @@ import json
 
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -118,10 +117,3 @@ def reference(w, cfg, ids, mask, types):
         x = _ln(lin(h, p + ".output.dense") + x, W[p + ".output.LayerNorm.weight"], W[p + ".output.LayerNorm.bias"], eps)
     return x
 
-
-def save(model, path):
-    # Weights in a file beside the graph, not inside it: ONNX Runtime then maps them instead of
-    # parsing a 90 MB protobuf into memory, keeps only what it pre-packs, and pages the word
-    # embeddings in as they are read. The engine holds ~75 MB less (317 -> 242 MB idle).
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)

