@@ -28,41 +28,56 @@ CHUNK = 1 << 16
 
 
 def quantize_int4(src_model, dst_model, importance):
-    """Writes `src_model` with its layers' MatMuls as 4-bit and the output layer as 8-bit
-    MatMulNBits, each 4-bit weight's error weighed by `importance` (per MatMul input name, the
-    mean square of each input channel: `calibrate.input_importance`); returns the op counts, the
-    output layer's largest difference from fp32 and the layers' squared error relative to their
-    squared weights."""
+    """Writes `src_model` with its layers' MatMuls as 4-bit MatMulNBits, each weight's error
+    weighed by `importance` (per MatMul input name, the mean square of each input channel:
+    `calibrate.input_importance`), and the output layer and the token embedding (a Gather of a
+    constant table) as 8-bit; returns the op counts, the 8-bit tensors' largest difference from
+    fp32 and the layers' squared error relative to their squared weights."""
     model = onnx.load(str(src_model), load_external_data=True)
     graph = model.graph
     weights = {i.name: i for i in graph.initializer}
     replaced, added = set(), []
-    output_error, squared_error, squared = None, 0.0, 0.0
+
+    def take(name, node):
+        if name in replaced:
+            raise ValueError(f"{node.name}: weight {name} is shared with another node")
+        replaced.add(name)
+        return numpy_helper.to_array(weights[name]).astype(np.float32)
+
+    output_layer, eight_bit_error, squared_error, squared = False, 0.0, 0.0, 0.0
     for index, node in enumerate(graph.node):
-        if node.op_type != "MatMul" or node.input[1] not in weights:
-            continue
-        if node.input[1] in replaced:
-            raise ValueError(f"{node.name}: weight {node.input[1]} is shared with another MatMul")
-        replaced.add(node.input[1])
-        w = numpy_helper.to_array(weights[node.input[1]]).astype(np.float32)
-        if w.ndim != 2 or w.shape[0] % BLOCK:
-            raise ValueError(f"{node.name}: weight {list(w.shape)} is not [K, N] with K a multiple of {BLOCK}")
-        blocks = np.ascontiguousarray(w.T).reshape(-1, BLOCK)  # each block runs along K of one column
-        if node.name == OUTPUT_LAYER:
-            codes, scales, zero_points = _symmetric_8bit(blocks)
-            output_error = float(np.abs(_dequantize(codes, scales, 128) - blocks).max())
-            bits = 8
+        if node.op_type == "Gather" and node.input[0] in weights:
+            table = take(node.input[0], node)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            if table.ndim != 2 or table.shape[1] % BLOCK or axis != 0:
+                raise ValueError(f"{node.name}: table {list(table.shape)} is not rows of a multiple of {BLOCK} "
+                                 f"gathered along axis 0")
+            blocks = table.reshape(-1, BLOCK)  # each block runs along a row
+            codes, scales, error = _symmetric_8bit(blocks)
+            eight_bit_error = max(eight_bit_error, error)
+            quantized, initializers = _gather_8bit(node, table.shape, codes, scales)
+        elif node.op_type == "MatMul" and node.input[1] in weights:
+            w = take(node.input[1], node)
+            if w.ndim != 2 or w.shape[0] % BLOCK:
+                raise ValueError(f"{node.name}: weight {list(w.shape)} is not [K, N] with K a multiple of {BLOCK}")
+            blocks = np.ascontiguousarray(w.T).reshape(-1, BLOCK)  # each block runs along K of one column
+            if node.name == OUTPUT_LAYER:
+                output_layer = True
+                codes, scales, error = _symmetric_8bit(blocks)
+                eight_bit_error, zero_points, bits = max(eight_bit_error, error), None, 8
+            else:
+                # Block (n, j) holds input channels 32j..32j+31 of column n.
+                channels = np.tile(importance[node.input[0]].astype(np.float32).reshape(-1, BLOCK), (w.shape[1], 1))
+                codes, scales, zero_points = _asymmetric_4bit(blocks, channels)
+                squared_error += float(((_dequantize(codes, scales, zero_points) - blocks) ** 2).sum())
+                squared += float((blocks * blocks).sum())
+                bits = 4
+            quantized, initializers = _matmul_nbits(node, w.shape, bits, codes, scales, zero_points)
         else:
-            # Block (n, j) holds input channels 32j..32j+31 of column n.
-            channels = np.tile(importance[node.input[0]].astype(np.float32).reshape(-1, BLOCK), (w.shape[1], 1))
-            codes, scales, zero_points = _asymmetric_4bit(blocks, channels)
-            squared_error += float(((_dequantize(codes, scales, zero_points) - blocks) ** 2).sum())
-            squared += float((blocks * blocks).sum())
-            bits = 4
-        quantized, initializers = _matmul_nbits(node, w.shape, bits, codes, scales, zero_points)
+            continue
         graph.node[index].CopyFrom(quantized)
         added.extend(initializers)
-    if output_error is None:
+    if not output_layer:
         raise ValueError(f"no MatMul named {OUTPUT_LAYER} with a constant weight in the graph")
     for i in reversed(range(len(graph.initializer))):
         if graph.initializer[i].name in replaced:
@@ -72,7 +87,7 @@ def quantize_int4(src_model, dst_model, importance):
     counts = {}
     for n in graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    return counts, output_error, squared_error / squared
+    return counts, eight_bit_error, squared_error / squared
 
 
 def _dequantize(codes, scales, zero_points):
@@ -81,11 +96,12 @@ def _dequantize(codes, scales, zero_points):
 
 
 def _symmetric_8bit(blocks):
-    """Q8_0's layout: scale = the block's largest magnitude / 127, codes offset by 128."""
+    """Q8_0's layout: scale = the block's largest magnitude / 127, codes offset by 128; with the
+    largest difference from `blocks` (0 when they came from Q8_0)."""
     amax = np.abs(blocks).max(axis=1)
     scales = np.where(amax > 0, amax / 127, 1.0).astype(np.float32)
     codes = (np.rint(blocks / scales[:, None]) + 128).astype(np.uint8)
-    return codes, scales, None
+    return codes, scales, float(np.abs(_dequantize(codes, scales, 128) - blocks).max())
 
 
 def _asymmetric_4bit(blocks, importance):
@@ -156,4 +172,20 @@ def _matmul_nbits(node, shape, bits, codes, scales, zero_points):
             (per_column[:, 0::2] | (per_column[:, 1::2] << 4)).astype(np.uint8).reshape(-1), inputs[3]))
     quantized = helper.make_node("MatMulNBits", inputs, list(node.output), name=node.name,
                                  domain="com.microsoft", K=k, N=n, bits=bits, block_size=BLOCK, accuracy_level=4)
+    return quantized, initializers
+
+
+def _gather_8bit(node, shape, codes, scales):
+    """A GatherBlockQuantized node in place of Gather `node` (table [V, D], gathered along rows) and
+    its initializers: 8-bit codes [V, D] offset by 128 (no zero points: ONNX Runtime's default for
+    8 bits), scales [V, D/32]."""
+    rows, width = shape
+    table = node.input[0]
+    inputs = [f"{table}_Q8", node.input[1], f"{table}_scales"]
+    initializers = [
+        numpy_helper.from_array(codes.reshape(rows, width), inputs[0]),
+        numpy_helper.from_array(scales.reshape(rows, width // BLOCK), inputs[2]),
+    ]
+    quantized = helper.make_node("GatherBlockQuantized", inputs, list(node.output), name=node.name,
+                                 domain="com.microsoft", bits=8, block_size=BLOCK, gather_axis=0, quantize_axis=1)
     return quantized, initializers
