@@ -268,9 +268,13 @@ impl EngineProcess {
         process
     }
 
-    /// Its resident memory now, in KiB (`VmRSS`).
-    pub fn rss_kib(&self) -> u64 {
-        crate::process::rss_kib(self.child.id())
+    /// Its resident memory now, in KiB: (`VmRSS`, `RssAnon`, `RssFile`). The file-backed part
+    /// is mapped pages of the model files and libraries, shared with the page cache; how much of a
+    /// file one touched page maps depends on how the kernel cached that file.
+    pub fn rss_kib(&self) -> (u64, u64, u64) {
+        let pid = self.child.id();
+        let field = |name| crate::process::status_kib(pid, name);
+        (field("VmRSS:"), field("RssAnon:"), field("RssFile:"))
     }
 
     /// Kills it the hard way: no goodbye reaches its peers.

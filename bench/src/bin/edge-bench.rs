@@ -28,6 +28,7 @@ use hyper::Request;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use meridian::config::hash_key;
+use meridian_e2e::process::{cpu_time, status_kib};
 
 const KEY: &str = "sk-bench";
 
@@ -95,7 +96,7 @@ fn run(duration: u64, ttft_requests: u64, pairs: usize) -> Result<(), String> {
     let edge_pid = edge.0.id();
     wait_listening(edge_addr)?;
     std::thread::sleep(Duration::from_millis(200));
-    let idle_rss = proc_status(edge_pid, "VmRSS:");
+    let idle_rss = status_kib(edge_pid, "VmRSS:");
 
     let direct = format!("http://{mock_addr}");
     let through = format!("http://{edge_addr}");
@@ -116,10 +117,10 @@ fn run(duration: u64, ttft_requests: u64, pairs: usize) -> Result<(), String> {
     for (scenario, body) in [("non-streamed", plain), ("streamed", streamed)] {
         for conc in [1u32, 64] {
             for (path, base) in [("direct", &direct), ("edge", &through)] {
-                let cpu_before = proc_cpu(edge_pid);
+                let cpu_before = cpu_time(edge_pid);
                 let r = wrk(&tmp, base, body, conc, duration)?;
                 let cpu = if path == "edge" {
-                    let used = proc_cpu(edge_pid).saturating_sub(cpu_before);
+                    let used = cpu_time(edge_pid).saturating_sub(cpu_before);
                     format!("{:.1}", used.as_secs_f64() * 1e6 / r.requests.max(1) as f64)
                 } else {
                     "—".into()
@@ -170,9 +171,9 @@ fn run(duration: u64, ttft_requests: u64, pairs: usize) -> Result<(), String> {
         "| non-streamed, ledger on / off | edge | 64 | — | — | — | — | — | {:.1} / {:.1} (ledger {:+.1}) |",
         ledger.first.cpu_us, ledger.second.cpu_us, ledger.added_cpu_us
     );
-    let cpu_before = proc_cpu(edge_pid);
+    let cpu_before = cpu_time(edge_pid);
     let hit = wrk(&tmp, &through, cached, 1, duration)?;
-    let hit_cpu = proc_cpu(edge_pid).saturating_sub(cpu_before).as_secs_f64() * 1e6 / hit.requests.max(1) as f64;
+    let hit_cpu = cpu_time(edge_pid).saturating_sub(cpu_before).as_secs_f64() * 1e6 / hit.requests.max(1) as f64;
     println!(
         "| cache hit | edge | 1 | {:.3} | {:.3} | {:.3} | {:.0} | {} | {hit_cpu:.1} |",
         hit.p50_ms, hit.p90_ms, hit.p99_ms, hit.rps, hit.errors
@@ -221,8 +222,8 @@ fn run(duration: u64, ttft_requests: u64, pairs: usize) -> Result<(), String> {
     println!(
         "Edge memory: idle RSS {:.1} MB, now {:.1} MB, peak {:.1} MB",
         idle_rss as f64 / 1024.0,
-        proc_status(edge_pid, "VmRSS:") as f64 / 1024.0,
-        proc_status(edge_pid, "VmHWM:") as f64 / 1024.0
+        status_kib(edge_pid, "VmRSS:") as f64 / 1024.0,
+        status_kib(edge_pid, "VmHWM:") as f64 / 1024.0
     );
     drop(edge);
     let _ = std::fs::remove_dir_all(&tmp);
@@ -266,9 +267,9 @@ fn side_by_side(
         let mut run = [(0.0, 0.0); 2];
         for i in order {
             let (proc, url) = edges[i];
-            let before = proc_cpu(proc.0.id());
+            let before = cpu_time(proc.0.id());
             let r = wrk(tmp, url, body, conc, duration)?;
-            let cpu = proc_cpu(proc.0.id()).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64;
+            let cpu = cpu_time(proc.0.id()).saturating_sub(before).as_secs_f64() * 1e6 / r.requests.max(1) as f64;
             samples[i][0].push(r.p50_ms);
             samples[i][1].push(r.rps);
             samples[i][2].push(cpu);
@@ -465,23 +466,4 @@ fn pct(samples: &[f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
     v.get(i).copied().unwrap_or(f64::NAN)
-}
-
-/// A `kB` field of /proc/PID/status.
-fn proc_status(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of a process so far.
-fn proc_cpu(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    let ticks = field(11) + field(12);
-    Duration::from_secs_f64(ticks as f64 / 100.0)
 }

@@ -842,11 +842,19 @@ async fn engine_memory(cluster: &Cluster, tokens: u32) -> Result<String, String>
     let texts = (0..8).map(|i| format!("{PROMPT} ({i})")).collect();
     client().embed(EmbedRequest::new("minilm", texts)).await.map_err(|e| e.to_string())?;
     let used = process.rss_kib();
+    let mb = |(rss, anon, file): (u64, u64, u64)| {
+        format!(
+            "{:.0} MB ({:.0} anonymous, {:.0} file-backed)",
+            rss as f64 / 1024.0,
+            anon as f64 / 1024.0,
+            file as f64 / 1024.0
+        )
+    };
     Ok(format!(
-        "engine process (meridian engine: SmolLM2 int4 + MiniLM, on cpu): {:.0} MB resident idle, {:.0} MB after a \
-         {}-token answer and 8 embeddings",
-        idle as f64 / 1024.0,
-        used as f64 / 1024.0,
+        "engine process (meridian engine: SmolLM2 int4 + MiniLM, on cpu): {} resident idle, {} after a {}-token \
+         answer and 8 embeddings",
+        mb(idle),
+        mb(used),
         answered.tokens
     ))
 }
