@@ -1,4 +1,5 @@
-"""Weight-only quantisation (MatMulNBits) of every MatMul with a constant weight.
+"""Weight-only quantisation of every MatMul with a constant weight (MatMulNBits) and of the token
+embedding (GatherBlockQuantized).
 
 The GGUF the chat model comes from holds its layers in Q4_1 (per 32 weights a scale and a minimum)
 and its token embedding, which is also the output layer, in Q8_0 (per 32 weights a scale). The
@@ -8,7 +9,8 @@ block's scale and zero point are searched for the least squared error instead of
 block's range, each weight's error weighed by the mean square of the activations it multiplies
 (`calibrate.py`). The output layer becomes 8-bit symmetric blocks of 32, which hold Q8_0 exactly: a
 fifth of the weights, it costs a few percent at batch 1 (reading 8 bits instead of 4) and nothing at
-8 rows, where the step is bound by compute. `engine-bench` prints what each choice costs in
+8 rows, where the step is bound by compute. The token embedding's Gather reads the same Q8_0 table
+and becomes an 8-bit GatherBlockQuantized, also exact. `engine-bench` prints what each choice costs in
 perplexity and in divergence from the fp32 model.
 """
 import numpy as np
