@@ -65,7 +65,6 @@ def main():
         while len(tokens) < a.max_tokens:
             feeds["input_ids"] = ids
             feeds["attention_mask"] = np.ones((1, n), np.int64)
-            feeds["position_ids"] = np.arange(n - ids.shape[1], n, dtype=np.int64)[None]
             outs = sess.run(None, feeds)
             if prefill_ms is None:
                 prefill_ms = (time.perf_counter() - t0) * 1e3

@@ -43,8 +43,7 @@ def onnx_scorer(model_dir, threads):
     def score(ids):
         past, rows = decoder.empty_past(1), []
         for pos, token in enumerate(ids[:-1]):
-            logits, past = decoder.step(np.array([[token]], np.int64), np.ones((1, pos + 1), np.int64),
-                                        np.array([[pos]], np.int64), past)
+            logits, past = decoder.step(np.array([[token]], np.int64), np.ones((1, pos + 1), np.int64), past)
             rows.append(log_softmax(logits[0, -1]))
         return np.array(rows)
 

@@ -32,7 +32,7 @@ def sample(model_dir, sequences=SEQUENCES, tokens=TOKENS, seed=SEED):
     past, current = dec.empty_past(sequences), ids
     for step in range(tokens):
         mask = np.ones((sequences, step + 1), np.int64)
-        logits, past = dec.step(current, mask, np.full((sequences, 1), step, np.int64), past)
+        logits, past = dec.step(current, mask, past)
         logits = logits[:, -1, :].astype(np.float64)
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
@@ -63,8 +63,7 @@ def input_importance(model_dir, ids):
     past = {i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values.")}
     sums = {name: 0.0 for name in names}
     for row in ids:  # one sequence a run bounds the activations held at once
-        feeds = {"input_ids": row[None], "attention_mask": np.ones((1, len(row)), np.int64),
-                 "position_ids": np.arange(len(row), dtype=np.int64)[None]}
+        feeds = {"input_ids": row[None], "attention_mask": np.ones((1, len(row)), np.int64)}
         feeds.update(past)
         for name, x in zip(names, session.run(names, feeds)):
             x = x.reshape(-1, x.shape[-1]).astype(np.float64)

@@ -32,8 +32,10 @@ class Decoder:
         z = np.zeros((batch, self.kv, 0, self.d), np.float32)
         return {f"past_key_values.{i}.{k}": z for i in range(self.L) for k in ("key", "value")}
 
-    def step(self, ids, mask, pos, past):
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
+    def step(self, ids, mask, past):
+        """One run: ids [B, S]; mask [B, T] with row b's ones first, one for each of its positions
+        (cached and new); past [B, H, P, D] each, row b's positions first."""
+        feeds = {"input_ids": ids, "attention_mask": mask, **past}
         out = self.sess.run(None, feeds)
         names = [o.name for o in self.sess.get_outputs()]
         logits = out[0]
@@ -41,34 +43,48 @@ class Decoder:
         return logits, present
 
     def greedy(self, prompts, max_tokens, use_cache=True, stop_at_eos=True):
-        """prompts: list of id lists (left-padded when lengths differ). Returns list of generated id lists."""
+        """prompts: list of id lists (right-padded into one batch when lengths differ). Returns list
+        of generated id lists."""
         B = len(prompts)
-        n = max(len(p) for p in prompts)
-        ids = np.zeros((B, n), np.int64)
-        mask = np.zeros((B, n), np.int64)
-        for b, p in enumerate(prompts):
-            ids[b, n - len(p):] = p
-            mask[b, n - len(p):] = 1
+        seqs = [list(p) for p in prompts]
         gen = [[] for _ in range(B)]
         done = [False] * B
         past = self.empty_past(B)
-        cur_ids, all_ids = ids, ids
-        for _ in range(max_tokens):
-            if use_cache:
-                pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -cur_ids.shape[1]:]
-                logits, past = self.step(cur_ids, mask, pos, past)
+        for step in range(max_tokens):
+            if use_cache and step > 0:
+                # Each row's new token; the mask is as wide as the cache plus one.
+                ids = np.array([[s[-1]] for s in seqs], np.int64)
+                width = next(iter(past.values())).shape[2] + 1
+                logits, past = self.step(ids, padded_mask(seqs, width), past)
             else:
-                pos = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-                logits, _ = self.step(all_ids, mask, pos, self.empty_past(B))
-            nxt = logits[:, -1, :].argmax(-1).astype(np.int64)
+                ids, mask = right_padded(seqs)
+                logits, present = self.step(ids, mask, self.empty_past(B))
+                if use_cache:
+                    past = present
+            nxt = logits[:, -1, :].argmax(-1)
             for b in range(B):
                 if not done[b]:
                     gen[b].append(int(nxt[b]))
                     if stop_at_eos and int(nxt[b]) in self.eos:
                         done[b] = True
+                seqs[b].append(int(nxt[b]))
             if all(done):
                 break
-            cur_ids = nxt[:, None]
-            all_ids = np.concatenate([all_ids, cur_ids], axis=1)
-            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
         return gen
+
+
+def padded_mask(seqs, width):
+    """[B, width]: row b's first len(seqs[b]) columns 1, the rest 0."""
+    mask = np.zeros((len(seqs), width), np.int64)
+    for b, s in enumerate(seqs):
+        mask[b, :len(s)] = 1
+    return mask
+
+
+def right_padded(seqs):
+    """input_ids and attention_mask [B, longest] of sequences of different lengths, right-padded."""
+    width = max(map(len, seqs))
+    ids = np.zeros((len(seqs), width), np.int64)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)] = s
+    return ids, padded_mask(seqs, width)

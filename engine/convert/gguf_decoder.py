@@ -1,18 +1,21 @@
 """Converts a llama-architecture GGUF into an fp32 ONNX "decoder with past" graph.
 
-Interface (optimum / HF): inputs input_ids, attention_mask, position_ids, past_key_values.{i}.key/value;
-outputs logits, present.{i}.key/value. Weights are dequantised with gguf.quants.dequantize.
+Interface: inputs input_ids, attention_mask, past_key_values.{i}.key/value; outputs logits (each
+row's last position), present.{i}.key/value. Rows are right-padded (onnxruntime-genai's layout): a
+row's tokens are the first columns of its cache, and attention_mask tells how many (its ones come
+first); positions are counted from there, so there is no position_ids input. Weights are dequantised
+with gguf.quants.dequantize.
 
-The graph is written with ONNX Runtime's fused operators (com.microsoft GroupQueryAttention,
-RotaryEmbedding, SkipSimplifiedLayerNormalization; SimplifiedLayerNormalization), Q/K/V as one
-MatMul and gate/up as one: about 9 nodes a layer instead of about 45. At batch 1 each node costs
-the runtime a few microseconds whatever its size, so the small ones cost as much as the MatMuls.
+The graph is written with ONNX Runtime's fused operators (com.microsoft GroupQueryAttention with
+its own rotary embedding and Q/K/V packed, SkipSimplifiedLayerNormalization;
+SimplifiedLayerNormalization), and gate/up as one MatMul: 10 nodes a layer as ONNX Runtime runs it
+(it fuses the SiLU) instead of about 45. At batch 1 each node costs the runtime a few microseconds
+whatever its size, so the small ones cost as much as the MatMuls.
 """
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
-MASK_MIN = -1.0e9  # finite: a fully masked (padding) row softmaxes to uniform, not NaN
 
 
 def read_gguf(path):
@@ -119,44 +122,28 @@ def build(gguf_path):
         lm = emb  # tied embeddings
     g.init("lm_head.weight", np.ascontiguousarray(lm.T))  # [hidden, vocab], a plain MatMul weight
 
-    # RoPE tables for the HF rotate_half layout (RotaryEmbedding interleaved=0): cos/sin of each
+    # RoPE tables for the HF rotate_half layout (rotary_interleaved=0): cos/sin of each
     # position's D/2 frequencies.
     inv = 1.0 / (cfg["theta"] ** (np.arange(0, D, 2, dtype=np.float64) / D))
     freqs = np.outer(np.arange(cfg["ctx"], dtype=np.float64), inv)
     g.init("rope.cos", np.cos(freqs).astype(np.float32))  # [ctx, D/2]
     g.init("rope.sin", np.sin(freqs).astype(np.float32))
 
-    # ---- shared: the attention bias [B,1,S,T] (causal within total length + padding), and what
-    # GroupQueryAttention takes instead of a mask: every row holds T positions (left padding is
-    # masked by the bias), so seqlens_k is T-1 for each row.
+    # ---- shared: what GroupQueryAttention takes instead of a mask. Rows are right-padded: row b's
+    # tokens are columns 0..len_b of its cache, so seqlens_k (its total length - 1) is the mask's
+    # sum - 1, and the node ignores what lies beyond; total_sequence_length is the mask's width.
     ids_shape = g.op("Shape", ["input_ids"], "ids_shape")
     S = g.op("Gather", [ids_shape, g.const_i64(1)], "S", axis=0)
     T = g.op("Gather", [g.op("Shape", ["attention_mask"], "am_shape"), g.const_i64(1)], "T", axis=0)
-    past = g.op("Sub", [T, S], "past")
-    zero, one = g.const_i64(0), g.const_i64(1)
-    q_pos = g.op("Range", [past, T, one], "q_pos")             # [S]
-    k_pos = g.op("Range", [zero, T, one], "k_pos")             # [T]
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_pos, g.const_i64([0])]),
-                                  g.op("Unsqueeze", [q_pos, g.const_i64([1])])], "causal")  # [S,T]
-    pad = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const_i64([1])])], "pad",
-               to=TensorProto.BOOL)                            # [B,1,T]
-    allowed = g.op("And", [causal, pad], "allowed")            # [B,S,T]
-    allowed = g.op("Unsqueeze", [allowed, g.const_i64([1])])  # [B,1,S,T]
-    bias = g.op("Where", [allowed, g.init("mask.zero", np.array(0.0, np.float32)),
-                          g.init("mask.min", np.array(MASK_MIN, np.float32))], "mask_bias")
-    batch = g.op("Gather", [ids_shape, g.const_i64([0])], "B", axis=0)  # [1]
+    last = g.op("Sub", [g.op("ReduceSum", ["attention_mask", g.const_i64([1])], "lens", keepdims=0),
+                        g.const_i64(1)], "last")               # [B]: each row's last position
+    seqlens_k = g.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
     total_len = g.op("Cast", [T], "total_len", to=TensorProto.INT32)
-    last = g.op("Cast", [g.op("Sub", [T, one])], "last", to=TensorProto.INT32)
-    seqlens_k = g.op("Expand", [last, batch], "seqlens_k")  # [B]
-
-    # RoPE by position_ids, outside the attention node: GroupQueryAttention's own rotary takes only
-    # the first position of a prompt, which a left-padded row does not start at.
-    def rope(x, heads):
-        out = g.name("roped")
-        g.nodes.append(helper.make_node("RotaryEmbedding", [x, "position_ids", "rope.cos", "rope.sin"], [out],
-                                        name=g.name("RotaryEmbedding"), domain="com.microsoft", interleaved=0,
-                                        num_heads=heads))
-        return out
+    # Where each row's last token lies among this run's S: in a prompt, its last position less the
+    # positions before the run (T - S); in a decode step (S = 1) the one column, whatever the row's
+    # length (a shorter row's falls below T - S, so the index is clamped at 0).
+    here = g.op("Max", [g.op("Sub", [last, g.op("Sub", [T, S])]), g.const_i64(0)], "here")
+    here = g.op("Unsqueeze", [here, g.const_i64([1])], "here")  # [B,1], for GatherND
 
     x = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], "embeds", axis=0)
     for i in range(L):
@@ -180,15 +167,17 @@ def build(gguf_path):
         else:
             h, x = add_rms_norm(g, x, down, f"{p}.input_layernorm.weight", cfg["eps"])
         qkv = g.op("MatMul", [h, f"{p}.self_attn.qkv_proj.weight"], "qkv")
-        q, k, v = g.op("Split", [qkv, g.const_i64([NH * D, NKV * D, NKV * D])], "qkv_split", n_out=3, axis=-1)
-        q, k = rope(q, NH), rope(k, NKV)
         pk, pv = f"present.{i}.key", f"present.{i}.value"
-        ctx = g.name("ctx")  # [B,S,H]; present = past followed by the new K/V, as Concat would
+        # Q, K and V packed in one input, rotated by the node itself at each row's positions (from
+        # seqlens_k: 0.. in a prompt without past, the row's length in a decode step): one node
+        # instead of a Split and two RotaryEmbeddings. present = past followed by the new K/V.
+        ctx = g.name("ctx")  # [B,S,H]
         g.nodes.append(helper.make_node(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
-             "", "", "", bias],
-            [ctx, pk, pv], name=f"attention_{i}", domain="com.microsoft", num_heads=NH, kv_num_heads=NKV))
+            [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total_len,
+             "rope.cos", "rope.sin"],
+            [ctx, pk, pv], name=f"attention_{i}", domain="com.microsoft", num_heads=NH, kv_num_heads=NKV,
+            do_rotary=1, rotary_interleaved=0))
         attn = g.op("MatMul", [ctx, f"{p}.self_attn.o_proj.weight"], "attn_out")
 
         h, x = add_rms_norm(g, x, attn, f"{p}.post_attention_layernorm.weight", cfg["eps"])
@@ -197,12 +186,11 @@ def build(gguf_path):
         act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])], "silu"), up], "act")
         down = g.op("MatMul", [act, f"{p}.mlp.down_proj.weight"], "down")
 
-    # Only the last position's logits are ever read (the next token), so only it goes through
-    # the last norm and lm_head: a fifth of the weights, which a prompt would otherwise multiply
-    # at every position (and [S, vocab] floats to return: 237 MB for a 1,200-token prompt).
-    last_pos = g.const_i64([-1])
-    x = g.op("Slice", [x, last_pos, g.const_i64([np.iinfo(np.int64).max]), g.const_i64([1])], "x_last")
-    down = g.op("Slice", [down, last_pos, g.const_i64([np.iinfo(np.int64).max]), g.const_i64([1])], "down_last")
+    # Only each row's last position's logits are ever read (the next token), so only it goes
+    # through the last norm and lm_head: a fifth of the weights, which a prompt would otherwise
+    # multiply at every position (and [S, vocab] floats to return: 237 MB for a 1,200-token prompt).
+    x = g.op("Unsqueeze", [g.op("GatherND", [x, here], batch_dims=1), g.const_i64([1])], "x_last")
+    down = g.op("Unsqueeze", [g.op("GatherND", [down, here], batch_dims=1), g.const_i64([1])], "down_last")
     g.init("model.norm.weight", W("output_norm.weight"))
     h, _ = add_rms_norm(g, x, down, "model.norm.weight", cfg["eps"])
     g.nodes.append(helper.make_node("MatMul", [h, "lm_head.weight"], ["logits"], name="lm_head"))
@@ -210,7 +198,6 @@ def build(gguf_path):
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
     ]
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", 1, cfg["vocab"]])]
     for i in range(L):

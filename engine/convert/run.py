@@ -140,11 +140,13 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
         # GroupQueryAttention writes a step's K/V into the past buffer when it is also the
         # present output (spare columns allowed): the engine then keeps one buffer per tensor.
         "past_present_share_buffer": True,
+        # A batch's rows are right-padded: each row's tokens are the first columns of its cache.
+        "padding": "right",
         "weights": "fp32",
     }
     write_json(fp32 / "meridian-model.json", meta)
 
-    log("  smollm2: verifying fp32 (greedy 24 tokens, KV cache vs none, left-padded batch of 2):")
+    log("  smollm2: verifying fp32 (greedy 24 tokens, KV cache vs none, right-padded batch of 2):")
     t = time.time()
     verify.decoder(fp32, tok, template, exact=True)
     log(f"  smollm2: fp32 verified ({time.time() - t:.1f}s)")

@@ -1,7 +1,7 @@
 """Checks run on freshly converted models; each raises AssertionError (the set-up then fails)."""
 import numpy as np
 
-from decode import Decoder, render_chat
+from decode import Decoder, render_chat, right_padded
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -19,7 +19,7 @@ def decoder(model_dir, tok, template, exact, n_tokens=24, log=print):
     dec = Decoder(model_dir, threads=1)
     prompts = [_chat_ids(tok, template, t) for t in CHAT_PROMPTS]
     if len(set(map(len, prompts))) < 2:
-        raise AssertionError("test prompts should differ in length (to exercise left padding)")
+        raise AssertionError("test prompts should differ in length (to exercise padding)")
     answers = []
     for text, ids in zip(CHAT_PROMPTS, prompts):
         cached = dec.greedy([ids], n_tokens, use_cache=True, stop_at_eos=False)[0]
@@ -35,23 +35,18 @@ def decoder(model_dir, tok, template, exact, n_tokens=24, log=print):
         alone = [dec.greedy([p], n_tokens, stop_at_eos=False)[0] for p in prompts]
         batched = dec.greedy(prompts, n_tokens, stop_at_eos=False)
         if batched != alone:
-            raise AssertionError(f"left-padded batch differs from single runs:\n  batch {batched}\n  alone {alone}")
-        log(f"    ok: {n_tokens} greedy tokens identical with/without KV cache and in a left-padded batch of 2 "
+            raise AssertionError(f"right-padded batch differs from single runs:\n  batch {batched}\n  alone {alone}")
+        log(f"    ok: {n_tokens} greedy tokens identical with/without KV cache and in a right-padded batch of 2 "
             f"(prompt lengths {[len(p) for p in prompts]})")
     if "paris" not in answers[0].lower():
         raise AssertionError(f"expected 'Paris' in the answer to {CHAT_PROMPTS[0]!r}, got {answers[0]!r}")
-    # the padding rows of a batch must not produce NaNs anywhere
-    B = 2
-    n = max(map(len, prompts))
-    ids = np.zeros((B, n), np.int64)
-    mask = np.zeros((B, n), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, n - len(p):] = p
-        mask[b, n - len(p):] = 1
-    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-    logits, present = dec.step(ids, mask, pos, dec.empty_past(B))
-    if not np.isfinite(logits).all() or not all(np.isfinite(v).all() for v in present.values()):
-        raise AssertionError("non-finite values in a left-padded batch")
+    # a padded batch must give finite logits, and finite K/V at every row's own positions (what
+    # lies beyond them is never read)
+    ids, mask = right_padded(prompts)
+    logits, present = dec.step(ids, mask, dec.empty_past(len(prompts)))
+    own = [v[b, :, :len(p)] for v in present.values() for b, p in enumerate(prompts)]
+    if not np.isfinite(logits).all() or not all(np.isfinite(v).all() for v in own):
+        raise AssertionError("non-finite values in a right-padded batch")
     return answers
 
 

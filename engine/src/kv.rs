@@ -1,8 +1,10 @@
-//! The batch state: the KV cache of B sequences, left-padded to a common length.
+//! The batch state: the KV cache of B sequences, padded to a common length.
 //!
-//! Row `i` holds `lens[i]` real positions at the right end of `past` columns; the `past - lens[i]`
-//! columns on its left are padding, masked out by `attention_mask` (0). Position ids count real
-//! tokens only, so a sequence sees the same positions alone or in a batch.
+//! Row `i` holds `lens[i]` real positions among `past` columns, the other `past - lens[i]` columns
+//! being padding, on the side the model's graph expects ([`Padding`]): on the left (Hugging Face
+//! graphs: `attention_mask` masks them out, position ids count real tokens only) or on the right
+//! (GroupQueryAttention graphs, whose attention reads each row's first `lens[i]` columns and counts
+//! positions from there). Either way a sequence sees the same positions alone or in a batch.
 //!
 //! Hot path ([`Batch::step`]): with a model that takes a shared KV buffer
 //! ([`ChatSpec::shared_kv_buffer`](crate::model::ChatSpec::shared_kv_buffer)), each KV tensor is
@@ -28,6 +30,36 @@ pub struct KvLayout {
     pub heads: usize,
     /// Head size.
     pub head_dim: usize,
+}
+
+/// Where a row's padding lies, as the model's graph expects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Padding {
+    /// Before the row's positions, which end at the last column (the Hugging Face convention:
+    /// `attention_mask` zeros first, position ids counting real tokens).
+    Left,
+    /// After them: the row's positions are its first columns and `attention_mask` counts them
+    /// (GroupQueryAttention's `seqlens_k`; the converter's graphs and onnxruntime-genai's).
+    Right,
+}
+
+impl Padding {
+    /// Appends a row of the inputs, `pad` zeros on this side of `row`.
+    fn extend(self, out: &mut Vec<i64>, row: impl IntoIterator<Item = i64>, pad: usize) {
+        let zeros = std::iter::repeat_n(0, pad);
+        match self {
+            Padding::Left => out.extend(zeros.chain(row)),
+            Padding::Right => out.extend(row.into_iter().chain(zeros)),
+        }
+    }
+
+    /// Where a row of `n` positions ends among `width` columns.
+    fn end(self, n: usize, width: usize) -> usize {
+        match self {
+            Padding::Left => width,
+            Padding::Right => n,
+        }
+    }
 }
 
 /// One sequence's cache after its prefill, waiting to join the batch.
@@ -122,6 +154,8 @@ pub const SPARE_COLUMNS: usize = 64;
 /// The KV cache of the sequences decoding together.
 pub struct Batch {
     layout: KvLayout,
+    /// Where each row's padding lies.
+    padding: Padding,
     /// Whether the model writes each step's entries into the buffers in place.
     in_place: bool,
     /// Real positions per row.
@@ -138,9 +172,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// An empty batch; `in_place` when the model takes shared KV buffers.
-    pub fn new(layout: KvLayout, in_place: bool) -> Batch {
-        Batch { layout, in_place, lens: Vec::new(), past: 0, columns: 0, kv: Vec::new(), binding: None }
+    /// An empty batch, its rows padded on the `padding` side; `in_place` when the model takes
+    /// shared KV buffers.
+    pub fn new(layout: KvLayout, padding: Padding, in_place: bool) -> Batch {
+        Batch { layout, padding, in_place, lens: Vec::new(), past: 0, columns: 0, kv: Vec::new(), binding: None }
     }
 
     /// Rows.
@@ -174,8 +209,8 @@ impl Batch {
     /// Runs `prompts` through the model in one run: returns each prompt's whole cache, and the
     /// logits, row `k` for prompt `k`. One run of the matrix products instead of one per prompt:
     /// the runtime's fixed cost per operator is paid once, and every prompt has its first token
-    /// when the run ends. The prompts are left-padded to the longest, the padding masked as in a
-    /// decode step. [`prefill_runs`] decides which prompts share a run.
+    /// when the run ends. The prompts are padded to the longest, on the side the model expects.
+    /// [`prefill_runs`] decides which prompts share a run.
     ///
     /// A prompt that continues from a cached beginning runs alone: ONNX Runtime's
     /// GroupQueryAttention takes a past cache with several new tokens for one row only ("batch_size
@@ -189,12 +224,13 @@ impl Batch {
         let Some(width) = sizes.iter().map(|&(_, new)| new).max() else {
             return Err(ort::Error::new("no prompt to prefill"));
         };
+        let padding = model.padding();
         let (mut ids, mut pos, mut mask) = (Vec::new(), Vec::new(), Vec::new());
         for (p, &(cached, new)) in prompts.iter().zip(&sizes) {
             let pad = width - new;
-            ids.extend(std::iter::repeat_n(0, pad).chain(p.ids[cached..].iter().map(|&t| i64::from(t))));
-            pos.extend(std::iter::repeat_n(0, pad).chain(cached as i64..p.ids.len() as i64));
-            mask.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, cached + new)));
+            padding.extend(&mut ids, p.ids[cached..].iter().map(|&t| i64::from(t)), pad);
+            padding.extend(&mut pos, cached as i64..p.ids.len() as i64, pad);
+            padding.extend(&mut mask, std::iter::repeat_n(1, cached + new), pad);
         }
         let KvLayout { heads, head_dim: d, .. } = model.layout();
         // A run with a cached beginning is that prompt alone (checked above).
@@ -214,13 +250,13 @@ impl Batch {
             let len = sizes[0].0 + sizes[0].1;
             return Ok((vec![Prefilled { kv: fwd.present, len }], logits));
         }
-        // Each row's own positions (its last `len` columns) as a cache of its own.
+        // Each row's own positions as a cache of its own.
         let mut caches: Vec<Vec<DynValue>> = sizes.iter().map(|_| Vec::with_capacity(fwd.present.len())).collect();
         for present in &fwd.present {
             let (_, data) = present.try_extract_tensor::<f32>()?;
             for (row, (&(_, n), cache)) in sizes.iter().zip(&mut caches).enumerate() {
                 let mut own = vec![0f32; heads * n * d];
-                let from = Columns { row, columns: width, end: width };
+                let from = Columns { row, columns: width, end: padding.end(n, width) };
                 copy_positions(data, from, &mut own, Columns { row: 0, columns: n, end: n }, n, heads, d);
                 cache.push(Tensor::from_array(([1, heads, n, d], own))?.into_dyn());
             }
@@ -229,14 +265,13 @@ impl Batch {
     }
 
     /// Inputs of one decode step: `input_ids` [B,1], `position_ids` [B,1], `attention_mask`
-    /// [B, past+1] (left padding zeros, then ones).
+    /// [B, past+1] (each row's ones, one a position and one for the new token, its padding zeros).
     pub fn step_inputs(&self, tokens: &[u32]) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
         let ids = tokens.iter().map(|&t| t as i64).collect();
         let pos = self.lens.iter().map(|&l| l as i64).collect();
-        let width = self.past + 1;
-        let mut mask = vec![1i64; self.lens.len() * width];
-        for (row, &l) in self.lens.iter().enumerate() {
-            mask[row * width..row * width + (self.past - l)].fill(0);
+        let mut mask = Vec::with_capacity(self.lens.len() * (self.past + 1));
+        for &l in &self.lens {
+            self.padding.extend(&mut mask, std::iter::repeat_n(1, l + 1), self.past - l);
         }
         (ids, pos, mask)
     }
@@ -273,13 +308,14 @@ impl Batch {
         self.relayout(keep, add)
     }
 
-    /// Copies rows `keep` and `add` into new tensors, each row's positions ending at the new
-    /// `past`; a shared buffer gets [`SPARE_COLUMNS`] more columns, zeroed like the padding.
+    /// Copies rows `keep` and `add` into new tensors, each row's positions where its padding puts
+    /// them among the new `past` columns; a shared buffer gets [`SPARE_COLUMNS`] more columns,
+    /// zeroed like the padding.
     fn relayout(&mut self, keep: &[usize], add: Vec<Prefilled>) -> ort::Result<()> {
         let lens: Vec<usize> = keep.iter().map(|&o| self.lens[o]).chain(add.iter().map(|p| p.len)).collect();
         let past = lens.iter().copied().max().unwrap_or(0);
         if lens.is_empty() {
-            *self = Batch::new(self.layout, self.in_place);
+            *self = Batch::new(self.layout, self.padding, self.in_place);
             return Ok(());
         }
         let columns = if self.in_place { past + SPARE_COLUMNS } else { past };
@@ -294,11 +330,12 @@ impl Batch {
             // numbers).
             let mut tensor = Tensor::<f32>::new(&Allocator::default(), shape)?;
             let (_, data) = tensor.extract_tensor_mut();
-            let to = |row: usize| Columns { row, columns, end: past };
+            let to = |row: usize| Columns { row, columns, end: self.padding.end(lens[row], past) };
             if !keep.is_empty() {
                 let (_, old) = self.kv[j].try_extract_tensor::<f32>()?;
                 for (row, &o) in keep.iter().enumerate() {
-                    let from = Columns { row: o, columns: self.columns, end: self.past };
+                    let from =
+                        Columns { row: o, columns: self.columns, end: self.padding.end(self.lens[o], self.past) };
                     place_row(old, from, data, to(row), self.lens[o], heads, d);
                 }
             }
@@ -381,14 +418,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn step_inputs_left_pad() {
-        let mut b = Batch::new(KvLayout { layers: 1, heads: 1, head_dim: 1 }, false);
-        b.lens = vec![3, 1];
-        b.past = 3;
-        let (ids, pos, mask) = b.step_inputs(&[7, 8]);
-        assert_eq!(ids, vec![7, 8]);
-        assert_eq!(pos, vec![3, 1]);
-        assert_eq!(mask, vec![1, 1, 1, 1, 0, 0, 1, 1]);
+    fn step_inputs_pad_each_row_on_the_models_side() {
+        for (padding, want) in [(Padding::Left, [1, 1, 1, 1, 0, 0, 1, 1]), (Padding::Right, [1, 1, 1, 1, 1, 1, 0, 0])] {
+            let mut b = Batch::new(KvLayout { layers: 1, heads: 1, head_dim: 1 }, padding, false);
+            b.lens = vec![3, 1];
+            b.past = 3;
+            let (ids, pos, mask) = b.step_inputs(&[7, 8]);
+            assert_eq!(ids, vec![7, 8]);
+            assert_eq!(pos, vec![3, 1]);
+            assert_eq!(mask, want);
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokenizers::Tokenizer;
 use crate::api::{ConversationHasher, EngineError, ErrorCode, Message};
 use crate::config::{ModelKind, Provider, RuntimeConfig};
 use crate::detok::TokenBytes;
-use crate::kv::{Batch, KvLayout};
+use crate::kv::{Batch, KvLayout, Padding};
 use crate::runtime::{runtime, RuntimeError};
 use crate::sampling::argmax;
 use crate::template::ChatTemplate;
@@ -76,6 +76,9 @@ pub struct ChatSpec {
     /// (GroupQueryAttention's shared buffer; `past_present_share_buffer` in
     /// `meridian-model.json`). Otherwise every step returns the whole cache anew.
     pub shared_kv_buffer: bool,
+    /// Where a batch's rows are padded (`padding` in `meridian-model.json`: "left", the default,
+    /// or "right").
+    pub padding: Padding,
 }
 
 /// Names of the decoder's inputs and outputs.
@@ -286,6 +289,15 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
             bos_token: token_str(m.get("bos_token")).or_else(|| token_str(tok("bos_token"))),
             eos_token: token_str(m.get("eos_token")).or_else(|| token_str(tok("eos_token"))),
             shared_kv_buffer: m.get("past_present_share_buffer").and_then(Json::as_bool).unwrap_or(false),
+            padding: match m.get("padding").map(|p| p.as_str()) {
+                None | Some(Some("left")) => Padding::Left,
+                Some(Some("right")) => Padding::Right,
+                Some(other) => {
+                    return Err(err(format!(
+                        "meridian-model.json: padding is {other:?}, expected \"left\" or \"right\""
+                    )))
+                }
+            },
         });
     }
     let chat_template = template_of(tok("chat_template"))
@@ -308,9 +320,10 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
             chat_template,
             bos_token,
             eos_token,
-            // genai's graphs take right-padded rows (seqlens_k from the mask); the scheduler's
-            // batches are left-padded, so they run with a copied cache.
+            // genai's graphs take right-padded rows (seqlens_k from the mask). Whether one writes
+            // into a shared buffer is not in its config, so its cache is copied each step.
             shared_kv_buffer: false,
+            padding: Padding::Right,
         });
     }
     let c = read_json(&dir.join("config.json"))
@@ -339,6 +352,7 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
         bos_token,
         eos_token,
         shared_kv_buffer: false,
+        padding: Padding::Left,
     })
 }
 
@@ -458,7 +472,12 @@ impl ChatModel {
     /// move the whole cache across each step (and the device's attention would not see one
     /// buffer); there the runtime keeps copying the cache on the device instead.
     pub fn batch(&self) -> Batch {
-        Batch::new(self.layout(), self.spec.shared_kv_buffer && self.provider == Provider::Cpu)
+        Batch::new(self.layout(), self.padding(), self.spec.shared_kv_buffer && self.provider == Provider::Cpu)
+    }
+
+    /// Where this model's batches pad their rows.
+    pub fn padding(&self) -> Padding {
+        self.spec.padding
     }
 
     /// The admission path's view of this model: template and tokenizer.

@@ -7,7 +7,7 @@
 //! Continuous batching, every step of the model thread:
 //! 1. sequences that finished or whose receiver was dropped leave the batch;
 //! 2. waiting requests are taken from the queue up to `max_batch` and prefilled: one that begins
-//!    like a cached prompt continues from that cache alone; the others run together, left-padded,
+//!    like a cached prompt continues from that cache alone; the others run together, padded,
 //!    in runs of similar length ([`prefill_runs`]); each samples its first token;
 //! 3. the batch is rebuilt if its composition changed ([`Batch::rebuild`]);
 //! 4. one batched decode step across all active sequences; each gets its token, text deltas go out

@@ -30,7 +30,7 @@ async fn concurrent_requests_equal_each_alone() {
     for p in PROMPTS {
         alone.push(chat(&engine, request("smol", p, 24)).await.unwrap());
     }
-    // All four admitted back to back: they prefill together and decode together, left-padded to
+    // All four admitted back to back: they prefill together and decode together, padded to
     // the longest prompt.
     let rxs: Vec<_> = PROMPTS.iter().map(|p| engine.chat(request("smol", p, 24)).unwrap()).collect();
     let together = futures_util::future::join_all(rxs.into_iter().map(collect)).await;
@@ -62,7 +62,7 @@ fn decoding_in_place_equals_copying_the_cache() {
     assert!(model.spec.shared_kv_buffer, "the converter's decoder takes a shared KV buffer");
     let prompts: Vec<Vec<u32>> = PROMPTS[..3].iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
     let mut decode = |in_place: bool| {
-        let mut batch = Batch::new(model.layout(), in_place);
+        let mut batch = Batch::new(model.layout(), model.padding(), in_place);
         let (mut prefilled, mut tokens) = (Vec::new(), Vec::new());
         for p in &prompts {
             let (kv, logits) = Batch::prefill(&mut model, p, None).unwrap();
@@ -81,7 +81,7 @@ fn decoding_in_place_equals_copying_the_cache() {
     assert_eq!(decode(true), decode(false));
 }
 
-/// Prompts of different lengths prefilled in one left-padded run, and a prompt continuing from a
+/// Prompts of different lengths prefilled in one padded run, and a prompt continuing from a
 /// cache of its beginning (of different lengths, down to only its last token left), give each
 /// prompt the cache and the logits it gets alone from nothing, to float rounding (fp32; the padded
 /// run's matrix products block differently: ~3e-5 measured), and the same first token. That they
