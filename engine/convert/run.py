@@ -172,9 +172,9 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
     shutil.copyfile(fp32 / "tokenizer.json", int4 / "tokenizer.json")
     write_json(int4 / "meridian-model.json", {**meta, "weights": "int4"})
     log(f"  smollm2: int4 written ({time.time() - t:.1f}s): {counts.get('MatMulNBits', 0)} MatMulNBits "
-        f"(layers 4-bit asymmetric, unweighted squared error {layer_error:.3%} of the weights'; lm_head 8-bit; "
+        f"(4-bit asymmetric, unweighted squared error {layer_error:.3%} of the weights'; "
         f"blocks of 32, accuracy_level 4) and {counts.get('GatherBlockQuantized', 0)} GatherBlockQuantized (the token "
-        f"embedding, 8-bit); the 8-bit tensors within {eight_bit_error:g} of fp32")
+        f"embedding, 8-bit, within {eight_bit_error:g} of fp32)")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
 
