@@ -8,8 +8,8 @@ point): Q4_1's minimum is not a whole number of scales, so no 4-bit layout ONNX 
 holds it exactly, and each block's scale and zero point are searched for the least squared error
 instead of taken from the block's range, each weight's error weighed by the mean square of the
 activations it multiplies (`calibrate.py`). The output layer is a fifth of the weights: held 8-bit
-(Q8_0 exactly) it took 14-16% of the batch-1 decode step more than 4-bit does and 12% at 8 rows,
-for a KL divergence from fp32 of 0.179 instead of 0.214 nats. The token embedding's Gather reads
+(Q8_0 exactly) it was slower at batch 1 (the README's engine-bench figures) for a KL divergence
+from fp32 of 0.179 instead of 0.214 nats. The token embedding's Gather reads
 the same Q8_0 table a row a token and becomes an 8-bit GatherBlockQuantized, exact. `engine-bench`
 prints what each choice costs in perplexity and in divergence from the fp32 model.
 """
