@@ -55,10 +55,17 @@ async fn concurrent_requests_equal_each_alone() {
 
 /// A model that takes a shared KV buffer decodes the same whether each step writes its column
 /// into the buffer in place or gets the whole cache back anew: rows of different lengths, and more
-/// steps than the buffer's spare columns, so that it is copied into a larger one on the way.
+/// steps than the buffer's spare columns, so that it is copied into a larger one on the way. Both
+/// of the converter's files: the int4 one is what the engine serves by default.
 #[test]
 fn decoding_in_place_equals_copying_the_cache() {
-    let mut model = ChatModel::load("fp32", &model_dir(FP32), &RuntimeConfig::default()).unwrap();
+    for weights in [FP32, INT4] {
+        decoding_in_place_equals_copying(weights);
+    }
+}
+
+fn decoding_in_place_equals_copying(weights: &str) {
+    let mut model = ChatModel::load(weights, &model_dir(weights), &RuntimeConfig::default()).unwrap();
     assert!(model.spec.shared_kv_buffer, "the converter's decoder takes a shared KV buffer");
     let prompts: Vec<Vec<u32>> = PROMPTS[..3].iter().map(|p| model.prompter().prompt_ids(&user(p)).unwrap()).collect();
     let mut decode = |in_place: bool| {
@@ -155,12 +162,19 @@ fn ask(turns: &[(&str, &str)]) -> ChatRequest {
 }
 
 /// A prompt that begins like an earlier one continues from the earlier one's KV cache, and
-/// answers exactly as an engine without the prefix cache does (fp32, where a row's logits do not
-/// depend on how many rows run together); health counts the reuse.
+/// answers exactly as an engine without the prefix cache does; health counts the reuse. On fp32
+/// (where a row's logits do not depend on how many rows run together) and on int4, what the engine
+/// serves by default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prompt_that_begins_like_an_earlier_one_reuses_its_cache_and_answers_the_same() {
-    let cached = engine(&[("smol", FP32)], SchedulerConfig::default());
-    let plain = engine(&[("smol", FP32)], SchedulerConfig { prefix_cache_bytes: 0, ..Default::default() });
+    for weights in [FP32, INT4] {
+        reuses_its_cache_and_answers_the_same(weights).await;
+    }
+}
+
+async fn reuses_its_cache_and_answers_the_same(weights: &str) {
+    let cached = engine(&[("smol", weights)], SchedulerConfig::default());
+    let plain = engine(&[("smol", weights)], SchedulerConfig { prefix_cache_bytes: 0, ..Default::default() });
 
     let first = ask(&[("user", "When do you open on Sunday?")]);
     let a = chat(&cached, first.clone()).await.unwrap();
