@@ -265,7 +265,8 @@ impl Batch {
     }
 
     /// Inputs of one decode step: `input_ids` [B,1], `position_ids` [B,1], `attention_mask`
-    /// [B, past+1] (each row's ones, one a position and one for the new token, its padding zeros).
+    /// [B, past+1] (per row a one for each of its positions and for the new token, and zeros for
+    /// its padding, on the model's side).
     pub fn step_inputs(&self, tokens: &[u32]) -> (Vec<i64>, Vec<i64>, Vec<i64>) {
         let ids = tokens.iter().map(|&t| t as i64).collect();
         let pos = self.lens.iter().map(|&l| l as i64).collect();

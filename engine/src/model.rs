@@ -289,14 +289,15 @@ pub fn read_chat_spec(name: &str, dir: &Path) -> Result<ChatSpec, LoadError> {
             bos_token: token_str(m.get("bos_token")).or_else(|| token_str(tok("bos_token"))),
             eos_token: token_str(m.get("eos_token")).or_else(|| token_str(tok("eos_token"))),
             shared_kv_buffer: m.get("past_present_share_buffer").and_then(Json::as_bool).unwrap_or(false),
-            padding: match m.get("padding").map(|p| p.as_str()) {
-                None | Some(Some("left")) => Padding::Left,
-                Some(Some("right")) => Padding::Right,
-                Some(other) => {
-                    return Err(err(format!(
-                        "meridian-model.json: padding is {other:?}, expected \"left\" or \"right\""
-                    )))
-                }
+            padding: match m.get("padding") {
+                None => Padding::Left,
+                Some(p) => match p.as_str() {
+                    Some("left") => Padding::Left,
+                    Some("right") => Padding::Right,
+                    _ => {
+                        return Err(err(format!("meridian-model.json: padding is {p}, expected \"left\" or \"right\"")))
+                    }
+                },
             },
         });
     }

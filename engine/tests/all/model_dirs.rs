@@ -114,6 +114,12 @@ fn broken_directories_name_what_is_wrong() {
     let e = load_error(no_config.path());
     assert!(e.contains("config.json") || e.contains("meridian-model.json"), "{e}");
 
+    let mut sideways = meta.clone();
+    sideways["padding"] = json!("middle");
+    let bad_padding = Dir::new("bad-padding", &ONNX, &[("meridian-model.json", sideways)]);
+    let e = load_error(bad_padding.path());
+    assert!(e.contains("padding") && e.contains("middle"), "{e}");
+
     let wrong_heads =
         Dir::new("wrong-heads", &ONNX, &[("config.json", hf_config(4)), ("tokenizer_config.json", tokenizer_config())]);
     let e = load_error(wrong_heads.path());
