@@ -173,7 +173,7 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
     write_json(int4 / "meridian-model.json", {**meta, "weights": "int4"})
     log(f"  smollm2: int4 written ({time.time() - t:.1f}s): {counts.get('MatMulNBits', 0)} MatMulNBits "
         f"(4-bit asymmetric, unweighted squared error {layer_error:.3%} of the weights'; "
-        f"blocks of 32, accuracy_level 4) and {counts.get('GatherBlockQuantized', 0)} GatherBlockQuantized (the token "
+        f"blocks of {quantize.BLOCK}, accuracy_level 4) and {counts.get('GatherBlockQuantized', 0)} GatherBlockQuantized (the token "
         f"embedding, 8-bit, within {eight_bit_error:g} of fp32)")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
