@@ -148,11 +148,8 @@ impl Prompter {
         self.tokenize(&self.render(messages)?)
     }
 
-    /// Rendered and tokenised, with the conversation's beginnings: for each message in order, its
-    /// [`ConversationHasher`] hash and how many of the prompt's tokens come before the end of its
-    /// text (what a prefix cache holding that many tokens holds of the conversation). Stops at a
-    /// message whose text the template did not write out as given.
-    pub fn prompt(&self, messages: &[Message]) -> Result<(Vec<u32>, Vec<(u64, u32)>), EngineError> {
+    /// Rendered and tokenised, with the conversation's beginnings ([`RenderedPrompt::marks`]).
+    pub fn prompt(&self, messages: &[Message]) -> Result<RenderedPrompt, EngineError> {
         let text = self.render(messages)?;
         let enc = self.encode(&text)?;
         // Byte offsets into `text`, in order.
@@ -167,8 +164,18 @@ impl Prompter {
             let tokens = offsets.partition_point(|&(start, _)| start < pos);
             marks.push((hash, tokens as u32));
         }
-        Ok((enc.get_ids().to_vec(), marks))
+        Ok(RenderedPrompt { ids: enc.get_ids().to_vec(), marks })
     }
+}
+
+/// A conversation rendered by the model's template and tokenised.
+pub struct RenderedPrompt {
+    /// The prompt's token ids.
+    pub ids: Vec<u32>,
+    /// For each message in order, its [`ConversationHasher`] hash and how many of the prompt's
+    /// tokens come before the end of its text (what a prefix cache holding that many tokens holds
+    /// of the conversation). Stops at a message whose text the template did not write out as given.
+    pub marks: Vec<(u64, u32)>,
 }
 
 /// The outputs of one decoder run.

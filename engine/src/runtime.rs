@@ -209,6 +209,9 @@ fn cuda(cfg: &RuntimeConfig) -> ep::ExecutionProviderDispatch {
 }
 
 /// Registers one provider; `Err` carries the builder back with the reason.
+// The builder travels by value so that a provider that fails leaves it to the next; this runs a
+// few times per model load, so the size of `Err` costs nothing worth boxing for.
+#[allow(clippy::result_large_err)]
 fn try_register(
     builder: SessionBuilder,
     available: Result<bool, String>,

@@ -243,7 +243,8 @@ impl Backend for Engine {
         if max_tokens == 0 {
             return Err(bad("max_tokens must be at least 1".into()));
         }
-        let (prompt_ids, marks) = handle.prompter.prompt(&request.messages)?;
+        let prompt = handle.prompter.prompt(&request.messages)?;
+        let (prompt_ids, marks) = (prompt.ids, prompt.marks);
         if prompt_ids.is_empty() {
             return Err(bad("the prompt renders to no tokens".into()));
         }

@@ -255,7 +255,7 @@ fn each_conversation_beginning_counts_the_prompt_tokens_before_its_message_ends(
     let turns = [("system", SYSTEM), ("user", "Hi, is it open?"), ("assistant", "Yes."), ("user", "Until when?")];
     let messages: Vec<Message> =
         turns.iter().map(|(role, text)| Message { role: (*role).into(), content: (*text).into() }).collect();
-    let (ids, marks) = prompter.prompt(&messages).unwrap();
+    let meridian_engine::model::RenderedPrompt { ids, marks } = prompter.prompt(&messages).unwrap();
     assert_eq!(ids, prompter.prompt_ids(&messages).unwrap());
     assert_eq!(marks.len(), turns.len());
     let mut hasher = meridian_engine::api::ConversationHasher::default();
