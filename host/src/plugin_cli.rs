@@ -168,10 +168,11 @@ pub enum CliError {
     NoWorld {
         /// The component.
         file: PathBuf,
-        /// Why it is not a router.
-        router: PluginError,
+        /// Why it is not a router (boxed, as is `filter`: two errors inline made every
+        /// `Result` of this module carry their size).
+        router: Box<PluginError>,
         /// Why it is not a privacy filter.
-        filter: PluginError,
+        filter: Box<PluginError>,
     },
     /// The component's `configure` refused its configuration.
     #[error("{file} is a {world}, but its configure rejected the config {config}: {message}")]
@@ -516,9 +517,11 @@ async fn load(
             Err(router @ PluginError::WrongWorld { .. }) if kind.is_none() => {
                 return match runtime.load_filter(name, version, file, config, limits).await {
                     Ok(filter) => Ok(Loaded::Filter(filter)),
-                    Err(filter @ PluginError::WrongWorld { .. }) => {
-                        Err(CliError::NoWorld { file: file.to_path_buf(), router, filter })
-                    }
+                    Err(filter @ PluginError::WrongWorld { .. }) => Err(CliError::NoWorld {
+                        file: file.to_path_buf(),
+                        router: Box::new(router),
+                        filter: Box::new(filter),
+                    }),
                     Err(e) => Err(fail(Kind::Filter, e)),
                 };
             }

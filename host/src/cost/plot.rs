@@ -122,7 +122,7 @@ where
     let tokens = m.traffic.tokens().max(1.0);
     // Three decades around the volume at least, and the volume itself always on the chart: a small
     // tenant's mark must not fall off its left edge.
-    let (lo, hi) = ((tokens / 10.0).min(1e4).max(1.0), (tokens * 1_000.0).max(1e7));
+    let (lo, hi) = ((tokens / 10.0).clamp(1.0, 1e4), (tokens * 1_000.0).max(1e7));
     let volumes: Vec<f64> = (0..POINTS).map(|i| lo * (hi / lo).powf(i as f64 / (POINTS - 1) as f64)).collect();
     let curves = model::curves(&m.traffic, &m.offers, &m.gpus, &volumes);
     let values = curves.iter().flat_map(|(_, r)| r.iter().flat_map(|r| [r.low, r.high]));

@@ -298,7 +298,7 @@ mod tests {
                 state ^= state >> 7;
                 state ^= state << 17;
                 text.push_str(pieces[(state % pieces.len() as u64) as usize]);
-                if state % 97 == 0 {
+                if state.is_multiple_of(97) {
                     text.push_str(["0", "7", "@", ":"][(state % 4) as usize]);
                 }
             }

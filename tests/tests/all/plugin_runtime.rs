@@ -719,10 +719,10 @@ async fn request_triggers_decide_which_requests_a_filter_is_called_for() {
     // A quarantined filter fails every request, including those it would not have been shown.
     let broken = rig.filter("invalid-redaction", "\"request-triggered\"").await;
     let needed = Segment { kind: SegmentKind::User, text: "the TRIGGER word".into() };
-    let skipped = broken.inspect_request(&summary(), &[plain.clone()]).await;
+    let skipped = broken.inspect_request(&summary(), std::slice::from_ref(&plain)).await;
     assert!(matches!(skipped, Ok(RequestVerdict::Allow(_))), "not shown, so not failed: {skipped:?}");
     for _ in 0..3 {
-        let failed = broken.inspect_request(&summary(), &[needed.clone()]).await;
+        let failed = broken.inspect_request(&summary(), std::slice::from_ref(&needed)).await;
         assert!(matches!(failed, Err(PluginError::InvalidOutput(_))), "{failed:?}");
     }
     let closed = broken.inspect_request(&summary(), &[plain]).await;
