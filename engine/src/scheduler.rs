@@ -31,7 +31,7 @@ use crate::config::{EngineConfig, ModelKind, SchedulerConfig};
 use crate::detok::{Detokenizer, StopMatcher};
 use crate::embed::{BatchLimits, EmbeddingModel};
 use crate::kv::{prefill_runs, Batch, Logits, Prefilled, Prompt, Reuse};
-use crate::model::{infer_kind, model_err, ChatModel, Prompter};
+use crate::model::{infer_kind, model_err, ChatModel, Prompter, RenderedPrompt};
 use crate::prefix::{PrefixCache, PrefixStats};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::telemetry::{now_unix_nanos, Exporter, Span, SpanKind, TraceContext};
@@ -243,8 +243,7 @@ impl Backend for Engine {
         if max_tokens == 0 {
             return Err(bad("max_tokens must be at least 1".into()));
         }
-        let prompt = handle.prompter.prompt(&request.messages)?;
-        let (prompt_ids, marks) = (prompt.ids, prompt.marks);
+        let RenderedPrompt { ids: prompt_ids, marks } = handle.prompter.prompt(&request.messages)?;
         if prompt_ids.is_empty() {
             return Err(bad("the prompt renders to no tokens".into()));
         }

@@ -242,9 +242,9 @@ fn block_on(work: impl std::future::Future<Output = Result<(), CliError>>) -> Re
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     if quiet {
         // The guest's trace directive raises the `log` crate's bridge to trace for every crate, and
-        // Cranelift logs each function it compiles at that level: every record then went through
-        // the filter only to be dropped: ~2.5% of compiling an interpreter's component in a release
-        // build, and well over half of it in the test builds (`plugin run` on a Python router took
+        // Cranelift logs each function it compiles at that level, so every record went through
+        // the filter only to be dropped. That was ~2.5% of compiling an interpreter's component in
+        // a release build and well over half in the test builds (`plugin run` on a Python router:
         // 28 s there, 12 s without). Only the guest logs at trace, and it logs through `tracing`.
         log::set_max_level(log::LevelFilter::Warn);
     }
