@@ -13,8 +13,8 @@
 //! connect, read, write, status or timeout errors) fails the benchmark.
 //!
 //! Run it with `scripts/bench` (builds the release binaries, installs wrk if missing).
-//! Options: `--duration SECS` per wrk run (default 5), `--ttft-requests N` (default 300),
-//! `--pairs N` of side-by-side runs (default 3).
+//! Options (`--help`; an unknown option or a bad value is refused): `--duration SECS` per wrk run
+//! (default 5), `--ttft-requests N` (default 300), `--pairs N` of side-by-side runs (default 3).
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -23,6 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::client::legacy::Client;
@@ -32,17 +34,26 @@ use meridian_e2e::process::{cpu_time, status_kib};
 
 const KEY: &str = "sk-bench";
 
+/// What to measure (`edge-bench --help`).
+#[derive(Parser)]
+#[command(
+    name = "edge-bench",
+    about = "The edge's overhead over a direct call to the mock managed API, measured with wrk on loopback"
+)]
+struct Options {
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    duration: u64,
+    /// Streamed requests whose time to first token is measured, per path.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    ttft_requests: u64,
+    /// Pairs of side-by-side runs of two edges (plugin chain and ledger on and off).
+    #[arg(long, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    pairs: usize,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
-    };
-    let duration = opt("--duration", 5);
-    let ttft_requests = opt("--ttft-requests", 300);
-    let pairs = usize::try_from(opt("--pairs", 3)).unwrap_or(usize::MAX).max(1);
+    let Options { duration, ttft_requests, pairs } = Options::parse();
     if let Err(e) = run(duration, ttft_requests, pairs) {
         eprintln!("edge-bench: {e}");
         std::process::exit(1);

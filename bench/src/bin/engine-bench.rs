@@ -19,13 +19,14 @@
 //! of it but the question was cached by an earlier request, and llama.cpp's first token on the cold
 //! prompt (both formats); and eight different prompts prefilled in one run against one by one.
 //!
-//! Run it with `scripts/bench engine` (release build, set-up). Options: `--tokens N` per request
-//! (default 128), `--weights int4,fp32`, `--threads N` intra-op threads (default: the engine's),
-//! `--spinning on|off` intra-op spinning (default: the engine's, on), `--runs N` rounds (default
-//! 3; a round runs batch 1 on every path in turn, then 4 concurrent on each, then 8, and each
-//! figure is the median of its rounds), `--provider auto|cpu|cuda|tensorrt` (default auto),
-//! `--python-loop off` to skip the Python comparison. After the table it prints the edge path's
-//! throughput as a share of the engine's: the median of the rounds' ratios.
+//! Run it with `scripts/bench engine` (release build, set-up). Options (`--help`; an unknown
+//! option or a bad value is refused): `--tokens N` per request (default 128), `--weights
+//! int4,fp32`, `--threads N` intra-op threads (default: the engine's), `--spinning on|off`
+//! intra-op spinning (default: the engine's, on), `--runs N` rounds (default 3; a round runs batch
+//! 1 on every path in turn, then 4 concurrent on each, then 8, and each figure is the median of its
+//! rounds), `--provider auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the
+//! Python comparison. After the table it prints the edge path's throughput as a share of the
+//! engine's: the median of the rounds' ratios.
 //!
 //! Then the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
@@ -44,6 +45,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -62,39 +65,54 @@ use serde_json::{json, Value};
 const KEY: &str = "sk-bench";
 const PROMPT: &str = "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle.";
 
+/// What to measure (`engine-bench --help`).
+#[derive(Parser)]
+#[command(
+    name = "engine-bench",
+    about = "The engine node's generation speed on CPU (or a GPU provider), alone, over QUIC and through an edge, beside a Python onnxruntime loop and llama.cpp"
+)]
 struct Options {
+    /// Tokens generated per request (greedy).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
     tokens: u32,
+    /// Weight formats to measure, in order (the first also gets the prefix-cache and prefill lines).
+    #[arg(long, value_delimiter = ',', default_value = "int4,fp32", value_parser = ["int4", "fp32"])]
     weights: Vec<String>,
+    /// Intra-op threads (default: the engine's, one per CPU).
+    #[arg(long, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     threads: Option<usize>,
-    spinning: Option<bool>,
+    /// Intra-op spinning (default: the engine's, on).
+    #[arg(long, value_enum)]
+    spinning: Option<OnOff>,
+    /// Rounds; each figure is the median of its rounds.
+    #[arg(long, default_value_t = 3, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
     runs: usize,
+    /// Execution provider.
+    #[arg(long, default_value = "auto", value_parser = parse_provider)]
     provider: Provider,
+    /// First check that the engine reproduces the greedy answer recorded in this file
+    /// (`engine/tests/golden.json`); exit non-zero if not.
+    #[arg(long)]
     golden: Option<PathBuf>,
-    python_loop: bool,
+    /// The Python onnxruntime loop's rows.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    python_loop: OnOff,
+}
+
+/// A switch given as `on` or `off`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+fn parse_provider(name: &str) -> Result<Provider, String> {
+    serde_json::from_value(Value::String(name.into()))
+        .map_err(|_| format!("unknown provider {name} (auto, cpu, cuda or tensorrt)"))
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
-    let num = |name: &str, default: usize| {
-        opt(name).map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
-    };
-    let options = Options {
-        tokens: num("--tokens", 128) as u32,
-        weights: opt("--weights").unwrap_or_else(|| "int4,fp32".into()).split(',').map(str::to_string).collect(),
-        threads: opt("--threads").map(|v| v.parse().expect("--threads takes a number")),
-        spinning: opt("--spinning").map(|v| match v.as_str() {
-            "on" => true,
-            "off" => false,
-            _ => panic!("--spinning takes on or off"),
-        }),
-        runs: num("--runs", 3),
-        provider: opt("--provider").map_or(Provider::Auto, |p| {
-            serde_json::from_value(Value::String(p.clone())).unwrap_or_else(|_| panic!("unknown provider {p}"))
-        }),
-        golden: opt("--golden").map(PathBuf::from),
-        python_loop: opt("--python-loop").is_none_or(|v| v != "off"),
-    };
+    let options = Options::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     if let Err(e) = runtime.block_on(run(options)) {
         eprintln!("engine-bench: {e}");
@@ -633,7 +651,7 @@ async fn run(options: Options) -> Result<(), String> {
             runtime.intra_op_threads = t;
         }
         if let Some(spinning) = options.spinning {
-            runtime.spinning = spinning;
+            runtime.spinning = spinning == OnOff::On;
         }
         let spinning = runtime.spinning;
         // The Python loop gets the engine's thread count (0 means one per CPU) and spinning.
@@ -722,7 +740,7 @@ async fn run(options: Options) -> Result<(), String> {
                 rounds[i].eight.push(rate);
                 rounds[i].eight_last_first_ms.push(last_first.as_secs_f64() * 1e3);
             }
-            if options.python_loop {
+            if options.python_loop == OnOff::On {
                 python_rounds.push(anchor(
                     &python,
                     "ort_loop.py",

@@ -19,11 +19,14 @@
 //!   ones, when `scripts/build-python-plugins` / `scripts/build-js-plugins` have built them.
 //!
 //! Run it with `scripts/bench` (which builds the components and release binaries first), or
-//! `target/release/plugin-bench [--calls N] [--interpreted false] [--only TEXT]` after `scripts/build-plugins`.
+//! `target/release/plugin-bench [--calls N] [--interpreted false] [--only TEXT]` after
+//! `scripts/build-plugins` (`--help`; an unknown option or a bad value is refused).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use clap::builder::RangedU64ValueParser;
+use clap::{ArgAction, Parser};
 use meridian::plugin::{
     CallLimits, FilterPlugin, Health, PluginMetrics, PluginRuntime, PluginSettings, PriceModel, RequestSummary,
     RouterPlugin, Segment, SegmentKind, Target, TargetKind, TokenPrice,
@@ -34,22 +37,27 @@ use meridian::plugin::{
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// What to measure (`plugin-bench --help`).
+#[derive(Parser)]
+#[command(name = "plugin-bench", about = "The per-call cost of each shipped plugin on the production runtime settings")]
+struct Options {
+    /// Calls per row.
+    #[arg(long, default_value_t = 2_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    calls: usize,
+    /// The Python and JavaScript rows (`false` leaves them out: at milliseconds a call, they take
+    /// minutes at the default number of calls).
+    #[arg(long, default_value_t = true, action = ArgAction::Set)]
+    interpreted: bool,
+    /// Only the rows whose plugin name contains this text (to profile one plugin).
+    #[arg(long, default_value = "")]
+    only: String,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let calls = args
-        .iter()
-        .position(|a| a == "--calls")
-        .and_then(|i| args.get(i + 1))
-        .map_or(2_000, |v| v.parse().expect("--calls takes a number"));
+    let Options { calls, interpreted, only } = Options::parse();
     // Two workers: the concurrency-2 rows run on both cores, as an edge's calls do.
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a Tokio runtime");
-    // `--interpreted false` leaves the Python and JavaScript rows out: at milliseconds a call,
-    // they take minutes at the default number of calls.
-    let interpreted =
-        args.iter().position(|a| a == "--interpreted").and_then(|i| args.get(i + 1)).is_none_or(|v| v != "false");
-    // `--only TEXT` keeps the rows whose plugin name contains TEXT (to profile one plugin).
-    let only = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned().unwrap_or_default();
     if let Err(e) = runtime.block_on(run(calls, interpreted, only)) {
         eprintln!("plugin-bench: {e}");
         std::process::exit(1);

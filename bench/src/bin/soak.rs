@@ -4,22 +4,32 @@
 //! along the run and its CPU time per request.
 //!
 //! Run it with `scripts/bench soak` (builds the release binaries and the plugins).
-//! Options: `--requests N` (default 1,000,000), `--concurrency C` (default 64).
+//! Options (`--help`; an unknown option or a bad value is refused): `--requests N` (default
+//! 1,000,000), `--concurrency C` (default 64).
 
+use clap::builder::RangedU64ValueParser;
+use clap::Parser;
 use meridian_e2e::process::EdgeProcess;
 use meridian_e2e::{soak, MockOptions, MockUpstream, TempDir, UPSTREAM_KEY};
 
+/// What to run (`soak --help`).
+#[derive(Parser)]
+#[command(
+    name = "soak",
+    about = "Requests through a release edge with the default plugin chain and its ledger on, half streamed, every answer checked"
+)]
+struct Options {
+    /// Requests in all.
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    requests: u64,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    concurrency: usize,
+}
+
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let opt = |name: &str, default: u64| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .map_or(default, |v| v.parse().unwrap_or_else(|_| panic!("{name} takes a number")))
-    };
-    let requests = opt("--requests", 1_000_000);
-    let concurrency = opt("--concurrency", 64) as usize;
+    let Options { requests, concurrency } = Options::parse();
 
     let opts = MockOptions { api_key: Some(UPSTREAM_KEY.into()), record: false, ..MockOptions::default() };
     let upstream = MockUpstream::start_with(opts).await.expect("the mock upstream starts");
