@@ -11,6 +11,14 @@ own vocabulary with its BOS first. Every position is scored: the ONNX models by 
 token with the KV cache (the engine's graph and runtime build), the GGUFs by llama.cpp in one
 evaluation. Prints one JSON line per format: perplexity of the text, the mean and 99th percentile of
 KL(fp32 || format) in nats, how often its most likely next token is fp32's, and the positions scored.
+
+Fed one token a step, an ONNX model never runs a prompt of several tokens, the path every request
+takes first; so each format is also scored after whole-prompt runs: every text's first 50, 100, …
+tokens as one prompt from an empty cache, the KL of the next-token distribution from the fp32
+model's (`prefill_kl_mean`, beside `stepped_kl_mean_at_prefill_ends`: the same positions fed one
+token a step). A format whose error depends on what else is in a run (activations quantized with
+one scale for the whole input, say) shows it there. llama.cpp's one evaluation is such a run
+already, so its rows take the same positions from it.
 """
 import argparse
 import json
@@ -28,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "convert"))
 from decode import Decoder  # noqa: E402
 
 TEXTS = ["GPL-3", "Apache-2.0", "MPL-2.0", "Artistic", "GFDL-1.3"]
+# Prompt lengths of the whole-prompt runs.
+PREFILL_EVERY = 50
 
 
 def log_softmax(x):
@@ -36,8 +46,14 @@ def log_softmax(x):
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def cuts(ids):
+    """The prompt lengths of the whole-prompt runs over `ids`."""
+    return list(range(PREFILL_EVERY, len(ids), PREFILL_EVERY))
+
+
 def onnx_scorer(model_dir, threads):
-    """log-probabilities [len(ids) - 1, vocab] of each next token, the ONNX model fed one token a step."""
+    """(log-probabilities [len(ids) - 1, vocab] of each next token, the ONNX model fed one token a
+    step; and those after each whole-prompt run of `cuts(ids)` tokens, [len(cuts), vocab])."""
     decoder = Decoder(model_dir, threads=threads)
 
     def score(ids):
@@ -45,19 +61,24 @@ def onnx_scorer(model_dir, threads):
         for pos, token in enumerate(ids[:-1]):
             logits, past = decoder.step(np.array([[token]], np.int64), np.ones((1, pos + 1), np.int64), past)
             rows.append(log_softmax(logits[0, -1]))
-        return np.array(rows)
+        prompts = []
+        for n in cuts(ids):
+            logits, _ = decoder.step(np.array([ids[:n]], np.int64), np.ones((1, n), np.int64), decoder.empty_past(1))
+            prompts.append(log_softmax(logits[0, -1]))
+        return np.array(rows), np.array(prompts)
 
     return score
 
 
 def gguf_scorer(path, threads, n_ctx):
-    """The same for a GGUF, all positions in one llama.cpp evaluation."""
+    """The same for a GGUF, all positions in one llama.cpp evaluation (itself a whole-prompt run)."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, logits_all=True, verbose=False)
 
     def score(ids):
         llm.reset()
         llm.eval(ids[:-1])
-        return log_softmax(llm.scores[:len(ids) - 1])
+        rows = log_softmax(llm.scores[:len(ids) - 1])
+        return rows, rows[[n - 1 for n in cuts(ids)]]
 
     return score
 
@@ -82,8 +103,9 @@ def main():
     del vocab
 
     reference = onnx_scorer(a.reference, a.threads)
-    refs = [reference(ids) for ids in seqs]
-    report("fp32", seqs, refs, refs)
+    scored = [reference(ids) for ids in seqs]
+    refs = [rows for rows, _ in scored]
+    report("fp32", seqs, refs, scored)
     for spec in a.onnx:
         label, _, path = spec.partition("=")
         score = onnx_scorer(Path(path), a.threads)
@@ -93,17 +115,30 @@ def main():
         report(fmt, seqs, refs, [score(ids) for ids in seqs])
 
 
+def kl(ref, lp):
+    """KL(ref || lp) of each row of log-probabilities."""
+    return (np.exp(ref) * (ref - lp)).sum(axis=1)
+
+
 def report(label, seqs, refs, scored):
-    nll, kl, agree = [], [], []
-    for ids, ref, lp in zip(seqs, refs, scored):
+    """`scored`: per text, (rows fed one token a step, rows after the whole-prompt runs)."""
+    nll, kls, agree, prefill, stepped = [], [], [], [], []
+    for ids, ref, (lp, prompts) in zip(seqs, refs, scored):
         target = np.array(ids[1:])
         nll.append(-lp[np.arange(len(target)), target])
-        kl.append((np.exp(ref) * (ref - lp)).sum(axis=1))
+        kls.append(kl(ref, lp))
         agree.append(ref.argmax(axis=1) == lp.argmax(axis=1))
-    nll, kl, agree = map(np.concatenate, (nll, kl, agree))
+        ends = [n - 1 for n in cuts(ids)]
+        prefill.append(kl(ref[ends], prompts))
+        stepped.append(kls[-1][ends])
+    nll, kls, agree, prefill, stepped = map(np.concatenate, (nll, kls, agree, prefill, stepped))
     print(json.dumps({"format": label, "perplexity": round(float(np.exp(nll.mean())), 3),
-                      "kl_mean": round(float(kl.mean()), 4), "kl_p99": round(float(np.percentile(kl, 99)), 4),
-                      "top1_agreement": round(float(agree.mean()), 4), "positions": int(len(nll))}), flush=True)
+                      "kl_mean": round(float(kls.mean()), 4), "kl_p99": round(float(np.percentile(kls, 99)), 4),
+                      "top1_agreement": round(float(agree.mean()), 4), "positions": int(len(nll)),
+                      "prefill_kl_mean": round(float(prefill.mean()), 4),
+                      "stepped_kl_mean_at_prefill_ends": round(float(stepped.mean()), 4),
+                      "prefill_runs": int(len(prefill))}),
+          flush=True)
 
 
 if __name__ == "__main__":

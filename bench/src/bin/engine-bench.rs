@@ -31,8 +31,9 @@
 //! Then the resident memory of a `meridian engine` process serving SmolLM2 int4 and MiniLM on the
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
 //! embedding. Last, what each weight format costs in accuracy (`engine/bench/quality.py`, with
-//! llama.cpp): perplexity on Debian's license texts and KL divergence from the fp32 model, for the
-//! engine's formats and llama.cpp's two GGUFs, so that the speed rows compare like with like.
+//! llama.cpp): perplexity on Debian's license texts and KL divergence from the fp32 model, a token a
+//! step and after whole prompts, for the engine's formats and llama.cpp's two GGUFs, so that the
+//! speed rows compare like with like.
 //!
 //! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
 //! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
@@ -532,17 +533,20 @@ impl LlamaCpp {
             let num = |name: &str| v[name].as_f64().unwrap_or(f64::NAN);
             positions = v["positions"].as_u64().unwrap_or_default();
             rows.push(format!(
-                "| {label} | {runtime} | {:.2} | {:.3} | {:.2} | {:.1}% |",
+                "| {label} | {runtime} | {:.2} | {:.3} | {:.2} | {:.1}% | {:.3} ({:.3}) |",
                 num("perplexity"),
                 num("kl_mean"),
                 num("kl_p99"),
-                num("top1_agreement") * 100.0
+                num("top1_agreement") * 100.0,
+                num("prefill_kl_mean"),
+                num("stepped_kl_mean_at_prefill_ends"),
             ));
         }
         Ok(format!(
             "accuracy against the fp32 model (the GGUF dequantized), {positions} positions of Debian's license \
              texts (engine/bench/quality.py):\n\n| weights | scored by | perplexity | KL from fp32, mean (nats) | KL \
-             p99 | next token as fp32's |\n| --- | --- | --- | --- | --- | --- |\n{}",
+             p99 | next token as fp32's | KL after whole prompts of 50, 100, … tokens (the same positions a token a \
+             step) |\n| --- | --- | --- | --- | --- | --- | --- |\n{}",
             rows.join("\n")
         ))
     }
