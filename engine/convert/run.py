@@ -20,6 +20,9 @@ from common import (MINILM_GRAPH, MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLL
 ORT_VERSION = "1.31.1"
 SMOL = "smollm2-135m-instruct"
 MINI = "all-minilm-l6-v2"
+# Files the int4 directory must list in its manifest besides model.onnx's: its MatMuls in the layout of
+# the engine's own kernel (pack.py).
+PACKED = ("model.packed.onnx", "model.packed.onnx.data")
 GOLDEN_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
@@ -71,7 +74,7 @@ def status(root):
         problems["ort"] = r
     for key, dirs in model_dirs(root).items():
         for d in dirs:
-            r = check_manifest(d) or graph_outdated(d, GRAPHS[key])
+            r = check_manifest(d, PACKED if d.name == "int4" else ()) or graph_outdated(d, GRAPHS[key])
             if r:
                 problems.setdefault(key, f"{d}: {r}")
     return problems
@@ -99,6 +102,7 @@ def finish_dir(staging, final):
 def convert_smollm(root, wheels, work, golden_path, write_golden):
     import calibrate
     import gguf_decoder
+    import pack
     import quantize
     import tokenizer_json
     import verify
@@ -177,6 +181,10 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
         f"embedding, 8-bit, within {eight_bit_error:g} of fp32)")
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
+    t = time.time()
+    packed = pack.pack_int4(int4 / "model.onnx", int4 / PACKED[0])
+    log(f"  smollm2: {PACKED[0]} written ({time.time() - t:.1f}s): {packed} MatMulNBits as {pack.OP} "
+        f"(the engine's VNNI layout, {pack.CHECKED_TILES} tiles a node unpacked again and checked)")
 
     finish_dir(fp32, root / "models" / SMOL / "fp32")
     finish_dir(int4, root / "models" / SMOL / "int4")
