@@ -66,6 +66,10 @@ pub struct RuntimeConfig {
     pub trt_fp16: bool,
     /// GPU index for CUDA and TensorRT (default 0).
     pub device_id: i32,
+    /// On the CPU, open a decoder's packed graph (`model.packed.onnx`) when the CPU has AVX-512
+    /// VNNI, so that its 4-bit products run on Meridian's kernel (default true; false keeps ONNX
+    /// Runtime's `MatMulNBits`, for comparison).
+    pub packed_kernel: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -78,6 +82,7 @@ impl Default for RuntimeConfig {
             trt_cache_dir: None,
             trt_fp16: true,
             device_id: 0,
+            packed_kernel: true,
         }
     }
 }

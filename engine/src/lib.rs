@@ -15,6 +15,7 @@ pub mod embed;
 pub mod kv;
 pub mod model;
 pub mod node;
+pub mod packed_matmul;
 pub mod prefix;
 pub mod runtime;
 pub mod sampling;

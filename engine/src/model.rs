@@ -102,6 +102,9 @@ pub struct ChatModel {
     pub spec: ChatSpec,
     /// The execution provider its session runs on.
     pub provider: Provider,
+    /// The graph file its session opened: `model.onnx`, or the packed graph on a CPU with the
+    /// packed kernel.
+    pub graph: PathBuf,
     /// Its tokenizer (shared with the admission path).
     pub tokenizer: Arc<Tokenizer>,
     /// Its chat template (shared with the admission path).
@@ -453,7 +456,7 @@ impl ChatModel {
                 None => return Err(model_err(name, dir, "no eos_token_id in the model's config files")),
             }
         }
-        let (session, provider) = runtime()?.session(cfg, &onnx)?;
+        let (session, provider, graph) = runtime()?.decoder_session(cfg, dir)?;
         let io = decoder_io(&session, &mut spec).map_err(|m| model_err(name, dir, m))?;
         let token_bytes = Arc::new(TokenBytes::new(&tokenizer));
         let (tokenizer, template) = (Arc::new(tokenizer), Arc::new(template));
@@ -462,6 +465,7 @@ impl ChatModel {
             dir: dir.to_path_buf(),
             spec,
             provider,
+            graph,
             tokenizer,
             template,
             token_bytes,

@@ -19,6 +19,7 @@ use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 
 use crate::config::{Provider, RuntimeConfig};
+use crate::packed_matmul;
 
 /// Why ONNX Runtime or a session could not be set up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -183,13 +184,40 @@ impl Runtime {
 
     /// Opens `model` with [`Runtime::session_builder`]'s settings.
     pub fn session(&self, cfg: &RuntimeConfig, model: &Path) -> Result<(Session, Provider), RuntimeError> {
-        let (mut builder, provider) = self.session_builder(cfg)?;
-        let session = builder
-            .commit_from_file(model)
-            .map_err(|e| RuntimeError::Session { path: model.to_path_buf(), message: e.to_string() })?;
-        tracing::info!(model = %model.display(), %provider, "session ready");
-        Ok((session, provider))
+        let (builder, provider) = self.session_builder(cfg)?;
+        Ok((commit(builder, model, provider)?, provider))
     }
+
+    /// Opens the decoder in `dir`: its packed graph (`model.packed.onnx`, whose 4-bit products run
+    /// on [`packed_matmul`]'s kernel) when the session runs on the CPU, the CPU has that kernel and
+    /// `cfg.packed_kernel` allows it; `model.onnx` otherwise. Returns the file it opened.
+    pub fn decoder_session(
+        &self,
+        cfg: &RuntimeConfig,
+        dir: &Path,
+    ) -> Result<(Session, Provider, PathBuf), RuntimeError> {
+        let (builder, provider) = self.session_builder(cfg)?;
+        let packed = dir.join(packed_matmul::PACKED_MODEL);
+        if provider == Provider::Cpu && cfg.packed_kernel && packed_matmul::supported() && packed.is_file() {
+            let domain = packed_matmul::domain()
+                .map_err(|e| RuntimeError::Session { path: packed.clone(), message: e.to_string() })?;
+            let builder = builder
+                .with_operators(domain)
+                .map_err(|e| RuntimeError::Session { path: packed.clone(), message: e.to_string() })?;
+            return Ok((commit(builder, &packed, provider)?, provider, packed));
+        }
+        let model = dir.join("model.onnx");
+        Ok((commit(builder, &model, provider)?, provider, model))
+    }
+}
+
+/// Builds the session for `model`.
+fn commit(mut builder: SessionBuilder, model: &Path, provider: Provider) -> Result<Session, RuntimeError> {
+    let session = builder
+        .commit_from_file(model)
+        .map_err(|e| RuntimeError::Session { path: model.to_path_buf(), message: e.to_string() })?;
+    tracing::info!(model = %model.display(), %provider, "session ready");
+    Ok(session)
 }
 
 fn tensorrt(cfg: &RuntimeConfig) -> ep::ExecutionProviderDispatch {

@@ -7,4 +7,5 @@ mod embed;
 mod generation;
 mod golden;
 mod model_dirs;
+mod packed_kernel;
 mod quic;
