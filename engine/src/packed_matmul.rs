@@ -8,10 +8,10 @@
 //! block of 16 columns once for up to 8 rows and multiplies with AVX-512 VNNI's `vpdpbusd`.
 //!
 //! The converter (`engine/convert/pack.py`) writes the weights in the layout `vpdpbusd` takes, so
-//! the engine never holds two copies: per tile of 16 columns and block of 32 K, four 64-byte
-//! vectors whose 32-bit lane `j` holds column `j`'s codes for 8 K (K `8p..8p+4` in the low
-//! nibbles, `8p+4..8p+8` in the high ones); beside them the 16 scales and the 16 zero points
-//! times their scales. The model directory keeps the standard `model.onnx` for other providers
+//! the engine never holds two copies: per tile of 16 columns and block of 32 K, a 384-byte record
+//! of four 64-byte vectors whose 32-bit lane `j` holds column `j`'s codes for 8 K (K `8p..8p+4`
+//! in the low nibbles, `8p+4..8p+8` in the high ones), then the 16 scales, then the 16 zero
+//! points times their scales; a tile's blocks follow each other, one stream to read. The model directory keeps the standard `model.onnx` for other providers
 //! and other CPUs, and for the Python tools that score it.
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
@@ -30,6 +30,8 @@ const BLOCK: usize = 32;
 const TILE: usize = 16;
 /// Bytes of codes per tile and block.
 const TILE_BYTES: usize = TILE * BLOCK / 2;
+/// Bytes per tile and block: the codes, 16 scales, 16 zero points times scales (f32 each).
+const RECORD: usize = TILE_BYTES + 2 * TILE * 4;
 
 /// Whether this CPU runs the kernel (x86-64 with AVX-512 F, BW and VNNI).
 pub fn supported() -> bool {
@@ -61,12 +63,7 @@ impl Operator for PackedMatMulNBits {
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        [
-            OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Uint8),
-            OperatorInput::required(TensorElementType::Float32),
-            OperatorInput::required(TensorElementType::Float32),
-        ]
+        [OperatorInput::required(TensorElementType::Float32), OperatorInput::required(TensorElementType::Uint8)]
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
@@ -117,21 +114,16 @@ unsafe impl Sync for OutPtr {}
 impl Kernel for PackedKernel {
     fn compute(&mut self, ctx: &ComputeContext) -> ort::Result<()> {
         let input = |i: usize| ctx.input(i)?.ok_or_else(|| ort::Error::new(format!("{OP}: input {i} is missing")));
-        let (x, codes, scales, zero_scales) = (input(0)?, input(1)?, input(2)?, input(3)?);
+        let (x, records) = (input(0)?, input(1)?);
         let (x_shape, x) = x.try_extract_tensor::<f32>()?;
-        let (_, codes) = codes.try_extract_tensor::<u8>()?;
-        let (_, scales) = scales.try_extract_tensor::<f32>()?;
-        let (_, zero_scales) = zero_scales.try_extract_tensor::<f32>()?;
+        let (_, records) = records.try_extract_tensor::<u8>()?;
         let (k, n) = (self.k, self.n);
         let blocks = k / BLOCK;
         let tiles = n / TILE;
         if x_shape.last().copied() != Some(k as i64) {
             return Err(ort::Error::new(format!("{OP}: input of shape {x_shape:?}, K is {k}")));
         }
-        if codes.len() != tiles * blocks * TILE_BYTES
-            || scales.len() != tiles * blocks * TILE
-            || zero_scales.len() != scales.len()
-        {
+        if records.len() != tiles * blocks * RECORD {
             return Err(ort::Error::new(format!("{OP}: packed weights do not hold K {k} × N {n}")));
         }
         let rows = x.len() / k;
@@ -145,7 +137,7 @@ impl Kernel for PackedKernel {
         let acts = &mut self.acts;
         // SAFETY: `supported` held when the kernel was created, and K is a multiple of 32.
         unsafe { acts.quantize(x) };
-        let weights = Weights { codes, scales, zero_scales, blocks };
+        let weights = Weights { records, blocks };
         let acts = &*acts;
         // Units of whole tile pairs, a few per thread so that a slower thread is not waited on.
         let pairs = tiles.div_ceil(2);
@@ -161,11 +153,9 @@ impl Kernel for PackedKernel {
     }
 }
 
-/// One node's packed weights.
+/// One node's packed weights: a record per tile and block, tile after tile.
 struct Weights<'a> {
-    codes: &'a [u8],
-    scales: &'a [f32],
-    zero_scales: &'a [f32],
+    records: &'a [u8],
     blocks: usize,
 }
 
@@ -233,7 +223,7 @@ unsafe fn product(_: &Weights, _: &Activations, _: usize, _: usize, _: std::ops:
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Activations, Weights, BLOCK, TILE, TILE_BYTES};
+    use super::{Activations, Weights, BLOCK, RECORD, TILE, TILE_BYTES};
     use std::arch::x86_64::*;
 
     /// `R` rows × `T` tiles from row `row` and tile `tile`; returns `R`.
@@ -255,11 +245,9 @@ mod vnni {
                 let at = (tile + t) * blocks + b;
                 // SAFETY (whole body): indices stay inside the slices the caller vouched for.
                 let (codes, s, zs) = unsafe {
-                    (
-                        w.codes.as_ptr().add(at * TILE_BYTES),
-                        _mm512_loadu_ps(w.scales.as_ptr().add(at * TILE)),
-                        _mm512_loadu_ps(w.zero_scales.as_ptr().add(at * TILE)),
-                    )
+                    let rec = w.records.as_ptr().add(at * RECORD);
+                    let s = _mm512_loadu_ps(rec.add(TILE_BYTES).cast());
+                    (rec, s, _mm512_loadu_ps(rec.add(TILE_BYTES + 64).cast()))
                 };
                 let mut lo = [_mm512_setzero_si512(); 4];
                 let mut hi = [_mm512_setzero_si512(); 4];

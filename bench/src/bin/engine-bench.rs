@@ -558,7 +558,7 @@ impl LlamaCpp {
             let runtime = match v["source"].as_str() {
                 Some("llama.cpp") => "llama.cpp (llama-cpp-python)",
                 Some("engine") => "the engine: packed graph, Meridian's kernel",
-                _ => "engine's file on ONNX Runtime (MatMulNBits)",
+                _ => "engine's model.onnx on ONNX Runtime",
             };
             let num = |name: &str| v[name].as_f64().unwrap_or(f64::NAN);
             positions = v["positions"].as_u64().unwrap_or_default();
