@@ -11,8 +11,11 @@
 //! the engine never holds two copies: per tile of 16 columns and block of 32 K, a 384-byte record
 //! of four 64-byte vectors whose 32-bit lane `j` holds column `j`'s codes for 8 K (K `8p..8p+4`
 //! in the low nibbles, `8p+4..8p+8` in the high ones), then the 16 scales, then the 16 zero
-//! points times their scales; a tile's blocks follow each other, one stream to read. The model directory keeps the standard `model.onnx` for other providers
-//! and other CPUs, and for the Python tools that score it.
+//! points times their scales; a tile's blocks follow each other, one stream to read. The model
+//! directory keeps the standard `model.onnx` for other providers and other CPUs, and for the
+//! Python tools that score it.
+
+use std::cell::RefCell;
 
 use ort::operator::{ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput, OperatorOutput};
 use ort::value::TensorElementType;
@@ -84,16 +87,26 @@ impl Operator for PackedMatMulNBits {
         if !supported() {
             return Err(ort::Error::new(format!("{OP}: this CPU lacks AVX-512 VNNI")));
         }
-        Ok(PackedKernel { k, n, acts: Activations::default() })
+        Ok(PackedKernel { k, n })
     }
 }
 
-/// One node's kernel: its shape and the scratch its activations are quantised into.
+/// One node's kernel: its shape.
 struct PackedKernel {
     k: usize,
     n: usize,
-    acts: Activations,
 }
+
+thread_local! {
+    /// The activations of the node running on this thread, quantised: one buffer per thread, as a
+    /// session runs its nodes one after another. A buffer per node would keep, in each of the
+    /// model's 121 nodes, the codes of the longest prompt it ever saw (~100 MB after 1,000 tokens).
+    static ACTIVATIONS: RefCell<Activations> = RefCell::new(Activations::default());
+}
+
+/// Bytes of quantised activations kept on a thread between nodes: a decode step's (8 rows of at
+/// most 1,536 codes) stay, a long prompt's are released after its node.
+const KEEP_ACTIVATIONS: usize = 1 << 20;
 
 /// Activations quantised per row and block: codes, scales, and scales times the codes' sums
 /// (the zero points' share of each product).
@@ -134,21 +147,26 @@ impl Kernel for PackedKernel {
         if rows == 0 {
             return Ok(());
         }
-        let acts = &mut self.acts;
-        // SAFETY: `supported` held when the kernel was created, and K is a multiple of 32.
-        unsafe { acts.quantize(x) };
         let weights = Weights { records, blocks };
-        let acts = &*acts;
-        // Units of whole tile pairs, a few per thread so that a slower thread is not waited on.
-        let pairs = tiles.div_ceil(2);
-        let units = pairs.min(16);
-        let ptr = OutPtr(out.as_mut_ptr());
-        ctx.par_for(units, 0, move |u| {
-            let ptr = ptr;
-            let (first, last) = (u * pairs / units * 2, ((u + 1) * pairs / units * 2).min(tiles));
-            // SAFETY: `supported` held when the kernel was created; the slices were checked
-            // against K and N above, and this unit writes only columns of tiles first..last.
-            unsafe { product(&weights, acts, rows, n, first..last, ptr.0) };
+        ACTIVATIONS.with_borrow_mut(|acts| {
+            // SAFETY: `supported` held when the kernel was created, and K is a multiple of 32.
+            unsafe { acts.quantize(x) };
+            // Units of whole tile pairs, a few per thread so that a slower thread is not waited on.
+            let pairs = tiles.div_ceil(2);
+            let units = pairs.min(16);
+            let ptr = OutPtr(out.as_mut_ptr());
+            let shared: &Activations = acts;
+            let done = ctx.par_for(units, 0, move |u| {
+                let ptr = ptr;
+                let (first, last) = (u * pairs / units * 2, ((u + 1) * pairs / units * 2).min(tiles));
+                // SAFETY: `supported` held when the kernel was created; the slices were checked
+                // against K and N above, and this unit writes only columns of tiles first..last.
+                unsafe { product(&weights, shared, rows, n, first..last, ptr.0) };
+            });
+            if acts.codes.capacity() > KEEP_ACTIVATIONS {
+                *acts = Activations::default();
+            }
+            done
         })
     }
 }
