@@ -49,9 +49,8 @@ def write_manifest(model_dir):
     return files
 
 
-def check_manifest(model_dir, required=()):
-    """Returns None when every file listed matches (and nothing is missing), else a reason; each name
-    in `required` must be listed (a directory written before the converter wrote that file)."""
+def check_manifest(model_dir):
+    """Returns None when every file listed matches (and nothing is missing), else a reason."""
     model_dir = Path(model_dir)
     mf = model_dir / "manifest.json"
     if not mf.is_file():
@@ -62,9 +61,6 @@ def check_manifest(model_dir, required=()):
         return f"unreadable manifest.json: {e}"
     if not files:
         return "empty manifest"
-    for name in required:
-        if name not in files:
-            return f"{name} not in manifest.json"
     for name, rec in files.items():
         p = model_dir / name
         if not p.is_file():

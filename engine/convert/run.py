@@ -20,9 +20,9 @@ from common import (MINILM_GRAPH, MINILM_WHEEL, SMOLLM_GGUF, SMOLLM_GRAPH, SMOLL
 ORT_VERSION = "1.31.1"
 SMOL = "smollm2-135m-instruct"
 MINI = "all-minilm-l6-v2"
-# Files the int4 directory must list in its manifest besides model.onnx's: its MatMuls in the layout of
-# the engine's own kernel (pack.py).
-PACKED = ("model.packed.onnx", "model.packed.onnx.data")
+# The int4 directory's second graph: its MatMuls in the layout of the engine's own kernel (pack.py). A
+# directory of an older graph version lacks it, and graph_outdated says so.
+PACKED = "model.packed.onnx"
 GOLDEN_MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
@@ -74,7 +74,7 @@ def status(root):
         problems["ort"] = r
     for key, dirs in model_dirs(root).items():
         for d in dirs:
-            r = check_manifest(d, PACKED if d.name == "int4" else ()) or graph_outdated(d, GRAPHS[key])
+            r = check_manifest(d) or graph_outdated(d, GRAPHS[key])
             if r:
                 problems.setdefault(key, f"{d}: {r}")
     return problems
@@ -182,8 +182,8 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
     log("  smollm2: verifying int4 (greedy 24 tokens):")
     verify.decoder(int4, tok, template, exact=False)
     t = time.time()
-    packed = pack.pack_int4(int4 / "model.onnx", int4 / PACKED[0])
-    log(f"  smollm2: {PACKED[0]} written ({time.time() - t:.1f}s): {packed} MatMulNBits as {pack.OP} "
+    packed = pack.pack_int4(int4 / "model.onnx", int4 / PACKED)
+    log(f"  smollm2: {PACKED} written ({time.time() - t:.1f}s): {packed} MatMulNBits as {pack.OP} "
         f"(the engine's VNNI layout, {pack.CHECKED_TILES} tiles a node unpacked again and checked)")
 
     finish_dir(fp32, root / "models" / SMOL / "fp32")

@@ -199,11 +199,9 @@ impl Runtime {
         let (builder, provider) = self.session_builder(cfg)?;
         let packed = dir.join(packed_matmul::PACKED_MODEL);
         if provider == Provider::Cpu && cfg.packed_kernel && packed_matmul::supported() && packed.is_file() {
-            let domain = packed_matmul::domain()
-                .map_err(|e| RuntimeError::Session { path: packed.clone(), message: e.to_string() })?;
-            let builder = builder
-                .with_operators(domain)
-                .map_err(|e| RuntimeError::Session { path: packed.clone(), message: e.to_string() })?;
+            let err = |message: String| RuntimeError::Session { path: packed.clone(), message };
+            let domain = packed_matmul::domain().map_err(|e| err(e.to_string()))?;
+            let builder = builder.with_operators(domain).map_err(|e| err(e.to_string()))?;
             return Ok((commit(builder, &packed, provider)?, provider, packed));
         }
         let model = dir.join("model.onnx");

@@ -533,19 +533,23 @@ impl LlamaCpp {
             command.arg("--onnx").arg(format!("{weights}={}", models.join(weights).display()));
         }
         let logits = std::env::temp_dir().join(format!("engine-bench-logits-{}", std::process::id()));
-        if weights.iter().any(|w| w == "int4") && runtime.packed_kernel && packed_matmul::supported() {
-            std::fs::create_dir_all(&logits).map_err(|e| format!("{}: {e}", logits.display()))?;
-            let ids = logits.join("ids.json");
-            let out = quality().arg("--ids-out").arg(&ids).output().map_err(|e| e.to_string())?;
-            if !out.status.success() {
-                return Err(format!("quality.py --ids-out failed: {}", String::from_utf8_lossy(&out.stderr)));
+        let mut run = || {
+            if weights.iter().any(|w| w == "int4") && runtime.packed_kernel && packed_matmul::supported() {
+                std::fs::create_dir_all(&logits).map_err(|e| format!("{}: {e}", logits.display()))?;
+                let ids = logits.join("ids.json");
+                let out = quality().arg("--ids-out").arg(&ids).output().map_err(|e| e.to_string())?;
+                if !out.status.success() {
+                    return Err(format!("quality.py --ids-out failed: {}", String::from_utf8_lossy(&out.stderr)));
+                }
+                packed_logits(&models.join("int4"), &ids, &logits, runtime)?;
+                command.arg("--logits").arg(format!("int4={}", logits.display()));
             }
-            packed_logits(&models.join("int4"), &ids, &logits, runtime)?;
-            command.arg("--logits").arg(format!("int4={}", logits.display()));
-        }
-        let out = command.output();
+            command.output().map_err(|e| format!("{}: {e}", self.python.display()))
+        };
+        // The logits (~400 MB) go whether scoring succeeded or not.
+        let out = run();
         let _ = std::fs::remove_dir_all(&logits);
-        let out = out.map_err(|e| format!("{}: {e}", self.python.display()))?;
+        let out = out?;
         if !out.status.success() {
             return Err(format!("quality.py failed: {}", String::from_utf8_lossy(&out.stderr)));
         }

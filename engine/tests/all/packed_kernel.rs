@@ -1,7 +1,7 @@
 //! The int4 model's packed graph on Meridian's CPU kernel (`packed_matmul`) against the same
 //! weights on ONNX Runtime's `MatMulNBits`, an implementation nobody here wrote: the same logits to
-//! within the two kernels' float rounding, the same greedy answers, and rows whose logits do not
-//! depend on which other rows run beside them.
+//! within the two kernels' rounding, the right answer to the golden question, and rows whose logits
+//! do not depend on which other rows run beside them.
 
 use crate::common::*;
 use meridian_engine::config::RuntimeConfig;
