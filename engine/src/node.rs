@@ -109,6 +109,20 @@ pub struct NodeSection {
     /// meanwhile) before it closes its connections (default 10 000).
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Async worker threads of the node's process (`meridian engine`, and `meridian up`, whose
+    /// edge shares them); default [`DEFAULT_IO_THREADS`].
+    #[serde(default = "default_io_threads")]
+    pub io_threads: usize,
+}
+
+/// The node's async workers by default: one. They only relay frames; the CPUs belong to the
+/// model's intra-op threads, which take every core during a step. A second worker adds no
+/// parallelism there, only wakeups handed between the two, and each one preempts a compute thread
+/// mid-step (README, "Engine": the relay's context switches per token).
+pub const DEFAULT_IO_THREADS: usize = 1;
+
+fn default_io_threads() -> usize {
+    DEFAULT_IO_THREADS
 }
 
 fn default_max_frame() -> usize {
@@ -176,6 +190,9 @@ impl NodeConfig {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
+        }
+        if config.node.io_threads == 0 {
+            return Err(invalid("node.io_threads: at least 1".into()));
         }
         let mut engine = config.engine();
         engine.resolve_paths(base);
@@ -254,5 +271,35 @@ impl Node {
         shutdown.await;
         info!("engine node shutting down");
         handle.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loads `text` as a node config file (in a folder of its own, removed after).
+    fn load(text: &str) -> Result<NodeConfig, NodeError> {
+        let dir = std::env::temp_dir().join(format!("meridian-node-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("engine.toml");
+        std::fs::write(&path, text).unwrap();
+        let loaded = NodeConfig::load(&path);
+        std::fs::remove_dir_all(&dir).unwrap();
+        loaded
+    }
+
+    const NODE: &str = "[node]\nname = \"e\"\nlisten = \"127.0.0.1:0\"\n";
+    const REST: &str =
+        "[tls]\nca = \"ca.pem\"\ncert = \"e.pem\"\nkey = \"e.key\"\n[[models]]\nname = \"smol\"\npath = \"smol\"\n";
+
+    #[test]
+    fn io_threads_default_to_one_and_zero_is_refused() {
+        let config = load(&format!("{NODE}{REST}")).unwrap();
+        assert_eq!(config.node.io_threads, DEFAULT_IO_THREADS);
+        assert_eq!(DEFAULT_IO_THREADS, 1);
+        assert_eq!(load(&format!("{NODE}io_threads = 4\n{REST}")).unwrap().node.io_threads, 4);
+        let err = load(&format!("{NODE}io_threads = 0\n{REST}")).unwrap_err().to_string();
+        assert!(err.contains("node.io_threads: at least 1"), "{err}");
     }
 }

@@ -139,7 +139,7 @@ fn run_edge(path: &std::path::Path) -> ExitCode {
         }
     };
     init_logging(&config.log.level, config.log.format == LogFormat::Json);
-    runtime(async {
+    runtime(None, async {
         let server = match Server::bind(config).await {
             Ok(s) => s,
             Err(e) => {
@@ -176,9 +176,14 @@ fn init_logging(level: &str, json: bool) {
     }
 }
 
-/// Runs a node's future on a multi-threaded Tokio runtime.
-fn runtime(node: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// Runs a node's future on a multi-threaded Tokio runtime with `workers` threads (default: one
+/// per CPU).
+fn runtime(workers: Option<usize>, node: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n);
+    }
+    match builder.enable_all().build() {
         Ok(rt) => rt.block_on(node),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

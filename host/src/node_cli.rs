@@ -85,7 +85,7 @@ pub fn engine(path: &Path) -> ExitCode {
         Err(e) => return fail(e),
     };
     crate::init_logging(&config.log.level, config.log.format == meridian_engine::node::LogFormat::Json);
-    crate::runtime(async move {
+    crate::runtime(Some(config.node.io_threads), async move {
         let node = match Node::start(config).await {
             Ok(n) => n,
             Err(e) => return fail(e),
@@ -110,7 +110,8 @@ pub fn up(args: &UpArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     crate::init_logging(&edge.log.level, edge.log.format == meridian::config::LogFormat::Json);
-    crate::runtime(async move {
+    // The engine node's workers: the edge beside it relays what the model's threads compute.
+    crate::runtime(Some(engine.node.io_threads), async move {
         let node = match Node::start(engine).await {
             Ok(n) => n,
             Err(e) => return fail(e),

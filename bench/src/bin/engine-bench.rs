@@ -61,6 +61,7 @@ use meridian_engine::client::EngineClient;
 use meridian_engine::config::{EngineConfig, ModelConfig, Provider, RuntimeConfig, SchedulerConfig};
 use meridian_engine::kv::{Batch, Prompt};
 use meridian_engine::model::ChatModel;
+use meridian_engine::node::DEFAULT_IO_THREADS;
 use meridian_engine::packed_matmul;
 use meridian_engine::scheduler::Engine;
 use meridian_engine::server::{EngineServer, ServerLimits};
@@ -105,6 +106,10 @@ struct Options {
     /// The Python onnxruntime loop's rows.
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     python_loop: OnOff,
+    /// Async worker threads of the process that holds the engine's QUIC server, the edge and the
+    /// client (default: the engine node's, as `meridian up` runs them).
+    #[arg(long, default_value_t = DEFAULT_IO_THREADS, value_parser = RangedU64ValueParser::<usize>::new().range(1..))]
+    io_threads: usize,
 }
 
 /// A switch given as `on` or `off`.
@@ -119,9 +124,17 @@ fn parse_provider(name: &str) -> Result<Provider, String> {
         .map_err(|_| format!("unknown provider {name} (auto, cpu, cuda or tensorrt)"))
 }
 
+/// The name of the async workers' threads, whose CPU time the relay line reports.
+const WORKER_THREAD: &str = "bench-io";
+
 fn main() {
     let options = Options::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(options.io_threads)
+        .thread_name(WORKER_THREAD)
+        .enable_all()
+        .build()
+        .unwrap();
     if let Err(e) = runtime.block_on(run(options)) {
         eprintln!("engine-bench: {e}");
         std::process::exit(1);
@@ -152,6 +165,47 @@ struct Rounds {
     eight: Vec<f64>,
     /// When the last of the 8 had its first token.
     eight_last_first_ms: Vec<f64>,
+    /// The async workers' usage over the batch-1 requests.
+    batch1_workers: ThreadUsage,
+}
+
+/// CPU time and context switches of a set of threads.
+#[derive(Default, Clone, Copy)]
+struct ThreadUsage {
+    cpu_ns: u64,
+    switches: u64,
+}
+
+impl ThreadUsage {
+    /// The usage so far of this process's threads named `name` (Linux's `/proc`; zero elsewhere).
+    fn of_threads(name: &str) -> ThreadUsage {
+        let mut usage = ThreadUsage::default();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return usage };
+        for task in tasks.flatten().map(|t| t.path()) {
+            if std::fs::read_to_string(task.join("comm")).map_or(true, |comm| comm.trim() != name) {
+                continue;
+            }
+            // schedstat: nanoseconds on a CPU first.
+            let schedstat = std::fs::read_to_string(task.join("schedstat")).unwrap_or_default();
+            usage.cpu_ns += schedstat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+            usage.switches += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split(':').nth(1)?.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        usage
+    }
+
+    fn since(self, before: ThreadUsage) -> ThreadUsage {
+        ThreadUsage { cpu_ns: self.cpu_ns - before.cpu_ns, switches: self.switches - before.switches }
+    }
+
+    fn add(&mut self, other: ThreadUsage) {
+        self.cpu_ns += other.cpu_ns;
+        self.switches += other.switches;
+    }
 }
 
 /// The median time to first token and the median decode rate of `samples`.
@@ -772,7 +826,9 @@ async fn run(options: Options) -> Result<(), String> {
                 order.reverse();
             }
             for &i in &order {
+                let before = ThreadUsage::of_threads(WORKER_THREAD);
                 rounds[i].batch1.push(paths[i].1.one(options.tokens).await?);
+                rounds[i].batch1_workers.add(ThreadUsage::of_threads(WORKER_THREAD).since(before));
             }
             for &i in &order {
                 rounds[i].four.push(paths[i].1.aggregate(4, options.tokens).await?.0);
@@ -812,6 +868,21 @@ async fn run(options: Options) -> Result<(), String> {
             share(|r| r.four.clone()),
             share(|r| r.eight.clone()),
         ];
+        // What relaying costs: the async workers' CPU and context switches per token at batch 1
+        // (each switch that wakes a worker preempts a compute thread on a machine the model's
+        // threads fill).
+        let relay: Vec<String> = paths
+            .iter()
+            .zip(&rounds)
+            .map(|((name, _), r)| {
+                let (w, tokens) = (r.batch1_workers, r.batch1.iter().map(|s| f64::from(s.tokens)).sum::<f64>());
+                format!(
+                    "{name} {:.0} µs and {:.1} switches",
+                    w.cpu_ns as f64 / 1e3 / tokens,
+                    w.switches as f64 / tokens
+                )
+            })
+            .collect();
         let figures: Vec<(Sample, f64, f64, f64)> = rounds
             .into_iter()
             .map(|r| (median_sample(r.batch1), median(r.four), median(r.eight), median(r.eight_last_first_ms)))
@@ -848,6 +919,11 @@ async fn run(options: Options) -> Result<(), String> {
         after.push(format!(
             "{weights}: through the edge (HTTP → QUIC) against the engine alone (median of the rounds' ratios): {:.1}% of its tokens/s at batch 1, {:.1}% at 4 concurrent, {:.1}% at 8",
             shares[0], shares[1], shares[2]
+        ));
+        after.push(format!(
+            "{weights}: the {} async worker thread(s) at batch 1, a token: {}",
+            options.io_threads,
+            relay.join(", ")
         ));
         if weights == &options.weights[0] {
             after.push(hop(&paths[1].1).await?);
