@@ -870,7 +870,8 @@ async fn run(options: Options) -> Result<(), String> {
         ];
         // What relaying costs: the async workers' CPU and context switches per token at batch 1
         // (each switch that wakes a worker preempts a compute thread on a machine the model's
-        // threads fill).
+        // threads fill). The batch-1 client runs on the main thread (`block_on`'s), outside them,
+        // so the workers hold the relay alone: the QUIC server's and client's tasks, and the edge.
         let relay: Vec<String> = paths
             .iter()
             .zip(&rounds)
