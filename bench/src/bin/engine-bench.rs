@@ -147,6 +147,8 @@ struct Sample {
     ttft: Duration,
     total: Duration,
     tokens: u32,
+    /// The async workers' usage from the first token to the end (zero when not measured).
+    decode_workers: ThreadUsage,
 }
 
 impl Sample {
@@ -165,12 +167,12 @@ struct Rounds {
     eight: Vec<f64>,
     /// When the last of the 8 had its first token.
     eight_last_first_ms: Vec<f64>,
-    /// The async workers' usage over the batch-1 requests.
+    /// The async workers' usage over the batch-1 requests' decoding.
     batch1_workers: ThreadUsage,
 }
 
 /// CPU time and context switches of a set of threads.
-#[derive(Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 struct ThreadUsage {
     cpu_ns: u64,
     switches: u64,
@@ -233,18 +235,34 @@ fn request(max_tokens: u32) -> ChatRequest {
     }
 }
 
+/// When a request's first token came, and the async workers' usage then (when measured).
+struct FirstToken {
+    start: Instant,
+    measure: bool,
+    at: Option<(Duration, ThreadUsage)>,
+}
+
+impl FirstToken {
+    fn mark(&mut self) {
+        if self.at.is_none() {
+            let elapsed = self.start.elapsed();
+            let usage = if self.measure { ThreadUsage::of_threads(WORKER_THREAD) } else { ThreadUsage::default() };
+            self.at = Some((elapsed, usage));
+        }
+    }
+}
+
 impl Path3 {
-    async fn one(&self, max_tokens: u32) -> Result<Sample, String> {
+    /// One request; with `measure_workers`, the async workers' usage while it decodes too.
+    async fn one(&self, max_tokens: u32, measure_workers: bool) -> Result<Sample, String> {
         let start = Instant::now();
-        let mut ttft = None;
+        let mut first = FirstToken { start, measure: measure_workers, at: None };
         let tokens = match self {
             Path3::Engine(engine) => {
                 let mut rx = engine.chat(request(max_tokens)).map_err(|e| e.to_string())?;
                 loop {
                     match rx.recv().await.ok_or("engine stream ended early")? {
-                        Event::Delta(_) => {
-                            ttft.get_or_insert_with(|| start.elapsed());
-                        }
+                        Event::Delta(_) => first.mark(),
                         Event::Finished { usage, .. } => break usage.completion_tokens,
                         Event::Failed(e) => return Err(e.to_string()),
                     }
@@ -254,9 +272,7 @@ impl Path3 {
                 let mut stream = client.chat(request(max_tokens)).await.map_err(|e| e.to_string())?;
                 loop {
                     match stream.next().await.ok_or("quic stream ended early")?.map_err(|e| e.to_string())? {
-                        Event::Delta(_) => {
-                            ttft.get_or_insert_with(|| start.elapsed());
-                        }
+                        Event::Delta(_) => first.mark(),
                         Event::Finished { usage, .. } => break usage.completion_tokens,
                         Event::Failed(e) => return Err(e.to_string()),
                     }
@@ -281,8 +297,8 @@ impl Path3 {
                 while let Some(frame) = body.frame().await {
                     let frame = frame.map_err(|e| e.to_string())?;
                     if let Ok(data) = frame.into_data() {
-                        if ttft.is_none() && has_content(&data) {
-                            ttft = Some(start.elapsed());
+                        if has_content(&data) {
+                            first.mark();
                         }
                         text.extend_from_slice(&data);
                     }
@@ -290,7 +306,14 @@ impl Path3 {
                 completion_tokens(&text).ok_or("no usage chunk in the edge's stream")?
             }
         };
-        Ok(Sample { ttft: ttft.ok_or("no text generated")?, total: start.elapsed(), tokens })
+        let total = start.elapsed();
+        let (ttft, at_first) = first.at.ok_or("no text generated")?;
+        let decode_workers = if measure_workers {
+            ThreadUsage::of_threads(WORKER_THREAD).since(at_first)
+        } else {
+            ThreadUsage::default()
+        };
+        Ok(Sample { ttft, total, tokens, decode_workers })
     }
 
     /// Tokens/s of `n` requests started together, and when the last of them had its first token.
@@ -299,7 +322,7 @@ impl Path3 {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..n {
             let path = Arc::clone(self);
-            tasks.spawn(async move { path.one(max_tokens).await });
+            tasks.spawn(async move { path.one(max_tokens, false).await });
         }
         let (mut tokens, mut last_first) = (0, Duration::ZERO);
         while let Some(r) = tasks.join_next().await {
@@ -798,7 +821,7 @@ async fn run(options: Options) -> Result<(), String> {
                 Arc::new(Path3::Edge { url, client: Client::builder(TokioExecutor::new()).build_http() }),
             ),
         ];
-        paths[0].1.one(options.tokens).await?; // warm-up: first runs allocate ORT's arenas
+        paths[0].1.one(options.tokens, false).await?; // warm-up: first runs allocate ORT's arenas
 
         // Rounds of every path in turn, so that the machine's drift falls on all paths alike: batch 1
         // on each path, then 4 together on each, then 8, so that the figures compared are taken
@@ -826,9 +849,9 @@ async fn run(options: Options) -> Result<(), String> {
                 order.reverse();
             }
             for &i in &order {
-                let before = ThreadUsage::of_threads(WORKER_THREAD);
-                rounds[i].batch1.push(paths[i].1.one(options.tokens).await?);
-                rounds[i].batch1_workers.add(ThreadUsage::of_threads(WORKER_THREAD).since(before));
+                let sample = paths[i].1.one(options.tokens, true).await?;
+                rounds[i].batch1_workers.add(sample.decode_workers);
+                rounds[i].batch1.push(sample);
             }
             for &i in &order {
                 rounds[i].four.push(paths[i].1.aggregate(4, options.tokens).await?.0);
@@ -868,15 +891,17 @@ async fn run(options: Options) -> Result<(), String> {
             share(|r| r.four.clone()),
             share(|r| r.eight.clone()),
         ];
-        // What relaying costs: the async workers' CPU and context switches per token at batch 1
-        // (each switch that wakes a worker preempts a compute thread on a machine the model's
-        // threads fill). The batch-1 client runs on the main thread (`block_on`'s), outside them,
-        // so the workers hold the relay alone: the QUIC server's and client's tasks, and the edge.
+        // What relaying costs: the async workers' CPU and context switches per token while batch 1
+        // decodes (the window of its decode rate; each switch that wakes a worker preempts a
+        // compute thread on a machine the model's threads fill). The batch-1 client runs on the
+        // main thread (`block_on`'s), outside them, so the workers hold the relay alone: the QUIC
+        // server's and client's tasks, and the edge.
         let relay: Vec<String> = paths
             .iter()
             .zip(&rounds)
             .map(|((name, _), r)| {
-                let (w, tokens) = (r.batch1_workers, r.batch1.iter().map(|s| f64::from(s.tokens)).sum::<f64>());
+                let w = r.batch1_workers;
+                let tokens = r.batch1.iter().map(|s| f64::from(s.tokens.saturating_sub(1))).sum::<f64>();
                 format!(
                     "{name} {:.0} µs and {:.1} switches",
                     w.cpu_ns as f64 / 1e3 / tokens,
@@ -922,7 +947,7 @@ async fn run(options: Options) -> Result<(), String> {
             shares[0], shares[1], shares[2]
         ));
         after.push(format!(
-            "{weights}: the {} async worker thread(s) at batch 1, a token: {}",
+            "{weights}: the {} async worker thread(s) while batch 1 decodes, a token: {}",
             options.io_threads,
             relay.join(", ")
         ));
@@ -1014,7 +1039,7 @@ async fn engine_memory(cluster: &Cluster, tokens: u32) -> Result<String, String>
     let process = EngineProcess::start(cluster, "engine-rss", 8).await;
     let idle = process.rss_kib();
     let client = || cluster.client("edge-bench", "engine-rss", process.addr);
-    let answered = Path3::Quic(client()).one(tokens).await?;
+    let answered = Path3::Quic(client()).one(tokens, false).await?;
     let texts = (0..8).map(|i| format!("{PROMPT} ({i})")).collect();
     client().embed(EmbedRequest::new("minilm", texts)).await.map_err(|e| e.to_string())?;
     let used = process.rss_kib();
