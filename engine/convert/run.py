@@ -184,7 +184,7 @@ def convert_smollm(root, wheels, work, golden_path, write_golden):
     t = time.time()
     packed = pack.pack_int4(int4 / "model.onnx", int4 / PACKED)
     log(f"  smollm2: {PACKED} written ({time.time() - t:.1f}s): {packed} MatMulNBits as {pack.OP} "
-        f"(the engine's VNNI layout, {pack.CHECKED_TILES} tiles a node unpacked again and checked)")
+        f"(the engine's VNNI layout; its last tile and {pack.CHECKED_TILES} more a node unpacked again and checked)")
 
     finish_dir(fp32, root / "models" / SMOL / "fp32")
     finish_dir(int4, root / "models" / SMOL / "int4")

@@ -8,10 +8,13 @@
 //! block of 16 columns once for up to 8 rows and multiplies with AVX-512 VNNI's `vpdpbusd`.
 //!
 //! The converter (`engine/convert/pack.py`) writes the weights in the layout `vpdpbusd` takes, so
-//! the engine never holds two copies: per tile of 16 columns and block of 32 K, a 384-byte record
+//! the engine never holds two copies: per tile of 16 columns and block of 32 K, a 320-byte record
 //! of four 64-byte vectors whose 32-bit lane `j` holds column `j`'s codes for 8 K (K `8p..8p+4`
-//! in the low nibbles, `8p+4..8p+8` in the high ones), then the 16 scales, then the 16 zero
-//! points times their scales; a tile's blocks follow each other, one stream to read. The model
+//! in the low nibbles, `8p+4..8p+8` in the high ones), then a cache line of the 16 scales
+//! (float16, as the quantizer rounds them) and the 16 zero points (bytes). Tiles go in pairs, the
+//! two tiles' records of a block side by side, block after block, so that the pairs a thread takes
+//! are one stream to read. At batch 1 the products are bound by reading those records, and both
+//! choices cut the time a decode step takes (`pack.py` has the figures). The model
 //! directory keeps the standard `model.onnx` for other providers and other CPUs, and for the
 //! Python tools that score it.
 
@@ -33,8 +36,13 @@ const BLOCK: usize = 32;
 const TILE: usize = 16;
 /// Bytes of codes per tile and block.
 const TILE_BYTES: usize = TILE * BLOCK / 2;
-/// Bytes per tile and block: the codes, 16 scales, 16 zero points times scales (f32 each).
-const RECORD: usize = TILE_BYTES + 2 * TILE * 4;
+/// Where a record's 16 scales (f16) begin.
+const SCALES: usize = TILE_BYTES;
+/// Where a record's 16 zero points (u8) begin.
+const ZERO_POINTS: usize = SCALES + 2 * TILE;
+/// Bytes per tile and block: the codes, then a cache line holding the scales, the zero points and
+/// 16 bytes unused, so that every record starts a cache line.
+const RECORD: usize = TILE_BYTES + 64;
 
 /// Whether this CPU runs the kernel (x86-64 with AVX-512 F, BW and VNNI).
 pub fn supported() -> bool {
@@ -171,7 +179,8 @@ impl Kernel for PackedKernel {
     }
 }
 
-/// One node's packed weights: a record per tile and block, tile after tile.
+/// One node's packed weights: a record per tile and block, in pairs of tiles (the last tile of an
+/// odd count alone), each pair's records block after block, its two tiles' side by side.
 struct Weights<'a> {
     records: &'a [u8],
     blocks: usize,
@@ -241,10 +250,11 @@ unsafe fn product(_: &Weights, _: &Activations, _: usize, _: usize, _: std::ops:
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::{Activations, Weights, BLOCK, RECORD, TILE, TILE_BYTES};
+    use super::{Activations, Weights, BLOCK, RECORD, SCALES, TILE, ZERO_POINTS};
     use std::arch::x86_64::*;
 
-    /// `R` rows × `T` tiles from row `row` and tile `tile`; returns `R`.
+    /// `R` rows × `T` tiles from row `row` and tile `tile`, which begins a pair (`T` = 2) or is the
+    /// lone last tile of an odd count (`T` = 1); returns `R`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) unsafe fn tile<const R: usize, const T: usize>(
         w: &Weights,
@@ -260,12 +270,14 @@ mod vnni {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         for b in 0..blocks {
             for t in 0..T {
-                let at = (tile + t) * blocks + b;
+                // A pair's records interleave its two tiles; a lone last tile's follow each other.
+                let at = tile * blocks + b * T + t;
                 // SAFETY (whole body): indices stay inside the slices the caller vouched for.
                 let (codes, s, zs) = unsafe {
                     let rec = w.records.as_ptr().add(at * RECORD);
-                    let s = _mm512_loadu_ps(rec.add(TILE_BYTES).cast());
-                    (rec, s, _mm512_loadu_ps(rec.add(TILE_BYTES + 64).cast()))
+                    let s = _mm512_cvtph_ps(_mm256_loadu_si256(rec.add(SCALES).cast()));
+                    let z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(rec.add(ZERO_POINTS).cast())));
+                    (rec, s, _mm512_mul_ps(z, s))
                 };
                 let mut lo = [_mm512_setzero_si512(); 4];
                 let mut hi = [_mm512_setzero_si512(); 4];
