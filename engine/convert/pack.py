@@ -14,14 +14,13 @@ bytes unused; the kernel takes each zero point times its scale, so that a block'
 scale · Σ q·x − (z · scale) · Σ x, with nothing to subtract per weight. The kernel takes tiles in
 pairs, so a pair's records interleave its two tiles block by block, and the pairs follow each other:
 the tiles a thread takes are one stream, whole cache lines. Measured on this project's 2-CPU
-machine, the median decode step of 128 at batch 1, engine builds alternating in one sitting:
-  - 384-byte records (float32 scales, zero points times scales), a stream per tile: 5.0–5.8 ms;
-  - these 320-byte records (a sixth fewer bytes), a stream per tile: 4.8–5.4 ms;
-  - these records, a stream per pair: 3.4–3.5 ms (batch 8: 11.0–14.2 ms against 12.6–14.8 for the
-    first);
-  - earlier: the scales and zero points in two arrays of their own (three streams) made 6.2–7.3 ms
-    against 5.2–6.1 for 384-byte records; records of 336 bytes (float32 scales, zero points as
-    bytes), which start a cache line only one time in four, lost batch 8 15%.
+machine: these records took the engine from 156.1 and 154.2 tok/s at batch 1 to 212.7 and 222.2
+against 384-byte records (float32 scales, zero points times scales) read a stream per tile
+(`engine-bench --weights int4 --runs 3 --python-loop off`, the two builds and their model files
+alternating; the README's engine figures). Earlier, the scales and zero points in two arrays of
+their own (three streams) made a batch-1 step 6.2–7.3 ms against 5.2–6.1 for 384-byte records, and
+records of 336 bytes (float32 scales, zero points as bytes), which start a cache line only one
+time in four, lost batch 8 15%.
 
 PackedMatMulNBits (domain ai.meridian), in place of MatMulNBits with bits 4, block_size 32 and
 zero points; K and N as MatMulNBits', K a multiple of 32 and N of 16; T = N/16 tiles, Bk = K/32

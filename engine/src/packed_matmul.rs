@@ -13,8 +13,8 @@
 //! in the low nibbles, `8p+4..8p+8` in the high ones), then a cache line of the 16 scales
 //! (float16, as the quantizer rounds them) and the 16 zero points (bytes). Tiles go in pairs, the
 //! two tiles' records of a block side by side, block after block, so that the pairs a thread takes
-//! are one stream to read. At batch 1 the products are bound by reading those records, and both
-//! choices cut the time a decode step takes (`pack.py` has the figures). The model
+//! are one stream to read. At batch 1 the products are bound by reading those records, and the
+//! two choices together made batch 1 1.4× as fast (`pack.py` has the figures). The model
 //! directory keeps the standard `model.onnx` for other providers and other CPUs, and for the
 //! Python tools that score it.
 

@@ -203,8 +203,13 @@ impl ThreadUsage {
         usage
     }
 
+    /// The usage between `before` and `self`. The workers are kept for the whole run (`main`), so
+    /// the sums only grow; saturating keeps a thread that left anyway from wrapping the figure.
     fn since(self, before: ThreadUsage) -> ThreadUsage {
-        ThreadUsage { cpu_ns: self.cpu_ns - before.cpu_ns, switches: self.switches - before.switches }
+        ThreadUsage {
+            cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            switches: self.switches.saturating_sub(before.switches),
+        }
     }
 
     fn add(&mut self, other: ThreadUsage) {
